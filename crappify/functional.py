@@ -1,0 +1,210 @@
+"""Pure image functions behind the degradation ops.
+
+Every function takes an HWC uint8 RGB array (plus plain parameters) and returns a new one; none of
+them reads files or touches global random state (noise takes an explicit seed). Where OpenCV,
+Pillow or albumentations already has the operation we call it; what is written here by hand says why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import albumentations.augmentations.blur.functional as ab_blur
+import albumentations.augmentations.pixel.functional as ab_pixel
+import cv2
+import numpy as np
+from PIL import Image
+
+INTERPOLATIONS = ("nearest", "area", "bilinear", "bicubic", "lanczos")
+_CV2_INTER = {
+    "nearest": cv2.INTER_NEAREST,
+    "area": cv2.INTER_AREA,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+_PIL_FILTER = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+FILLS = ("black", "noise", "mean")
+
+
+def resize(img: np.ndarray, width: int, height: int, interpolation: str = "bicubic",
+           antialias: bool = True) -> np.ndarray:
+    """Resize to exactly `width`×`height`.
+
+    Downscaling with bilinear/bicubic/lanczos and `antialias=True` uses Pillow's convolution
+    resamplers, whose kernel widens with the scale (what Pillow, torchvision's `antialias=True` and
+    the fastai lesson-7 crappifier use). OpenCV's kernels do not widen, so they alias when shrinking;
+    that is what `antialias=False` gives (like Real-ESRGAN's `F.interpolate`). `area` is OpenCV's
+    pixel-area average and `nearest` is nearest-neighbour, both from OpenCV.
+    """
+    h, w = img.shape[:2]
+    if (w, h) == (width, height):
+        return img
+    if interpolation not in _CV2_INTER:
+        raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+    shrinking = width < w or height < h
+    if antialias and shrinking and interpolation in _PIL_FILTER:
+        out = Image.fromarray(img).resize((width, height), _PIL_FILTER[interpolation])
+        return np.asarray(out)
+    return cv2.resize(img, (width, height), interpolation=_CV2_INTER[interpolation])
+
+
+def gaussian_kernel(sigma_x: float, sigma_y: float, angle: float, size: int) -> np.ndarray:
+    """A normalised 2-D Gaussian kernel, rotated by `angle` degrees.
+
+    Written here because OpenCV only has axis-aligned Gaussians and albumentations' anisotropic
+    kernels are tied to its own random sampling; the rotated covariance is a few lines.
+    """
+    half = size // 2
+    ys, xs = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float64)
+    theta = math.radians(angle)
+    c, s = math.cos(theta), math.sin(theta)
+    u = c * xs + s * ys
+    v = -s * xs + c * ys
+    k = np.exp(-0.5 * ((u / sigma_x) ** 2 + (v / sigma_y) ** 2))
+    return (k / k.sum()).astype(np.float32)
+
+
+def kernel_size_for(sigma: float, max_size: int = 21) -> int:
+    """Odd kernel size covering ±3σ, capped at `max_size`."""
+    size = 2 * math.ceil(3 * sigma) + 1
+    return int(min(max(size, 3), max_size | 1))
+
+
+def gaussian_blur(img: np.ndarray, sigma_x: float, sigma_y: float | None = None, angle: float = 0.0,
+                  kernel_size: int | None = None) -> np.ndarray:
+    """Gaussian blur: isotropic (OpenCV's separable `GaussianBlur`) or anisotropic and rotated."""
+    sigma_y = sigma_x if sigma_y is None else sigma_y
+    size = kernel_size or kernel_size_for(max(sigma_x, sigma_y))
+    if sigma_x == sigma_y:
+        return cv2.GaussianBlur(img, (size, size), sigmaX=sigma_x, sigmaY=sigma_x,
+                                borderType=cv2.BORDER_REFLECT_101)
+    kernel = gaussian_kernel(sigma_x, sigma_y, angle, size)
+    return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+
+
+def motion_blur(img: np.ndarray, length: int, angle: float) -> np.ndarray:
+    """Linear motion blur along `angle` degrees over `length` pixels (odd); kernel from albumentations."""
+    length = max(3, int(length) | 1)
+    kernel = ab_blur.create_motion_kernel(length, angle, 0.0, False, None).astype(np.float32)
+    kernel /= kernel.sum()
+    return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+
+
+def _add_noise(img: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    out = img.astype(np.float32)
+    out += noise if noise.ndim == 3 else noise[..., None]
+    return np.clip(np.rint(out, out=out), 0, 255, out=out).astype(np.uint8)
+
+
+def gaussian_noise(img: np.ndarray, sigma: float, gray: bool, seed: int) -> np.ndarray:
+    """Additive Gaussian noise of std `sigma` (0–255 scale); `gray` uses one noise plane for all channels.
+
+    Hand-written so the noise is drawn from an explicit seed, which the manifest records.
+    """
+    rng = np.random.default_rng(seed)
+    shape = img.shape[:2] if gray else img.shape
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    noise *= sigma
+    return _add_noise(img, noise)
+
+
+def poisson_noise(img: np.ndarray, scale: float, gray: bool, seed: int) -> np.ndarray:
+    """Signal-dependent (shot) noise as in Real-ESRGAN: Poisson counts at 8-bit levels, times `scale`.
+
+    Hand-written because albumentations' `shot_noise` works in linear light with a different
+    parameterisation; this one matches the degradation model our users compare against.
+    """
+    rng = np.random.default_rng(seed)
+    x = img.astype(np.float32) / 255.0
+    if gray:
+        x = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
+    levels = 255.0
+    noisy = rng.poisson(np.clip(x, 0, 1) * levels).astype(np.float32) / levels
+    noise = (noisy - x) * (scale * 255.0)
+    return _add_noise(img, noise)
+
+
+def jpeg_encode(img: np.ndarray, quality: int) -> bytes:
+    """Encode as baseline JPEG (4:2:0) at `quality` with OpenCV; returns the file's bytes."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode JPEG")
+    return buf.tobytes()
+
+
+def jpeg_decode(data: bytes) -> np.ndarray:
+    """Decode JPEG bytes (as written by `jpeg_encode`) to RGB."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """JPEG compression artefacts: encode at `quality` and decode back.
+
+    Hand-written over OpenCV rather than albumentations' `ImageCompression` because the builder
+    stores the very bytes that were encoded when JPEG is the last op, and albumentations drops them.
+    """
+    return jpeg_decode(jpeg_encode(img, quality))
+
+
+def occlude(img: np.ndarray, rects: list[list[int]], fill: str, seed: int) -> np.ndarray:
+    """Paint rectangles `[x, y, w, h]` with black, uniform noise or the image's mean colour.
+
+    Hand-written: albumentations' CoarseDropout samples its own holes; here they are given.
+    """
+    if fill not in FILLS:
+        raise ValueError(f"unknown fill {fill!r}; valid: {', '.join(FILLS)}")
+    out = img.copy()
+    rng = np.random.default_rng(seed)
+    mean = img.reshape(-1, img.shape[2]).mean(axis=0).round().astype(np.uint8)
+    for x, y, w, h in rects:
+        region = out[y:y + h, x:x + w]
+        if fill == "black":
+            region[...] = 0
+        elif fill == "mean":
+            region[...] = mean
+        else:
+            region[...] = rng.integers(0, 256, region.shape, dtype=np.uint8)
+    return out
+
+
+def text(img: np.ndarray, message: str, x: int, y: int, font_scale: float, color: tuple[int, int, int],
+         thickness: int = 1) -> np.ndarray:
+    """Draw `message` with its baseline-left corner at (x, y) using OpenCV's Hershey font."""
+    out = img.copy()
+    cv2.putText(out, message, (int(x), int(y)), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                tuple(int(c) for c in color), thickness, cv2.LINE_AA)
+    return out
+
+
+def text_size(message: str, font_scale: float, thickness: int = 1) -> tuple[int, int]:
+    """Width and height (above the baseline) of `message` as `text` would draw it."""
+    (w, h), _ = cv2.getTextSize(message, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+    return w, h
+
+
+def color_jitter(img: np.ndarray, brightness: float, contrast: float, saturation: float,
+                 hue: float) -> np.ndarray:
+    """torchvision-style colour jitter (factors; hue a shift in turns), via albumentations' functions."""
+    out = img
+    if brightness != 1:
+        out = ab_pixel.adjust_brightness_torchvision(out, brightness)
+    if contrast != 1:
+        out = ab_pixel.adjust_contrast_torchvision(out, contrast)
+    if saturation != 1:
+        out = ab_pixel.adjust_saturation_torchvision(out, saturation)
+    if hue != 0:
+        out = ab_pixel.adjust_hue_torchvision(out, hue)
+    return out if out is not img else img.copy()
+
+
+def desaturate(img: np.ndarray, amount: float) -> np.ndarray:
+    """Blend toward greyscale: 0 keeps colour, 1 is fully grey (albumentations' saturation blend)."""
+    if amount <= 0:
+        return img.copy()
+    return ab_pixel.adjust_saturation_torchvision(img, 1.0 - min(amount, 1.0))

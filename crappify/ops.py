@@ -1,0 +1,302 @@
+"""Degradation ops: transforms that sample their parameters from a seeded generator and record them.
+
+Each op is registered by name in `OPS`. An op is built from the parameters a preset writes
+(validated against its `params` declaration), then for each image:
+- `sample(img, rng, ctx)` draws concrete parameters (plain JSON-able values, including any seed the
+  pixel maths needs), and
+- `apply(img, **params)` runs the pure function from `crappify.functional` with them.
+The recorded parameters alone reproduce the output (`replay`), which is what the manifest stores.
+
+Where each op comes from: `resize` — Pillow (antialiased shrinking) / OpenCV; `gaussian_blur` —
+OpenCV (`GaussianBlur`, `filter2D` with a rotated kernel written here); `motion_blur` — albumentations'
+kernel + OpenCV; `noise` — written here (seeded Gaussian / Poisson); `jpeg` — OpenCV codec; `occlude`
+— written here; `text` — OpenCV `putText`; `color_jitter`, `desaturate` — albumentations' functions;
+`repeat` — chain composition (see `crappify.chain`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from crappify import functional as F
+from crappify.errors import ConfigError
+from crappify.registry import Registry
+from crappify.spec import Param, Spec
+
+OPS: Registry[type["Op"]] = Registry("op")
+register = OPS.register
+
+
+@dataclass
+class Context:
+    """What an op may know about the item besides its input pixels."""
+
+    variables: dict[str, Any] = field(default_factory=dict)
+    lr_size: tuple[int, int] | None = None  # (width, height) the dataset's LR must have, when fixed
+
+
+class Op:
+    """Base class: validates preset parameters into `Spec`s; subclasses define `sample` and `apply`."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, **raw: Any) -> None:
+        unknown = sorted(set(raw) - set(self.params))
+        if unknown:
+            raise ConfigError(f"op {self.name!r}: unknown parameter(s) {', '.join(unknown)}; "
+                              f"valid: {', '.join(sorted(self.params)) or '(none)'}")
+        self.raw = dict(raw)
+        self.specs = {k: Spec(f"op {self.name!r}, parameter {k!r}", p, raw.get(k, p.default))
+                      for k, p in self.params.items()}
+
+    def draw(self, key: str, rng: np.random.Generator, ctx: Context) -> Any:
+        return self.specs[key].draw(rng, ctx.variables)
+
+    def variables(self) -> set[str]:
+        """Names of preset variables this op refers to."""
+        return {s.var for s in self.specs.values() if s.var}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The parameters as written (a preset's YAML form)."""
+        return dict(self.raw)
+
+    def sample(self, img: np.ndarray, rng: np.random.Generator, ctx: Context) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, img: np.ndarray, rng: np.random.Generator,
+                ctx: Context) -> tuple[np.ndarray | None, bytes | None, dict[str, Any]]:
+        """Sample and apply: returns (image, encoded bytes or None, recorded params).
+
+        The image is None only when the op produced encoded bytes whose decoding was deferred.
+        """
+        params = self.sample(img, rng, ctx)
+        return self.apply(img, **params), None, params
+
+    def replay(self, img: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray | None, bytes | None]:
+        """Apply recorded params again (same output as `forward` gave)."""
+        return self.apply(img, **params), None
+
+
+def _random_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 2**63 - 1))
+
+
+@register("resize")
+class Resize(Op):
+    """Resize to the dataset's LR size (`size: lr`, the default), to a short side in px, or by a factor."""
+
+    name = "resize"
+    params = {
+        "size": Param("int", None, lo=1, nullable=True, doc="'lr' or the short side in px"),
+        "factor": Param("float", None, lo=0.01, hi=8.0, nullable=True, doc="scale factor (instead of size)"),
+        "interpolation": Param("str", "bicubic", choices=F.INTERPOLATIONS),
+        "antialias": Param("bool", True),
+    }
+
+    def __init__(self, **raw: Any) -> None:
+        if raw.get("size") is not None and raw.get("factor") is not None:
+            raise ConfigError("op 'resize': give either size or factor, not both")
+        self.to_lr = raw.get("size", "lr" if raw.get("factor") is None else None) == "lr"
+        super().__init__(**{**raw, "size": None} if self.to_lr else raw)
+        self.raw = dict(raw)
+        self._by = self.specs["size"] if raw.get("size") is not None else self.specs["factor"]
+
+    def target(self, w: int, h: int, rng: np.random.Generator | None,
+               ctx: Context) -> tuple[int, int] | None:
+        """Output (width, height) for a w×h input; None when it needs a random draw and `rng` is None."""
+        if self.to_lr:
+            if ctx.lr_size is None:
+                raise ConfigError("op 'resize' with size: lr needs the dataset's scale")
+            return ctx.lr_size
+        if rng is None and self._by.mode != "fixed":
+            return None
+        value = self._by.draw(rng, ctx.variables)
+        if self._by is self.specs["factor"]:
+            return max(1, round(w * value)), max(1, round(h * value))
+        if w <= h:
+            return value, max(1, round(h * value / w))
+        return max(1, round(w * value / h)), value
+
+    def sample(self, img, rng, ctx):
+        h, w = img.shape[:2]
+        width, height = self.target(w, h, rng, ctx)
+        return {"width": int(width), "height": int(height),
+                "interpolation": self.draw("interpolation", rng, ctx),
+                "antialias": self.draw("antialias", rng, ctx)}
+
+    def apply(self, img, width, height, interpolation, antialias):
+        return F.resize(img, width, height, interpolation, antialias)
+
+
+@register("gaussian_blur")
+class GaussianBlur(Op):
+    """Gaussian blur; with probability `anisotropic` the two axes get separate sigmas and a random angle."""
+
+    name = "gaussian_blur"
+    params = {
+        "sigma": Param("float", [0.2, 3.0], lo=0.05, hi=20.0),
+        "anisotropic": Param("float", 0.0, lo=0.0, hi=1.0, doc="probability of an anisotropic kernel"),
+        "max_kernel": Param("int", 21, lo=3, hi=101),
+    }
+
+    def sample(self, img, rng, ctx):
+        aniso_p = self.draw("anisotropic", rng, ctx)
+        aniso = bool(aniso_p > 0 and rng.random() < aniso_p)
+        sx = self.draw("sigma", rng, ctx)
+        sy = self.draw("sigma", rng, ctx) if aniso else sx
+        angle = float(rng.uniform(0.0, 180.0)) if aniso else 0.0
+        size = F.kernel_size_for(max(sx, sy), self.draw("max_kernel", rng, ctx))
+        return {"sigma_x": sx, "sigma_y": sy, "angle": angle, "kernel_size": size}
+
+    def apply(self, img, sigma_x, sigma_y, angle, kernel_size):
+        return F.gaussian_blur(img, sigma_x, sigma_y, angle, kernel_size)
+
+
+@register("motion_blur")
+class MotionBlur(Op):
+    """Straight-line motion blur of a sampled length (px, made odd) and angle (degrees)."""
+
+    name = "motion_blur"
+    params = {"length": Param("int", [3, 15], lo=3, hi=101), "angle": Param("float", [0.0, 360.0])}
+
+    def sample(self, img, rng, ctx):
+        return {"length": self.draw("length", rng, ctx) | 1, "angle": self.draw("angle", rng, ctx)}
+
+    def apply(self, img, length, angle):
+        return F.motion_blur(img, length, angle)
+
+
+@register("noise")
+class Noise(Op):
+    """Gaussian (`sigma`, 0-255 scale) or Poisson (`scale`) noise, grey with probability `gray_p`."""
+
+    name = "noise"
+    params = {
+        "kind": Param("str", "gaussian", choices=("gaussian", "poisson")),
+        "sigma": Param("float", [1.0, 30.0], lo=0.0, hi=255.0),
+        "scale": Param("float", [0.05, 3.0], lo=0.0, hi=50.0),
+        "gray_p": Param("float", 0.0, lo=0.0, hi=1.0),
+    }
+
+    def sample(self, img, rng, ctx):
+        kind = self.draw("kind", rng, ctx)
+        amount = self.draw("sigma" if kind == "gaussian" else "scale", rng, ctx)
+        gray_p = self.draw("gray_p", rng, ctx)
+        gray = bool(gray_p > 0 and rng.random() < gray_p)
+        return {"kind": kind, "amount": amount, "gray": gray, "seed": _random_seed(rng)}
+
+    def apply(self, img, kind, amount, gray, seed):
+        fn = F.gaussian_noise if kind == "gaussian" else F.poisson_noise
+        return fn(img, amount, gray, seed)
+
+
+@register("jpeg")
+class Jpeg(Op):
+    """JPEG compression at a sampled quality; the encoded bytes are kept for the builder."""
+
+    name = "jpeg"
+    params = {"quality": Param("int", [30, 95], lo=1, hi=100)}
+
+    def sample(self, img, rng, ctx):
+        return {"quality": self.draw("quality", rng, ctx)}
+
+    def apply(self, img, quality):
+        return F.jpeg(img, quality)
+
+    def forward(self, img, rng, ctx):
+        params = self.sample(img, rng, ctx)
+        return None, F.jpeg_encode(img, params["quality"]), params
+
+    def replay(self, img, params):
+        return None, F.jpeg_encode(img, params["quality"])
+
+
+@register("occlude")
+class Occlude(Op):
+    """Occluding rectangles: `count` of them, each side a `size` fraction of the short side."""
+
+    name = "occlude"
+    params = {
+        "count": Param("int", [1, 3], lo=0, hi=100),
+        "size": Param("float", [0.05, 0.25], lo=0.0, hi=1.0),
+        "fill": Param("str", ["black", "noise", "mean"], choices=F.FILLS),
+    }
+
+    def sample(self, img, rng, ctx):
+        h, w = img.shape[:2]
+        short = min(w, h)
+        rects = []
+        for _ in range(self.draw("count", rng, ctx)):
+            rw = min(w, max(1, round(self.draw("size", rng, ctx) * short)))
+            rh = min(h, max(1, round(self.draw("size", rng, ctx) * short)))
+            rects.append([int(rng.integers(0, w - rw + 1)), int(rng.integers(0, h - rh + 1)), rw, rh])
+        return {"rects": rects, "fill": self.draw("fill", rng, ctx), "seed": _random_seed(rng)}
+
+    def apply(self, img, rects, fill, seed):
+        return F.occlude(img, rects, fill, seed)
+
+
+@register("text")
+class Text(Op):
+    """Text overlay at a random point in the top-left `region` of the image (lesson 7 writes the quality)."""
+
+    name = "text"
+    params = {
+        "text": Param("str", "crappify", doc="literal, list of choices, or $variable"),
+        "font_scale": Param("float", 0.35, lo=0.05, hi=10.0),
+        "color": Param("color", [255, 255, 255]),
+        "region": Param("float", 0.5, lo=0.0, hi=1.0, doc="fraction of width/height the origin may lie in"),
+    }
+
+    def sample(self, img, rng, ctx):
+        h, w = img.shape[:2]
+        message = self.draw("text", rng, ctx)
+        scale = self.draw("font_scale", rng, ctx)
+        region = self.draw("region", rng, ctx)
+        _, th = F.text_size(message, scale)
+        x = int(rng.integers(0, int(w * region) + 1))
+        y = int(rng.integers(0, int(h * region) + 1)) + th  # OpenCV places the baseline, PIL the top
+        return {"text": message, "x": x, "y": y, "font_scale": scale, "color": self.draw("color", rng, ctx)}
+
+    def apply(self, img, text, x, y, font_scale, color):
+        return F.text(img, text, x, y, font_scale, tuple(color))
+
+
+@register("color_jitter")
+class ColorJitter(Op):
+    """Brightness/contrast/saturation factors and a hue shift (turns), torchvision-style."""
+
+    name = "color_jitter"
+    params = {
+        "brightness": Param("float", [0.8, 1.2], lo=0.0, hi=5.0),
+        "contrast": Param("float", [0.8, 1.2], lo=0.0, hi=5.0),
+        "saturation": Param("float", [0.8, 1.2], lo=0.0, hi=5.0),
+        "hue": Param("float", [-0.02, 0.02], lo=-0.5, hi=0.5),
+    }
+
+    def sample(self, img, rng, ctx):
+        return {k: self.draw(k, rng, ctx) for k in ("brightness", "contrast", "saturation", "hue")}
+
+    def apply(self, img, brightness, contrast, saturation, hue):
+        return F.color_jitter(img, brightness, contrast, saturation, hue)
+
+
+@register("desaturate")
+class Desaturate(Op):
+    """Blend toward greyscale by `amount` (0 keeps colour, 1 is grey), like old or faded photos."""
+
+    name = "desaturate"
+    params = {"amount": Param("float", [0.0, 1.0], lo=0.0, hi=1.0)}
+
+    def sample(self, img, rng, ctx):
+        return {"amount": self.draw("amount", rng, ctx)}
+
+    def apply(self, img, amount):
+        return F.desaturate(img, amount)
