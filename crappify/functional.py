@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-import albumentations.augmentations.blur.functional as ab_blur
-import albumentations.augmentations.pixel.functional as ab_pixel
 import cv2
 import numpy as np
 from PIL import Image
@@ -29,6 +27,12 @@ _PIL_FILTER = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 FILLS = ("black", "noise", "mean")
+
+
+def _albumentations_pixel():  # imported on first use: albumentations takes ~2 s to import
+    import albumentations.augmentations.pixel.functional as ab_pixel
+
+    return ab_pixel
 
 
 def resize(img: np.ndarray, width: int, height: int, interpolation: str = "bicubic",
@@ -90,6 +94,8 @@ def gaussian_blur(img: np.ndarray, sigma_x: float, sigma_y: float | None = None,
 def motion_blur(img: np.ndarray, length: int, angle: float) -> np.ndarray:
     """Linear motion blur along `angle` degrees over `length` pixels (odd); kernel from albumentations."""
     length = max(3, int(length) | 1)
+    import albumentations.augmentations.blur.functional as ab_blur  # ~2 s import, only when used
+
     kernel = ab_blur.create_motion_kernel(length, angle, 0.0, False, None).astype(np.float32)
     kernel /= kernel.sum()
     return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
@@ -191,6 +197,7 @@ def text_size(message: str, font_scale: float, thickness: int = 1) -> tuple[int,
 def color_jitter(img: np.ndarray, brightness: float, contrast: float, saturation: float,
                  hue: float) -> np.ndarray:
     """torchvision-style colour jitter (factors; hue a shift in turns), via albumentations' functions."""
+    ab_pixel = _albumentations_pixel()
     out = img
     if brightness != 1:
         out = ab_pixel.adjust_brightness_torchvision(out, brightness)
@@ -207,4 +214,4 @@ def desaturate(img: np.ndarray, amount: float) -> np.ndarray:
     """Blend toward greyscale: 0 keeps colour, 1 is fully grey (albumentations' saturation blend)."""
     if amount <= 0:
         return img.copy()
-    return ab_pixel.adjust_saturation_torchvision(img, 1.0 - min(amount, 1.0))
+    return _albumentations_pixel().adjust_saturation_torchvision(img, 1.0 - min(amount, 1.0))

@@ -1,0 +1,352 @@
+"""`build-dataset`: turn a source of clean photos into aligned HR/LR pairs on disk.
+
+Output layout (what training reads):
+
+    OUT/config.yaml      resolved config (preset inlined) and library versions
+    OUT/manifest.csv     one row per pair: id, split, source, hr, lr, seed, sizes, caption, params (JSON)
+    OUT/skipped.csv      source, reason — every file that could not be used
+    OUT/hr/<split>/<id>.<ext>   the clean target (the source's own bytes when nothing changed)
+    OUT/lr/<split>/<id>.<ext>   the degraded input (.jpg holding the exact encoded bytes when the last
+                                 applied op is JPEG, else lossless .png)
+
+Every item's randomness comes from a seed derived from the global seed and the item's id, so the
+result is byte-identical for any worker count and completion order. Files are written under
+temporary names and renamed; finished items are journaled, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from crappify import __version__
+from crappify.chain import Chain, load_preset
+from crappify.errors import ConfigError, CrappifyError
+from crappify.imageio import DEFAULT_MAX_PIXELS, ImageError, Photo, copy_atomic, encode, is_temp_name, write_atomic
+from crappify.sources import SPLITS, Item, list_source
+
+DEFAULT_SCALE = 4
+JOURNAL = ".journal.jsonl"
+MANIFEST_COLUMNS = ["id", "split", "source", "hr", "lr", "seed", "hr_width", "hr_height", "lr_width",
+                    "lr_height", "caption", "params"]
+OUTPUT_FILES = ("config.yaml", "manifest.csv", "skipped.csv", JOURNAL)
+OUTPUT_DIRS = ("hr", "lr")
+
+
+class BuildConfig(BaseModel):
+    """Options of `crappify build-dataset` (also the keys of its `--config` YAML file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    src: str = Field(description="source folder, or 'samples' for the photos installed packages ship")
+    out: str
+    source: Literal["auto", "folder", "flickr30k", "celeba", "celeba-hq", "samples"] = "auto"
+    preset: str = "flickr30k-restore"
+    size: int | None = Field(None, ge=8, description="HR short side in px (never upscaled)")
+    scale: int | None = Field(None, ge=1, le=16, description="HR/LR ratio where the preset does not fix it")
+    seed: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1)
+    split: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    hr_format: Literal["png", "jpg"] = "png"
+    workers: int = Field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 16)), ge=1, le=256)
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError("train, valid, test ratios must be >= 0 and sum to 1")
+        return v
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker needs to process items (sent to each worker process once)."""
+
+    out: Path
+    chain: Chain
+    size: int | None
+    scale: int | None
+    seed: int
+    max_pixels: int
+    hr_format: str
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    built: int
+    skipped: int
+    reused: int
+    seconds: float
+    per_split: dict[str, int]
+
+
+def item_seed(seed: int, item_id: str) -> int:
+    """Per-item seed from the global seed and the item's id (63 bits, so it is exact in CSV and JSON)."""
+    digest = hashlib.blake2b(f"{seed}\0{item_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def effective_scale(chain: Chain, scale: int | None) -> int | None:
+    """The dataset's HR/LR ratio: the preset's if it fixes one, else --scale (default 4)."""
+    if not chain.uses_lr_size:
+        if scale is not None:
+            raise ConfigError(f"preset {chain.name!r} resizes to a fixed size, so --scale does not apply to it")
+        return None
+    if chain.scale is not None:
+        if scale is not None and scale != chain.scale:
+            raise ConfigError(f"preset {chain.name!r} fixes scale {chain.scale}; got --scale {scale}")
+        return chain.scale
+    return scale or DEFAULT_SCALE
+
+
+def hr_geometry(w: int, h: int, size: int | None, scale: int | None) -> tuple[int, int, int, int]:
+    """(resized width, height, cropped width, height) of the HR for a w×h upright source."""
+    if size is not None:
+        short = min(w, h)
+        w, h = (size, max(1, round(h * size / short))) if w <= h else (max(1, round(w * size / short)), size)
+    cw, ch = (w - w % scale, h - h % scale) if scale else (w, h)
+    return w, h, cw, ch
+
+
+def center_crop(img: np.ndarray, cw: int, ch: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    y, x = (h - ch) // 2, (w - cw) // 2
+    return img[y:y + ch, x:x + cw]
+
+
+def make_hr(pixels: np.ndarray, rw: int, rh: int, cw: int, ch: int) -> np.ndarray:
+    """Resize (pixel-area average) to rw×rh where needed, then centre-crop to cw×ch."""
+    if (pixels.shape[1], pixels.shape[0]) != (rw, rh):
+        pixels = cv2.resize(pixels, (rw, rh), interpolation=cv2.INTER_AREA)
+    return center_crop(pixels, cw, ch) if (cw, ch) != (rw, rh) else pixels
+
+
+def process_item(item: Item, job: Job) -> dict[str, Any]:
+    """Build one pair; returns a manifest row, or {"id", "skip": reason}."""
+    try:
+        with Photo(item.path, job.max_pixels) as photo:
+            w, h = photo.size
+            if job.size is not None and min(w, h) < job.size:
+                return {"id": item.id, "skip": f"smaller than --size {job.size} ({w}x{h})"}
+            rw, rh, cw, ch = hr_geometry(w, h, job.size, job.scale)
+            if cw < (job.scale or 1) or ch < (job.scale or 1):
+                return {"id": item.id, "skip": f"too small for scale {job.scale} ({w}x{h})"}
+            lr_size = (cw // job.scale, ch // job.scale) if job.scale else None
+            copy_hr = photo.native and (rw, rh, cw, ch) == (w, h, w, h)
+            if job.size is not None:
+                need = job.size
+            elif copy_hr:  # only the LR needs pixels: decode no larger than the chain's first resize
+                lead = job.chain.leading_size(w, h, lr_size)
+                need = min(lead) if lead else None
+            else:
+                need = None
+            pixels, _ = photo.pixels(need)
+    except ImageError as exc:
+        return {"id": item.id, "skip": str(exc)}
+    hr = pixels if copy_hr else make_hr(pixels, rw, rh, cw, ch)
+
+    seed = item_seed(job.seed, item.id)
+    degraded = job.chain.run(np.ascontiguousarray(hr), np.random.default_rng(seed), lr_size, decode=False)
+    if degraded.encoded is not None:
+        lr_bytes, lr_ext = degraded.encoded, ".jpg"
+        lr_w, lr_h = _jpeg_size(lr_bytes)
+    else:
+        lr_bytes, lr_ext = encode(degraded.image, "png"), ".png"
+        lr_h, lr_w = degraded.image.shape[:2]
+
+    hr_rel = f"hr/{item.split}/{item.id}{photo.extension if copy_hr else '.' + job.hr_format}"
+    lr_rel = f"lr/{item.split}/{item.id}{lr_ext}"
+    for rel in (hr_rel, lr_rel):
+        (job.out / rel).parent.mkdir(parents=True, exist_ok=True)
+    if copy_hr:
+        copy_atomic(item.path, job.out / hr_rel)
+    else:
+        write_atomic(job.out / hr_rel, encode(hr, job.hr_format))
+    write_atomic(job.out / lr_rel, lr_bytes)
+    return {"id": item.id, "split": item.split, "source": item.source, "hr": hr_rel, "lr": lr_rel,
+            "seed": seed, "hr_width": cw, "hr_height": ch, "lr_width": lr_w, "lr_height": lr_h,
+            "caption": item.caption, "params": json.dumps(degraded.record, separators=(",", ":"))}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
+
+
+# Worker-process state: the Job arrives once through the pool initializer, not with every item.
+_WORKER_JOB: Job | None = None
+
+
+def _init_worker(job: Job) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = job
+    cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would only contend
+
+
+def _work(item: Item) -> dict[str, Any]:
+    assert _WORKER_JOB is not None
+    return process_item(item, _WORKER_JOB)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what decides the output bytes (recorded in config.yaml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"crappify": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
+           "opencv": cv2.__version__}
+    for dist in ("pillow", "albumentations"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def resolved_config(cfg: BuildConfig, layout: str, chain: Chain, scale: int | None) -> dict[str, Any]:
+    """What identifies a dataset (saved as config.yaml; worker count is deliberately absent)."""
+    src = cfg.src if layout == "samples" else str(Path(cfg.src).resolve())
+    return {"src": src, "source": layout, "preset": chain.to_dict(), "size": cfg.size, "scale": scale,
+            "seed": cfg.seed, "limit": cfg.limit, "split": list(cfg.split), "max_pixels": cfg.max_pixels,
+            "hr_format": cfg.hr_format}
+
+
+def _prepare_out(out: Path, identity: dict[str, Any], overwrite: bool) -> bool:
+    """Create or check OUT; returns True when resuming an existing build of the same config."""
+    cfg_path = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise CrappifyError(f"output path exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg_path.is_file():
+            raise CrappifyError(f"output folder {out} is not empty and is not a crappify dataset; "
+                                "choose a new or empty folder")
+        try:
+            previous = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError:
+            previous = {}
+        same = {k: previous.get(k) for k in identity} == identity
+        if same and not overwrite:
+            return True
+        if not overwrite:
+            changed = [k for k in identity if previous.get(k) != identity[k]]
+            raise CrappifyError(f"{out} was built with a different config (differs in: {', '.join(changed)}); "
+                                "use --overwrite to rebuild it or choose another folder")
+        for name in OUTPUT_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+    return False
+
+
+def _load_done(out: Path) -> dict[str, dict[str, Any]]:
+    """Results already on disk: the last manifest/skipped files, then the journal of a killed run."""
+    done: dict[str, dict[str, Any]] = {}
+    if (out / "manifest.csv").is_file():
+        with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                done[row["id"]] = row
+    if (out / JOURNAL).is_file():
+        with open(out / JOURNAL, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                done[rec["id"]] = rec
+    return {k: v for k, v in done.items()
+            if "skip" in v or ((out / v["hr"]).is_file() and (out / v["lr"]).is_file())}
+
+
+def _remove_temp_files(out: Path) -> None:
+    for name in OUTPUT_DIRS:
+        for dirpath, _, filenames in os.walk(out / name):
+            for fn in filenames:
+                if is_temp_name(fn):
+                    os.unlink(os.path.join(dirpath, fn))
+    for fn in os.listdir(out):
+        if is_temp_name(fn):
+            os.unlink(out / fn)
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buf.getvalue())
+
+
+def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildResult:
+    """Build (or resume) the dataset described by `cfg`; see the module docstring for the layout."""
+    start = time.perf_counter()
+    chain = load_preset(cfg.preset)
+    scale = effective_scale(chain, cfg.scale)
+    layout, listing = list_source(Path(cfg.src), cfg.source, cfg.seed, cfg.split, cfg.limit)
+    out = Path(cfg.out)
+    identity = resolved_config(cfg, layout, chain, scale)
+    resuming = _prepare_out(out, identity, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        write_atomic(out / "config.yaml", yaml.safe_dump({**identity, "versions": versions()}, sort_keys=False))
+    else:
+        _remove_temp_files(out)
+    done = _load_done(out) if resuming else {}
+    todo = [it for it in listing.items if it.id not in done]
+    job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format)
+
+    results = dict(done)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(listing.items), initial=len(listing.items) - len(todo), unit="img",
+               desc="build-dataset", disable=not progress or not todo, file=sys.stderr, smoothing=0.1)
+    workers = min(cfg.workers, max(1, len(todo)))
+    old_threads = cv2.getNumThreads()
+    with open(out / JOURNAL, "a", encoding="utf-8") as journal:
+        def record(res: dict[str, Any]) -> None:
+            results[res["id"]] = res
+            journal.write(json.dumps(res, separators=(",", ":")) + "\n")
+            bar.update(1)
+
+        try:
+            if workers == 1:
+                cv2.setNumThreads(1)
+                for it in todo:
+                    record(process_item(it, job))
+            else:
+                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                chunk = max(1, min(32, len(todo) // (workers * 8)))
+                with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+                    for res in pool.imap_unordered(_work, todo, chunksize=chunk):
+                        record(res)
+        finally:
+            cv2.setNumThreads(old_threads)
+            bar.close()
+
+    rows = [results[it.id] for it in listing.items if "skip" not in results[it.id]]
+    skipped = listing.skipped + [(it.source, results[it.id]["skip"]) for it in listing.items
+                                 if "skip" in results[it.id]]
+    _write_csv(out / "manifest.csv", MANIFEST_COLUMNS, rows)
+    _write_csv(out / "skipped.csv", ["source", "reason"],
+               [{"source": s, "reason": r} for s, r in sorted(skipped)])
+    (out / JOURNAL).unlink(missing_ok=True)
+    per_split = {s: sum(1 for r in rows if r["split"] == s) for s in SPLITS}
+    return BuildResult(out, len(rows), len(skipped), len(listing.items) - len(todo),
+                       time.perf_counter() - start, per_split)

@@ -1,0 +1,192 @@
+"""The `crappify` command-line app.
+
+User errors (bad paths, bad config, unusable data) end with one line on stderr and a non-zero exit;
+a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from crappify.errors import ConfigError, CrappifyError
+
+DEMO_OUT = Path("runs") / "demo"
+
+
+def _split(value: str | None) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        parts = tuple(float(x) for x in value.split(","))
+    except ValueError:
+        raise ConfigError(f"--split expects three ratios like 0.9,0.05,0.05, got {value!r}") from None
+    if len(parts) != 3:
+        raise ConfigError(f"--split expects three ratios like 0.9,0.05,0.05, got {value!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _summary(res: Any) -> str:
+    splits = " / ".join(f"{k} {v}" for k, v in res.per_split.items())
+    rate = (res.built + res.skipped - res.reused) / res.seconds if res.seconds > 0 else 0.0
+    text = f"built {res.built} pairs ({splits}) in {res.seconds:.1f} s ({rate:.1f} img/s) -> {res.out}"
+    if res.reused:
+        text += f"; {res.reused} reused from an earlier run"
+    if res.skipped:
+        text += f"; {res.skipped} skipped (see {res.out / 'skipped.csv'})"
+    return text
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="crappify")
+def app() -> None:
+    """crappify: degrade clean photos into paired LR/HR training data, and learn to undo it."""
+
+
+@app.command("build-dataset")
+@click.argument("src")
+@click.argument("out")
+@click.option("--config", "config_file", type=click.Path(), help="YAML file of options (flags override it).")
+@click.option("--source", type=click.Choice(["auto", "folder", "flickr30k", "celeba", "celeba-hq", "samples"]),
+              help="Source layout (default: auto-detect).")
+@click.option("--preset", help="Preset name (see `crappify presets`) or a preset YAML file.")
+@click.option("--size", type=int, help="HR short side in px; smaller photos are skipped, never upscaled.")
+@click.option("--scale", type=int, help="HR/LR ratio, for presets that resize to the LR size (default 4).")
+@click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+@click.option("--seed", type=int, help="Global seed (default 0).")
+@click.option("--limit", type=int, help="Use at most N photos (proportionally from each split).")
+@click.option("--split", "split_", help="train,valid,test ratios where the source has no official split.")
+@click.option("--max-pixels", type=int, help="Refuse images with more pixels (decompression bombs).")
+@click.option("--hr-format", type=click.Choice(["png", "jpg"]), help="Format of HR images that must be re-encoded.")
+@click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it was built with another config.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str | None, overwrite: bool,
+                      quiet: bool, **flags: Any) -> None:
+    """Build paired LR/HR data from the photos in SRC (or 'samples') into OUT."""
+    from crappify.builder import BuildConfig, build_dataset
+    from crappify.config import resolve
+
+    cfg = resolve(BuildConfig, config_file, src=src, out=out, split=_split(split_), **flags)
+    res = build_dataset(cfg, overwrite=overwrite, progress=not quiet)
+    if res.built == 0:
+        raise CrappifyError(f"no pairs could be built from {src}: {res.skipped} file(s) skipped "
+                            f"(see {res.out / 'skipped.csv'})")
+    click.echo(_summary(res))
+
+
+@app.command("preview")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--preset", default="flickr30k-restore", show_default=True, help="Preset name or YAML file.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--size", type=int, help="HR short side, as in build-dataset.")
+@click.option("--scale", type=int, help="HR/LR ratio, as in build-dataset.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--id", "item_id", default="preview", show_default=True,
+              help="Item id: with a dataset's seed and an item's id, shows exactly the LR built for it.")
+@click.option("--height", default=256, show_default=True, type=int, help="Tile height in px.")
+def preview_cmd(image: str, preset: str, output: str, size: int | None, scale: int | None, seed: int,
+                item_id: str, height: int) -> None:
+    """Write a grid: the original, the result after each op, and the final LR."""
+    from crappify.chain import load_preset
+    from crappify.imageio import ImageError, decode, save_image_atomic
+    from crappify.preview import preview
+
+    if not Path(image).is_file():
+        raise CrappifyError(f"image not found: {image}")
+    chain = load_preset(preset)
+    try:
+        img = decode(image)
+    except ImageError as exc:
+        raise CrappifyError(f"cannot read {image}: {exc}") from None
+    if size is not None and min(img.shape[:2]) < size:
+        raise CrappifyError(f"{image} is smaller than --size {size} ({img.shape[1]}x{img.shape[0]})")
+    out = Path(output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ConfigError(f"--output must end in .png or .jpg, got {output}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image_atomic(out, preview(img, chain, seed, size, scale, item_id, height))
+    click.echo(f"wrote {out}")
+
+
+@app.command("presets")
+@click.argument("name", required=False)
+def presets_cmd(name: str | None) -> None:
+    """List the built-in presets, or print one (NAME) as YAML to copy and edit."""
+    from crappify.chain import PRESETS, load_preset
+
+    if name:
+        click.echo(load_preset(name).to_yaml(), nl=False)
+        return
+    for preset in PRESETS:
+        chain = load_preset(preset)
+        scale = f"x{chain.scale}" if chain.scale else ("--scale" if chain.uses_lr_size else "fixed LR size")
+        click.echo(f"{preset:<18} {scale:<14} {chain.description}")
+
+
+@app.command("ops")
+def ops_cmd() -> None:
+    """List the degradation ops and their parameters (with defaults)."""
+    import crappify.chain  # noqa: F401  (registers `repeat`)
+    from crappify.ops import OPS
+
+    for name in OPS:
+        cls = OPS.get(name)
+        click.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for pname, p in cls.params.items():
+            click.echo(f"    {pname} ({p.kind}) = {p.default!r}" + (f"  {p.doc}" if p.doc else ""))
+        if name == "repeat":
+            click.echo("    steps (list of steps) — required")
+
+
+@app.command("demo")
+@click.option("-o", "--output", default=str(DEMO_OUT), show_default=True, type=click.Path(file_okay=False))
+@click.option("--workers", type=int, help="Worker processes (default: CPU count).")
+def demo_cmd(output: str, workers: int | None) -> None:
+    """Build a small dataset from photos that installed packages ship, and a preview grid. No download."""
+    from crappify.builder import BuildConfig, build_dataset
+    from crappify.chain import load_preset
+    from crappify.config import resolve
+    from crappify.imageio import decode, save_image_atomic
+    from crappify.preview import preview
+    from crappify.sources import sample_id, sample_photos
+
+    out = Path(output)
+    cfg = resolve(BuildConfig, None, src="samples", out=str(out / "dataset"), preset="flickr30k-restore",
+                  size=256, scale=4, workers=workers)
+    res = build_dataset(cfg, overwrite=True)
+    click.echo(_summary(res))
+    name, path = sample_photos()[0]
+    grid_path = out / "preview.png"
+    save_image_atomic(grid_path, preview(decode(path), load_preset(cfg.preset), cfg.seed, cfg.size, cfg.scale,
+                                         sample_id(name)))
+    click.echo(f"preview grid ({name}, preset {cfg.preset}): {grid_path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user errors into one line and an exit status."""
+    try:
+        code = app.main(args=argv, prog_name="crappify", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except CrappifyError as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to resume", 130)
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"crappify: error: {message}", err=True)
+    sys.exit(code)
+

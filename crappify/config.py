@@ -1,0 +1,56 @@
+"""Configuration: typed defaults in code, then a YAML file, then command-line flags — validated once.
+
+Each command has a pydantic model with `extra="forbid"`, so an unknown key in a YAML file or a bad
+value is an error that names the key, shown to the user as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from crappify.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or a one-line ConfigError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def describe(exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line for a pydantic error: the first problem, with the valid keys when a key is unknown."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        valid = ", ".join(sorted(model.model_fields))
+        return f"unknown option {where!r}; valid: {valid}"
+    msg = err["msg"]
+    if err["type"] == "missing":
+        return f"option {where!r} is required"
+    return f"option {where!r}: {msg} (got {err.get('input')!r})"
+
+
+def resolve(model: type[M], config_file: str | Path | None = None, **flags: Any) -> M:
+    """Defaults ← YAML file ← flags (flags given as None are treated as not given)."""
+    data: dict[str, Any] = read_yaml(config_file) if config_file else {}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, model)) from None

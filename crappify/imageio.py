@@ -1,0 +1,206 @@
+"""Reading photos of any kind into HWC uint8 RGB, and writing files atomically.
+
+Decoding rules (applied in this order, so HR and LR stay aligned):
+1. the pixel count is checked from the header before any decoding (decompression bombs are refused);
+2. JPEGs are decoded at reduced size through libjpeg's DCT scaling when the caller needs at most half
+   the stored size (`need` = the smallest (width, height) it will use);
+3. EXIF orientation is applied;
+4. the mode becomes 8-bit RGB: greyscale is replicated, 16-bit is scaled (v/257), CMYK/YCbCr/LAB are
+   converted by Pillow, palette images are expanded, and transparency (RGBA, LA, PA, palette with a
+   transparent index) is composited on white — photos with holes become photos on white paper.
+Anything unreadable raises `ImageError` with a short reason for `skipped.csv`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from crappify.errors import CrappifyError
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
+                              ".pgm", ".pnm"})
+_COPYABLE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageError(CrappifyError):
+    """A file that cannot be used as a photo; the message is the reason."""
+
+
+def _to_rgb8(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float32)
+        if mode == "I" and arr.max() <= 255:  # 8-bit data stored in a 32-bit container
+            grey = arr
+        else:
+            grey = arr / 257.0
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
+    if mode == "F":
+        raise ImageError("unsupported mode F (floating-point pixels)")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("RGBa", "La"):
+        img = img.convert("RGBA")
+    elif mode in ("LA", "PA"):
+        img = img.convert("RGBA")
+    elif mode == "L" or mode == "1":
+        return cv2.cvtColor(np.asarray(img.convert("L")), cv2.COLOR_GRAY2RGB)
+    if img.mode == "RGBA":
+        rgba = np.asarray(img).astype(np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        out = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return np.asarray(img.convert("RGB"))
+
+
+def _image_error(exc: BaseException) -> ImageError:
+    if isinstance(exc, ImageError):
+        return exc
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageError(f"decompression bomb: {exc}")
+    if isinstance(exc, UnidentifiedImageError):
+        return ImageError("not a recognised image format")
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ImageError(f"corrupt or truncated image: {detail}")
+
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class Photo:
+    """An opened photo whose header is read but whose pixels are not yet decoded.
+
+    Use as a context manager: read `size` / `native`, decide how much resolution is needed, then call
+    `pixels`. Errors from unreadable files come out as `ImageError`.
+    """
+
+    def __init__(self, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.path = Path(path)
+        self._img: Image.Image | None = None
+        try:
+            if self.path.stat().st_size == 0:
+                raise ImageError("empty file")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = self._img = Image.open(self.path)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+            deep = any("16" in str(tile[3]) for tile in img.tile)  # e.g. a 48-bit PNG that Pillow reads as RGB
+            self.format = img.format or ""
+            self.orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        except _DECODE_ERRORS as exc:
+            self.close()
+            raise _image_error(exc) from None
+        except BaseException:
+            self.close()
+            raise
+        self.rotated = self.orientation in (5, 6, 7, 8)
+        self.size = (h, w) if self.rotated else (w, h)  # upright (width, height)
+        self.native = (img.mode == "RGB" and self.orientation == 1 and not deep
+                       and "transparency" not in img.info and self.format in _COPYABLE_FORMATS)
+        self.extension = _COPYABLE_FORMATS.get(self.format, ".png")
+
+    def pixels(self, need_short: int | None = None) -> tuple[np.ndarray, int]:
+        """Upright HWC uint8 RGB pixels and the DCT reduction used (1 = full size).
+
+        With `need_short`, a JPEG whose short side is at least twice that is decoded at 1/2, 1/4 or 1/8
+        size, never below `need_short` on the short side.
+        """
+        img = self._img
+        assert img is not None, "Photo is closed"
+        try:
+            reduced = 1
+            if need_short is not None and self.format == "JPEG":
+                w = img.size[0]
+                img.draft(None, (need_short, need_short))
+                reduced = max(1, round(w / img.size[0]))
+            img.load()
+            if self.orientation != 1:
+                img = ImageOps.exif_transpose(img)
+            return np.ascontiguousarray(_to_rgb8(img)), reduced
+        except _DECODE_ERRORS as exc:
+            raise _image_error(exc) from None
+
+    def close(self) -> None:
+        if self._img is not None:
+            self._img.close()
+            self._img = None
+
+    def __enter__(self) -> "Photo":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def decode(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, need_short: int | None = None) -> np.ndarray:
+    """Decode a photo file to upright 8-bit RGB (see the module docstring for the rules)."""
+    with Photo(path, max_pixels) as photo:
+        return photo.pixels(need_short)[0]
+
+
+def encode(img: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    """Encode RGB pixels as PNG (lossless, fast compression) or JPEG with OpenCV."""
+    bgr = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    if fmt == "png":
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    elif fmt in ("jpg", "jpeg"):
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; valid: png, jpg")
+    if not ok:
+        raise RuntimeError(f"OpenCV failed to encode {fmt}")
+    return buf.tobytes()
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of our temporary names (left behind by a killed run)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write to a temporary name beside `path`, then rename over it: readers never see half a file."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    """Copy a file's bytes (no re-encoding) to `dst` atomically."""
+    dst = Path(dst)
+    tmp = _temp_name(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_image_atomic(path: str | Path, img: np.ndarray) -> None:
+    """Write an RGB image (format from the extension) atomically."""
+    path = Path(path)
+    write_atomic(path, encode(img, path.suffix.lower().lstrip(".")))

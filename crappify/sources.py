@@ -1,0 +1,251 @@
+"""Dataset sources: find the photos in a source layout and give each an id and a split.
+
+Layouts (auto-detected, or named with `--source`), documented in data/README.md:
+- `folder`: any folder, searched recursively for image files; seeded ratio split.
+- `flickr30k`: `flickr30k_images/` (Kaggle's doubled `flickr30k_images/flickr30k_images/` too), optional
+  `results.csv` captions (`image_name| comment_number| comment`); seeded ratio split.
+- `celeba`: `img_align_celeba/` plus `list_eval_partition.txt` (or Kaggle's `.csv`) → the official
+  train/valid/test split.
+- `celeba-hq`: a folder of images (`CelebA-HQ-img/` inside CelebAMask-HQ is found too); seeded ratio split.
+- `samples`: real photos that installed packages ship (scikit-image, scikit-learn, matplotlib), for the
+  demo and tests; no download.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from crappify.errors import CrappifyError
+from crappify.imageio import IMAGE_EXTENSIONS
+from crappify.registry import Registry
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One source photo: a stable id (output name without extension), its path and split."""
+
+    id: str
+    source: str  # path relative to the source root (what the manifest shows)
+    path: Path
+    split: str = ""
+    caption: str = ""
+
+
+@dataclass
+class Listing:
+    items: list[Item]
+    skipped: list[tuple[str, str]]  # (source, reason)
+    official_split: bool
+
+
+Lister = Callable[[Path], Listing]
+SOURCES: Registry[Lister] = Registry("source")
+
+
+def _walk(root: Path, base: Path, ignore: frozenset[str] = frozenset()) -> Listing:
+    """Image files under `root` (recursive, hidden entries ignored), ids relative to `root`."""
+    items, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or name in ignore:
+                continue
+            path = Path(dirpath, name)
+            source = path.relative_to(base).as_posix()
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append((source, f"not an image file (extension {path.suffix or 'none'})"))
+                continue
+            items.append(Item(path.relative_to(root).with_suffix("").as_posix(), source, path))
+    return Listing(_unique_ids(items), skipped, official_split=False)
+
+
+def _unique_ids(items: list[Item]) -> list[Item]:
+    """Two files differing only by extension (a.jpg, a.png) get ids with the extension folded in."""
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it.id] = counts.get(it.id, 0) + 1
+    return [it if counts[it.id] == 1 else
+            Item(f"{it.id}_{it.path.suffix.lower().lstrip('.')}", it.source, it.path, it.split, it.caption)
+            for it in items]
+
+
+def _first_existing(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.exists()), None)
+
+
+@SOURCES.register("folder")
+def list_folder(src: Path) -> Listing:
+    return _walk(src, src)
+
+
+@SOURCES.register("flickr30k")
+def list_flickr30k(src: Path) -> Listing:
+    images = src / "flickr30k_images"
+    if (images / "flickr30k_images").is_dir():
+        images = images / "flickr30k_images"
+    if not images.is_dir():
+        raise CrappifyError(f"{src} is not a Flickr30k folder: expected {src / 'flickr30k_images'}/")
+    captions_file = _first_existing(src / "results.csv", images / "results.csv", images.parent / "results.csv")
+    captions: dict[str, str] = {}
+    if captions_file is not None:
+        with open(captions_file, newline="", encoding="utf-8", errors="replace") as fh:
+            for row in csv.reader(fh, delimiter="|"):
+                if len(row) >= 3 and row[1].strip() == "0":
+                    captions[row[0].strip()] = row[2].strip()
+    listing = _walk(images, src, ignore=frozenset({"results.csv"}))
+    listing.items = [Item(it.id, it.source, it.path, caption=captions.get(it.path.name, "")) for it in listing.items]
+    return listing
+
+
+@SOURCES.register("celeba")
+def list_celeba(src: Path) -> Listing:
+    images = src / "img_align_celeba"
+    if (images / "img_align_celeba").is_dir():
+        images = images / "img_align_celeba"
+    part_file = _first_existing(src / "list_eval_partition.txt", src / "list_eval_partition.csv",
+                                src / "Eval" / "list_eval_partition.txt")
+    if not images.is_dir() or part_file is None:
+        raise CrappifyError(f"{src} is not a CelebA folder: expected img_align_celeba/ and list_eval_partition.txt")
+    partition: dict[str, str] = {}
+    with open(part_file, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            parts = line.replace(",", " ").split()
+            if len(parts) == 2 and parts[1] in ("0", "1", "2"):
+                partition[parts[0]] = SPLITS[int(parts[1])]
+    listing = _walk(images, src)
+    items = []
+    for it in listing.items:
+        split = partition.get(it.path.name)
+        if split is None:
+            listing.skipped.append((it.source, f"not listed in {part_file.name}"))
+        else:
+            items.append(Item(it.id, it.source, it.path, split))
+    return Listing(items, listing.skipped, official_split=True)
+
+
+@SOURCES.register("celeba-hq")
+def list_celeba_hq(src: Path) -> Listing:
+    root = _first_existing(src / "CelebA-HQ-img", src / "celeba_hq", src / "CelebA-HQ") or src
+    return _walk(root, src)
+
+
+def _package_dir(name: str) -> Path | None:
+    """Where an installed package lives, found without importing it (importing sklearn/skimage is slow)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+SAMPLE_PHOTOS = {
+    "skimage": ("data", ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png",
+                         "motorcycle_left.png", "motorcycle_right.png", "hubble_deep_field.jpg")),
+    "sklearn": ("datasets/images", ("china.jpg", "flower.jpg")),
+    "matplotlib": ("mpl-data/sample_data", ("grace_hopper.jpg",)),
+}
+
+
+def sample_photos() -> list[tuple[str, Path]]:
+    """Real photos shipped inside installed packages, as (name, path); no download involved."""
+    found = []
+    for package, (sub, names) in SAMPLE_PHOTOS.items():
+        base = _package_dir(package)
+        if base is not None:
+            found += [(f"{package}/{n}", base / sub / n) for n in names if (base / sub / n).is_file()]
+    return found
+
+
+def sample_id(name: str) -> str:
+    """Item id of a sample photo ('skimage/astronaut.png' -> 'skimage-astronaut')."""
+    return name.rsplit(".", 1)[0].replace("/", "-")
+
+
+@SOURCES.register("samples")
+def list_samples(src: Path) -> Listing:
+    photos = sample_photos()
+    if not photos:
+        raise CrappifyError("no sample photos found: install scikit-image, scikit-learn or matplotlib")
+    items = [Item(sample_id(name), name, path) for name, path in photos]
+    return Listing(items, [], official_split=False)
+
+
+def detect(src: Path) -> str:
+    """Name of the layout `src` looks like."""
+    if str(src) == "samples" and not src.exists():
+        return "samples"
+    if (src / "img_align_celeba").is_dir():
+        return "celeba"
+    if (src / "flickr30k_images").is_dir():
+        return "flickr30k"
+    key = src.name.lower().replace("-", "").replace("_", "")
+    if "celebahq" in key or (src / "CelebA-HQ-img").is_dir():
+        return "celeba-hq"
+    return "folder"
+
+
+def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Items per split for a ratio split; a split with a non-zero ratio gets at least one item when n >= 3."""
+    _, rv, rt = ratios
+    n_valid = round(n * rv)
+    n_test = round(n * rt)
+    if n >= 3:
+        n_valid = max(n_valid, 1 if rv > 0 else 0)
+        n_test = max(n_test, 1 if rt > 0 else 0)
+    n_valid = min(n_valid, n)
+    n_test = min(n_test, n - n_valid)
+    return n - n_valid - n_test, n_valid, n_test
+
+
+def assign_splits(items: list[Item], ratios: tuple[float, float, float], seed: int) -> list[Item]:
+    """Seeded ratio split: a permutation of the (sorted) items, cut by `split_counts`."""
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(items))
+    _, n_valid, n_test = split_counts(len(items), ratios)
+    split_of = {}
+    for rank, idx in enumerate(order):
+        split_of[int(idx)] = "valid" if rank < n_valid else "test" if rank < n_valid + n_test else "train"
+    return [Item(it.id, it.source, it.path, split_of[i], it.caption) for i, it in enumerate(items)]
+
+
+def limit_items(items: list[Item], limit: int) -> list[Item]:
+    """The first `limit` items, taken from every split in proportion (each split sorted by id)."""
+    by_split: dict[str, list[Item]] = {}
+    for it in items:
+        by_split.setdefault(it.split, []).append(it)
+    keyed = []
+    for split, group in by_split.items():
+        for rank, it in enumerate(group):
+            keyed.append(((rank + 0.5) / len(group), SPLITS.index(split) if split in SPLITS else 3, it))
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    return sorted((k[2] for k in keyed[:limit]), key=lambda it: it.id)
+
+
+def list_source(src: Path, kind: str = "auto", seed: int = 0,
+                ratios: tuple[float, float, float] = (0.9, 0.05, 0.05), limit: int | None = None) -> tuple[str, Listing]:
+    """List a source's photos with ids and splits; returns (layout name, listing)."""
+    if kind == "auto":
+        kind = detect(src)
+    lister = SOURCES.get(kind)
+    if kind != "samples" and not src.is_dir():
+        raise CrappifyError(f"source folder not found: {src}")
+    listing = lister(src)
+    items = sorted(listing.items, key=lambda it: it.id)
+    if listing.official_split:
+        if limit is not None:
+            items = limit_items(items, limit)
+    else:
+        if limit is not None:
+            items = items[:limit]
+        items = assign_splits(items, ratios, seed)
+    listing.items = items
+    listing.skipped.sort()
+    return kind, listing
