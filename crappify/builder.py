@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from crappify import __version__
 from crappify.chain import Chain, load_preset
 from crappify.errors import ConfigError, CrappifyError
-from crappify.imageio import DEFAULT_MAX_PIXELS, ImageError, Photo, copy_atomic, encode, is_temp_name, write_atomic
+from crappify.imageio import DEFAULT_MAX_PIXELS, ImageError, Photo, encode, is_temp_name, write_atomic
 from crappify.sources import SPLITS, Item, list_source
 
 DEFAULT_SCALE = 4
@@ -138,6 +138,15 @@ def make_hr(pixels: np.ndarray, rw: int, rh: int, cw: int, ch: int) -> np.ndarra
     return center_crop(pixels, cw, ch) if (cw, ch) != (rw, rh) else pixels
 
 
+_MADE_DIRS: set[Path] = set()  # per process: folders already created (saves a syscall per file)
+
+
+def _ensure_parent(path: Path) -> None:
+    if path.parent not in _MADE_DIRS:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _MADE_DIRS.add(path.parent)
+
+
 def process_item(item: Item, job: Job) -> dict[str, Any]:
     """Build one pair; returns a manifest row, or {"id", "skip": reason}."""
     try:
@@ -166,30 +175,22 @@ def process_item(item: Item, job: Job) -> dict[str, Any]:
     degraded = job.chain.run(np.ascontiguousarray(hr), np.random.default_rng(seed), lr_size, decode=False)
     if degraded.encoded is not None:
         lr_bytes, lr_ext = degraded.encoded, ".jpg"
-        lr_w, lr_h = _jpeg_size(lr_bytes)
     else:
         lr_bytes, lr_ext = encode(degraded.image, "png"), ".png"
-        lr_h, lr_w = degraded.image.shape[:2]
+    lr_w, lr_h = degraded.size
 
     hr_rel = f"hr/{item.split}/{item.id}{photo.extension if copy_hr else '.' + job.hr_format}"
     lr_rel = f"lr/{item.split}/{item.id}{lr_ext}"
     for rel in (hr_rel, lr_rel):
-        (job.out / rel).parent.mkdir(parents=True, exist_ok=True)
-    if copy_hr:
-        copy_atomic(item.path, job.out / hr_rel)
+        _ensure_parent(job.out / rel)
+    if copy_hr:  # the source's own bytes, already in memory
+        write_atomic(job.out / hr_rel, photo.data)
     else:
         write_atomic(job.out / hr_rel, encode(hr, job.hr_format))
     write_atomic(job.out / lr_rel, lr_bytes)
     return {"id": item.id, "split": item.split, "source": item.source, "hr": hr_rel, "lr": lr_rel,
             "seed": seed, "hr_width": cw, "hr_height": ch, "lr_width": lr_w, "lr_height": lr_h,
             "caption": item.caption, "params": json.dumps(degraded.record, separators=(",", ":"))}
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return img.size
 
 
 # Worker-process state: the Job arrives once through the pool initializer, not with every item.
@@ -297,6 +298,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> No
 def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildResult:
     """Build (or resume) the dataset described by `cfg`; see the module docstring for the layout."""
     start = time.perf_counter()
+    _MADE_DIRS.clear()  # folders may have been removed since an earlier build in this process
     chain = load_preset(cfg.preset)
     scale = effective_scale(chain, cfg.scale)
     layout, listing = list_source(Path(cfg.src), cfg.source, cfg.seed, cfg.split, cfg.limit)

@@ -58,6 +58,7 @@ class Degraded:
     image: np.ndarray | None  # None only when decoding the final JPEG was not asked for
     encoded: bytes | None  # the JPEG bytes when the last applied op was `jpeg`
     record: dict[str, Any]  # {"vars": {...}, "steps": [...]} — replays to the same output
+    size: tuple[int, int]  # (width, height) of the output, known even when it was not decoded
 
 
 def build_steps(raw_steps: Any, where: str = "steps") -> list[Step]:
@@ -86,7 +87,10 @@ def _label(name: str, params: dict[str, Any] | None) -> str:
 
 def run_steps(steps: list[Step], img: np.ndarray, rng: np.random.Generator, ctx: Context,
               trace: Trace | None = None) -> tuple[np.ndarray | None, bytes | None, list[dict[str, Any]]]:
-    """Run steps in order; JPEG bytes stay undecoded until a later op (or the caller) needs pixels."""
+    """Run steps in order; JPEG bytes stay undecoded until a later op (or the caller) needs pixels.
+
+    `ctx.size` follows the current image's (width, height), so it is known when pixels are not.
+    """
     image: np.ndarray | None = img
     encoded: bytes | None = None
     records: list[dict[str, Any]] = []
@@ -100,7 +104,10 @@ def run_steps(steps: list[Step], img: np.ndarray, rng: np.random.Generator, ctx:
             continue
         if image is None:
             image = F.jpeg_decode(encoded)
+        ctx.size = (image.shape[1], image.shape[0])
         image, encoded, params = step.op.forward(image, rng, ctx)
+        if image is not None:
+            ctx.size = (image.shape[1], image.shape[0])
         records.append({"op": name, **params})
         if trace is not None:
             image = image if image is not None else F.jpeg_decode(encoded)
@@ -164,6 +171,16 @@ class Repeat(Op):
         return image if image is not None else F.jpeg_decode(encoded)
 
 
+def _all_ops(steps: list[Step]) -> list[Op]:
+    """Every op in `steps`, nested `repeat` steps included."""
+    out: list[Op] = []
+    for s in steps:
+        out.append(s.op)
+        if isinstance(s.op, Repeat):
+            out += _all_ops(s.op.steps)
+    return out
+
+
 class Chain:
     """An ordered degradation pipeline (what a preset describes)."""
 
@@ -175,6 +192,8 @@ class Chain:
         if missing:
             raise ConfigError(f"preset {name!r}: undefined variable(s) {', '.join('$' + m for m in missing)}; "
                               "define them under vars:")
+        for op in _all_ops(steps):
+            op.check_variables(self.vars)
 
     @classmethod
     def from_dict(cls, data: Any, default_name: str = "custom") -> "Chain":
@@ -206,10 +225,7 @@ class Chain:
     @property
     def uses_lr_size(self) -> bool:
         """Whether some resize targets the dataset's LR size (so the dataset has an integer scale)."""
-        def walk(steps: list[Step]) -> bool:
-            return any((isinstance(s.op, Resize) and s.op.to_lr) or (isinstance(s.op, Repeat) and walk(s.op.steps))
-                       for s in steps)
-        return walk(self.steps)
+        return any(isinstance(op, Resize) and op.to_lr for op in _all_ops(self.steps))
 
     def leading_size(self, width: int, height: int, lr_size: tuple[int, int] | None) -> tuple[int, int] | None:
         """Output size of the first step when it is a certain, non-random resize; else None.
@@ -225,17 +241,18 @@ class Chain:
             decode: bool = True, trace: Trace | None = None) -> Degraded:
         """Degrade `img` (HWC uint8 RGB); every random choice comes from `rng` and lands in the record."""
         variables = {k: spec.draw(rng, {}) for k, spec in self.vars.items()}
-        image, encoded, records = run_steps(self.steps, img, rng, Context(variables, lr_size), trace)
+        ctx = Context(variables, lr_size, (img.shape[1], img.shape[0]))
+        image, encoded, records = run_steps(self.steps, img, rng, ctx, trace)
         if image is None and decode:
             image = F.jpeg_decode(encoded)
-        return Degraded(image, encoded, {"vars": variables, "steps": records})
+        return Degraded(image, encoded, {"vars": variables, "steps": records}, ctx.size)
 
     def replay(self, img: np.ndarray, record: dict[str, Any], decode: bool = True) -> Degraded:
         """Apply a record made by `run` again: the same pixels (and JPEG bytes) come out."""
         image, encoded = replay_steps(self.steps, img, record["steps"])
-        if image is None and decode:
+        if image is None:
             image = F.jpeg_decode(encoded)
-        return Degraded(image, encoded, record)
+        return Degraded(image if decode else None, encoded, record, (image.shape[1], image.shape[0]))
 
 
 def load_preset(name_or_path: str | Path) -> Chain:

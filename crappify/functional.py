@@ -37,20 +37,22 @@ def _albumentations_pixel():  # imported on first use: albumentations takes ~2 s
 
 def resize(img: np.ndarray, width: int, height: int, interpolation: str = "bicubic",
            antialias: bool = True) -> np.ndarray:
-    """Resize to exactly `width`×`height`.
+    """Resize to exactly `width`×`height` (always a new array).
 
-    Downscaling with bilinear/bicubic/lanczos and `antialias=True` uses Pillow's convolution
-    resamplers, whose kernel widens with the scale (what Pillow, torchvision's `antialias=True` and
-    the fastai lesson-7 crappifier use). OpenCV's kernels do not widen, so they alias when shrinking;
-    that is what `antialias=False` gives (like Real-ESRGAN's `F.interpolate`). `area` is OpenCV's
-    pixel-area average and `nearest` is nearest-neighbour, both from OpenCV.
+    Shrinking by more than 2× with bilinear/bicubic/lanczos and `antialias=True` uses Pillow's
+    convolution resamplers, whose kernel widens with the scale (what Pillow, torchvision's
+    `antialias=True` and the fastai lesson-7 crappifier use). OpenCV's kernels do not widen: past 2×
+    they skip input pixels and alias, which is what `antialias=False` gives (like Real-ESRGAN's
+    `F.interpolate`); up to 2× they still touch every input pixel, so OpenCV is used there either way
+    (it is 5-10× faster than Pillow). `area` is OpenCV's pixel-area average and `nearest` is
+    nearest-neighbour, both from OpenCV.
     """
     h, w = img.shape[:2]
     if (w, h) == (width, height):
-        return img
+        return img.copy()
     if interpolation not in _CV2_INTER:
         raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
-    shrinking = width < w or height < h
+    shrinking = width * 2 < w or height * 2 < h
     if antialias and shrinking and interpolation in _PIL_FILTER:
         out = Image.fromarray(img).resize((width, height), _PIL_FILTER[interpolation])
         return np.asarray(out)
@@ -76,7 +78,8 @@ def gaussian_kernel(sigma_x: float, sigma_y: float, angle: float, size: int) -> 
 def kernel_size_for(sigma: float, max_size: int = 21) -> int:
     """Odd kernel size covering ±3σ, capped at `max_size`."""
     size = 2 * math.ceil(3 * sigma) + 1
-    return int(min(max(size, 3), max_size | 1))
+    cap = max_size if max_size % 2 else max_size - 1
+    return int(min(max(size, 3), cap))
 
 
 def gaussian_blur(img: np.ndarray, sigma_x: float, sigma_y: float | None = None, angle: float = 0.0,
@@ -212,6 +215,5 @@ def color_jitter(img: np.ndarray, brightness: float, contrast: float, saturation
 
 def desaturate(img: np.ndarray, amount: float) -> np.ndarray:
     """Blend toward greyscale: 0 keeps colour, 1 is fully grey (albumentations' saturation blend)."""
-    if amount <= 0:
-        return img.copy()
-    return _albumentations_pixel().adjust_saturation_torchvision(img, 1.0 - min(amount, 1.0))
+    out = _albumentations_pixel().adjust_saturation_torchvision(img, 1.0 - min(max(amount, 0.0), 1.0))
+    return out.copy() if out is img else out

@@ -13,6 +13,7 @@ Anything unreadable raises `ImageError` with a short reason for `skipped.csv`.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import warnings
@@ -79,22 +80,36 @@ def _image_error(exc: BaseException) -> ImageError:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
+def _reduction(width: int, height: int, need_short: int | None) -> int:
+    """Largest DCT scaling denominator (8, 4, 2) that keeps the short side >= need_short."""
+    if need_short is None:
+        return 1
+    short = min(width, height)
+    return next((s for s in (8, 4, 2) if -(-short // s) >= need_short), 1)
+
+
+_CV2_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
 class Photo:
-    """An opened photo whose header is read but whose pixels are not yet decoded.
+    """An opened photo: its bytes read once and its header parsed, its pixels not yet decoded.
 
     Use as a context manager: read `size` / `native`, decide how much resolution is needed, then call
-    `pixels`. Errors from unreadable files come out as `ImageError`.
+    `pixels`. `data` holds the file's bytes, so a caller copying the file need not read it again.
+    Errors from unreadable files come out as `ImageError`.
     """
 
     def __init__(self, path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.path = Path(path)
         self._img: Image.Image | None = None
         try:
-            if self.path.stat().st_size == 0:
+            self.data = self.path.read_bytes()
+            if not self.data:
                 raise ImageError("empty file")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = self._img = Image.open(self.path)
+                img = self._img = Image.open(io.BytesIO(self.data))
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
@@ -109,9 +124,14 @@ class Photo:
             raise
         self.rotated = self.orientation in (5, 6, 7, 8)
         self.size = (h, w) if self.rotated else (w, h)  # upright (width, height)
-        self.native = (img.mode == "RGB" and self.orientation == 1 and not deep
-                       and "transparency" not in img.info and self.format in _COPYABLE_FORMATS)
+        plain = not deep and "transparency" not in img.info and self.orientation == 1
+        self.native = plain and img.mode == "RGB" and self.format in _COPYABLE_FORMATS
         self.extension = _COPYABLE_FORMATS.get(self.format, ".png")
+        # OpenCV's libjpeg-turbo/libpng path decodes 1.3-2.5x faster than Pillow's here; it is used
+        # for plain 8-bit RGB/grey JPEG and PNG. A JPEG without its end marker goes to Pillow, which
+        # reports truncation (OpenCV would fill the missing rows with grey and carry on).
+        self._fast = plain and img.mode in ("RGB", "L") and (
+            self.format == "PNG" or (self.format == "JPEG" and self.data.rstrip(b"\0").endswith(b"\xff\xd9")))
 
     def pixels(self, need_short: int | None = None) -> tuple[np.ndarray, int]:
         """Upright HWC uint8 RGB pixels and the DCT reduction used (1 = full size).
@@ -121,12 +141,15 @@ class Photo:
         """
         img = self._img
         assert img is not None, "Photo is closed"
+        reduced = _reduction(*img.size, need_short) if self.format == "JPEG" else 1
+        if self._fast:
+            flags = _CV2_REDUCED[reduced] | cv2.IMREAD_IGNORE_ORIENTATION
+            out = cv2.imdecode(np.frombuffer(self.data, np.uint8), flags)
+            if out is not None and out.ndim == 3:
+                return cv2.cvtColor(out, cv2.COLOR_BGR2RGB), reduced
         try:
-            reduced = 1
-            if need_short is not None and self.format == "JPEG":
-                w = img.size[0]
-                img.draft(None, (need_short, need_short))
-                reduced = max(1, round(w / img.size[0]))
+            if reduced > 1:
+                img.draft(None, (-(-img.size[0] // reduced), -(-img.size[1] // reduced)))
             img.load()
             if self.orientation != 1:
                 img = ImageOps.exif_transpose(img)

@@ -36,6 +36,7 @@ class Context:
 
     variables: dict[str, Any] = field(default_factory=dict)
     lr_size: tuple[int, int] | None = None  # (width, height) the dataset's LR must have, when fixed
+    size: tuple[int, int] = (0, 0)  # (width, height) of the image being processed
 
 
 class Op:
@@ -59,6 +60,13 @@ class Op:
     def variables(self) -> set[str]:
         """Names of preset variables this op refers to."""
         return {s.var for s in self.specs.values() if s.var}
+
+    def check_variables(self, variables: dict[str, Spec]) -> None:
+        """Raise ConfigError if a `$var` this op uses can take a value its parameter does not accept."""
+        for spec in self.specs.values():
+            if spec.var and spec.var in variables:
+                for value in variables[spec.var].values():
+                    spec.check(value)
 
     def to_dict(self) -> dict[str, Any]:
         """The parameters as written (a preset's YAML form)."""
@@ -103,7 +111,7 @@ class Resize(Op):
     def __init__(self, **raw: Any) -> None:
         if raw.get("size") is not None and raw.get("factor") is not None:
             raise ConfigError("op 'resize': give either size or factor, not both")
-        self.to_lr = raw.get("size", "lr" if raw.get("factor") is None else None) == "lr"
+        self.to_lr = raw.get("size") == "lr" or (raw.get("size") is None and raw.get("factor") is None)
         super().__init__(**{**raw, "size": None} if self.to_lr else raw)
         self.raw = dict(raw)
         self._by = self.specs["size"] if raw.get("size") is not None else self.specs["factor"]

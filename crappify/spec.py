@@ -12,6 +12,7 @@ Specs draw only from the `numpy.random.Generator` they are handed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,19 +83,31 @@ class Spec:
             if (not isinstance(v, (list, tuple)) or len(v) != 3
                     or not all(isinstance(c, int) and 0 <= c <= 255 for c in v)):
                 raise self._fail("expected a colour [r, g, b] with 0-255 integers")
-            return [int(c) for c in v]
+            return [int(c) for c in v]  # a fresh list, so records never share it
         if p.kind == "str":
             if not isinstance(v, str):
                 raise self._fail("expected a name")
             if p.choices is not None and v not in p.choices:
                 raise self._fail(f"expected one of {', '.join(p.choices)}")
             return v
-        if not _is_number(v) or (p.kind == "int" and not float(v).is_integer()):
+        if not _is_number(v) or not math.isfinite(v) or (p.kind == "int" and not float(v).is_integer()):
             raise self._fail(f"expected {'an integer' if p.kind == 'int' else 'a number'}")
         v = int(v) if p.kind == "int" else float(v)
         if (p.lo is not None and v < p.lo) or (p.hi is not None and v > p.hi):
             raise self._fail(f"must lie in [{p.lo}, {p.hi}]")
         return v
+
+    def values(self) -> list[Any]:
+        """The values this spec can produce, for range specs its two ends (used to check $var uses)."""
+        if self.mode == "range":
+            return list(self.value)
+        if self.mode == "choice":
+            return list(self.value)
+        return [self.value]
+
+    def check(self, value: Any) -> None:
+        """Raise ConfigError unless `value` is acceptable for this parameter."""
+        self._scalar(str(value) if self.param.kind == "str" else value)
 
     @property
     def var(self) -> str | None:
@@ -104,10 +117,10 @@ class Spec:
     def draw(self, rng: np.random.Generator, variables: dict[str, Any]) -> Any:
         """A concrete value for one image (plain Python types, so it serialises to JSON exactly)."""
         if self.mode == "fixed":
-            return self.value
+            return list(self.value) if isinstance(self.value, list) else self.value
         if self.mode == "var":
             value = variables[self.value]
-            return str(value) if self.param.kind == "str" else self._scalar(value)
+            return self._scalar(str(value) if self.param.kind == "str" else value)
         if self.mode == "choice":
             return self.value[int(rng.integers(len(self.value)))]
         lo, hi = self.value
