@@ -37,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from crappify import __version__
 from crappify.chain import Chain, load_preset
 from crappify.errors import ConfigError, CrappifyError
-from crappify.imageio import DEFAULT_MAX_PIXELS, ImageError, Photo, encode, is_temp_name, write_atomic
+from crappify.imageio import (DEFAULT_MAX_PIXELS, ImageError, Photo, encode, is_temp_name, link_or_copy_atomic,
+                              write_atomic)
 from crappify.sources import SPLITS, Item, list_source
 
 DEFAULT_SCALE = 4
@@ -64,6 +65,7 @@ class BuildConfig(BaseModel):
     split: tuple[float, float, float] = (0.9, 0.05, 0.05)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     hr_format: Literal["png", "jpg"] = "png"
+    link_hr: bool = Field(True, description="hard-link unchanged HR files to the source instead of copying")
     workers: int = Field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 16)), ge=1, le=256)
 
     @field_validator("split")
@@ -85,6 +87,7 @@ class Job:
     seed: int
     max_pixels: int
     hr_format: str
+    link_hr: bool
 
 
 @dataclass
@@ -138,13 +141,14 @@ def make_hr(pixels: np.ndarray, rw: int, rh: int, cw: int, ch: int) -> np.ndarra
     return center_crop(pixels, cw, ch) if (cw, ch) != (rw, rh) else pixels
 
 
-_MADE_DIRS: set[Path] = set()  # per process: folders already created (saves a syscall per file)
+_MADE_DIRS: set[str] = set()  # per process: folders already created (saves a syscall per file)
 
 
-def _ensure_parent(path: Path) -> None:
-    if path.parent not in _MADE_DIRS:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _MADE_DIRS.add(path.parent)
+def _ensure_parent(path: str) -> None:
+    parent = os.path.dirname(path)
+    if parent not in _MADE_DIRS:
+        os.makedirs(parent, exist_ok=True)
+        _MADE_DIRS.add(parent)
 
 
 def process_item(item: Item, job: Job) -> dict[str, Any]:
@@ -181,13 +185,16 @@ def process_item(item: Item, job: Job) -> dict[str, Any]:
 
     hr_rel = f"hr/{item.split}/{item.id}{photo.extension if copy_hr else '.' + job.hr_format}"
     lr_rel = f"lr/{item.split}/{item.id}{lr_ext}"
-    for rel in (hr_rel, lr_rel):
-        _ensure_parent(job.out / rel)
-    if copy_hr:  # the source's own bytes, already in memory
-        write_atomic(job.out / hr_rel, photo.data)
+    hr_path, lr_path = f"{job.out}/{hr_rel}", f"{job.out}/{lr_rel}"  # plain strings: this is the hot loop
+    _ensure_parent(hr_path)
+    _ensure_parent(lr_path)
+    if copy_hr and job.link_hr:
+        link_or_copy_atomic(item.path, hr_path, photo.data)
+    elif copy_hr:  # the source's own bytes, already in memory
+        write_atomic(hr_path, photo.data)
     else:
-        write_atomic(job.out / hr_rel, encode(hr, job.hr_format))
-    write_atomic(job.out / lr_rel, lr_bytes)
+        write_atomic(hr_path, encode(hr, job.hr_format))
+    write_atomic(lr_path, lr_bytes)
     return {"id": item.id, "split": item.split, "source": item.source, "hr": hr_rel, "lr": lr_rel,
             "seed": seed, "hr_width": cw, "hr_height": ch, "lr_width": lr_w, "lr_height": lr_h,
             "caption": item.caption, "params": json.dumps(degraded.record, separators=(",", ":"))}
@@ -223,7 +230,8 @@ def versions() -> dict[str, str]:
 
 
 def resolved_config(cfg: BuildConfig, layout: str, chain: Chain, scale: int | None) -> dict[str, Any]:
-    """What identifies a dataset (saved as config.yaml; worker count is deliberately absent)."""
+    """What identifies a dataset (saved as config.yaml). Worker count and linking are absent: they
+    do not change a single byte of the output."""
     src = cfg.src if layout == "samples" else str(Path(cfg.src).resolve())
     return {"src": src, "source": layout, "preset": chain.to_dict(), "size": cfg.size, "scale": scale,
             "seed": cfg.seed, "limit": cfg.limit, "split": list(cfg.split), "max_pixels": cfg.max_pixels,
@@ -312,7 +320,7 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
         _remove_temp_files(out)
     done = _load_done(out) if resuming else {}
     todo = [it for it in listing.items if it.id not in done]
-    job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format)
+    job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr)
 
     results = dict(done)
     from tqdm import tqdm

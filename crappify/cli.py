@@ -61,15 +61,18 @@ def app() -> None:
 @click.option("--split", "split_", help="train,valid,test ratios where the source has no official split.")
 @click.option("--max-pixels", type=int, help="Refuse images with more pixels (decompression bombs).")
 @click.option("--hr-format", type=click.Choice(["png", "jpg"]), help="Format of HR images that must be re-encoded.")
+@click.option("--copy-hr", is_flag=True, default=None,
+              help="Copy unchanged HR files instead of hard-linking them to the source.")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it was built with another config.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str | None, overwrite: bool,
-                      quiet: bool, **flags: Any) -> None:
+def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str | None, copy_hr: bool | None,
+                      overwrite: bool, quiet: bool, **flags: Any) -> None:
     """Build paired LR/HR data from the photos in SRC (or 'samples') into OUT."""
     from crappify.builder import BuildConfig, build_dataset
     from crappify.config import resolve
 
-    cfg = resolve(BuildConfig, config_file, src=src, out=out, split=_split(split_), **flags)
+    cfg = resolve(BuildConfig, config_file, src=src, out=out, split=_split(split_),
+                  link_hr=False if copy_hr else None, **flags)
     res = build_dataset(cfg, overwrite=overwrite, progress=not quiet)
     if res.built == 0:
         raise CrappifyError(f"no pairs could be built from {src}: {res.skipped} file(s) skipped "
@@ -190,3 +193,7 @@ def _fail(message: str, code: int) -> None:
     click.echo(f"crappify: error: {message}", err=True)
     sys.exit(code)
 
+
+
+if __name__ == "__main__":
+    main()

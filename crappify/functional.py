@@ -7,6 +7,7 @@ Pillow or albumentations already has the operation we call it; what is written h
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -191,6 +192,7 @@ def text(img: np.ndarray, message: str, x: int, y: int, font_scale: float, color
     return out
 
 
+@functools.lru_cache(maxsize=4096)  # lesson 7 measures the same few numbers for every image
 def text_size(message: str, font_scale: float, thickness: int = 1) -> tuple[int, int]:
     """Width and height (above the baseline) of `message` as `text` would draw it."""
     (w, h), _ = cv2.getTextSize(message, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
