@@ -10,7 +10,9 @@ installed packages ship, then measures on the same files, in one run:
       interpreter start-up included; it also copies each HR and writes the manifest);
   (c) the same with `--workers 2`.
 Each is run `--repeat` times and the best time kept. Targets on the 2-core machine: (b)/(a) >= 2.0,
-(c)/(b) >= 1.7.
+(c)/(b) >= 1.7. Two rates are printed for (b) and (c): the whole command's wall time (interpreter
+start-up, ~0.3 s, included) and the steady-state rate the command itself reports (its build phase),
+which is what a 31k-photo Flickr30k build sees.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -74,12 +77,15 @@ def crappify_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "crappify.cli"]
 
 
-def time_build(src: Path, out: Path, workers: int) -> float:
+def time_build(src: Path, out: Path, workers: int) -> tuple[float, float]:
+    """(wall seconds of the command, seconds of its build phase as it reports them)."""
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    subprocess.run([*crappify_cmd(), "build-dataset", str(src), str(out), "--preset", "lesson7",
-                    "--workers", str(workers), "--quiet"], check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    run = subprocess.run([*crappify_cmd(), "build-dataset", str(src), str(out), "--preset", "lesson7",
+                          "--workers", str(workers), "--quiet"], check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    phase = float(re.search(r" in ([0-9.]+) s", run.stdout).group(1))
+    return wall, phase
 
 
 def main() -> None:
@@ -95,22 +101,25 @@ def main() -> None:
         shutil.rmtree(src, ignore_errors=True)
         make_sources(src, n)
 
-    best = {"a": float("inf"), "b": float("inf"), "c": float("inf")}
-    for _ in range(args.repeat):
+    inf = float("inf")
+    best = {"a": inf, "b": inf, "c": inf, "b_phase": inf, "c_phase": inf}
+    for _ in range(args.repeat):  # interleaved, so all three see the same machine state
         shutil.rmtree(work / "baseline", ignore_errors=True)
         t0 = time.perf_counter()
         lesson7_baseline(src, work / "baseline")
         best["a"] = min(best["a"], time.perf_counter() - t0)
-        best["b"] = min(best["b"], time_build(src, work / "w1", 1))
-        best["c"] = min(best["c"], time_build(src, work / "w2", 2))
+        for key, workers in (("b", 1), ("c", 2)):
+            wall, phase = time_build(src, work / f"w{workers}", workers)
+            best[key], best[key + "_phase"] = min(best[key], wall), min(best[key + "_phase"], phase)
 
     rate = {k: n / v for k, v in best.items()}
-    print(f"images: {n} Flickr-sized JPEGs; cpu cores: {os.cpu_count()}; best of {args.repeat}")
-    print(f"(a) PIL lesson-7 baseline, 1 process : {rate['a']:8.1f} img/s")
-    print(f"(b) build-dataset lesson7, 1 worker  : {rate['b']:8.1f} img/s")
-    print(f"(c) build-dataset lesson7, 2 workers : {rate['c']:8.1f} img/s")
-    print(f"(b)/(a) = {rate['b'] / rate['a']:.2f}  (target >= 2.0)")
-    print(f"(c)/(b) = {rate['c'] / rate['b']:.2f}  (target >= 1.7)")
+    print(f"images: {n} Flickr-sized JPEGs in {work}; cpu cores: {os.cpu_count()}; best of {args.repeat}")
+    print(f"{'':38s} {'wall':>10s} {'build phase':>12s}")
+    print(f"(a) PIL lesson-7 baseline, 1 process : {rate['a']:7.1f} img/s")
+    print(f"(b) build-dataset lesson7, 1 worker  : {rate['b']:7.1f} img/s {rate['b_phase']:7.1f} img/s")
+    print(f"(c) build-dataset lesson7, 2 workers : {rate['c']:7.1f} img/s {rate['c_phase']:7.1f} img/s")
+    print(f"(b)/(a) = {rate['b'] / rate['a']:.2f} wall, {rate['b_phase'] / rate['a']:.2f} build phase  (target >= 2.0)")
+    print(f"(c)/(b) = {rate['c'] / rate['b']:.2f} wall, {rate['c_phase'] / rate['b_phase']:.2f} build phase  (target >= 1.7)")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -32,7 +32,7 @@ def _split(value: str | None) -> tuple[float, float, float] | None:
 def _summary(res: Any) -> str:
     splits = " / ".join(f"{k} {v}" for k, v in res.per_split.items())
     rate = (res.built + res.skipped - res.reused) / res.seconds if res.seconds > 0 else 0.0
-    text = f"built {res.built} pairs ({splits}) in {res.seconds:.1f} s ({rate:.1f} img/s) -> {res.out}"
+    text = f"built {res.built} pairs ({splits}) in {res.seconds:.2f} s ({rate:.1f} img/s) -> {res.out}"
     if res.reused:
         text += f"; {res.reused} reused from an earlier run"
     if res.skipped:
