@@ -8,4 +8,4 @@ from crappify.errors import ConfigError, CrappifyError
 from crappify.ops import OPS
 
 __version__ = "0.1.0"
-__all__ = ["OPS", "PRESETS", "Chain", "ConfigError", "CrappifyError", "load_preset", "__version__"]
+__all__ = ["OPS", "PRESETS", "Chain", "ConfigError", "CrappifyError", "__version__", "load_preset"]

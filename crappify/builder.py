@@ -37,8 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from crappify import __version__
 from crappify.chain import Chain, load_preset
 from crappify.errors import ConfigError, CrappifyError
-from crappify.imageio import (DEFAULT_MAX_PIXELS, ImageError, Photo, encode, is_temp_name, link_or_copy_atomic,
-                              write_atomic)
+from crappify.imageio import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    Photo,
+    encode,
+    is_temp_name,
+    link_or_copy_atomic,
+    write_atomic,
+)
 from crappify.sources import SPLITS, Item, list_source
 
 DEFAULT_SCALE = 4

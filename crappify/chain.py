@@ -28,6 +28,7 @@ from crappify.errors import ConfigError
 from crappify.ops import OPS, Context, Op, Resize, register
 from crappify.registry import Registry
 from crappify.spec import Param, Spec, variable_spec
+from crappify.yamlfile import read_mapping
 
 PRESET_DIR = Path(__file__).with_name("presets")
 PRESETS: Registry[Path] = Registry("preset")
@@ -122,7 +123,7 @@ def replay_steps(steps: list[Step], img: np.ndarray,
         raise ConfigError("the record does not match this preset's steps")
     image: np.ndarray | None = img
     encoded: bytes | None = None
-    for step, rec in zip(steps, records):
+    for step, rec in zip(steps, records, strict=True):
         if rec.get("applied") is False:
             continue
         if image is None:
@@ -196,7 +197,7 @@ class Chain:
             op.check_variables(self.vars)
 
     @classmethod
-    def from_dict(cls, data: Any, default_name: str = "custom") -> "Chain":
+    def from_dict(cls, data: Any, default_name: str = "custom") -> Chain:
         if not isinstance(data, dict):
             raise ConfigError("a preset must be a mapping with a 'steps' list")
         unknown = sorted(set(data) - _PRESET_KEYS)
@@ -263,10 +264,4 @@ def load_preset(name_or_path: str | Path) -> Chain:
         path = PRESETS.get(text)
     elif not (path.suffix in (".yaml", ".yml") or path.exists()):
         PRESETS.get(text)  # raises with the valid names
-    if not path.is_file():
-        raise ConfigError(f"preset file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"preset file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return Chain.from_dict(data, default_name=path.stem)
+    return Chain.from_dict(read_mapping(path, "preset file"), default_name=path.stem)

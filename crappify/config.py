@@ -9,28 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from crappify.errors import ConfigError
+from crappify.yamlfile import read_mapping
 
 M = TypeVar("M", bound=BaseModel)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from a file, or a one-line ConfigError saying what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    """A `--config` file's options (`hr-format` and `hr_format` both accepted)."""
+    return {str(k).replace("-", "_"): v for k, v in read_mapping(path, "config file").items()}
 
 
 def describe(exc: ValidationError, model: type[BaseModel]) -> str:

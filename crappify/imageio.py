@@ -13,6 +13,7 @@ Anything unreadable raises `ImageError` with a short reason for `skipped.csv`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -41,19 +42,14 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
         return np.asarray(img)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img).astype(np.float32)
-        if mode == "I" and arr.max() <= 255:  # 8-bit data stored in a 32-bit container
-            grey = arr
-        else:
-            grey = arr / 257.0
+        grey = arr if mode == "I" and arr.max() <= 255 else arr / 257.0  # 8-bit data in a 32-bit container
         grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
         return cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
     if mode == "F":
         raise ImageError("unsupported mode F (floating-point pixels)")
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif mode in ("RGBa", "La"):
-        img = img.convert("RGBA")
-    elif mode in ("LA", "PA"):
+    elif mode in ("RGBa", "La") or mode in ("LA", "PA"):
         img = img.convert("RGBA")
     elif mode == "L" or mode == "1":
         return cv2.cvtColor(np.asarray(img.convert("L")), cv2.COLOR_GRAY2RGB)
@@ -113,7 +109,8 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
         if marker in (0xC0, 0xC1, 0xC2):  # baseline, extended, progressive (Huffman)
             if i + 10 > n or data[i + 4] != 8:
                 return None
-            h, w, comps = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big"), data[i + 9]
+            h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            comps = data[i + 9]
             return (w, h, comps) if comps in (1, 3) and w > 0 and h > 0 else None
         if 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # lossless, arithmetic, hierarchical
             return None
@@ -142,7 +139,8 @@ class Photo:
         head = _jpeg_header(self.data)
         if head is not None:  # plain JPEG: no EXIF, 8-bit RGB or grey
             w, h, comps = head
-            self.format, self.orientation, mode, deep, transparent = "JPEG", 1, "RGB" if comps == 3 else "L", False, False
+            self.format, self.orientation, mode = "JPEG", 1, "RGB" if comps == 3 else "L"
+            deep = transparent = False
         else:
             img = self._pil()
             w, h = img.size
@@ -210,7 +208,7 @@ class Photo:
             self._img.close()
             self._img = None
 
-    def __enter__(self) -> "Photo":
+    def __enter__(self) -> Photo:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -282,10 +280,8 @@ def link_or_copy_atomic(src: str | Path, dst: str | Path, data: bytes | None = N
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def save_image_atomic(path: str | Path, img: np.ndarray) -> None:

@@ -26,7 +26,7 @@ from crappify.errors import ConfigError
 from crappify.registry import Registry
 from crappify.spec import Param, Spec
 
-OPS: Registry[type["Op"]] = Registry("op")
+OPS: Registry[type[Op]] = Registry("op")
 register = OPS.register
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -144,7 +144,7 @@ def _package_dir(name: str) -> Path | None:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 SAMPLE_PHOTOS = {
@@ -230,7 +230,8 @@ def limit_items(items: list[Item], limit: int) -> list[Item]:
 
 
 def list_source(src: Path, kind: str = "auto", seed: int = 0,
-                ratios: tuple[float, float, float] = (0.9, 0.05, 0.05), limit: int | None = None) -> tuple[str, Listing]:
+                ratios: tuple[float, float, float] = (0.9, 0.05, 0.05),
+                limit: int | None = None) -> tuple[str, Listing]:
     """List a source's photos with ids and splits; returns (layout name, listing)."""
     if kind == "auto":
         kind = detect(src)

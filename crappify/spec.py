@@ -39,7 +39,7 @@ class Param:
 class Spec:
     """A parsed parameter value; `draw` turns it into a concrete value for one image."""
 
-    __slots__ = ("where", "param", "raw", "mode", "value")
+    __slots__ = ("mode", "param", "raw", "value", "where")
 
     def __init__(self, where: str, param: Param, raw: Any) -> None:
         self.where, self.param, self.raw = where, param, raw
