@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from crappify import __version__
 from crappify.chain import Chain, load_preset
 from crappify.errors import ConfigError, CrappifyError
+from crappify.functional import jpeg_decode
 from crappify.imageio import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -170,20 +171,26 @@ def process_item(item: Item, job: Job) -> dict[str, Any]:
                 return {"id": item.id, "skip": f"too small for scale {job.scale} ({w}x{h})"}
             lr_size = (cw // job.scale, ch // job.scale) if job.scale else None
             copy_hr = photo.native and (rw, rh, cw, ch) == (w, h, w, h)
-            if job.size is not None:
-                need = job.size
-            elif copy_hr:  # only the LR needs pixels: decode no larger than the chain's first resize
+            need = job.size  # the HR is resized from the pixels decoded here, so the LR stays exact
+            if copy_hr and job.chain.shrink_on_decode:  # the preset allows decoding near the first resize's size
                 lead = job.chain.leading_size(w, h, lr_size)
                 need = min(lead) if lead else None
-            else:
-                need = None
-            pixels, _ = photo.pixels(need)
+            pixels, reduced = photo.pixels(need)
     except ImageError as exc:
         return {"id": item.id, "skip": str(exc)}
-    hr = pixels if copy_hr else make_hr(pixels, rw, rh, cw, ch)
+    hr_bytes = None
+    if not copy_hr:
+        hr = make_hr(pixels, rw, rh, cw, ch)
+        hr_bytes = encode(hr, job.hr_format)
+        if job.hr_format == "jpg":  # degrade the pixels the HR file holds, so params replay on it exactly
+            hr = jpeg_decode(hr_bytes)
+    else:
+        hr = pixels
 
     seed = item_seed(job.seed, item.id)
     degraded = job.chain.run(np.ascontiguousarray(hr), np.random.default_rng(seed), lr_size, decode=False)
+    if copy_hr and reduced > 1:
+        degraded.record["reduced"] = reduced
     if degraded.encoded is not None:
         lr_bytes, lr_ext = degraded.encoded, ".jpg"
     else:
@@ -193,15 +200,18 @@ def process_item(item: Item, job: Job) -> dict[str, Any]:
     hr_rel = f"hr/{item.split}/{item.id}{photo.extension if copy_hr else '.' + job.hr_format}"
     lr_rel = f"lr/{item.split}/{item.id}{lr_ext}"
     hr_path, lr_path = f"{job.out}/{hr_rel}", f"{job.out}/{lr_rel}"  # plain strings: this is the hot loop
-    _ensure_parent(hr_path)
-    _ensure_parent(lr_path)
-    if copy_hr and job.link_hr:
-        link_or_copy_atomic(item.path, hr_path, photo.data)
-    elif copy_hr:  # the source's own bytes, already in memory
-        write_atomic(hr_path, photo.data)
-    else:
-        write_atomic(hr_path, encode(hr, job.hr_format))
-    write_atomic(lr_path, lr_bytes)
+    try:
+        _ensure_parent(hr_path)
+        _ensure_parent(lr_path)
+        if copy_hr and job.link_hr:
+            link_or_copy_atomic(item.path, hr_path, photo.data)
+        elif copy_hr:  # the source's own bytes, already in memory
+            write_atomic(hr_path, photo.data)
+        else:
+            write_atomic(hr_path, hr_bytes)
+        write_atomic(lr_path, lr_bytes)
+    except OSError as exc:  # disk full, permissions: the run cannot go on, but nothing is half-written
+        raise CrappifyError(f"cannot write to {job.out}: {exc.strerror or exc}") from None
     return {"id": item.id, "split": item.split, "source": item.source, "hr": hr_rel, "lr": lr_rel,
             "seed": seed, "hr_width": cw, "hr_height": ch, "lr_width": lr_w, "lr_height": lr_h,
             "caption": item.caption, "params": json.dumps(degraded.record, separators=(",", ":"))}
@@ -272,13 +282,17 @@ def _prepare_out(out: Path, identity: dict[str, Any], overwrite: bool) -> bool:
     return False
 
 
-def _load_done(out: Path) -> dict[str, dict[str, Any]]:
+def _load_done(out: Path, items: list[Item]) -> dict[str, dict[str, Any]]:
     """Results already on disk: the last manifest/skipped files, then the journal of a killed run."""
     done: dict[str, dict[str, Any]] = {}
     if (out / "manifest.csv").is_file():
         with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 done[row["id"]] = row
+    if (out / "skipped.csv").is_file():
+        with open(out / "skipped.csv", newline="", encoding="utf-8") as fh:
+            reasons = {row["source"]: row["reason"] for row in csv.DictReader(fh)}
+        done.update({it.id: {"id": it.id, "skip": reasons[it.source]} for it in items if it.source in reasons})
     if (out / JOURNAL).is_file():
         with open(out / JOURNAL, encoding="utf-8") as fh:
             for line in fh:
@@ -325,7 +339,7 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
         write_atomic(out / "config.yaml", yaml.safe_dump({**identity, "versions": versions()}, sort_keys=False))
     else:
         _remove_temp_files(out)
-    done = _load_done(out) if resuming else {}
+    done = _load_done(out, listing.items) if resuming else {}
     todo = [it for it in listing.items if it.id not in done]
     job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr)
 
@@ -336,10 +350,20 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
                desc="build-dataset", disable=not progress or not todo, file=sys.stderr, smoothing=0.1)
     workers = min(cfg.workers, max(1, len(todo)))
     old_threads = cv2.getNumThreads()
-    with open(out / JOURNAL, "a", encoding="utf-8") as journal:
+    journal_path = out / JOURNAL
+    torn = False
+    if journal_path.is_file() and journal_path.stat().st_size > 0:
+        with open(journal_path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
+    with open(journal_path, "a", encoding="utf-8") as journal:
+        if torn:  # a kill cut the last line short: start on a fresh line
+            journal.write("\n")
+
         def record(res: dict[str, Any]) -> None:
             results[res["id"]] = res
             journal.write(json.dumps(res, separators=(",", ":")) + "\n")
+            journal.flush()  # one small write per item; a kill then loses at most the item in flight
             bar.update(1)
 
         try:

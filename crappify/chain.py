@@ -5,6 +5,7 @@ A preset is a mapping:
     name: lesson7
     description: one line
     scale: null          # an integer fixes the dataset's HR/LR ratio; null takes --scale
+    shrink_on_decode: true  # optional, see below
     vars: {q: [10, 70]}  # drawn once per image, referenced from op parameters as $q
     steps:               # applied in order; each has an op name, an optional probability p, and params
       - {op: resize, size: 96, interpolation: bilinear}
@@ -12,6 +13,12 @@ A preset is a mapping:
       - {op: jpeg, quality: $q}
 
 The `repeat` op runs a nested list of steps several times ("second-order" degradation).
+
+`shrink_on_decode: true` trades exactness for speed, for presets whose first step is a fixed resize:
+when the builder keeps the HR byte-for-byte, it decodes a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT
+scaling, still at least the resize's target) and runs the chain on that. The LR is then not exactly the
+chain applied to the HR's full pixels; the manifest's params record the reduction as `reduced`, and
+replaying on the HR decoded with `reduce=` that value gives the LR exactly. Off by default.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ PRESETS: Registry[Path] = Registry("preset")
 for _path in sorted(PRESET_DIR.glob("*.yaml")):
     PRESETS.register(_path.stem)(_path)
 
-_PRESET_KEYS = {"name", "description", "scale", "vars", "steps"}
+_PRESET_KEYS = {"name", "description", "scale", "shrink_on_decode", "vars", "steps"}
 Trace = list[tuple[str, np.ndarray]]
 
 
@@ -186,8 +193,10 @@ class Chain:
     """An ordered degradation pipeline (what a preset describes)."""
 
     def __init__(self, steps: list[Step], name: str = "custom", description: str = "",
-                 scale: int | None = None, variables: dict[str, Spec] | None = None) -> None:
+                 scale: int | None = None, variables: dict[str, Spec] | None = None,
+                 shrink_on_decode: bool = False) -> None:
         self.steps, self.name, self.description, self.scale = steps, name, description, scale
+        self.shrink_on_decode = shrink_on_decode
         self.vars = variables or {}
         missing = sorted(set().union(*(s.op.variables() for s in steps)) - set(self.vars))
         if missing:
@@ -206,15 +215,20 @@ class Chain:
         scale = data.get("scale")
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
             raise ConfigError(f"preset: scale must be a positive integer or null, got {scale!r}")
+        shrink = data.get("shrink_on_decode", False)
+        if not isinstance(shrink, bool):
+            raise ConfigError(f"preset: shrink_on_decode must be true or false, got {shrink!r}")
         raw_vars = data.get("vars") or {}
         if not isinstance(raw_vars, dict):
             raise ConfigError("preset: vars must be a mapping of name: value/range/choices")
         return cls(build_steps(data.get("steps")), str(data.get("name", default_name)),
                    str(data.get("description", "")), scale,
-                   {str(k): variable_spec(str(k), v) for k, v in raw_vars.items()})
+                   {str(k): variable_spec(str(k), v) for k, v in raw_vars.items()}, shrink)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "description": self.description, "scale": self.scale}
+        if self.shrink_on_decode:
+            out["shrink_on_decode"] = True
         if self.vars:
             out["vars"] = {k: s.raw for k, s in self.vars.items()}
         out["steps"] = [s.to_dict() for s in self.steps]

@@ -61,9 +61,23 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def _from_16bit(arr: np.ndarray) -> np.ndarray:
+    """16-bit BGR(A) from OpenCV to 8-bit RGB: values scaled by 1/257, alpha composited on white."""
+    x = arr.astype(np.float32) / 257.0
+    rgb = x[..., 2::-1]
+    if arr.shape[2] == 4:
+        alpha = x[..., 3:4] / 255.0
+        rgb = rgb * alpha + 255.0 * (1.0 - alpha)
+    return np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+
+
 def _image_error(exc: BaseException) -> ImageError:
     if isinstance(exc, ImageError):
         return exc
+    if isinstance(exc, FileNotFoundError):
+        return ImageError("file not found")
+    if isinstance(exc, PermissionError):
+        return ImageError("permission denied")
     if isinstance(exc, Image.DecompressionBombError):
         return ImageError(f"decompression bomb: {exc}")
     if isinstance(exc, UnidentifiedImageError):
@@ -72,7 +86,9 @@ def _image_error(exc: BaseException) -> ImageError:
     return ImageError(f"corrupt or truncated image: {detail}")
 
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# Anything a decoder raises on a bad file is that file's problem, not the run's: Pillow's plugins raise
+# OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError... depending on where the data breaks.
+_DECODE_ERRORS = (Exception,)
 
 
 def _reduction(width: int, height: int, need_short: int | None) -> int:
@@ -166,6 +182,7 @@ class Photo:
         # OpenCV's libjpeg-turbo/libpng path decodes 1.3-2.5x faster than Pillow's here; it is used
         # for plain 8-bit RGB/grey JPEG and PNG. A JPEG without its end marker goes to Pillow, which
         # reports truncation (OpenCV would fill the missing rows with grey and carry on).
+        self._deep_png = deep and self.format == "PNG" and mode in ("RGB", "RGBA") and self.orientation == 1
         self._fast = plain and mode in ("RGB", "L") and (
             self.format == "PNG" or (self.format == "JPEG" and self.data.rstrip(b"\0").endswith(b"\xff\xd9")))
 
@@ -180,16 +197,24 @@ class Photo:
                 raise _image_error(exc) from None
         return self._img
 
-    def pixels(self, need_short: int | None = None) -> tuple[np.ndarray, int]:
+    def pixels(self, need_short: int | None = None, reduce: int | None = None) -> tuple[np.ndarray, int]:
         """Upright HWC uint8 RGB pixels and the DCT reduction used (1 = full size).
 
         With `need_short`, a JPEG whose short side is at least twice that is decoded at 1/2, 1/4 or 1/8
-        size, never below `need_short` on the short side.
+        size, never below `need_short` on the short side; `reduce` asks for a given reduction (1, 2, 4
+        or 8), e.g. the one a dataset's params record.
         """
-        reduced = _reduction(*self._stored, need_short) if self.format == "JPEG" else 1
+        if reduce is not None and reduce not in _CV2_REDUCED:
+            raise ValueError(f"reduce must be 1, 2, 4 or 8, got {reduce}")
+        reduced = (reduce or _reduction(*self._stored, need_short)) if self.format == "JPEG" else 1
+        if self._deep_png:  # Pillow keeps only the high byte of 16-bit RGB; scale by 1/257 instead
+            return _from_16bit(cv2.imdecode(np.frombuffer(self.data, np.uint8), cv2.IMREAD_UNCHANGED)), 1
         if self._fast:
             flags = _CV2_REDUCED[reduced] | cv2.IMREAD_IGNORE_ORIENTATION
-            out = cv2.imdecode(np.frombuffer(self.data, np.uint8), flags)
+            try:
+                out = cv2.imdecode(np.frombuffer(self.data, np.uint8), flags)
+            except cv2.error:
+                out = None  # Pillow below gives the reason
             if out is not None and out.ndim == 3:
                 return cv2.cvtColor(out, cv2.COLOR_BGR2RGB), reduced
         img = self._pil()
@@ -215,10 +240,11 @@ class Photo:
         self.close()
 
 
-def decode(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, need_short: int | None = None) -> np.ndarray:
+def decode(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, need_short: int | None = None,
+           reduce: int | None = None) -> np.ndarray:
     """Decode a photo file to upright 8-bit RGB (see the module docstring for the rules)."""
     with Photo(path, max_pixels) as photo:
-        return photo.pixels(need_short)[0]
+        return photo.pixels(need_short, reduce)[0]
 
 
 def encode(img: np.ndarray, fmt: str, quality: int = 95) -> bytes:

@@ -53,7 +53,13 @@ SOURCES: Registry[Lister] = Registry("source")
 def _walk(root: Path, base: Path, ignore: frozenset[str] = frozenset()) -> Listing:
     """Image files under `root` (recursive, hidden entries ignored), ids relative to `root`."""
     items, skipped = [], []
+    seen: set[str] = set()  # real paths of folders walked: a symlink loop is followed once
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith(".") or name in ignore:
@@ -68,13 +74,30 @@ def _walk(root: Path, base: Path, ignore: frozenset[str] = frozenset()) -> Listi
 
 
 def _unique_ids(items: list[Item]) -> list[Item]:
-    """Two files differing only by extension (a.jpg, a.png) get ids with the extension folded in."""
+    """Make ids unique: files differing only by extension (a.jpg, a.png) get it folded in (a_jpg, a_png).
+
+    Ids that would still clash (a.jpg and a.JPG; b.jpg, b.png and b_jpg.png) get the extension as
+    written, then a counter, in sorted order of their source paths, so the result is deterministic.
+    Output folders may be case-insensitive, so ids are compared without case.
+    """
     counts: dict[str, int] = {}
     for it in items:
-        counts[it.id] = counts.get(it.id, 0) + 1
-    return [it if counts[it.id] == 1 else
-            Item(f"{it.id}_{it.path.suffix.lower().lstrip('.')}", it.source, it.path, it.split, it.caption)
-            for it in items]
+        counts[it.id.lower()] = counts.get(it.id.lower(), 0) + 1
+    used = {it.id.lower() for it in items if counts[it.id.lower()] == 1}
+    out = []
+    for it in sorted(items, key=lambda i: i.source):
+        if counts[it.id.lower()] == 1:
+            out.append(it)
+            continue
+        ext = it.path.suffix.lstrip(".")
+        candidates = [f"{it.id}_{ext.lower()}", f"{it.id}_{ext}"]
+        new = next((c for c in candidates if c.lower() not in used), None)
+        n = 2
+        while new is None or new.lower() in used:
+            new, n = f"{it.id}_{ext.lower()}_{n}", n + 1
+        used.add(new.lower())
+        out.append(Item(new, it.source, it.path, it.split, it.caption))
+    return out
 
 
 def _first_existing(*paths: Path) -> Path | None:

@@ -398,7 +398,7 @@ def test_trace_has_one_entry_per_step(name, hr):
     trace: list = []
     out = chain.run(hr, rng(6), lr_size=LR, trace=trace)
     assert len(trace) == len(chain.steps)
-    for (label, image), step, rec in zip(trace, chain.steps, out.record["steps"]):
+    for (label, image), step, rec in zip(trace, chain.steps, out.record["steps"], strict=True):
         assert label.startswith(step.op.name)
         assert ("skipped" in label) == (rec.get("applied") is False)
         assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3

@@ -1,0 +1,265 @@
+"""Shared fixtures: small real photos (made from the photos installed packages ship) and odd/bad files.
+
+Everything is written once per session into pytest's temporary folders and kept tiny (long side
+120-160 px) so the whole suite stays fast on a small CPU. Session folders are read-only by
+convention: a test that needs to change a source folder copies it first.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+# tests/crappify/ (a folder without __init__.py) would otherwise be taken for a namespace package named
+# `crappify` ahead of the editable install's import hook whenever tests/ is first on sys.path (pytest puts
+# it there for this conftest); with the repository root on sys.path the real package always wins.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(1, _REPO_ROOT)
+
+from crappify.sources import sample_photos  # noqa: E402
+
+CRAPPIFY = [sys.executable, "-m", "crappify.cli"]  # the command line, as `crappify` runs it
+
+
+def run_cli(*args: str | Path, timeout: float = 120, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run `crappify ARGS` in a subprocess; returns the completed process (text mode)."""
+    return subprocess.run([*CRAPPIFY, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)
+
+
+def _real_rgb(index: int) -> Image.Image:
+    """The index-th (cyclically) sample photo as an 8-bit RGB PIL image."""
+    photos = sample_photos()
+    assert len(photos) >= 3, "the tests need the photos scikit-image / scikit-learn / matplotlib ship"
+    _, path = photos[index % len(photos)]
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _fit(img: Image.Image, long_side: int, portrait: bool = False) -> Image.Image:
+    """Crop to a portrait (3:4) frame if asked, then resize so the long side is `long_side`."""
+    w, h = img.size
+    if portrait and w >= h:
+        cw = h * 3 // 4
+        img = img.crop(((w - cw) // 2, 0, (w - cw) // 2 + cw, h))
+        w, h = img.size
+    s = long_side / max(w, h)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+
+
+def small_photo(index: int, long_side: int = 140, portrait: bool = False) -> np.ndarray:
+    """A small real photo as HWC uint8 RGB."""
+    return np.asarray(_fit(_real_rgb(index), long_side, portrait))
+
+
+def save(img: np.ndarray | Image.Image, path: Path, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil = img if isinstance(img, Image.Image) else Image.fromarray(img)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        kw.setdefault("quality", 90)
+    pil.save(path, **kw)
+    return path
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory) -> Path:
+    """~12 plain 8-bit RGB photos (JPEG and PNG, portrait and landscape) in nested folders.
+
+    Short sides lie between 80 and 120 px, long sides between 120 and 160 px.
+    """
+    root = tmp_path_factory.mktemp("photos")
+    n = len(sample_photos())
+    for i in range(max(12, n)):
+        long_side = 120 + (i * 7) % 41
+        img = _fit(_real_rgb(i), long_side, portrait=i % 3 == 1)
+        sub = ("", "a", "a/b", "c")[i % 4]
+        ext = ".jpg" if i % 2 == 0 else ".png"
+        save(img, root / sub / f"photo{i:02d}{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def big_photo_dir(tmp_path_factory) -> Path:
+    """Four larger plain RGB photos (short side 240-300 px): JPEGs and one PNG."""
+    root = tmp_path_factory.mktemp("big")
+    for i, (long_side, ext, portrait) in enumerate([(360, ".jpg", False), (400, ".jpg", True),
+                                                    (330, ".png", False), (420, ".jpg", False)]):
+        save(_fit(_real_rgb(i + 3), long_side, portrait), root / f"big{i}{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def many_photo_dir(tmp_path_factory) -> Path:
+    """160 JPEGs of 180-260 px (crops and flips of the sample photos) for the kill-and-resume test."""
+    root = tmp_path_factory.mktemp("many")
+    sources = [np.asarray(_fit(_real_rgb(i), 480)) for i in range(len(sample_photos()))]
+    rng = np.random.default_rng(1234)
+    for i in range(160):
+        src = sources[i % len(sources)]
+        h, w = src.shape[:2]
+        ch, cw = int(rng.integers(180, min(h, 260))), int(rng.integers(180, min(w, 260)))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = src[y:y + ch, x:x + cw]
+        if i % 2:
+            crop = crop[:, ::-1]
+        save(np.ascontiguousarray(crop), root / f"d{i % 4}" / f"img{i:03d}.jpg")
+    return root
+
+
+@dataclass
+class OddFiles:
+    """Files of every awkward kind, with what decoding them must give."""
+
+    root: Path
+    paths: dict[str, Path] = field(default_factory=dict)  # kind -> file
+    expected: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> upright RGB pixels
+    bad: dict[str, str] = field(default_factory=dict)  # source (relative to root) -> reason fragment
+
+
+def _exif_rotated_jpeg(path: Path) -> np.ndarray:
+    """A JPEG whose stored pixels are landscape with EXIF orientation 6; returns the stored pixels.
+
+    The pattern is asymmetric: a red block at the stored top-left, a blue bar along the stored bottom.
+    """
+    img = small_photo(5, 128).copy()  # 128 x 85 landscape
+    h = img.shape[0]
+    img[:24, :32] = (255, 0, 0)
+    img[h - 12:, :] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(img).save(path, quality=95, exif=exif.tobytes())
+    with Image.open(path) as stored:
+        return np.asarray(stored.convert("RGB"))
+
+
+def make_odd_files(root: Path) -> OddFiles:
+    odd = OddFiles(root)
+    base = small_photo(3, 96)  # rocket.jpg: landscape, 96 x 64
+    h, w = base.shape[:2]
+
+    # --- convertible kinds -------------------------------------------------------------------------
+    p = save(Image.fromarray(base).convert("CMYK"), root / "cmyk.jpg")
+    with Image.open(p) as img:
+        assert img.mode == "CMYK"
+        odd.expected["cmyk"] = np.asarray(img.convert("RGB"))
+    odd.paths["cmyk"] = p
+
+    grey8 = cv2.cvtColor(small_photo(4, 100), cv2.COLOR_RGB2GRAY)  # camera.png: a real greyscale photo
+    grey16 = grey8.astype(np.uint16) * 257
+    grey16[0, 0], grey16[0, 1], grey16[0, 2] = 65535, 32896, 0
+    p = root / "grey16.png"
+    assert cv2.imwrite(str(p), grey16)
+    g = grey8.copy()
+    g[0, 0], g[0, 1], g[0, 2] = 255, 128, 0
+    odd.paths["grey16"], odd.expected["grey16"] = p, np.repeat(g[..., None], 3, axis=2)
+
+    rgb16 = base.astype(np.uint16) * 257
+    rgb16[0, 0] = (65535, 32896, 0)  # RGB
+    p = root / "rgb16.png"
+    assert cv2.imwrite(str(p), cv2.cvtColor(rgb16, cv2.COLOR_RGB2BGR))
+    e = base.copy()
+    e[0, 0] = (255, 128, 0)
+    odd.paths["rgb16"], odd.expected["rgb16"] = p, e
+
+    p = save(Image.fromarray(grey8, "L"), root / "sub" / "grey8.png")
+    odd.paths["grey8"], odd.expected["grey8"] = p, np.repeat(grey8[..., None], 3, axis=2)
+
+    pal = Image.fromarray(base).quantize(64)
+    p = save(pal, root / "sub" / "palette.png")
+    odd.paths["palette"], odd.expected["palette"] = p, np.asarray(pal.convert("RGB"))
+
+    pal_t = Image.fromarray(base).quantize(64)
+    idx = np.asarray(pal_t).copy()
+    idx[: h // 2, : w // 2] = 63  # the transparent index: top-left quarter
+    pal_t = Image.fromarray(idx, "P")
+    pal_t.putpalette(Image.fromarray(base).quantize(64).getpalette())
+    p = save(pal_t, root / "sub" / "palette_t.png", transparency=63)
+    with Image.open(p) as check:
+        assert check.mode == "P" and check.info.get("transparency") == 63
+    e = np.asarray(pal_t.convert("RGB")).copy()
+    e[idx == 63] = 255
+    odd.paths["palette_t"], odd.expected["palette_t"] = p, e
+
+    alpha = np.full((h, w), 255, np.uint8)
+    alpha[:, : w // 3] = 0  # left third fully transparent
+    alpha[:, w // 3: w // 2] = 128  # then half transparent
+    p = save(Image.fromarray(np.dstack([base, alpha]), "RGBA"), root / "rgba.png")
+    a = alpha[..., None].astype(np.float32) / 255.0
+    odd.paths["rgba"] = p
+    odd.expected["rgba"] = np.clip(np.rint(base * a + 255.0 * (1 - a)), 0, 255).astype(np.uint8)
+
+    p = root / "rotated.jpg"
+    stored = _exif_rotated_jpeg(p)
+    odd.paths["exif6"], odd.expected["exif6"] = p, np.ascontiguousarray(np.rot90(stored, k=-1))  # clockwise
+
+    # --- bad files -------------------------------------------------------------------------------
+    (root / "empty.jpg").write_bytes(b"")
+    odd.bad["empty.jpg"] = "empty file"
+    buf = io.BytesIO()
+    Image.fromarray(small_photo(2, 120)).save(buf, "JPEG", quality=90)
+    (root / "sub" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    odd.bad["sub/truncated.jpg"] = "truncated"
+    (root / "text.jpg").write_text("this is not a JPEG, just text with a .jpg name\n")
+    odd.bad["text.jpg"] = "not a recognised image format"
+    (root / "notes.txt").write_text("some notes\n")
+    odd.bad["notes.txt"] = "not an image file"
+    return odd
+
+
+@pytest.fixture(scope="session")
+def odd_files(tmp_path_factory) -> OddFiles:
+    return make_odd_files(tmp_path_factory.mktemp("odd"))
+
+
+@pytest.fixture(scope="session")
+def bad_only_dir(tmp_path_factory) -> Path:
+    """A folder holding only unusable files."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("not an image\n")
+    (root / "notes.txt").write_text("notes\n")
+    return root
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (relative posix path -> bytes)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def cli_command() -> list[str]:
+    """The argv prefix that runs the command line (for Popen)."""
+    return list(CRAPPIFY)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """`cli("build-dataset", src, out, ...)` runs the installed `crappify` command in a subprocess."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def read_tree():
+    """`read_tree(root)`: every file under root as {relative path: bytes}."""
+    return tree_bytes
+
+
+@pytest.fixture(scope="session")
+def photo_maker():
+    """`photo_maker(index, long_side=140, portrait=False)`: a small real photo as HWC uint8 RGB."""
+    return small_photo
