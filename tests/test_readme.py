@@ -1,0 +1,27 @@
+"""The README's two quick-start commands are what CI runs and what a new user types."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quick_start_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line for block in blocks for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_has_exactly_two_quick_start_commands():
+    commands = quick_start_commands()
+    assert len(commands) == 2, commands
+    assert commands[0].endswith("crappify demo")
+    assert "pytest" in commands[1]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert quick_start_commands()[1] in ci_lines
