@@ -16,6 +16,7 @@ temporary names and renamed; finished items are journaled, so a killed run resum
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -27,12 +28,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import cv2
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm import tqdm
 
 from crappify import __version__
 from crappify.chain import Chain, load_preset
@@ -305,6 +307,19 @@ def _load_done(out: Path, items: list[Item]) -> dict[str, dict[str, Any]]:
             if "skip" in v or ((out / v["hr"]).is_file() and (out / v["lr"]).is_file())}
 
 
+def _open_journal(path: Path) -> TextIO:
+    """The journal of finished items, opened for appending on a fresh line."""
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
+    journal = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by the caller's ExitStack)
+    if torn:  # a kill cut the last line short
+        journal.write("\n")
+    return journal
+
+
 def _remove_temp_files(out: Path) -> None:
     for name in OUTPUT_DIRS:
         for dirpath, _, filenames in os.walk(out / name):
@@ -344,42 +359,27 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
     job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr)
 
     results = dict(done)
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(listing.items), initial=len(listing.items) - len(todo), unit="img",
-               desc="build-dataset", disable=not progress or not todo, file=sys.stderr, smoothing=0.1)
     workers = min(cfg.workers, max(1, len(todo)))
     old_threads = cv2.getNumThreads()
-    journal_path = out / JOURNAL
-    torn = False
-    if journal_path.is_file() and journal_path.stat().st_size > 0:
-        with open(journal_path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            torn = fh.read(1) != b"\n"
-    with open(journal_path, "a", encoding="utf-8") as journal:
-        if torn:  # a kill cut the last line short: start on a fresh line
-            journal.write("\n")
-
-        def record(res: dict[str, Any]) -> None:
+    with contextlib.ExitStack() as stack:
+        if workers > 1:  # forked first, before any helper thread (the progress bar's) exists
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = stack.enter_context(ctx.Pool(workers, initializer=_init_worker, initargs=(job,)))
+            chunk = max(1, min(32, len(todo) // (workers * 8)))
+            finished = pool.imap_unordered(_work, todo, chunksize=chunk)
+        else:
+            cv2.setNumThreads(1)  # like a worker process: one core, no OpenCV threads
+            stack.callback(cv2.setNumThreads, old_threads)
+            finished = (process_item(it, job) for it in todo)
+        journal = stack.enter_context(_open_journal(out / JOURNAL))
+        bar = stack.enter_context(tqdm(total=len(listing.items), initial=len(listing.items) - len(todo), unit="img",
+                                       desc="build-dataset", disable=not progress or not todo, file=sys.stderr,
+                                       smoothing=0.1))
+        for res in finished:
             results[res["id"]] = res
             journal.write(json.dumps(res, separators=(",", ":")) + "\n")
-            journal.flush()  # one small write per item; a kill then loses at most the item in flight
+            journal.flush()  # one small write per item: a kill loses at most the items in flight
             bar.update(1)
-
-        try:
-            if workers == 1:
-                cv2.setNumThreads(1)
-                for it in todo:
-                    record(process_item(it, job))
-            else:
-                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                chunk = max(1, min(32, len(todo) // (workers * 8)))
-                with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-                    for res in pool.imap_unordered(_work, todo, chunksize=chunk):
-                        record(res)
-        finally:
-            cv2.setNumThreads(old_threads)
-            bar.close()
 
     rows = [results[it.id] for it in listing.items if "skip" not in results[it.id]]
     skipped = listing.skipped + [(it.source, results[it.id]["skip"]) for it in listing.items
