@@ -80,6 +80,38 @@ def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str |
     click.echo(_summary(res))
 
 
+@app.command("train-gen")
+@click.argument("data")
+@click.option("-o", "--out", "out", required=True, help="Run directory (shared by later stages).")
+@click.option("--config", "config_file", type=click.Path(), help="YAML file of options (flags override it).")
+@click.option("--arch", help="Generator: unet-resnet34 (default), unet-resnet18/50/101/152, unet-timm:NAME, srresnet.")
+@click.option("--loss", help="Loss: feature (default), l1, mse, vgg19, tv; combine in --config as {name: weight}.")
+@click.option("--size", type=int, help="HR crop size in px (default 128).")
+@click.option("--bs", type=int, help="Batch size (default 8).")
+@click.option("--epochs", type=int, help="Epochs per phase (default 1); a pretrained U-Net runs frozen then unfrozen.")
+@click.option("--lr", type=float, help="Peak learning rate of the one-cycle schedule (default 1e-3).")
+@click.option("--no-pretrained", "no_pretrained", is_flag=True, default=None,
+              help="Random encoder and loss-network weights (no ImageNet weights needed).")
+@click.option("--weights", help="Local file with the encoder's ImageNet weights.")
+@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Mixed precision (default auto).")
+@click.option("--workers", "num_workers", type=int, help="Data-loading worker processes (default 0).")
+@click.option("--seed", type=int, help="Seed for weights init and data order (default 0).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last completed epoch.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: bool | None, resume: bool,
+                  quiet: bool, **flags: Any) -> None:
+    """Pretrain the generator on a built dataset DATA with a feature loss (fastai Learner)."""
+    from crappify.config import resolve
+    from srgan.train import Trainer, TrainGenConfig
+
+    cfg = resolve(TrainGenConfig, config_file, data=data, out=out,
+                  pretrained=False if no_pretrained else None, **flags)
+    final = Trainer(cfg, resume=resume, progress=not quiet).fit()
+    click.echo(f"generator: {final}")
+
+
 @app.command("preview")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--preset", default="flickr30k-restore", show_default=True, help="Preset name or YAML file.")

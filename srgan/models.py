@@ -1,0 +1,379 @@
+"""Generator models by name: fastai U-Nets on torchvision or timm encoders, and the SRGAN paper's SRResNet.
+
+`build_generator(arch, ...)` is the one entry point. Every model it returns carries `crappify_spec`, a
+JSON-serialisable dict (arch, scale, img_size, resolved options) from which `build_generator` rebuilds the
+same architecture with `pretrained=False`, so a saved generator file needs only its weights and that spec.
+
+fastai and timm are imported inside the builders: importing this module stays cheap for commands that
+never build a network.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from crappify.errors import ConfigError
+from crappify.registry import Registry
+from srgan.weights import WeightsError, read_state_dict, timm_pretrained_file, torchvision_state_dict
+
+Builder = Callable[..., nn.Module]
+
+GENERATORS: Registry[Builder] = Registry("generator")
+"""Generator builders by name; each is called as builder(scale=, img_size=, pretrained=, weights=, **options)."""
+
+TIMM_PREFIX = "unet-timm:"
+DEFAULT_ARCH = "unet-resnet34"
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+
+# The fastai course's generator (lesson 7): unet_learner(resnet34, blur=True, norm_type=Weight,
+# self_attention=True, y_range=(-3, 3)) with DynamicUnet's own last_cross=True, bottle=False.
+UNET_DEFAULTS: dict[str, Any] = {"blur": True, "blur_final": True, "self_attention": True, "norm_type": "weight",
+                                 "y_range": (-3.0, 3.0), "last_cross": True, "bottle": False}
+SRRESNET_DEFAULTS: dict[str, Any] = {"n_blocks": 16, "n_feats": 64}
+NORM_TYPES = ("weight", "spectral", "batch", None)
+
+
+def _with_options(builder: Builder, **defaults: Any) -> Builder:
+    """Attach a builder's options and their defaults; `build_generator` validates and records them from here."""
+    builder.option_defaults = defaults  # type: ignore[attr-defined]
+    return builder
+
+
+# --------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def build_generator(arch: str = DEFAULT_ARCH, *, scale: int = 1, img_size: int = 128, pretrained: bool = False,
+                    weights: str | Path | None = None, **options: Any) -> nn.Module:
+    """Build generator `arch` (a GENERATORS name or `unet-timm:NAME`) with its options, defaults filled in.
+
+    U-Nets keep the input size (the data layer resizes LR to HR size, as the fastai course does), so their
+    `scale` must be 1; `srresnet` upsamples by `scale` (2, 4 or 8). `pretrained` loads ImageNet weights into
+    a U-Net's encoder from the libraries' local caches or from the local file `weights`, failing at once
+    with WeightsError when they are not there. The result's `crappify_spec` rebuilds it.
+    """
+    if not isinstance(arch, str):
+        raise ConfigError(f"generator arch must be a string, got {arch!r}")
+    if weights is not None and not pretrained:
+        raise ConfigError("a weights file was given but pretrained weights are switched off (--no-pretrained)")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ConfigError(f"scale must be a positive integer, got {scale!r}")
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+        raise ConfigError(f"img_size must be a positive integer, got {img_size!r}")
+    builder = _builder(arch)
+    defaults: dict[str, Any] = builder.option_defaults  # type: ignore[attr-defined]
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for generator {arch!r}; "
+                          f"valid: {', '.join(sorted(defaults))}")
+    resolved = _canonical_options({**defaults, **options})
+    model = builder(scale=scale, img_size=img_size, pretrained=pretrained, weights=weights, **resolved)
+    model.crappify_spec = {"arch": arch, "scale": scale, "img_size": img_size, "options": resolved}
+    return model.train()  # fastai leaves the encoder and decoder blocks in eval mode after its dummy passes
+
+
+def clone_generator(model: nn.Module) -> nn.Module:
+    """An independent copy of a generator built here (e.g. for an EMA of its weights), on the same device.
+
+    `copy.deepcopy` fails on fastai U-Nets: the old-style weight norm and the skip-connection hooks hold
+    non-leaf tensors once the model has run; rebuilding from `crappify_spec` and loading the state does not.
+    """
+    spec = model.crappify_spec
+    clone = build_generator(spec["arch"], scale=spec["scale"], img_size=spec["img_size"], **spec["options"])
+    clone.load_state_dict(model.state_dict())
+    param = next(model.parameters(), None)
+    if param is not None:
+        clone.to(device=param.device, dtype=param.dtype)
+    return clone.train(model.training)
+
+
+def generator_names() -> list[str]:
+    """Registered generator names plus the `unet-timm:NAME` form (for help texts and error messages)."""
+    return [*GENERATORS.names(), f"{TIMM_PREFIX}<timm model name>"]
+
+
+def _builder(arch: str) -> Builder:
+    """The builder for `arch`: a registered name, or a U-Net on the timm model named after the prefix."""
+    if arch.startswith(TIMM_PREFIX):
+        name = arch[len(TIMM_PREFIX):]
+        _check_timm_name(name)
+        return _with_options(partial(_build_timm_unet, name), **UNET_DEFAULTS)
+    if arch not in GENERATORS:
+        raise ConfigError(f"unknown generator {arch!r}; valid: {', '.join(generator_names())}")
+    return GENERATORS.get(arch)
+
+
+# --------------------------------------------------------------------------------------------------------
+# U-Nets (fastai DynamicUnet)
+
+
+def _check_unet_args(arch: str, scale: int, img_size: int) -> None:
+    if scale != 1:
+        raise ConfigError(f"{arch} keeps the input size (the low-resolution image is resized to the target size "
+                          f"first), so scale must be 1, got {scale}; use srresnet to upsample inside the model")
+    if img_size < 32:
+        raise ConfigError(f"img_size must be at least 32 for a U-Net (its encoder downsamples 32x), got {img_size}")
+
+
+def _canonical_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options checked and in one JSON form (norm_type lower-case or None, y_range [low, high] floats or None).
+
+    Checked here, before anything is built, so a bad value fails at once.
+    """
+    out = dict(options)
+    for key in ("blur", "blur_final", "self_attention", "last_cross", "bottle"):
+        if key in out and not isinstance(out[key], bool):
+            raise ConfigError(f"U-Net option {key} must be true or false, got {out[key]!r}")
+    for key in ("n_blocks", "n_feats"):
+        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
+            raise ConfigError(f"srresnet option {key} must be a positive integer, got {out[key]!r}")
+    if "norm_type" in out:
+        value = out["norm_type"]
+        key = None if value is None or (isinstance(value, str) and value.lower() == "none") else value
+        key = key.lower() if isinstance(key, str) else key
+        if key not in NORM_TYPES:
+            raise ConfigError(f"norm_type must be one of weight, spectral, batch or none; got {value!r}")
+        out["norm_type"] = key
+    if out.get("y_range") is not None:
+        value = out["y_range"]
+        try:
+            low, high = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"y_range must be null or two numbers [low, high], got {value!r}") from None
+        if not low < high:
+            raise ConfigError(f"y_range must have low < high, got {value!r}")
+        out["y_range"] = [low, high]
+    return out
+
+
+def _norm_type(name: str | None) -> Any:
+    """fastai's NormType for 'weight' / 'spectral' / 'batch' / None."""
+    from fastai.layers import NormType
+
+    return {"weight": NormType.Weight, "spectral": NormType.Spectral, "batch": NormType.Batch, None: None}[name]
+
+
+def _dynamic_unet(encoder: nn.Sequential, *, img_size: int, blur: bool, blur_final: bool, self_attention: bool,
+                  norm_type: str | None, y_range: list[float] | None, last_cross: bool, bottle: bool) -> nn.Module:
+    """fastai's DynamicUnet on `encoder` with 3 output channels, tidied for use outside a fastai Learner."""
+    from fastai.layers import ConvLayer, PixelShuffle_ICNR, ToTensorBase, icnr_init
+    from fastai.vision.models.unet import DynamicUnet
+
+    with warnings.catch_warnings():  # fastai's ConvLayer uses the deprecated torch.nn.utils.weight_norm
+        warnings.filterwarnings("ignore", message=r".*weight_norm.*deprecated", category=FutureWarning)
+        unet = DynamicUnet(encoder, n_out=3, img_size=(img_size, img_size), blur=blur, blur_final=blur_final,
+                           self_attention=self_attention, y_range=y_range, last_cross=last_cross,
+                           bottle=bottle, norm_type=_norm_type(norm_type))
+        if last_cross and bottle:
+            # fastai 2.8 (vision/models/unet.py, DynamicUnet.__init__) makes the cross block
+            # ResBlock(1, ni, ni//2) but still feeds it to ConvLayer(ni, n_out): the first forward fails.
+            # The final 1x1 conv takes the block's ni//2 channels instead.
+            last = max(i for i, layer in enumerate(unet.layers) if isinstance(layer, ConvLayer))
+            unet.layers[last] = ConvLayer(unet.layers[last][0].in_channels // 2, 3, ks=1, act_cls=None,
+                                          norm_type=_norm_type(norm_type))
+    # The last layer only casts the output to fastai's TensorBase, whose __torch_function__ then wraps every op
+    # downstream (losses, metrics); a plain tensor is what the rest of srgan expects. No parameters change.
+    if isinstance(unet.layers[-1], ToTensorBase):
+        unet.layers[-1] = nn.Identity()
+    # PixelShuffle_ICNR writes the ICNR init into `conv.weight`, which spectral norm recomputes from
+    # `weight_orig` at the next forward, so with norm_type="spectral" the init was lost: put it where it lasts.
+    for module in unet.modules():
+        if isinstance(module, PixelShuffle_ICNR) and hasattr(module[0][0], "weight_orig"):
+            with torch.no_grad():
+                module[0][0].weight_orig.copy_(icnr_init(module[0][0].weight_orig))
+    return unet
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, turning a mismatch into a one-line WeightsError."""
+    result = None
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise WeightsError(f"weights from {source} do not fit: {lines[0] if lines else str(exc).splitlines()[0]}"
+                           ) from None
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(f"weights from {source} do not fit: {len(result.missing_keys)} missing keys "
+                           f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected "
+                           f"{result.unexpected_keys[:3]}")
+
+
+def _resnet_body(depth: int, pretrained: bool, weights: str | Path | None) -> nn.Sequential:
+    """A torchvision ResNet cut before its pooling head (fastai's create_body), ImageNet weights if asked."""
+    import torchvision
+
+    model = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    if pretrained:  # into the whole torchvision model, before the cut, exactly as the cache/file holds it
+        name = f"ResNet{depth}_Weights.IMAGENET1K_V1"
+        _load_strict(model, torchvision_state_dict(name, local=weights), str(weights) if weights else name)
+    from fastai.vision.learner import create_body  # after the weights: a missing file fails before this slow import
+
+    return create_body(model, n_in=3, pretrained=pretrained, cut=-2)  # drop avgpool + fc, as fastai's model_meta
+
+
+def _build_resnet_unet(depth: int, *, scale: int, img_size: int, pretrained: bool, weights: str | Path | None,
+                       **options: Any) -> nn.Module:
+    """fastai DynamicUnet on a torchvision ResNet-`depth` encoder (the fastai course's generator for 34)."""
+    _check_unet_args(f"unet-resnet{depth}", scale, img_size)
+    return _dynamic_unet(_resnet_body(depth, pretrained, weights), img_size=img_size, **options)
+
+
+for _depth in RESNET_DEPTHS:
+    GENERATORS.register(f"unet-resnet{_depth}")(_with_options(partial(_build_resnet_unet, _depth), **UNET_DEFAULTS))
+
+
+def _check_timm_name(name: str) -> None:
+    """ConfigError unless `name` is a timm model name (tags like `.a1_in1k` allowed)."""
+    import timm
+
+    if name and timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else ""
+    raise ConfigError(f"unknown timm model {name!r} in {TIMM_PREFIX}{name}: a timm model name is expected "
+                      f"(one of timm.list_models(), e.g. resnet34, convnext_tiny, efficientnet_b0){hint}")
+
+
+def _timm_body(name: str, img_size: int, pretrained: bool, weights: str | Path | None) -> nn.Sequential:
+    """The stages of timm model `name` as an nn.Sequential whose children DynamicUnet can hook.
+
+    fastai's TimmBody (fastai/vision/learner.py) runs `forward_features` as one opaque module, which
+    DynamicUnet can neither index nor hook. timm's FeatureListNet (the `features_only` extractor) instead
+    re-assembles a model from its child modules in execution order, cut after the last `feature_info` stage;
+    laid out as an nn.Sequential, the stride changes fall between children as in fastai's cut ResNets. It is
+    built here from the whole model (not `create_model(features_only=True)`, which gives some families, such
+    as EfficientNet, their own non-sequential extractor), nesting one level if the stages sit in a Sequential.
+    """
+    import timm
+    from timm.models import FeatureListNet
+
+    overlay = None
+    if pretrained:
+        path = Path(weights) if weights is not None else timm_pretrained_file(name)
+        overlay = {"state_dict": read_state_dict(path)}
+    try:
+        model = timm.create_model(name, pretrained=pretrained, pretrained_cfg_overlay=overlay)
+    except RuntimeError as exc:
+        if pretrained:
+            raise WeightsError(f"weights from {path} do not fit timm model {name!r}: "
+                               f"{str(exc).strip().splitlines()[0]}") from None
+        raise
+    unusable = ConfigError(f"timm model {name!r} cannot be a U-Net encoder: its stages are not a plain sequence of "
+                           "NCHW feature maps (use a convolutional model such as a resnet, convnext or efficientnet)")
+    if getattr(model, "output_fmt", "NCHW") not in ("NCHW", None) or not getattr(model, "feature_info", None):
+        raise unusable
+    out_indices = tuple(range(len(model.feature_info)))
+    features = None
+    for flatten in (False, True):
+        try:
+            features = FeatureListNet(model, out_indices=out_indices, flatten_sequential=flatten)
+            break
+        except AssertionError:  # the stages are not direct children: look one Sequential deeper
+            continue
+    if features is None:
+        raise unusable
+    encoder = nn.Sequential(OrderedDict(features.items()))
+    # Check that running the children in order really gives each stage's feature map (a model whose
+    # forward_features does more than call its children in turn would not).
+    stages = [encoder.get_submodule(n) for n in features.return_layers]
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out)) for m in stages]
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.zeros(1, 3, img_size, img_size))
+    except Exception as exc:  # e.g. attention windows that need another input size
+        raise ConfigError(f"timm model {name!r} does not run as a U-Net encoder at img_size {img_size}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    channels = [info["num_chs"] for info in model.feature_info]
+    if [out.shape[1] if isinstance(out, torch.Tensor) and out.ndim == 4 else None for out in seen] != channels:
+        raise unusable
+    return encoder
+
+
+def _build_timm_unet(name: str, *, scale: int, img_size: int, pretrained: bool, weights: str | Path | None,
+                     **options: Any) -> nn.Module:
+    """fastai DynamicUnet on the stages of timm model `name`."""
+    _check_unet_args(f"{TIMM_PREFIX}{name}", scale, img_size)
+    encoder = _timm_body(name, img_size, pretrained, weights)
+    try:
+        return _dynamic_unet(encoder, img_size=img_size, **options)
+    except ConfigError:
+        raise
+    except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. window sizes that need a fixed input size
+        raise ConfigError(f"timm model {name!r} does not work as a U-Net encoder at img_size {img_size}: "
+                          f"{str(exc).strip().splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# SRResNet (Ledig et al., 2017)
+
+
+class _ResidualBlock(nn.Module):
+    """3x3 conv-BN-PReLU-conv-BN with an identity skip."""
+
+    def __init__(self, n_feats: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(n_feats, n_feats, 3, padding=1, bias=False), nn.BatchNorm2d(n_feats), nn.PReLU(),
+            nn.Conv2d(n_feats, n_feats, 3, padding=1, bias=False), nn.BatchNorm2d(n_feats))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class SRResNet(nn.Module):
+    """The SRGAN paper's generator: residual trunk at low resolution, then x2 sub-pixel stages up to `scale`.
+
+    The output is linear (no tanh): targets are ImageNet-normalised, not in [-1, 1].
+    """
+
+    def __init__(self, scale: int = 4, n_blocks: int = 16, n_feats: int = 64) -> None:
+        super().__init__()
+        from fastai.layers import icnr_init
+
+        if scale not in (2, 4, 8):
+            raise ConfigError(f"srresnet upsamples by 2, 4 or 8 (x2 sub-pixel stages), got scale {scale}")
+
+        self.head = nn.Sequential(nn.Conv2d(3, n_feats, 9, padding=4), nn.PReLU())
+        self.body = nn.Sequential(*(_ResidualBlock(n_feats) for _ in range(n_blocks)))
+        self.body_tail = nn.Sequential(nn.Conv2d(n_feats, n_feats, 3, padding=1, bias=False), nn.BatchNorm2d(n_feats))
+        stages = []
+        for _ in range(int(math.log2(scale))):
+            conv = nn.Conv2d(n_feats, n_feats * 4, 3, padding=1)
+            with torch.no_grad():  # ICNR: every sub-pixel starts with the same kernel, so no checkerboard at init
+                conv.weight.copy_(icnr_init(conv.weight, scale=2))
+                conv.bias.zero_()
+            stages.append(nn.Sequential(conv, nn.PixelShuffle(2), nn.PReLU()))
+        self.upsample = nn.Sequential(*stages)
+        self.tail = nn.Conv2d(n_feats, 3, 9, padding=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        return self.tail(self.upsample(h + self.body_tail(self.body(h))))
+
+
+@GENERATORS.register("srresnet")
+def _build_srresnet(*, scale: int, img_size: int, pretrained: bool, weights: str | Path | None, n_blocks: int,
+                    n_feats: int) -> nn.Module:
+    """SRResNet upsampling by `scale`; no ImageNet weights exist for it, `weights` may hold a trained SRResNet."""
+    model = SRResNet(scale=scale, n_blocks=n_blocks, n_feats=n_feats)
+    if pretrained and weights is not None:
+        _load_strict(model, read_state_dict(weights), str(weights))
+    return model
+
+
+_with_options(_build_srresnet, **SRRESNET_DEFAULTS)

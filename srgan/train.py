@@ -1,0 +1,341 @@
+"""`train-gen`: pretrain the generator with a (feature) loss through a fastai Learner — the "NoGAN" stage.
+
+Schedule: a list of stages (progressive resizing), each `{size, bs, epochs, lr}`. With a pretrained
+encoder each stage runs `epochs` with the encoder frozen at `lr`, then `epochs` unfrozen with
+discriminative rates `slice(lr / 100, lr)` — the fastai course's sequence; from random weights, only
+the unfrozen half runs. Every epoch ends with a checkpoint (model + optimiser + position in the
+schedule), a row in `history.csv` and a preview grid; `resume` continues after the last completed epoch
+and stops at the same total. The finished generator is `RUN/generator.safetensors`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from crappify.errors import ConfigError, CrappifyError
+from crappify.imageio import save_image_atomic, write_atomic
+from crappify.preview import grid
+from srgan.checkpoint import load_checkpoint, save_checkpoint, save_generator
+from srgan.data import Normalizer, make_dataloaders, read_dataset
+
+HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "ssim", "seconds"]
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(ge=8)
+    bs: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class TrainGenConfig(BaseModel):
+    """Options of `crappify train-gen` (also the keys of its `--config` YAML file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str
+    out: str
+    arch: str = "unet-resnet34"
+    options: dict[str, Any] = Field(default_factory=dict, description="generator options (blur, self_attention...)")
+    loss: str | dict[str, float] = "feature"
+    size: int = Field(128, ge=8)
+    bs: int = Field(8, ge=1)
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    stages: list[Stage] | None = Field(None, description="progressive resizing; replaces size/bs/epochs/lr")
+    wd: float = Field(1e-3, ge=0)
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    pretrained: bool = True
+    weights: str | None = None
+    loss_weights: dict[str, str] | None = None
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    num_workers: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+    preview_items: int = Field(4, ge=0)
+
+    def schedule(self) -> list[Stage]:
+        return self.stages or [Stage(size=self.size, bs=self.bs, epochs=self.epochs, lr=self.lr)]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One `fit_one_cycle` call of the schedule."""
+
+    stage: int
+    frozen: bool
+    size: int
+    bs: int
+    epochs: int
+    lr: float
+
+
+def plan(cfg: TrainGenConfig, encoder_pretrained: bool) -> list[Phase]:
+    """The phases: per stage, frozen then unfrozen for a pretrained encoder, unfrozen only otherwise."""
+    phases = []
+    for i, st in enumerate(cfg.schedule()):
+        if encoder_pretrained:
+            phases.append(Phase(i, True, st.size, st.bs, st.epochs, st.lr))
+        phases.append(Phase(i, False, st.size, st.bs, st.epochs, st.lr))
+    return phases
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA when present, else CPU; anything else as torch understands it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' → bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), fp16 on older GPUs, else fp32."""
+    if precision != "auto":
+        if precision == "fp16" and device.type != "cuda":
+            raise ConfigError("fp16 mixed precision needs a CUDA device; use bf16 or fp32 on the CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if native else "fp32"
+
+
+def _callbacks():
+    """fastai callbacks, defined on first use so importing this module stays light."""
+    from fastai.callback.core import Callback
+    from fastai.callback.fp16 import MixedPrecision
+
+    class DeviceMixedPrecision(MixedPrecision):
+        """fastai's MixedPrecision hard-codes CUDA autocast; this one autocasts on the data's device."""
+
+        def before_fit(self):
+            super().before_fit()
+            dtype = torch.bfloat16 if str(self.amp_mode) in ("bf16", "AMPMode.BF16") else torch.float16
+            device_type = self.dls.device.type if self.dls.device is not None else "cpu"
+            self.autocast = torch.autocast(device_type, dtype=dtype)
+            if device_type != "cuda":
+                self.learn.scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    class StopOnNonFinite(Callback):
+        """A NaN or inf loss ends training with a clear message; the last checkpoint is left as it was."""
+
+        order = 5
+
+        def after_loss(self):
+            if self.training and not torch.isfinite(self.loss).all():
+                raise CrappifyError(f"loss became {self.loss.item()} at epoch {self.epoch + 1}, iteration "
+                                    f"{self.iter + 1}; the last good checkpoint is kept (lower --lr or use fp32)")
+
+    return DeviceMixedPrecision, StopOnNonFinite
+
+
+def _metrics(normalizer: Normalizer):
+    from fastai.metrics import AvgMetric
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    def psnr(pred, targ):
+        return peak_signal_noise_ratio(normalizer.denormalize(pred), normalizer.denormalize(targ), data_range=1.0)
+
+    def ssim(pred, targ):
+        return structural_similarity_index_measure(normalizer.denormalize(pred), normalizer.denormalize(targ),
+                                                   data_range=1.0)
+
+    return [AvgMetric(psnr), AvgMetric(ssim)]
+
+
+class Trainer:
+    """Runs a `TrainGenConfig` into a run directory (see the module docstring)."""
+
+    def __init__(self, cfg: TrainGenConfig, resume: bool = False, progress: bool = True) -> None:
+        self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.run = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.normalizer = Normalizer()
+        _, self.data_config = read_dataset(cfg.data)
+        self.scale = int(self.data_config.get("scale") or 1)
+        self.history: list[dict[str, Any]] = []
+
+    # -- building blocks -------------------------------------------------------------------------------
+    def _model(self):
+        from srgan.models import build_generator
+
+        first = self.cfg.schedule()[0]
+        arch = self.cfg.arch
+        is_unet = arch.startswith("unet")
+        model = build_generator(arch, scale=1 if is_unet else self.scale, img_size=first.size,
+                                pretrained=self.cfg.pretrained, weights=self.cfg.weights, **self.cfg.options)
+        return model, is_unet
+
+    def _learner(self, model, loss, dls):
+        import fastai.callback.progress
+        import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
+        from fastai.learner import Learner
+        from fastai.optimizer import Adam
+        from fastai.torch_core import params
+
+        def splitter(m):  # encoder / decoder parameter groups, for freezing and discriminative rates
+            return [params(m[0]), [p for mod in list(m)[1:] for p in mod.parameters()]] if _is_unet(m) \
+                else [params(m)]
+
+        DeviceMixedPrecision, StopOnNonFinite = _callbacks()
+        cbs = [StopOnNonFinite()]
+        if self.precision in ("bf16", "fp16"):
+            cbs.append(DeviceMixedPrecision(amp_mode=self.precision))
+        learn = Learner(dls, model, loss_func=loss, opt_func=Adam, wd=self.cfg.wd, splitter=splitter,
+                        metrics=_metrics(self.normalizer), cbs=cbs, path=self.run, model_dir="checkpoints")
+        if not self.progress:
+            learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+            learn.logger = lambda *_: None  # the Recorder would print each epoch's values instead
+        return learn
+
+    # -- run -------------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        from srgan.losses import build_loss
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # weight init of the decoder; data order is seeded separately
+        self.run.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.run / "train-gen.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        model, is_unet = self._model()
+        phases = plan(cfg, encoder_pretrained=is_unet and cfg.pretrained)
+        total = sum(p.epochs for p in phases)
+        loss = build_loss(cfg.loss, pretrained=cfg.pretrained, weights=cfg.loss_weights)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        start = 0
+        state = None
+        if self.resume:
+            state = load_checkpoint(self.run / "checkpoints" / "last.pt")
+            model.load_state_dict(state["model"])
+            start, self.history = int(state["epoch"]), list(state["history"])
+            if start >= total:
+                raise CrappifyError(f"{self.run} already finished all {total} epochs")
+        learn = None
+        done = 0
+        for phase in phases:
+            if done + phase.epochs <= start:
+                done += phase.epochs
+                continue
+            dls = make_dataloaders(cfg.data, phase.size, phase.bs, resize_lr=is_unet, scale=self.scale,
+                                   device=self.device, num_workers=cfg.num_workers, seed=cfg.seed,
+                                   channels_last=cfg.channels_last, normalizer=self.normalizer)
+            if learn is None:
+                learn = self._learner(model, loss.to(self.device), dls)
+                learn.model.to(self.device)
+                learn.create_opt()
+                if state is not None and "opt" in state:
+                    learn.opt.load_state_dict(state["opt"])
+                learn.add_cb(_epoch_end_callback(self, phases))
+            else:
+                learn.dls = dls
+            learn.freeze() if phase.frozen else learn.unfreeze()
+            lr = phase.lr if phase.frozen or not (is_unet and cfg.pretrained) else slice(phase.lr / 100, phase.lr)
+            learn.crappify_phase = phase
+            learn.crappify_offset = done
+            learn.fit_one_cycle(phase.epochs, lr, pct_start=cfg.pct_start, start_epoch=max(0, start - done))
+            done += phase.epochs
+        final = self.run / "generator.safetensors"
+        save_generator(learn.model if learn is not None else model, final,
+                       extra={"epochs": total, "dataset": str(Path(cfg.data).resolve()), "loss": cfg.loss})
+        return final
+
+    # -- per-epoch outputs -----------------------------------------------------------------------------
+    def previews(self, learn, epoch: int) -> None:
+        n = self.cfg.preview_items
+        ds = learn.dls.valid.dataset
+        if not n or not len(ds):
+            return
+        items = [ds[i] for i in range(min(n, len(ds)))]
+        lr = torch.stack([x for x, _ in items]).to(self.device)
+        hr = torch.stack([y for _, y in items])
+        model = learn.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(self.normalizer.normalize(lr).contiguous(
+                memory_format=torch.channels_last if self.cfg.channels_last else torch.contiguous_format))
+        model.train(was_training)
+        out8 = self.normalizer.to_uint8(out.float()).cpu()
+        tiles = []
+        for i in range(len(items)):
+            for label, t in (("LR", lr[i].cpu()), (f"epoch {epoch}", out8[i]), ("HR", hr[i])):
+                tiles.append((label, t.permute(1, 2, 0).numpy()))
+        path = self.run / "previews" / f"epoch_{epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(path, grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=3))
+
+    def write_history(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_atomic(self.run / "history.csv", buf.getvalue())
+
+
+def _is_unet(model) -> bool:
+    from fastai.vision.models.unet import DynamicUnet
+
+    return isinstance(model, DynamicUnet)
+
+
+def _epoch_end_callback(trainer: Trainer, phases: list[Phase]):
+    from fastai.callback.core import Callback
+
+    class EpochEnd(Callback):
+        """After each epoch: history row, preview grid, checkpoint (in that order: the checkpoint last)."""
+
+        order = 90  # after the Recorder has the epoch's values
+
+        def before_epoch(self):  # not reached for epochs fastai's SkipToEpoch cancels on resume
+            self._t0 = time.perf_counter()
+            for dl in (self.dls.train, self.dls.valid):
+                dl.dataset.set_epoch(self.learn.crappify_offset + self.epoch)
+
+        def after_epoch(self):
+            if self._t0 is None:  # a skipped epoch: nothing was trained
+                return
+            phase = self.learn.crappify_phase
+            global_epoch = self.learn.crappify_offset + self.epoch + 1
+            names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+            values = dict(zip(names, self.recorder.log[1:-1], strict=False))
+            row = {"epoch": global_epoch, "stage": phase.stage, "phase": "frozen" if phase.frozen else "unfrozen",
+                   "size": phase.size, "bs": phase.bs, "train_loss": _num(values.get("train_loss")),
+                   "valid_loss": _num(values.get("valid_loss")), "psnr": _num(values.get("psnr")),
+                   "ssim": _num(values.get("ssim")), "seconds": round(time.perf_counter() - self._t0, 3)}
+            trainer.history.append(row)
+            trainer.write_history()
+            trainer.previews(self.learn, global_epoch)
+            save_checkpoint(trainer.run / "checkpoints" / "last.pt",
+                            {"model": self.learn.model.state_dict(), "opt": self.learn.opt.state_dict(),
+                             "epoch": global_epoch, "history": trainer.history})
+            self._t0 = None
+
+    cb = EpochEnd()
+    cb._t0 = None
+    return cb
+
+
+def _num(v: Any) -> float | str:
+    if v is None:
+        return ""
+    v = float(v)
+    return round(v, 6) if math.isfinite(v) else v
+

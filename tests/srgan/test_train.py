@@ -1,0 +1,204 @@
+"""train-gen on tiny built datasets: outputs, rebuild from the file alone, resume after SIGKILL, NaN stop."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from crappify.builder import BuildConfig, build_dataset
+from crappify.errors import CrappifyError
+from srgan.checkpoint import load_checkpoint, load_generator, read_generator_meta
+from srgan.data import Normalizer, PairDataset, make_dataloaders, read_dataset
+from srgan.train import Trainer, TrainGenConfig, plan, resolve_precision
+
+TINY = {"arch": "unet-resnet18", "pretrained": False, "size": 32, "bs": 2, "loss": "l1", "preview_items": 2}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ds"
+    build_dataset(BuildConfig(src="samples", out=str(out), preset="flickr30k-restore", size=64, scale=4,
+                              split=(0.6, 0.2, 0.2), workers=1), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sr_dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "sr"
+    build_dataset(BuildConfig(src="samples", out=str(out), preset="srgan-x4", size=64, split=(0.6, 0.2, 0.2),
+                              workers=1), progress=False)
+    return out
+
+
+def history(run: Path) -> list[dict[str, str]]:
+    with open(run / "history.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_normalizer_round_trip_on_uint8():
+    n = Normalizer()
+    u = torch.randint(0, 256, (2, 3, 9, 7), dtype=torch.uint8)
+    assert torch.equal(n.to_uint8(n.normalize(u)), u)
+
+
+def test_sr_crops_are_aligned(sr_dataset):
+    splits, config = read_dataset(sr_dataset)
+    assert config["scale"] == 4
+    ds = PairDataset(splits["train"], 32, scale=4, resize_lr=False, train=True, seed=3)
+    for i in range(len(ds)):
+        lr, hr = (t.permute(1, 2, 0).numpy() for t in ds[i])
+        assert lr.shape == (8, 8, 3) and hr.shape == (32, 32, 3)
+        down = cv2.resize(hr, (8, 8), interpolation=cv2.INTER_AREA).astype(float)
+        shifted = cv2.resize(np.roll(hr, 8, axis=1), (8, 8), interpolation=cv2.INTER_AREA).astype(float)
+        aligned_err = np.abs(down - lr).mean()
+        assert aligned_err < 12, aligned_err
+        assert aligned_err <= np.abs(shifted - lr).mean() + 1e-9
+
+
+def test_crops_repeat_for_the_same_seed_and_epoch(dataset):
+    splits, _ = read_dataset(dataset)
+    a = PairDataset(splits["train"], 32, train=True, seed=1)
+    b = PairDataset(splits["train"], 32, train=True, seed=1)
+    assert all(torch.equal(a[i][1], b[i][1]) for i in range(len(a)))
+    b.set_epoch(1)
+    assert not all(torch.equal(a[i][1], b[i][1]) for i in range(len(a)))
+
+
+def test_dataloaders_give_normalised_aligned_batches(dataset):
+    dls = make_dataloaders(dataset, 32, 2, resize_lr=True, seed=0)
+    x, y = dls.train.one_batch()
+    assert x.shape == y.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    assert -3 < float(y.mean()) < 3
+
+
+def test_plan_freezes_only_pretrained_unets():
+    cfg = TrainGenConfig(data="d", out="o", stages=[{"size": 64, "bs": 4, "epochs": 2}, {"size": 128, "bs": 2,
+                                                                                       "epochs": 1}])
+    phases = plan(cfg, encoder_pretrained=True)
+    assert [(p.stage, p.frozen, p.size, p.epochs) for p in phases] == [(0, True, 64, 2), (0, False, 64, 2),
+                                                                       (1, True, 128, 1), (1, False, 128, 1)]
+    assert [p.frozen for p in plan(cfg, encoder_pretrained=False)] == [False, False]
+
+
+def test_precision_auto_and_refusals():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) in ("bf16", "fp32")
+    assert resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(CrappifyError, match="fp16"):
+        resolve_precision("fp16", cpu)
+
+
+def test_one_epoch_writes_outputs_and_the_file_alone_rebuilds_the_model(dataset, tmp_path):
+    run = tmp_path / "run"
+    final = Trainer(TrainGenConfig(data=str(dataset), out=str(run), epochs=1, **TINY), progress=False).fit()
+    assert final == run / "generator.safetensors"
+    for name in ("train-gen.yaml", "history.csv", "checkpoints/last.pt", "previews/epoch_001.png"):
+        assert (run / name).is_file(), name
+    rows = history(run)
+    assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["psnr"]) > 0
+    meta = read_generator_meta(final)
+    assert meta["spec"]["arch"] == "unet-resnet18" and meta["normalization"][0] == [0.485, 0.456, 0.406]
+    model = load_generator(final)
+    ref = load_generator(final)
+    ref.load_state_dict(load_checkpoint(run / "checkpoints" / "last.pt")["model"])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref.eval()(x))
+    assert not any("vgg" in k or "loss" in k for k in model.state_dict())
+
+
+def test_srresnet_trains_on_small_lr(sr_dataset, tmp_path):
+    run = tmp_path / "sr"
+    cfg = TrainGenConfig(data=str(sr_dataset), out=str(run), arch="srresnet", options={"n_blocks": 2},
+                         pretrained=False, size=32, bs=2, epochs=1, loss={"l1": 1.0, "tv": 1e-3}, preview_items=1)
+    Trainer(cfg, progress=False).fit()
+    model = load_generator(run / "generator.safetensors")
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 3, 32, 32)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch):
+    import srgan.losses
+
+    real = srgan.losses.build_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+
+        class Poisoned(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = loss
+
+            def forward(self, pred, targ):
+                calls["n"] += 1
+                value = self.inner(pred, targ)
+                return value * float("nan") if calls["n"] > 4 else value  # epoch 1 has 3 train + 1 valid batches
+
+        return Poisoned()
+
+    monkeypatch.setattr(srgan.losses, "build_loss", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(CrappifyError, match="nan"):
+        Trainer(TrainGenConfig(data=str(dataset), out=str(run), epochs=3, **TINY), progress=False).fit()
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1
+    assert not (run / "generator.safetensors").exists()
+
+
+def test_resume_after_sigkill_ends_at_the_same_epoch_count(dataset, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "crappify", "train-gen", str(dataset), "-o", str(run), "--arch", "unet-resnet18",
+           "--no-pretrained", "--size", "32", "--bs", "2", "--epochs", "4", "--loss", "l1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and load_checkpoint(ckpt)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "generator.safetensors").exists()
+    done = load_checkpoint(ckpt)["epoch"]
+    assert 1 <= done < 4
+
+    res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3, 4]
+    assert load_checkpoint(ckpt)["epoch"] == 4
+    assert (run / "generator.safetensors").is_file()
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert again.returncode != 0 and "already finished" in again.stderr
+
+
+def test_cli_offline_weights_error_is_one_fast_line(dataset, tmp_path):
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "crappify", "train-gen", str(dataset), "-o", str(tmp_path / "r"),
+                          "--arch", "unet-resnet34", "--size", "32"], capture_output=True, text=True)
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+    assert lines[-1].startswith("crappify: error:") and "--no-pretrained" in lines[-1], res.stderr
+    assert "Traceback" not in res.stderr
+    assert time.time() - t0 < 60
+
+
+def test_cli_config_errors(dataset, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("archh: srresnet\n")
+    res = subprocess.run([sys.executable, "-m", "crappify", "train-gen", str(dataset), "-o", str(tmp_path / "r"),
+                          "--config", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2 and "archh" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "crappify", "train-gen", str(tmp_path), "-o", str(tmp_path / "r"),
+                          "--no-pretrained"], capture_output=True, text=True)
+    assert res.returncode != 0 and "manifest.csv" in res.stderr and "Traceback" not in res.stderr
