@@ -99,17 +99,37 @@ def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str |
 @click.option("--workers", "num_workers", type=int, help="Data-loading worker processes (default 0).")
 @click.option("--seed", type=int, help="Seed for weights init and data order (default 0).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last completed epoch.")
+@click.option("--save-preds", is_flag=True, help="Then write the generator's outputs to RUN/preds/<split>/.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: bool | None, resume: bool,
-                  quiet: bool, **flags: Any) -> None:
+                  save_preds: bool, quiet: bool, **flags: Any) -> None:
     """Pretrain the generator on a built dataset DATA with a feature loss (fastai Learner)."""
     from crappify.config import resolve
     from srgan.train import Trainer, TrainGenConfig
 
     cfg = resolve(TrainGenConfig, config_file, data=data, out=out,
                   pretrained=False if no_pretrained else None, **flags)
-    final = Trainer(cfg, resume=resume, progress=not quiet).fit()
+    trainer = Trainer(cfg, resume=resume, progress=not quiet)
+    final = trainer.fit()
     click.echo(f"generator: {final}")
+    if save_preds:
+        from srgan.predict import save_preds as write_preds
+
+        n = write_preds(cfg.out, cfg.data, trainer.device)
+        click.echo(f"predictions: {n} written to {Path(cfg.out) / 'preds'}")
+
+
+@app.command("save-preds")
+@click.argument("data")
+@click.option("-o", "--out", "out", required=True, help="Run directory holding generator.safetensors.")
+@click.option("--device", default="auto", show_default=True)
+def save_preds_cmd(data: str, out: str, device: str) -> None:
+    """Write a trained generator's outputs for every pair of DATA to RUN/preds/<split>/ (skips existing)."""
+    from srgan.predict import save_preds
+    from srgan.train import resolve_device
+
+    n = save_preds(out, data, resolve_device(device))
+    click.echo(f"predictions: {n} written to {Path(out) / 'preds'}")
 
 
 @app.command("preview")

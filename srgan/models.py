@@ -97,6 +97,11 @@ def clone_generator(model: nn.Module) -> nn.Module:
     return clone.train(model.training)
 
 
+def is_unet(model: nn.Module) -> bool:
+    """Whether a generator built here is a U-Net (input and output the same size; LR resized to HR first)."""
+    return str(getattr(model, "crappify_spec", {}).get("arch", "")).startswith("unet")
+
+
 def generator_names() -> list[str]:
     """Registered generator names plus the `unet-timm:NAME` form (for help texts and error messages)."""
     return [*GENERATORS.names(), f"{TIMM_PREFIX}<timm model name>"]

@@ -27,6 +27,7 @@ from crappify.imageio import save_image_atomic, write_atomic
 from crappify.preview import grid
 from srgan.checkpoint import load_checkpoint, save_checkpoint, save_generator
 from srgan.data import Normalizer, make_dataloaders, read_dataset
+from srgan.models import is_unet
 
 HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "ssim", "seconds"]
 
@@ -179,10 +180,9 @@ class Trainer:
 
         first = self.cfg.schedule()[0]
         arch = self.cfg.arch
-        is_unet = arch.startswith("unet")
-        model = build_generator(arch, scale=1 if is_unet else self.scale, img_size=first.size,
+        model = build_generator(arch, scale=1 if arch.startswith("unet") else self.scale, img_size=first.size,
                                 pretrained=self.cfg.pretrained, weights=self.cfg.weights, **self.cfg.options)
-        return model, is_unet
+        return model, is_unet(model)
 
     def _learner(self, model, loss, dls):
         import fastai.callback.progress
@@ -192,7 +192,7 @@ class Trainer:
         from fastai.torch_core import params
 
         def splitter(m):  # encoder / decoder parameter groups, for freezing and discriminative rates
-            return [params(m[0]), [p for mod in list(m)[1:] for p in mod.parameters()]] if _is_unet(m) \
+            return [params(m[0]), [p for mod in list(m)[1:] for p in mod.parameters()]] if is_unet(m) \
                 else [params(m)]
 
         DeviceMixedPrecision, StopOnNonFinite = _callbacks()
@@ -214,8 +214,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # weight init of the decoder; data order is seeded separately
         self.run.mkdir(parents=True, exist_ok=True)
         write_atomic(self.run / "train-gen.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        model, is_unet = self._model()
-        phases = plan(cfg, encoder_pretrained=is_unet and cfg.pretrained)
+        model, unet = self._model()
+        phases = plan(cfg, encoder_pretrained=unet and cfg.pretrained)
         total = sum(p.epochs for p in phases)
         loss = build_loss(cfg.loss, pretrained=cfg.pretrained, weights=cfg.loss_weights)
         if cfg.channels_last:
@@ -234,7 +234,7 @@ class Trainer:
             if done + phase.epochs <= start:
                 done += phase.epochs
                 continue
-            dls = make_dataloaders(cfg.data, phase.size, phase.bs, resize_lr=is_unet, scale=self.scale,
+            dls = make_dataloaders(cfg.data, phase.size, phase.bs, resize_lr=unet, scale=self.scale,
                                    device=self.device, num_workers=cfg.num_workers, seed=cfg.seed,
                                    channels_last=cfg.channels_last, normalizer=self.normalizer)
             if learn is None:
@@ -247,7 +247,7 @@ class Trainer:
             else:
                 learn.dls = dls
             learn.freeze() if phase.frozen else learn.unfreeze()
-            lr = phase.lr if phase.frozen or not (is_unet and cfg.pretrained) else slice(phase.lr / 100, phase.lr)
+            lr = phase.lr if phase.frozen or not (unet and cfg.pretrained) else slice(phase.lr / 100, phase.lr)
             learn.crappify_phase = phase
             learn.crappify_offset = done
             learn.fit_one_cycle(phase.epochs, lr, pct_start=cfg.pct_start, start_epoch=max(0, start - done))
@@ -288,12 +288,6 @@ class Trainer:
         writer.writeheader()
         writer.writerows(self.history)
         write_atomic(self.run / "history.csv", buf.getvalue())
-
-
-def _is_unet(model) -> bool:
-    from fastai.vision.models.unet import DynamicUnet
-
-    return isinstance(model, DynamicUnet)
 
 
 def _epoch_end_callback(trainer: Trainer, phases: list[Phase]):

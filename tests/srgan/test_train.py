@@ -202,3 +202,20 @@ def test_cli_config_errors(dataset, tmp_path):
     res = subprocess.run([sys.executable, "-m", "crappify", "train-gen", str(tmp_path), "-o", str(tmp_path / "r"),
                           "--no-pretrained"], capture_output=True, text=True)
     assert res.returncode != 0 and "manifest.csv" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_save_preds_writes_every_pair_at_full_size_once(dataset, sr_dataset, tmp_path):
+    from srgan.predict import save_preds
+
+    for data, kw in ((dataset, TINY), (sr_dataset, {**TINY, "arch": "srresnet", "options": {"n_blocks": 1}})):
+        run = tmp_path / Path(data).name
+        Trainer(TrainGenConfig(data=str(data), out=str(run), epochs=1, **kw), progress=False).fit()
+        splits, _ = read_dataset(data)
+        n = sum(len(v) for v in splits.values())
+        assert save_preds(run, data) == n
+        for split, pairs in splits.items():
+            for pair in pairs:
+                pred = cv2.imread(str(run / "preds" / split / f"{pair.id}.png"))
+                hr = cv2.imread(str(pair.hr))
+                assert pred.shape == hr.shape, pair.id
+        assert save_preds(run, data) == 0  # already there: nothing redone
