@@ -362,14 +362,16 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
     workers = min(cfg.workers, max(1, len(todo)))
     old_threads = cv2.getNumThreads()
     with contextlib.ExitStack() as stack:
+        # One core per process, no OpenCV threads. In the parent this also stops OpenCV's thread pool
+        # before forking: a child forked while that pool exists deadlocks in its first parallel op.
+        cv2.setNumThreads(1)
+        stack.callback(cv2.setNumThreads, old_threads)
         if workers > 1:  # forked first, before any helper thread (the progress bar's) exists
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             pool = stack.enter_context(ctx.Pool(workers, initializer=_init_worker, initargs=(job,)))
             chunk = max(1, min(32, len(todo) // (workers * 8)))
             finished = pool.imap_unordered(_work, todo, chunksize=chunk)
         else:
-            cv2.setNumThreads(1)  # like a worker process: one core, no OpenCV threads
-            stack.callback(cv2.setNumThreads, old_threads)
             finished = (process_item(it, job) for it in todo)
         journal = stack.enter_context(_open_journal(out / JOURNAL))
         bar = stack.enter_context(tqdm(total=len(listing.items), initial=len(listing.items) - len(todo), unit="img",

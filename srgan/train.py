@@ -164,8 +164,9 @@ def _metrics(normalizer: Normalizer):
 class Trainer:
     """Runs a `TrainGenConfig` into a run directory (see the module docstring)."""
 
-    def __init__(self, cfg: TrainGenConfig, resume: bool = False, progress: bool = True) -> None:
-        self.cfg, self.resume, self.progress = cfg, resume, progress
+    def __init__(self, cfg: TrainGenConfig, resume: bool = False, progress: bool = True,
+                 cbs: list | None = None) -> None:
+        self.cfg, self.resume, self.progress, self.extra_cbs = cfg, resume, progress, list(cbs or [])
         self.run = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -196,7 +197,7 @@ class Trainer:
                 else [params(m)]
 
         DeviceMixedPrecision, StopOnNonFinite = _callbacks()
-        cbs = [StopOnNonFinite()]
+        cbs = [StopOnNonFinite(), *self.extra_cbs]
         if self.precision in ("bf16", "fp16"):
             cbs.append(DeviceMixedPrecision(amp_mode=self.precision))
         learn = Learner(dls, model, loss_func=loss, opt_func=Adam, wd=self.cfg.wd, splitter=splitter,

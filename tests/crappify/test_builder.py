@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -636,3 +637,20 @@ def test_killed_build_resumes_to_the_same_bytes(many_photo_dir, tmp_path, cli, c
     assert len([k for k in ta if k.startswith("lr/")]) == 160
     for name in ta:
         assert ta[name] == tb[name], name
+
+
+def test_workers_do_not_deadlock_after_the_parent_used_opencv_threads(tmp_path):
+    """Forking while OpenCV's thread pool is alive used to hang the workers' first parallel op."""
+    script = f"""
+import cv2, numpy as np
+a = np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)
+for _ in range(3):
+    cv2.GaussianBlur(cv2.resize(a, (1200, 1200)), (21, 21), 5)
+from crappify.builder import BuildConfig, build_dataset
+res = build_dataset(BuildConfig(src="samples", out={str(tmp_path / "out")!r}, preset="flickr30k-restore",
+                                workers=2), progress=False)
+print("built", res.built)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("built ")

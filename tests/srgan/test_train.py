@@ -219,3 +219,14 @@ def test_save_preds_writes_every_pair_at_full_size_once(dataset, sr_dataset, tmp
                 hr = cv2.imread(str(pair.hr))
                 assert pred.shape == hr.shape, pair.id
         assert save_preds(run, data) == 0  # already there: nothing redone
+
+
+def test_progressive_resizing_runs_each_stage_in_order(dataset, tmp_path):
+    run = tmp_path / "stages"
+    cfg = TrainGenConfig(data=str(dataset), out=str(run), **{**TINY, "size": 8},
+                         stages=[{"size": 32, "bs": 2, "epochs": 1}, {"size": 64, "bs": 1, "epochs": 1, "lr": 1e-4}])
+    Trainer(cfg, progress=False).fit()
+    rows = history(run)
+    got = [(r["epoch"], r["stage"], r["size"], r["bs"]) for r in rows]
+    assert got == [("1", "0", "32", "2"), ("2", "1", "64", "1")]
+    assert (run / "previews" / "epoch_002.png").is_file()

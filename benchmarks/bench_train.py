@@ -1,0 +1,166 @@
+"""Generator-training throughput: `train-gen` against a plain fastai course-style reference.
+
+Run:  python benchmarks/bench_train.py [--n 96] [--size 128] [--bs 8] [--device cpu]
+
+On the same built dataset (N Flickr-sized JPEGs cut from the sample photos, `lesson7` preset, HR short
+side size+32), both from random weights, one epoch each:
+  (a) reference: fastai `unet_learner(resnet34, blur, self-attention, weight norm, y_range=(-3,3))`, the
+      course's FeatureLoss (forward hooks on VGG16-bn), fp32, default memory format, fastai's default
+      image pipeline (DataBlock of two ImageBlocks, Resize, aug_transforms(max_zoom=2), Normalize do_y);
+  (b) `train-gen` with the same model and loss (`feature`), size and batch size, and its defaults
+      (precision auto, channels-last, aligned uint8 crops normalised on the device).
+It prints images/s over the timed steps (the first 2 steps are warm-up) and, per step, how long the
+loop waited for data. Target: (b)/(a) >= 1.8 on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_crappify import make_sources
+
+from crappify.builder import BuildConfig, build_dataset
+
+
+def step_timer():
+    """A fastai callback that times each training step and the wait for its batch."""
+    from fastai.callback.core import Callback
+
+    class StepTimer(Callback):
+        order = -10
+
+        def before_fit(self):
+            self.steps, self.waits, self._end = [], [], None
+
+        def before_batch(self):
+            if self.training:
+                now = time.perf_counter()
+                if self._end is not None:
+                    self.waits.append(now - self._end)
+                self._start = now
+
+        def after_batch(self):
+            if self.training:
+                self._end = time.perf_counter()
+                self.steps.append(self._end - self._start)
+
+        def before_validate(self):
+            self._end = None
+
+    return StepTimer()
+
+
+def summary(timer, bs: int, warmup: int = 2) -> tuple[float, float]:
+    steps, waits = timer.steps[warmup:], timer.waits[warmup:]
+    step_time = sum(steps) + sum(waits)
+    return bs * len(steps) / step_time, (sum(waits) / len(waits) if waits else 0.0)
+
+
+def reference(data: Path, size: int, bs: int, device: str):
+    """The course's setup, written plainly with fastai (what people would otherwise run)."""
+    import torch.nn.functional as F
+    import torchvision
+    from fastai.callback.hook import hook_outputs
+    from fastai.data.block import DataBlock
+    from fastai.data.transforms import FuncSplitter, Normalize, get_image_files
+    from fastai.layers import NormType
+    from fastai.vision.augment import Resize, aug_transforms
+    from fastai.vision.core import (
+        PILImage,  # noqa: F401
+        imagenet_stats,
+    )
+    from fastai.vision.data import ImageBlock
+    from fastai.vision.learner import unet_learner
+    from torch import nn
+
+    class FeatureLoss(nn.Module):
+        def __init__(self, m_feat, layer_ids, layer_wgts):
+            super().__init__()
+            self.m_feat = m_feat
+            self.loss_features = [self.m_feat[i] for i in layer_ids]
+            self.hooks = hook_outputs(self.loss_features, detach=False)
+            self.wgts = layer_wgts
+
+        def make_features(self, x, clone=False):
+            self.m_feat(x)
+            return [(o.clone() if clone else o) for o in self.hooks.stored]
+
+        def forward(self, input, target):
+            out_feat = self.make_features(target, clone=True)
+            in_feat = self.make_features(input)
+            loss = F.l1_loss(input, target)
+            triples = list(zip(in_feat, out_feat, self.wgts, strict=True))
+            loss = loss + sum(F.l1_loss(f_in, f_out) * w for f_in, f_out, w in triples)
+            loss = loss + sum(F.l1_loss(gram(f_in), gram(f_out)) * w ** 2 * 5e3 for f_in, f_out, w in triples)
+            return loss
+
+    def gram(x):
+        n, c, h, w = x.size()
+        x = x.view(n, c, -1)
+        return (x @ x.transpose(1, 2)) / (c * h * w)
+
+    vgg = torchvision.models.vgg16_bn().features.to(device).eval().requires_grad_(False)
+    feat_loss = FeatureLoss(vgg, [22, 32, 42], [5, 15, 2])
+    lr_dir, hr_dir = data / "lr" / "train", data / "hr" / "train"
+    hr_by_stem = {p.stem: p for p in hr_dir.iterdir()}
+    block = DataBlock(blocks=(ImageBlock, ImageBlock), get_items=get_image_files,
+                      get_y=lambda p: hr_by_stem[p.stem], splitter=FuncSplitter(lambda p: False),
+                      item_tfms=Resize(size), batch_tfms=[*aug_transforms(max_zoom=2.0),
+                                                          Normalize.from_stats(*imagenet_stats, do_y=True)])
+    dls = block.dataloaders(lr_dir, bs=bs, device=torch.device(device))
+    learn = unet_learner(dls, torchvision.models.resnet34, pretrained=False, loss_func=feat_loss, blur=True,
+                         norm_type=NormType.Weight, self_attention=True, y_range=(-3.0, 3.0), n_out=3)
+    timer = step_timer()
+    learn.fit_one_cycle(1, 1e-3, cbs=[timer])
+    return summary(timer, bs)
+
+
+def ours(data: Path, run: Path, size: int, bs: int, device: str):
+    from srgan.train import Trainer, TrainGenConfig
+
+    timer = step_timer()
+    cfg = TrainGenConfig(data=str(data), out=str(run), arch="unet-resnet34", loss="feature", pretrained=False,
+                         size=size, bs=bs, epochs=1, device=device, preview_items=0)
+    trainer = Trainer(cfg, progress=True, cbs=[timer])
+    trainer.fit()
+    return summary(timer, bs), trainer.precision
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=96, help="training photos")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--bs", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    try:
+        make_sources(work / "src", args.n + 8)
+        data = work / "data"
+        build_dataset(BuildConfig(src=str(work / "src"), out=str(data), preset="lesson7", size=args.size + 32,
+                                  split=(args.n / (args.n + 8), 8 / (args.n + 8), 0.0), workers=2), progress=False)
+        torch.manual_seed(0)
+        (ref_rate, ref_wait) = reference(data, args.size, args.bs, args.device)
+        torch.manual_seed(0)
+        (our_rate, our_wait), precision = ours(data, work / "run", args.size, args.bs, args.device)
+        print(f"device {args.device}, size {args.size}, bs {args.bs}, {args.n} training photos, 1 epoch, "
+              "2 warm-up steps")
+        print(f"(a) fastai course-style reference (fp32)  : {ref_rate:6.2f} img/s, "
+              f"data wait {ref_wait * 1e3:7.1f} ms/step")
+        print(f"(b) train-gen (precision {precision:4s}, channels-last): {our_rate:6.2f} img/s, "
+              f"data wait {our_wait * 1e3:7.1f} ms/step")
+        print(f"(b)/(a) = {our_rate / ref_rate:.2f}  (target >= 1.8)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
