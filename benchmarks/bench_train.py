@@ -66,6 +66,7 @@ def summary(timer, bs: int, warmup: int = 2) -> tuple[float, float]:
 
 def reference(data: Path, size: int, bs: int, device: str):
     """The course's setup, written plainly with fastai (what people would otherwise run)."""
+    import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
     import torch.nn.functional as F
     import torchvision
     from fastai.callback.hook import hook_outputs
@@ -114,7 +115,7 @@ def reference(data: Path, size: int, bs: int, device: str):
     block = DataBlock(blocks=(ImageBlock, ImageBlock), get_items=get_image_files,
                       get_y=lambda p: hr_by_stem[p.stem], splitter=FuncSplitter(lambda p: False),
                       item_tfms=Resize(size), batch_tfms=[*aug_transforms(max_zoom=2.0),
-                                                          Normalize.from_stats(*imagenet_stats, do_y=True)])
+                                                          Normalize.from_stats(*imagenet_stats)])  # x and y
     dls = block.dataloaders(lr_dir, bs=bs, device=torch.device(device))
     learn = unet_learner(dls, torchvision.models.resnet34, pretrained=False, loss_func=feat_loss, blur=True,
                          norm_type=NormType.Weight, self_attention=True, y_range=(-3.0, 3.0), n_out=3)
@@ -123,12 +124,12 @@ def reference(data: Path, size: int, bs: int, device: str):
     return summary(timer, bs)
 
 
-def ours(data: Path, run: Path, size: int, bs: int, device: str):
+def ours(data: Path, run: Path, size: int, bs: int, device: str, precision: str = "auto"):
     from srgan.train import Trainer, TrainGenConfig
 
     timer = step_timer()
     cfg = TrainGenConfig(data=str(data), out=str(run), arch="unet-resnet34", loss="feature", pretrained=False,
-                         size=size, bs=bs, epochs=1, device=device, preview_items=0)
+                         size=size, bs=bs, epochs=1, device=device, preview_items=0, precision=precision)
     trainer = Trainer(cfg, progress=True, cbs=[timer])
     trainer.fit()
     return summary(timer, bs), trainer.precision
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--bs", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", help="train-gen's --precision for (b)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     try:
@@ -150,7 +152,7 @@ def main() -> None:
         torch.manual_seed(0)
         (ref_rate, ref_wait) = reference(data, args.size, args.bs, args.device)
         torch.manual_seed(0)
-        (our_rate, our_wait), precision = ours(data, work / "run", args.size, args.bs, args.device)
+        (our_rate, our_wait), precision = ours(data, work / "run", args.size, args.bs, args.device, args.precision)
         print(f"device {args.device}, size {args.size}, bs {args.bs}, {args.n} training photos, 1 epoch, "
               "2 warm-up steps")
         print(f"(a) fastai course-style reference (fp32)  : {ref_rate:6.2f} img/s, "
