@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -184,7 +185,7 @@ class Photo:
         # reports truncation (OpenCV would fill the missing rows with grey and carry on).
         self._deep_png = deep and self.format == "PNG" and mode in ("RGB", "RGBA") and self.orientation == 1
         self._fast = plain and mode in ("RGB", "L") and (
-            self.format == "PNG" or (self.format == "JPEG" and self.data.rstrip(b"\0").endswith(b"\xff\xd9")))
+            self.format == "PNG" or (self.format == "JPEG" and self.data[-64:].rstrip(b"\0").endswith(b"\xff\xd9")))
 
     def _pil(self) -> Image.Image:
         """The Pillow image (header parsed, pixels not decoded), opened on first use."""
@@ -271,16 +272,23 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary name beside `path`, then rename over it: readers never see half a file."""
+@contextlib.contextmanager
+def replacing(path: str | Path) -> Iterator[str]:
+    """Yield a temporary name beside `path` to write; on success it is renamed over `path`, on failure
+    removed — so readers never see half a file, whatever writes it (bytes, safetensors, torch.save)."""
     tmp = _temp_name(path)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> None:
+    """Write `data` to `path` atomically (see `replacing`)."""
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
 
 
 def link_or_copy_atomic(src: str | Path, dst: str | Path, data: bytes | None = None) -> bool:
@@ -290,18 +298,13 @@ def link_or_copy_atomic(src: str | Path, dst: str | Path, data: bytes | None = N
     Flickr-sized JPEG). Returns True when a link was made. `data`, if given, is `src`'s content
     already in memory, used for the copy fallback.
     """
-    tmp = _temp_name(dst)
     try:
-        _unlink(tmp)
-        os.link(src, tmp)
+        with replacing(dst) as tmp:
+            _unlink(tmp)
+            os.link(src, tmp)
     except OSError:  # other filesystem, or links not supported: copy the bytes
         write_atomic(dst, data if data is not None else Path(src).read_bytes())
         return False
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        _unlink(tmp)
-        raise
     return True
 
 

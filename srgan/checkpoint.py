@@ -11,7 +11,6 @@ Both are written under a temporary name and renamed, so a kill never leaves half
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,10 @@ import torch
 from torch import nn
 
 from crappify.errors import CrappifyError
+from crappify.imageio import replacing
 
 FORMAT = "crappify-generator/1"
 IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def save_generator(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -41,12 +37,8 @@ def save_generator(model: nn.Module, path: str | Path, extra: dict[str, Any] | N
             "extra": json.dumps(extra or {})}
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
-    tmp = _tmp(path)
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp:
+        save_file(state, tmp, metadata=meta)
 
 
 def read_generator_meta(path: str | Path) -> dict[str, Any]:
@@ -99,12 +91,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Atomically write a training checkpoint (tensors, numbers, strings, lists and dicts only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
+    with replacing(path) as tmp:
         torch.save(plain(state), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
