@@ -220,6 +220,19 @@ def demo_cmd(output: str, workers: int | None) -> None:
     click.echo(f"preview grid ({name}, preset {cfg.preset}): {grid_path}")
 
 
+def _add_commands() -> None:
+    """Commands of the later stages live in their own modules (GAN training, inference, pipelines); each
+    module lists its click commands in `COMMANDS` and imports heavy libraries only inside them."""
+    from crappify import cli_gan, cli_infer, cli_run
+
+    for module in (cli_gan, cli_infer, cli_run):
+        for command in module.COMMANDS:
+            app.add_command(command)
+
+
+_add_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and an exit status."""
     try:
@@ -244,8 +257,6 @@ def main(argv: list[str] | None = None) -> None:
 def _fail(message: str, code: int) -> None:
     click.echo(f"crappify: error: {message}", err=True)
     sys.exit(code)
-
-
 
 if __name__ == "__main__":
     main()
