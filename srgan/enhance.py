@@ -1,0 +1,212 @@
+"""`crappify enhance`: run a trained generator over photos (files and folders) with tiled inference.
+
+Inputs are read like `build-dataset` reads them (EXIF orientation applied, 16-bit scaled by 1/257,
+palette expanded, CMYK converted), except that transparency is kept apart instead of composited: the
+RGB channels are enhanced and the alpha channel is resized (bicubic) to the output size and put back.
+Greyscale photos come out greyscale. Outputs keep their names and sub-folders (formats that cannot be
+written, e.g. GIF, become PNG), are written under a temporary name and renamed, and an existing output
+is left alone unless `overwrite`. A file that cannot be read is reported and skipped; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from crappify.errors import ConfigError, CrappifyError
+from crappify.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, decode, is_temp_name, write_atomic
+from srgan.inference import TiledInference
+
+WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+            ".tiff": "TIFF"}
+ALPHA_WRITABLE = {".png", ".webp", ".tif", ".tiff"}
+GREY_MODES = {"L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "LA", "La"}
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+@dataclass
+class Loaded:
+    """A decoded input: upright RGB pixels, the alpha channel if it has one, and whether it is greyscale."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None = None
+    grey: bool = False
+
+
+@dataclass
+class EnhanceResult:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # output already there
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # input, reason
+    notes: list[str] = field(default_factory=list)
+
+
+def read_input(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded:
+    """Decode a photo for enhancement; raises ImageError with a short reason for unusable files."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                mode, info = img.mode, dict(img.info)
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except Exception:
+        return Loaded(decode(path, max_pixels))  # decode gives the precise reason (or reads what Pillow can't)
+    grey = mode in GREY_MODES
+    transparent = mode in ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in info)
+    if not transparent:
+        rgb = decode(path, max_pixels)
+        return Loaded(rgb, None, grey)
+    return _read_with_alpha(Path(path), grey, max_pixels)
+
+
+def _read_with_alpha(path: Path, grey: bool, max_pixels: int) -> Loaded:
+    """RGB (not composited) + alpha, upright; 16-bit RGBA PNGs through OpenCV (Pillow keeps 8 bits)."""
+    decode(path, max_pixels)  # the same checks and error messages as every other input (bombs, truncation)
+    with Image.open(path) as img:
+        deep = any("16" in str(t[3]) for t in img.tile)
+        if deep and img.format == "PNG" and img.getexif().get(0x0112, 1) == 1:
+            arr = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
+            if arr is not None and arr.ndim == 3 and arr.shape[2] == 4:
+                x = np.clip(np.rint(arr.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
+                return Loaded(np.ascontiguousarray(x[..., 2::-1]), np.ascontiguousarray(x[..., 3]), grey)
+        img = ImageOps.exif_transpose(img)
+        rgba = np.asarray(img.convert("RGBA"))
+    return Loaded(np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3]), grey)
+
+
+def output_path(rel: Path, alpha: bool) -> Path:
+    """Where an input's result goes (relative): same name, PNG where the format cannot hold the result."""
+    ext = rel.suffix.lower()
+    if ext not in WRITABLE or (alpha and ext not in ALPHA_WRITABLE):
+        return rel.with_suffix(".png")
+    return rel
+
+
+def encode_output(img: np.ndarray, alpha: np.ndarray | None, grey: bool, ext: str, quality: int = 95) -> bytes:
+    """Encode an enhanced image: greyscale as L, alpha re-attached (LA/RGBA), format from the extension."""
+    if grey:
+        pixels = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        pil = Image.fromarray(np.dstack([pixels, alpha]), "LA") if alpha is not None else Image.fromarray(pixels, "L")
+    else:
+        pil = Image.fromarray(np.dstack([img, alpha]), "RGBA") if alpha is not None else Image.fromarray(img, "RGB")
+    fmt = WRITABLE[ext.lower()]
+    if pil.mode == "LA" and fmt in ("WEBP",):
+        pil = pil.convert("RGBA")
+    buf = io.BytesIO()
+    kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    if fmt == "PNG":
+        kwargs["compress_level"] = 1
+    pil.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def collect_inputs(inputs: Iterable[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
+    """(input file, output path relative to OUTDIR) for files and folders (recursive, sorted).
+
+    A file keeps its name; a folder's images keep their path inside that folder. Files inside OUTDIR,
+    hidden temporary files and non-image extensions inside folders are left out.
+    """
+    out_dir = Path(out_dir).resolve()
+    items: list[tuple[Path, Path]] = []
+    for raw in inputs:
+        src = Path(raw)
+        if src.is_file():
+            items.append((src, Path(src.name)))
+        elif src.is_dir():
+            for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+                here = Path(dirpath)
+                if here.resolve() == out_dir or out_dir in here.resolve().parents:
+                    dirnames[:] = []
+                    continue
+                dirnames.sort()
+                for name in sorted(filenames):
+                    if is_temp_name(name) or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    path = here / name
+                    items.append((path, path.relative_to(src)))
+        else:
+            raise CrappifyError(f"input not found: {src}")
+    return items
+
+
+def enhance_image(engine: TiledInference, loaded: Loaded, scale: int,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Enhanced RGB (size × `scale`) and the alpha resized to match.
+
+    A U-Net (scale 1 inside the model) gets the image resized by `scale` first (bicubic), as in training;
+    an SR model's own scale must be `scale`.
+    """
+    rgb = loaded.rgb
+    h, w = rgb.shape[:2]
+    size = (w * scale, h * scale)
+    if engine.scale == 1 and scale != 1:
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC)
+    out = engine(rgb, progress)
+    alpha = loaded.alpha
+    if alpha is not None and scale != 1:
+        alpha = cv2.resize(alpha, size, interpolation=cv2.INTER_CUBIC)
+    return out, alpha
+
+
+def resolve_scale(engine: TiledInference, scale: int | None, default_unet_scale: int = 1) -> int:
+    """The output/input ratio: an SR model's own scale; for U-Nets `scale` or the model file's recorded one."""
+    if engine.scale != 1:
+        if scale not in (None, engine.scale):
+            raise ConfigError(f"this model upsamples by {engine.scale}; --scale {scale} cannot be used with it")
+        return engine.scale
+    scale = default_unet_scale if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ConfigError(f"--scale must be a positive integer, got {scale!r}")
+    return scale
+
+
+def enhance_files(engine: TiledInference, items: list[tuple[Path, Path]], out_dir: str | Path, scale: int,
+                  overwrite: bool = False, progress: bool = True, jpeg_quality: int = 95,
+                  report: Callable[[str], None] | None = None) -> EnhanceResult:
+    """Enhance every (input, relative output) pair into OUTDIR; see the module docstring for the rules."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    result = EnhanceResult()
+    seen: dict[Path, Path] = {}
+    say = report or (lambda _msg: None)
+    bar = tqdm(items, unit="img", disable=not progress, dynamic_ncols=True)
+    for src, rel in bar:
+        bar.set_postfix_str(rel.as_posix()[-40:])
+        try:
+            loaded = read_input(src)
+        except ImageError as exc:
+            result.failed.append((src, str(exc)))
+            say(f"skipped {src}: {exc}")
+            continue
+        dst = out_dir / output_path(rel, loaded.alpha is not None)
+        if dst in seen:
+            reason = f"same output {dst} as {seen[dst]}"
+            result.failed.append((src, reason))
+            say(f"skipped {src}: {reason}")
+            continue
+        seen[dst] = src
+        if dst.exists() and not overwrite:
+            result.skipped.append(dst)
+            continue
+
+        def tiles(done: int, total: int, _bar=bar, _rel=rel) -> None:
+            if total > 1:
+                _bar.set_postfix_str(f"{_rel.as_posix()[-30:]} tile {done}/{total}")
+
+        out, alpha = enhance_image(engine, loaded, scale, tiles)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dst, encode_output(out, alpha, loaded.grey, dst.suffix, jpeg_quality))
+        result.written.append(dst)
+    bar.close()
+    result.notes = list(engine.notes)
+    return result

@@ -1,0 +1,322 @@
+"""`crappify evaluate`: PSNR / SSIM (and LPIPS when its weights are local) of generators on a built dataset.
+
+Stated the way super-resolution papers state them: on 8-bit images, on RGB (mean over channels) and on
+the Y channel (ITU-R BT.601, 16–235, MATLAB's `rgb2ycbcr`), with a border of `scale` pixels cropped on
+every side; SSIM with an 11×11 Gaussian window (σ 1.5), as in Wang et al. and torchmetrics; PSNR capped
+at 100 dB so identical images stay finite. Always beside a baseline: the bicubic upscale of the LR
+(Pillow's BICUBIC, Keys a = −0.5 like MATLAB's `imresize`), or the LR itself when LR and HR have the
+same size. Several models compare side by side.
+
+Writes REPORT/metrics.csv (one row per image and method), REPORT/report.md (mean ± std per metric and
+method, and the gain over the baseline) and REPORT/grids/<id>.png (LR | baseline | model(s) | HR).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from crappify.errors import ConfigError, CrappifyError
+from crappify.imageio import decode, save_image_atomic, write_atomic
+
+PSNR_CAP = 100.0
+METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "lpips")
+LABELS = {"psnr_y": "PSNR-Y (dB)", "ssim_y": "SSIM-Y", "psnr_rgb": "PSNR-RGB (dB)", "ssim_rgb": "SSIM-RGB",
+          "lpips": "LPIPS ↓"}
+LPIPS_WEIGHTS = {"alex": ("alexnet", "AlexNet_Weights.IMAGENET1K_V1"), "vgg": ("vgg16", "VGG16_Weights.IMAGENET1K_V1"),
+                 "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights.IMAGENET1K_V1")}
+
+
+class EvaluateConfig(BaseModel):
+    """Options of `crappify evaluate` (also the keys of its `--config` YAML file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str
+    models: list[str] = Field(min_length=1, description="generator.safetensors files (or run folders holding one)")
+    out: str
+    names: list[str] | None = Field(None, description="labels for the models (default: run folder or file name)")
+    split: str | None = Field(None, description="default: test, else valid")
+    limit: int | None = Field(None, ge=1, description="evaluate the first N pairs only")
+    grids: int = Field(4, ge=0, description="comparison grids for the first N pairs")
+    tile: int | None = Field(None, ge=0)
+    overlap: int | None = Field(None, ge=0)
+    batch: int | None = Field(None, ge=1)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    lpips: bool = True
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+
+
+# -------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def rgb_to_y(img: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of an 8-bit RGB image in 16..235 (float64), as MATLAB's rgb2ycbcr."""
+    x = img.astype(np.float64) / 255.0
+    return 16.0 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]
+
+
+def _tensor(img: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float64))
+    return (t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]).contiguous()
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """PSNR in dB (torchmetrics), capped at PSNR_CAP for identical images."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    value = float(peak_signal_noise_ratio(_tensor(a), _tensor(b), data_range=data_range))
+    return min(value, PSNR_CAP) if not math.isnan(value) else PSNR_CAP
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """SSIM (torchmetrics: Gaussian 11×11, σ 1.5, K1 0.01, K2 0.03), mean over channels."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return float(structural_similarity_index_measure(_tensor(a), _tensor(b), data_range=data_range))
+
+
+def crop_border(img: np.ndarray, border: int) -> np.ndarray:
+    return img[border:-border, border:-border] if border > 0 else img
+
+
+def image_metrics(pred: np.ndarray, hr: np.ndarray, border: int) -> dict[str, float]:
+    """PSNR and SSIM on RGB and on Y, `border` px cropped from every side, of two 8-bit RGB images."""
+    if pred.shape != hr.shape:
+        raise ValueError(f"prediction {pred.shape} and target {hr.shape} differ in size")
+    p, t = crop_border(pred, border), crop_border(hr, border)
+    py, ty = rgb_to_y(p), rgb_to_y(t)
+    return {"psnr_rgb": psnr(p, t), "ssim_rgb": ssim(p, t), "psnr_y": psnr(py, ty), "ssim_y": ssim(py, ty)}
+
+
+def lpips_model(net: str = "alex", device: torch.device | str = "cpu") -> tuple[Any | None, str | None]:
+    """(LPIPS network, None) when the backbone's ImageNet weights are in torchvision's cache, else (None, reason).
+
+    The linear heads ship inside torchmetrics; the backbone (AlexNet by default) comes from the local cache
+    only — nothing is downloaded.
+    """
+    from srgan.weights import torchvision_cache_path, torchvision_state_dict
+
+    tv_name, weights_name = LPIPS_WEIGHTS[net]
+    path = torchvision_cache_path(weights_name)
+    if not path.is_file():
+        return None, (f"{weights_name} weights not found at {path} (put the file there to enable LPIPS; "
+                      "nothing is downloaded)")
+    try:
+        import torchvision
+        from torchmetrics.functional.image.lpips import _LPIPS
+
+        model = _LPIPS(pretrained=True, net=net, pnet_rand=True)  # linear heads from torchmetrics, backbone random
+        backbone = getattr(torchvision.models, tv_name)(weights=None)
+        backbone.load_state_dict(torchvision_state_dict(weights_name))
+        for sl in model.net.children():
+            for idx, sub in sl.named_children():
+                sub.load_state_dict(backbone.features[int(idx)].state_dict())
+    except Exception as exc:  # corrupt weights file, torchmetrics internals changed
+        return None, f"LPIPS could not be built: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return model.to(device).eval(), None
+
+
+@torch.inference_mode()
+def lpips_distance(model: Any, a: np.ndarray, b: np.ndarray, device: torch.device | str = "cpu") -> float:
+    """LPIPS between two 8-bit RGB images (lower is closer)."""
+    def prep(img: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().to(device) / 127.5 - 1.0
+
+    return float(model(prep(a), prep(b)).mean())
+
+
+# -------------------------------------------------------------------------------------------------------
+# the command
+
+
+def model_file(path: str | Path) -> Path:
+    """A generator file, or a run folder holding `generator.safetensors`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "generator.safetensors"
+    if not path.is_file():
+        raise CrappifyError(f"model file not found: {path}")
+    return path
+
+
+def model_names(paths: list[Path], names: list[str] | None) -> list[str]:
+    """Labels for models: given names, else the run folder's name (or the file's stem), made unique."""
+    if names is not None:
+        if len(names) != len(paths):
+            raise ConfigError(f"{len(names)} names for {len(paths)} models")
+        return list(names)
+    out: list[str] = []
+    for p in paths:
+        base = p.parent.name if p.name == "generator.safetensors" and p.parent.name else p.stem
+        name, k = base, 2
+        while name in out or name in ("bicubic", "input"):
+            name, k = f"{base}-{k}", k + 1
+        out.append(name)
+    return out
+
+
+def bicubic(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Upscale with Pillow's bicubic (a = −0.5, MATLAB's imresize kernel); size is (width, height)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(lr).resize(size, Image.Resampling.BICUBIC))
+
+
+def _model_input(engine: Any, lr: np.ndarray, hr_size: tuple[int, int]) -> np.ndarray:
+    """A U-Net gets the LR resized (OpenCV bicubic, as in training) to the HR size; an SR model the LR."""
+    if engine.scale == 1 and (lr.shape[1], lr.shape[0]) != hr_size:
+        return cv2.resize(lr, hr_size, interpolation=cv2.INTER_CUBIC)
+    return lr
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
+    """Run the evaluation `cfg` describes; returns the path of REPORT/report.md."""
+    from tqdm.auto import tqdm
+
+    from crappify.preview import grid
+    from srgan.data import read_dataset
+    from srgan.inference import load_inference
+    from srgan.train import resolve_device
+
+    device = resolve_device(cfg.device)
+    pairs_by_split, data_cfg = read_dataset(cfg.data)
+    split = cfg.split or ("test" if pairs_by_split.get("test") else "valid")
+    pairs = pairs_by_split.get(split, [])
+    if not pairs:
+        raise CrappifyError(f"{cfg.data} has no pairs in split {split!r} (has: {', '.join(sorted(pairs_by_split))})")
+    pairs = pairs[: cfg.limit] if cfg.limit else pairs
+    paths = [model_file(m) for m in cfg.models]
+    names = model_names(paths, cfg.names)
+    engines = [load_inference(p, device, precision=cfg.precision, tile=cfg.tile, overlap=cfg.overlap,
+                              batch=cfg.batch, on_note=lambda _t: None) for p in paths]
+    lpips_net, lpips_reason = (lpips_model(cfg.lpips_net, device) if cfg.lpips
+                               else (None, "switched off (--no-lpips)"))
+    out = Path(cfg.out)
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    data_scale = data_cfg.get("scale")
+    rows: list[dict[str, Any]] = []
+    borders: set[int] = set()
+    baseline_names: set[str] = set()
+    grid_files: list[str] = []
+    for index, pair in enumerate(tqdm(pairs, unit="img", disable=not progress, dynamic_ncols=True)):
+        lr, hr = decode(pair.lr), decode(pair.hr)
+        h, w = hr.shape[:2]
+        same = lr.shape[:2] == hr.shape[:2]
+        border = int(data_scale) if data_scale else max(1, round(w / lr.shape[1]))
+        borders.add(border)
+        base_name = "input" if same else "bicubic"
+        baseline_names.add(base_name)
+        results = [(base_name, lr if same else bicubic(lr, (w, h)))]
+        for name, engine, path in zip(names, engines, paths, strict=True):
+            pred = engine(_model_input(engine, lr, (w, h)))
+            if pred.shape != hr.shape:
+                raise CrappifyError(f"{path}: output {pred.shape[1]}x{pred.shape[0]} for {pair.id} does not match the "
+                                    f"HR {w}x{h} (the model upsamples by {engine.scale}; is it for this dataset?)")
+            results.append((name, pred))
+        for name, pred in results:
+            row: dict[str, Any] = {"id": pair.id, "method": name, **image_metrics(pred, hr, border)}
+            row["lpips"] = lpips_distance(lpips_net, pred, hr, device) if lpips_net is not None else float("nan")
+            rows.append(row)
+        if index < cfg.grids:
+            tiles = [(f"LR {lr.shape[1]}x{lr.shape[0]}", lr), *results, (f"HR {w}x{h}", hr)]
+            save_image_atomic(out / "grids" / f"{pair.id}.png",
+                              grid(tiles, height=min(256, max(64, h)), columns=len(tiles)))
+            grid_files.append(f"{pair.id}.png")
+    _write_csv(out / "metrics.csv", rows)
+    report = out / "report.md"
+    write_atomic(report, _report_md(cfg, split, pairs, names, paths, engines, rows, sorted(borders),
+                                    sorted(baseline_names), lpips_reason, grid_files))
+    return report
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["id", "method", *METRICS], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
+                             round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
+    write_atomic(path, buf.getvalue())
+
+
+def summarise(rows: list[dict[str, Any]], baseline: str) -> tuple[dict[str, dict[str, tuple[float, float]]],
+                                                                 dict[str, dict[str, tuple[float, float]]]]:
+    """Per method and metric: (mean, std); and per method the gain over `baseline` (mean, std of per-image
+    differences). NaN metrics (LPIPS when unavailable) are left out."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["id"], r["method"]): r for r in rows}
+    ids = list(dict.fromkeys(r["id"] for r in rows))
+    summary: dict[str, dict[str, tuple[float, float]]] = {}
+    gains: dict[str, dict[str, tuple[float, float]]] = {}
+    for m in methods:
+        summary[m], gains[m] = {}, {}
+        for k in METRICS:
+            vals = [by[(i, m)][k] for i in ids if (i, m) in by and not math.isnan(by[(i, m)][k])]
+            if vals:
+                summary[m][k] = _stats(vals)
+            diffs = [by[(i, m)][k] - by[(i, baseline)][k] for i in ids
+                     if (i, m) in by and (i, baseline) in by
+                     and not math.isnan(by[(i, m)][k]) and not math.isnan(by[(i, baseline)][k])]
+            if diffs and m != baseline:
+                gains[m][k] = _stats(diffs)
+    return summary, gains
+
+
+def _fmt(k: str, v: tuple[float, float] | None, signed: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    digits = 2 if k.startswith("psnr") else 4
+    sign = "+" if signed else ""
+    return f"{v[0]:{sign}.{digits}f} ± {v[1]:.{digits}f}"
+
+
+def _report_md(cfg: EvaluateConfig, split: str, pairs: list, names: list[str], paths: list[Path], engines: list,
+               rows: list[dict[str, Any]], borders: list[int], baselines: list[str], lpips_reason: str | None,
+               grids: list[str]) -> str:
+    baseline = "bicubic" if "bicubic" in baselines else baselines[0]
+    summary, gains = summarise(rows, baseline)
+    crop = ", ".join(str(b) for b in borders)
+    lines = [f"# Evaluation of {', '.join(names)} on {cfg.data}", "",
+             f"- split: `{split}`, {len(pairs)} image pairs",
+             f"- metrics on 8-bit images, border of **{crop} px** (the scale) cropped on every side; "
+             "**Y** = ITU-R BT.601 luma (16–235, MATLAB `rgb2ycbcr`), **RGB** = mean over the 3 channels; "
+             f"SSIM with an 11×11 Gaussian window (σ 1.5); PSNR capped at {PSNR_CAP:.0f} dB",
+             "- baseline: " + ("bicubic upscale of the LR (Pillow BICUBIC, a = −0.5 as MATLAB `imresize`)"
+                               if "bicubic" in baselines else "") +
+             (" / " if len(baselines) > 1 else "") +
+             ("the LR itself (same size as the HR)" if "input" in baselines else ""),
+             "- LPIPS: " + (f"{cfg.lpips_net} backbone, lower is better" if lpips_reason is None
+                            else f"n/a — {lpips_reason}"), ""]
+    for name, path, engine in zip(names, paths, engines, strict=True):
+        spec = getattr(engine.model, "crappify_spec", {})
+        lines.append(f"- `{name}`: {path} ({spec.get('arch', '?')}, model scale ×{engine.scale}, "
+                     f"tile {engine.tile or 'none'}, {engine.precision})")
+    header = "| method | " + " | ".join(LABELS[k] for k in METRICS) + " |"
+    rule = "| --- |" + " --- |" * len(METRICS)
+    lines += ["", "## Mean ± std over images", "", header, rule]
+    for m, stats in summary.items():
+        lines.append(f"| {m} | " + " | ".join(_fmt(k, stats.get(k)) for k in METRICS) + " |")
+    lines += ["", f"## Gain over {baseline} (mean ± std of per-image differences)", "", header, rule]
+    for m, stats in gains.items():
+        if m != baseline:
+            lines.append(f"| {m} | " + " | ".join(_fmt(k, stats.get(k), signed=True) for k in METRICS) + " |")
+    if grids:
+        lines += ["", "## Comparison grids", "", f"LR | {baseline} | {' | '.join(names)} | HR: "
+                  + ", ".join(f"[{g}](grids/{g})" for g in grids)]
+    return "\n".join(lines) + "\n"

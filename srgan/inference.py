@@ -1,0 +1,287 @@
+"""Tiled inference: run a generator on an image of any size with memory bounded by the tile size.
+
+The image (HWC uint8, held on the CPU) is padded by reflection to what the model needs (a multiple of 32
+for U-Nets, whose encoder downsamples 32x; nothing for SRResNet) and cut into equal, overlapping tiles
+whose origins are multiples of that step, so every tile sees the same pooling grid as the whole image
+would. Tiles go through the model in batches; their outputs are blended with separable raised-cosine
+ramps over the overlaps (weights normalised to sum to 1, so there are no seams), row of tiles by row of
+tiles into a float strip on the device; finished rows are rounded into the uint8 output. So memory is
+the model on one batch of tiles plus one strip of output — not the image's pixel count squared, which
+is what the U-Net's self-attention layer would need on a whole large photo.
+
+Out of memory → the batch, then the tile, is halved and the image redone. Reduced precision (bf16/fp16
+autocast) falls back to fp32 where the device does not support it, and a batch whose output holds NaN or
+inf is recomputed in fp32 (and fp32 is kept from then on).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from crappify.errors import ConfigError, CrappifyError
+from srgan.data import Normalizer
+from srgan.models import is_unet
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_TILE = 512  # output pixels per tile side; SR models take tile // scale input pixels
+MIN_TILE = 32
+UNET_MULTIPLE = 32
+
+Progress = Callable[[int, int], None]
+
+
+def model_scale(model: nn.Module) -> int:
+    """Output size / input size of a generator built here (1 for U-Nets)."""
+    return 1 if is_unet(model) else int(getattr(model, "crappify_spec", {}).get("scale", 1))
+
+
+def model_multiple(model: nn.Module) -> int:
+    """What the input's height and width must be a multiple of (32 for U-Nets, 1 otherwise)."""
+    return UNET_MULTIPLE if is_unet(model) else 1
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception is an out-of-memory error (CUDA, CPU allocator, MPS)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def resolve_inference_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """(precision to use, a note when the request could not be honoured).
+
+    auto: bf16 on GPUs that have it (fp16 on older ones), bf16 on CPUs with native bf16, else fp32.
+    fp16 needs CUDA and bf16 needs a GPU or CPU that supports it; otherwise fp32 with a note.
+    """
+    if requested not in PRECISIONS:
+        raise ConfigError(f"unknown precision {requested!r}; valid: {', '.join(PRECISIONS)}")
+    cuda = device.type == "cuda"
+    cpu_bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if requested == "auto":
+        if cuda:
+            return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
+        return ("bf16" if cpu_bf16 else "fp32"), None
+    if requested == "fp16" and not cuda:
+        return "fp32", f"fp16 is not supported on {device.type}; using fp32"
+    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        return "fp32", "this GPU does not support bf16; using fp32"
+    if requested == "bf16" and device.type not in ("cpu", "cuda"):
+        return "fp32", f"bf16 is not supported on {device.type}; using fp32"
+    return requested, None
+
+
+def tile_origins(length: int, tile: int, stride: int) -> list[int]:
+    """Start positions of tiles of `tile` px covering [0, length): every `stride`, the last flush with the end."""
+    if tile >= length:
+        return [0]
+    origins = list(range(0, length - tile, stride))
+    origins.append(length - tile)
+    return origins
+
+
+def _ramp(n: int) -> torch.Tensor:
+    """n weights rising smoothly (raised cosine) from near 0 to near 1, all > 0."""
+    t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return 0.5 - 0.5 * torch.cos(math.pi * t)
+
+
+def axis_weights(origins: list[int], tile: int, length: int, ramp: int) -> list[torch.Tensor]:
+    """Per-tile 1-D blending weights along one axis, normalised so they sum to 1 at every position.
+
+    A tile ramps up over `ramp` px on a side where a neighbour overlaps it; image borders get weight 1.
+    Because the tiles form a full grid, 2-D weights are outer products and stay normalised.
+    """
+    raw = []
+    total = torch.zeros(length, dtype=torch.float64)
+    for i, o in enumerate(origins):
+        w = torch.ones(tile, dtype=torch.float64)
+        r = min(ramp, tile // 2)
+        if r > 0 and i > 0:
+            w[:r] *= _ramp(r)
+        if r > 0 and i < len(origins) - 1:
+            w[tile - r:] *= _ramp(r).flip(0)
+        raw.append(w)
+        total[o:o + tile] += w
+    return [(w / total[o:o + tile]).float() for w, o in zip(raw, origins, strict=True)]
+
+
+@dataclass
+class TiledInference:
+    """A generator ready for images of any size. Call it on an HWC uint8 RGB array at the model's input size.
+
+    `tile`: tile side in input pixels (None: 512 output pixels, i.e. 512 // scale input pixels; 0: the whole
+    image in one piece). `overlap`: input pixels shared by neighbouring tiles (None: tile // 8). Both are
+    rounded up to what the model needs. `batch`: tiles per forward pass (None: 4 on CUDA, 1 elsewhere).
+    """
+
+    model: nn.Module
+    device: torch.device | str = "cpu"
+    precision: str = "fp32"
+    tile: int | None = None
+    overlap: int | None = None
+    batch: int | None = None
+    normalizer: Normalizer = field(default_factory=Normalizer)
+    channels_last: bool = False
+    notes: list[str] = field(default_factory=list)
+    on_note: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.model = self.model.to(self.device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.scale = model_scale(self.model)
+        self.multiple = model_multiple(self.model)
+        self.precision, note = resolve_inference_precision(self.precision, self.device)
+        if note:
+            self._note(note)
+        if self.tile is None:
+            self.tile = max(MIN_TILE, DEFAULT_TILE // self.scale)
+        if self.tile < 0 or (self.overlap is not None and self.overlap < 0):
+            raise ConfigError(f"tile and overlap must be >= 0, got {self.tile} and {self.overlap}")
+        if self.tile:
+            self.tile = max(_round_up(self.tile, self.multiple), 2 * self.multiple, 8)
+        if self.batch is None:
+            self.batch = 4 if self.device.type == "cuda" else 1
+        if self.batch < 1:
+            raise ConfigError(f"tile batch must be >= 1, got {self.batch}")
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        if self.on_note is not None:
+            self.on_note(text)
+        else:
+            warnings.warn(text, stacklevel=3)
+
+    def _overlap(self, tile: int) -> int:
+        """Overlap for `tile`: as asked (default tile // 8), a multiple of the model's step, < tile."""
+        ov = tile // 8 if self.overlap is None else self.overlap
+        ov = _round_up(ov, self.multiple)
+        return min(ov, tile - self.multiple) if tile > self.multiple else 0
+
+    def __call__(self, img: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+        """HWC uint8 RGB → HWC uint8 RGB, `scale` times larger; retries with smaller batches/tiles on OOM."""
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"expected an HWC uint8 RGB array, got shape {img.shape} dtype {img.dtype}")
+        while True:
+            try:
+                return self._run(img, progress)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                self._shrink(img)
+
+    def _shrink(self, img: np.ndarray) -> None:
+        """After an out-of-memory error: halve the batch, else the tile; give up below the smallest tile."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch > 1:
+            self.batch //= 2
+            self._note(f"out of memory: retrying with {self.batch} tile(s) per batch")
+            return
+        current = self.tile or max(img.shape[:2])
+        smaller = max(_round_up(current // 2, self.multiple), 2 * self.multiple, MIN_TILE)
+        if smaller >= current:
+            raise CrappifyError(f"out of memory on {self.device} even with {current} px tiles; "
+                                "free memory or use another device") from None
+        self.tile = smaller
+        self._note(f"out of memory: retrying with {smaller} px tiles")
+
+    @torch.inference_mode()
+    def _run(self, img: np.ndarray, progress: Progress | None) -> np.ndarray:
+        h, w = img.shape[:2]
+        s, m = self.scale, self.multiple
+        hp, wp = _round_up(h, m), _round_up(w, m)
+        padded = _pad_reflect(img, hp - h, wp - w)
+        th, tw = (min(self.tile, hp), min(self.tile, wp)) if self.tile else (hp, wp)
+        ov = self._overlap(min(th, tw)) if self.tile else 0
+        stride_h, stride_w = max(th - ov, m), max(tw - ov, m)
+        ys, xs = tile_origins(hp, th, stride_h), tile_origins(wp, tw, stride_w)
+        wy = [t.to(self.device) for t in axis_weights([y * s for y in ys], th * s, hp * s, ov * s)]
+        wx = [t.to(self.device) for t in axis_weights([x * s for x in xs], tw * s, wp * s, ov * s)]
+        out = np.empty((h * s, w * s, 3), np.uint8)
+        strip = torch.zeros(3, th * s, wp * s, device=self.device)
+        total, done = len(ys) * len(xs), 0
+        prev = None
+        for i, y in enumerate(ys):
+            if prev is not None:
+                shift = (y - prev) * s
+                self._flush(out, strip[:, :shift], prev * s)
+                strip = torch.cat([strip[:, shift:], torch.zeros(3, shift, wp * s, device=self.device)], dim=1)
+            for start in range(0, len(xs), self.batch):
+                cols = list(range(start, min(start + self.batch, len(xs))))
+                batch = np.stack([padded[y:y + th, xs[j]:xs[j] + tw] for j in cols])
+                pred = self._forward(batch)  # (B, 3, th*s, tw*s) in 0..255
+                for k, j in enumerate(cols):
+                    x = xs[j] * s
+                    strip[:, :, x:x + tw * s] += pred[k] * wy[i][None, :, None] * wx[j][None, None, :]
+                done += len(cols)
+                if progress is not None:
+                    progress(done, total)
+            prev = y
+        self._flush(out, strip, prev * s)
+        return out
+
+    def _flush(self, out: np.ndarray, rows: torch.Tensor, top: int) -> None:
+        """Round finished strip rows (3, n, W) into `out` from row `top`, clipped to the unpadded size."""
+        n = min(rows.shape[1], out.shape[0] - top)
+        if n <= 0:
+            return
+        u8 = rows[:, :n, : out.shape[1]].round().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        out[top:top + n] = u8.cpu().numpy()
+
+    def _forward(self, batch: np.ndarray) -> torch.Tensor:
+        """A batch of uint8 NHWC tiles → model output in 0..255 float32 (NCHW), NaN-checked."""
+        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+        x = self.normalizer.normalize(x)
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+        y = self._model(x, self.precision)
+        if self.precision != "fp32" and not torch.isfinite(y).all():
+            self._note(f"{self.precision} gave NaN/inf outputs; recomputing in fp32 (and keeping fp32)")
+            self.precision = "fp32"
+            y = self._model(x, "fp32")
+        if not torch.isfinite(y).all():
+            raise CrappifyError("the model produced NaN/inf outputs even in fp32; the generator file is broken")
+        return self.normalizer.denormalize(y) * 255.0
+
+    def _model(self, x: torch.Tensor, precision: str) -> torch.Tensor:
+        if precision == "fp32":
+            return self.model(x).float()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        with torch.autocast(self.device.type, dtype=dtype):
+            return self.model(x).float()
+
+
+def load_inference(path: str | Path, device: torch.device | str = "cpu", **options) -> TiledInference:
+    """A TiledInference for a `generator.safetensors` file (no loss networks, no pretrained downloads)."""
+    from srgan.checkpoint import load_generator, read_generator_meta
+
+    meta = read_generator_meta(path)
+    stats = meta.get("normalization")
+    normalizer = Normalizer(tuple(stats)) if stats else Normalizer()
+    return TiledInference(load_generator(path, device), device=device, normalizer=normalizer, **options)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pad_reflect(img: np.ndarray, ph: int, pw: int) -> np.ndarray:
+    """Pad bottom/right by reflection (edge replication for 1-px sides, where reflection is undefined)."""
+    if not ph and not pw:
+        return img
+    h, w = img.shape[:2]
+    mode_h = "reflect" if h > 1 else "edge"
+    mode_w = "reflect" if w > 1 else "edge"
+    if mode_h == mode_w:
+        return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode=mode_h)
+    return np.pad(np.pad(img, ((0, ph), (0, 0), (0, 0)), mode=mode_h), ((0, 0), (0, pw), (0, 0)), mode=mode_w)
