@@ -124,12 +124,14 @@ def reference(data: Path, size: int, bs: int, device: str):
     return summary(timer, bs)
 
 
-def ours(data: Path, run: Path, size: int, bs: int, device: str, precision: str = "auto"):
+def ours(data: Path, run: Path, size: int, bs: int, device: str, precision: str = "auto",
+         workers: int | None = None):
     from srgan.train import Trainer, TrainGenConfig
 
     timer = step_timer()
     cfg = TrainGenConfig(data=str(data), out=str(run), arch="unet-resnet34", loss="feature", pretrained=False,
-                         size=size, bs=bs, epochs=1, device=device, preview_items=0, precision=precision)
+                         size=size, bs=bs, epochs=1, device=device, preview_items=0, precision=precision,
+                         num_workers=workers)
     trainer = Trainer(cfg, progress=True, cbs=[timer])
     trainer.fit()
     return summary(timer, bs), trainer.precision
@@ -142,6 +144,7 @@ def main() -> None:
     ap.add_argument("--bs", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto", help="train-gen's --precision for (b)")
+    ap.add_argument("--workers", type=int, default=None, help="train-gen data-loading workers for (b) (default: auto)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     try:
@@ -152,12 +155,15 @@ def main() -> None:
         torch.manual_seed(0)
         (ref_rate, ref_wait) = reference(data, args.size, args.bs, args.device)
         torch.manual_seed(0)
-        (our_rate, our_wait), precision = ours(data, work / "run", args.size, args.bs, args.device, args.precision)
+        (our_rate, our_wait), precision = ours(data, work / "run", args.size, args.bs, args.device, args.precision,
+                                           args.workers)
         print(f"device {args.device}, size {args.size}, bs {args.bs}, {args.n} training photos, 1 epoch, "
               "2 warm-up steps")
         print(f"(a) fastai course-style reference (fp32)  : {ref_rate:6.2f} img/s, "
               f"data wait {ref_wait * 1e3:7.1f} ms/step")
-        print(f"(b) train-gen (precision {precision:4s}, channels-last): {our_rate:6.2f} img/s, "
+        workers = "auto" if args.workers is None else args.workers
+        print(f"(b) train-gen (precision {precision:4s}, channels-last, workers {workers}): "
+              f"{our_rate:6.2f} img/s, "
               f"data wait {our_wait * 1e3:7.1f} ms/step")
         print(f"(b)/(a) = {our_rate / ref_rate:.2f}  (target >= 1.8)")
     finally:

@@ -96,7 +96,7 @@ def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str |
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
               help="Mixed precision (default auto).")
-@click.option("--workers", "num_workers", type=int, help="Data-loading worker processes (default 0).")
+@click.option("--workers", "num_workers", type=int, help="Data-loading processes (default: 8 on CUDA, 0 on CPU).")
 @click.option("--seed", type=int, help="Seed for weights init and data order (default 0).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last completed epoch.")
 @click.option("--save-preds", is_flag=True, help="Then write the generator's outputs to RUN/preds/<split>/.")

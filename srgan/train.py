@@ -63,7 +63,7 @@ class TrainGenConfig(BaseModel):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(None, ge=0, description="data-loading processes; None: 8 on CUDA, 0 on CPU")
     seed: int = Field(0, ge=0)
     preview_items: int = Field(4, ge=0)
 
