@@ -1,7 +1,125 @@
-"""`crappify enhance`, `crappify evaluate` and `crappify export`: use, measure and ship a generator."""
+"""`crappify enhance`, `crappify evaluate` and `crappify export`: use, measure and ship a generator.
+
+torch and srgan are imported inside the commands, so `crappify --help` stays fast.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import click
 
+from crappify.errors import ConfigError, CrappifyError
+
 COMMANDS: list[click.Command] = []
+
+_PRECISION = click.Choice(["auto", "fp32", "bf16", "fp16"])
+
+
+@click.command("enhance")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-m", "--model", required=True, help="generator.safetensors, or a run folder holding one.")
+@click.option("-o", "--out", "out", required=True, help="Output folder (names and sub-folders are kept).")
+@click.option("--scale", type=int, help="U-Nets: upscale factor applied before the model (default 1, same size); "
+                                        "SR models: must equal the model's own scale.")
+@click.option("--tile", type=int, help="Tile side in input px (default 512 output px; 0 = whole image).")
+@click.option("--overlap", type=int, help="Overlap of neighbouring tiles in input px (default tile/8).")
+@click.option("--batch", type=int, help="Tiles per forward pass (default 4 on CUDA, 1 on CPU).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--precision", type=_PRECISION, default="auto", show_default=True,
+              help="auto: bf16 on GPUs (fp16 on old ones), fp32 on most CPUs; falls back to fp32 where unsupported.")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that already exist (default: skip them).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None, tile: int | None,
+                overlap: int | None, batch: int | None, device: str, precision: str, quality: int, overwrite: bool,
+                quiet: bool) -> None:
+    """Enhance photos (files and/or folders, recursive) with a trained generator, tile by tile."""
+    from srgan.enhance import collect_inputs, enhance_files, resolve_scale
+    from srgan.evaluate import model_file
+    from srgan.inference import load_inference
+    from srgan.train import resolve_device
+
+    path = model_file(model)
+    items = collect_inputs(inputs, out)
+    if not items:
+        raise CrappifyError(f"no image files found in {', '.join(inputs)}")
+    engine = load_inference(path, resolve_device(device), precision=precision, tile=tile, overlap=overlap,
+                            batch=batch, on_note=lambda text: click.echo(f"crappify: note: {text}", err=True))
+    factor = resolve_scale(engine, scale)
+    res = enhance_files(engine, items, out, factor, overwrite=overwrite, progress=not quiet, jpeg_quality=quality,
+                        report=lambda text: click.echo(f"crappify: {text}", err=True))
+    text = f"enhanced {len(res.written)} image(s) (x{factor}) -> {out}"
+    if res.skipped:
+        text += f"; {len(res.skipped)} already there (--overwrite to redo)"
+    if res.failed:
+        text += f"; {len(res.failed)} could not be read"
+    if not res.written and not res.skipped and res.failed:
+        raise CrappifyError(f"no image could be enhanced: {len(res.failed)} file(s) could not be read")
+    click.echo(text)
+
+
+@click.command("evaluate")
+@click.argument("data")
+@click.option("-m", "--model", "models", multiple=True, help="Generator file or run folder; repeat to compare.")
+@click.option("-o", "--out", "out", help="Report folder (metrics.csv, report.md, grids/).")
+@click.option("--config", "config_file", type=click.Path(), help="YAML file of options (flags override it).")
+@click.option("--name", "names", multiple=True, help="Label for each -m, in order (default: run folder name).")
+@click.option("--split", help="Dataset split (default: test, else valid).")
+@click.option("--limit", type=int, help="Evaluate the first N pairs only.")
+@click.option("--grids", type=int, help="Comparison grids for the first N pairs (default 4).")
+@click.option("--tile", type=int, help="Tile side in input px (default 512 output px; 0 = whole image).")
+@click.option("--overlap", type=int, help="Overlap of neighbouring tiles in input px (default tile/8).")
+@click.option("--batch", type=int, help="Tiles per forward pass.")
+@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
+@click.option("--precision", type=_PRECISION, help="Default fp32 (metrics should not depend on the GPU).")
+@click.option("--no-lpips", "no_lpips", is_flag=True, default=None, help="Skip LPIPS even if its weights are there.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate_cmd(data: str, models: tuple[str, ...], out: str | None, config_file: str | None,
+                 names: tuple[str, ...], no_lpips: bool | None, quiet: bool, **flags: Any) -> None:
+    """PSNR/SSIM (RGB and Y) and LPIPS of generators on a built dataset, beside the bicubic baseline."""
+    from crappify.config import resolve
+    from srgan.evaluate import EvaluateConfig, evaluate
+
+    cfg = resolve(EvaluateConfig, config_file, data=data, models=list(models) or None, out=out,
+                  names=list(names) or None, lpips=False if no_lpips else None, **flags)
+    report = evaluate(cfg, progress=not quiet)
+    click.echo(f"report: {report}")
+    click.echo(_summary_table(report))
+
+
+def _summary_table(report: Path) -> str:
+    """The report's first table, for the terminal."""
+    lines = report.read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("| method")), None)
+    if start is None:
+        return ""
+    table = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        table.append(ln)
+    return "\n".join(table)
+
+
+@click.command("export")
+@click.option("-m", "--model", required=True, help="generator.safetensors, or a run folder holding one.")
+@click.option("--onnx", "onnx_out", type=click.Path(dir_okay=False), help="Write ONNX (dynamic H and W) here.")
+@click.option("--torchscript", "ts_out", type=click.Path(dir_okay=False), help="Write TorchScript (traced) here.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+def export_cmd(model: str, onnx_out: str | None, ts_out: str | None, opset: int) -> None:
+    """Export a generator for use elsewhere: float32 RGB in [0, 1] in, RGB in [0, 1] out (×scale)."""
+    from srgan.evaluate import model_file
+    from srgan.export import export_onnx, export_torchscript
+
+    if not onnx_out and not ts_out:
+        raise ConfigError("nothing to export: give --onnx OUT.onnx and/or --torchscript OUT.pt")
+    path = model_file(model)
+    if onnx_out:
+        click.echo(f"onnx: {export_onnx(path, onnx_out, opset=opset)}")
+    if ts_out:
+        click.echo(f"torchscript: {export_torchscript(path, ts_out)}")
+
+
+COMMANDS.extend([enhance_cmd, evaluate_cmd, export_cmd])
