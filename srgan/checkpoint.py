@@ -103,3 +103,54 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CrappifyError(f"no checkpoint to resume from at {path}") from None
     except Exception as exc:
         raise CrappifyError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# critics: the same self-describing safetensors layout, with their own format tag
+
+CRITIC_FORMAT = "crappify-critic/1"
+
+
+def save_critic(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write a critic's weights + rebuild recipe (`model.crappify_spec` from `srgan.critics.build_critic`)."""
+    from safetensors.torch import save_file
+
+    spec = getattr(model, "crappify_spec", None)
+    if spec is None:
+        raise ValueError("critic has no crappify_spec; build it with srgan.critics.build_critic")
+    meta = {"format": CRITIC_FORMAT, "spec": json.dumps(spec), "normalization": json.dumps(IMAGENET_STATS),
+            "extra": json.dumps(extra or {})}
+    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    with replacing(Path(path)) as tmp:
+        save_file(state, tmp, metadata=meta)
+
+
+def read_critic_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a critic file (spec, normalisation, extra), without loading tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CrappifyError(f"critic file not found: {path} (train one with `crappify train-critic`)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:
+        raise CrappifyError(f"{path} is not a safetensors file: {str(exc).splitlines()[0]}") from None
+    if meta.get("format") != CRITIC_FORMAT:
+        raise CrappifyError(f"{path} is not a crappify critic file (format {meta.get('format')!r})")
+    return {"spec": json.loads(meta["spec"]), "normalization": json.loads(meta["normalization"]),
+            "extra": json.loads(meta.get("extra", "{}"))}
+
+
+def load_critic(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a critic from its file alone, in eval mode."""
+    from safetensors.torch import load_file
+
+    from srgan.critics import build_critic
+
+    spec = read_critic_meta(path)["spec"]
+    model = build_critic(spec["arch"], **spec["options"])
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device).eval()

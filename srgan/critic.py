@@ -1,0 +1,260 @@
+"""`train-critic`: pretrain a critic to tell real HR photos from the generator's outputs (fastai course, lesson 7).
+
+Reads the dataset's HR images (label 1, real) and the run's saved generator outputs `RUN/preds/<split>/<id>.png`
+(label 0, fake; written with `srgan.predict.save_preds` first when any is missing). Each item is a random
+(train) or centre (valid) crop of `size` px, flipped at random in training. The critic is trained through a
+fastai Learner with BCE-with-logits on its patch (or per-pixel) output and a one-cycle schedule; accuracy is
+the share of output cells on the right side of 0.5. Every epoch ends with a row in `RUN/critic-history.csv` and
+a checkpoint `RUN/critic-checkpoints/last.pt` (model + optimiser + epoch); `resume` continues after the last
+completed epoch. The result is `RUN/critic.safetensors` (self-describing, like the generator file).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from crappify.errors import ConfigError, CrappifyError
+from crappify.imageio import decode, write_atomic
+from srgan.checkpoint import load_checkpoint, save_checkpoint, save_critic
+from srgan.data import Normalizer, read_dataset
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"]
+
+
+class TrainCriticConfig(BaseModel):
+    """Options of `crappify train-critic` (also the keys of its `--config` YAML file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str
+    out: str
+    arch: str = "gan-critic"
+    options: dict[str, Any] = Field(default_factory=dict, description="critic options (nf, n_blocks, ...)")
+    size: int = Field(128, ge=8)
+    bs: int = Field(8, ge=1)
+    epochs: int = Field(6, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    wd: float = Field(1e-3, ge=0)
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    num_workers: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# data
+
+
+class RealFakeDataset(torch.utils.data.Dataset):
+    """(uint8 CHW crop, label) for real HR images (1.0) and generator outputs (0.0)."""
+
+    def __init__(self, items: list[tuple[Path, float]], size: int, train: bool = True, seed: int = 0) -> None:
+        self.items, self.size, self.train, self.seed, self.epoch = items, size, train, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path, label = self.items[i]
+        img = decode(path)
+        h, w = img.shape[:2]
+        size = self.size
+        if min(h, w) < size:  # reflect-pad small images up to the crop size
+            img = np.pad(img, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="reflect")
+            h, w = img.shape[:2]
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+            flip = rng.random() < 0.5
+        else:
+            y, x, flip = (h - size) // 2, (w - size) // 2, False
+        crop = img[y:y + size, x:x + size]
+        if flip:
+            crop = crop[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1), torch.tensor(label)
+
+
+class _NormalizeImages:
+    """fastai `after_batch`: normalise the images (not the labels) on the device, optionally channels-last."""
+
+    def __init__(self, normalizer: Normalizer, channels_last: bool) -> None:
+        self.normalizer, self.channels_last = normalizer, channels_last
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.normalizer.normalize(x).contiguous(memory_format=fmt), y.float()
+
+
+def real_fake_items(data: str | Path, run: str | Path, split: str) -> list[tuple[Path, float]]:
+    """(path, label) for every pair of `split`: its HR (real) and `RUN/preds/<split>/<id>.png` (fake)."""
+    pairs = read_dataset(data)[0].get(split, [])
+    preds = Path(run) / "preds" / split
+    return [item for p in pairs for item in ((p.hr, 1.0), (preds / f"{p.id}.png", 0.0))]
+
+
+def ensure_preds(data: str | Path, run: str | Path, device: torch.device, splits: tuple[str, ...]) -> int:
+    """Write the generator's outputs for `splits` when any is missing (needs RUN/generator.safetensors)."""
+    missing = [p for s in splits for p, label in real_fake_items(data, run, s) if not label and not p.is_file()]
+    if not missing:
+        return 0
+    if not (Path(run) / "generator.safetensors").is_file():
+        raise CrappifyError(f"{run} has no generator.safetensors and {len(missing)} prediction(s) are missing from "
+                            f"{Path(run) / 'preds'}; run `crappify train-gen` first")
+    from srgan.predict import save_preds
+
+    return save_preds(run, data, device, splits=splits)
+
+
+def make_critic_dataloaders(data: str | Path, run: str | Path, size: int, bs: int, *,
+                            device: torch.device | str = "cpu", num_workers: int = 0, seed: int = 0,
+                            channels_last: bool = False, normalizer: Normalizer | None = None):
+    """fastai DataLoaders of real/fake crops: train shuffled, valid (or test) in order."""
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+
+    splits = read_dataset(data)[0]
+    valid_split = "valid" if splits.get("valid") else "test"
+    train, valid = real_fake_items(data, run, "train"), real_fake_items(data, run, valid_split)
+    if not train or not valid:
+        raise CrappifyError(f"{data} needs both a train and a valid (or test) split; has {sorted(splits)}")
+    common = {"num_workers": num_workers, "device": torch.device(device),
+              "after_batch": _NormalizeImages(normalizer or Normalizer(), channels_last)}
+    train_dl = DataLoader(RealFakeDataset(train, size, True, seed), bs=bs, shuffle=True,
+                          drop_last=len(train) >= bs, seed=seed, **common)
+    valid_dl = DataLoader(RealFakeDataset(valid, size, False, seed), bs=bs, shuffle=False, **common)
+    return DataLoaders(train_dl, valid_dl, device=torch.device(device))
+
+
+# --------------------------------------------------------------------------------------------------------
+# loss and metric on patch / per-pixel outputs
+
+
+def _expand(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Per-image labels (N,) broadcast to every output cell of `pred` (N, ...)."""
+    return target.float().view(-1, *([1] * (pred.ndim - 1))).expand_as(pred)
+
+
+def patch_bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits of every output cell against its image's label (fastai's AdaptiveLoss, any output rank)."""
+    pred = pred.float()
+    return F.binary_cross_entropy_with_logits(pred, _expand(target, pred))
+
+
+def patch_accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Share of output cells on the right side of 0.5 (fastai's accuracy_thresh_expand, any output rank)."""
+    return ((pred.float() > 0) == (_expand(target, pred) > 0.5)).float().mean()
+
+
+# --------------------------------------------------------------------------------------------------------
+# training
+
+
+def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Pretrain a critic on RUN's saved generator outputs vs the real HR images; returns RUN/critic.safetensors."""
+    import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
+    from fastai.learner import Learner
+    from fastai.metrics import AvgMetric
+    from fastai.optimizer import Adam
+
+    from srgan.critics import build_critic, min_input_size
+    from srgan.train import _callbacks, resolve_device, resolve_precision
+
+    run = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)  # critic weight init
+    model = build_critic(cfg.arch, **cfg.options)  # unknown names and options fail here
+    if cfg.size < min_input_size(cfg.arch, **cfg.options):
+        raise ConfigError(f"size {cfg.size} is too small for critic {cfg.arch!r} "
+                          f"(at least {min_input_size(cfg.arch, **cfg.options)} px)")
+    splits = read_dataset(cfg.data)[0]
+    valid_split = "valid" if splits.get("valid") else "test"
+    history: list[dict[str, Any]] = []
+    state = None
+    if resume:
+        state = load_checkpoint(run / "critic-checkpoints" / "last.pt")
+        model.load_state_dict(state["model"])
+        history = list(state["history"])
+        if int(state["epoch"]) >= cfg.epochs:
+            raise CrappifyError(f"{run} already finished all {cfg.epochs} critic epochs")
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomic(run / "train-critic.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    ensure_preds(cfg.data, run, device, ("train", valid_split))
+    dls = make_critic_dataloaders(cfg.data, run, cfg.size, cfg.bs, device=device, num_workers=cfg.num_workers,
+                                  seed=cfg.seed, channels_last=cfg.channels_last)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    DeviceMixedPrecision, StopOnNonFinite = _callbacks()
+    cbs = [StopOnNonFinite(), _critic_epoch_end(run, history)]
+    if precision in ("bf16", "fp16"):
+        cbs.append(DeviceMixedPrecision(amp_mode=precision))
+    learn = Learner(dls, model.to(device), loss_func=patch_bce, opt_func=Adam, wd=cfg.wd,
+                    metrics=[AvgMetric(patch_accuracy)], cbs=cbs, path=run, model_dir="critic-checkpoints")
+    if not progress:
+        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+        learn.logger = lambda *_: None
+    learn.create_opt()
+    if state is not None:
+        learn.opt.load_state_dict(state["opt"])
+    learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start,
+                        start_epoch=int(state["epoch"]) if state is not None else 0)
+    final = run / "critic.safetensors"
+    save_critic(learn.model, final, extra={"epochs": cfg.epochs, "dataset": str(Path(cfg.data).resolve()),
+                                           "accuracy": history[-1]["accuracy"] if history else None})
+    return final
+
+
+def _critic_epoch_end(run: Path, history: list[dict[str, Any]]):
+    """After each epoch: a history row, then the checkpoint (fastai imported on use)."""
+    from fastai.callback.core import Callback
+
+    class CriticEpochEnd(Callback):
+        order = 90  # after the Recorder has the epoch's values
+
+        def before_epoch(self):  # not reached for the epochs fastai skips on resume
+            self._t0 = time.perf_counter()
+            for dl in (self.dls.train, self.dls.valid):
+                dl.dataset.set_epoch(self.epoch)
+
+        def after_epoch(self):
+            if getattr(self, "_t0", None) is None:
+                return
+            names = self.recorder.metric_names[1:-1]
+            values = dict(zip(names, self.recorder.log[1:-1], strict=False))
+            history.append({"epoch": self.epoch + 1, "train_loss": _num(values.get("train_loss")),
+                            "valid_loss": _num(values.get("valid_loss")),
+                            "accuracy": _num(values.get("patch_accuracy")),
+                            "seconds": round(time.perf_counter() - self._t0, 3)})
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(history)
+            write_atomic(run / "critic-history.csv", buf.getvalue())
+            save_checkpoint(run / "critic-checkpoints" / "last.pt",
+                            {"model": self.learn.model.state_dict(), "opt": self.learn.opt.state_dict(),
+                             "epoch": self.epoch + 1, "history": history})
+            self._t0 = None
+
+    return CriticEpochEnd()
+
+
+def _num(v: Any) -> float | str:
+    from srgan.train import _num as num
+
+    return num(v)

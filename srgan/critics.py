@@ -1,0 +1,162 @@
+"""Critic (discriminator) models by name, for `train-critic` and `train-gan`.
+
+`build_critic(arch, **options)` is the one entry point. Every critic it returns carries `crappify_spec`
+({"arch", "options"}), from which `build_critic` rebuilds the same architecture, so a saved critic file
+(`srgan.checkpoint.save_critic`) needs only its weights and that spec. All critics take ImageNet-normalised
+(N, 3, H, W) images of any size the architecture allows and return logits (no sigmoid):
+
+- `gan-critic`: fastai's `gan_critic` (spectral norm, LeakyReLU 0.2, self-attention, dropout), the fastai
+  course's critic; a patch output flattened to (N, P).
+- `srgan`: the SRGAN paper's discriminator: 8 3x3 convs, 64 → 512 channels, stride 2 on every second conv,
+  BN after the first, LeakyReLU 0.2, then dense 1024 → LeakyReLU → dense 1; (N, 1). An adaptive average pool
+  before the dense head (to `pool`² cells, 6 as for 96 px crops) lets it take any input size.
+- `unet-sn`: a U-Net discriminator with spectral norm and a per-pixel output (N, 1, H, W), in the spirit of
+  Real-ESRGAN's `UNetDiscriminatorSN`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crappify.errors import ConfigError
+from crappify.registry import Registry
+
+CriticBuilder = Callable[..., nn.Module]
+
+CRITICS: Registry[CriticBuilder] = Registry("critic")
+"""Critic builders by name; each is called with its options as keyword arguments."""
+
+DEFAULT_CRITIC = "gan-critic"
+CRITIC_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gan-critic": {"nf": 128, "n_blocks": 3, "p": 0.15},  # fastai's gan_critic defaults (the course's critic)
+    "srgan": {"nf": 64, "n_blocks": 4, "hidden": 1024, "pool": 6},
+    "unet-sn": {"nf": 64, "skip": True},
+}
+
+
+def build_critic(arch: str = DEFAULT_CRITIC, **options: Any) -> nn.Module:
+    """Build critic `arch` with its options (unknown options are a ConfigError); the result has `crappify_spec`."""
+    builder = CRITICS.get(arch)  # unknown names fail here, listing the valid ones
+    defaults = CRITIC_DEFAULTS[arch]
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for critic {arch!r}; "
+                          f"valid: {', '.join(sorted(defaults))}")
+    resolved = {**defaults, **options}
+    for key, value in resolved.items():
+        if key == "p":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"critic option p must be a dropout probability in [0, 1), got {value!r}")
+            resolved[key] = float(value)
+        elif key == "skip":
+            if not isinstance(value, bool):
+                raise ConfigError(f"critic option skip must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"critic option {key} must be a positive integer, got {value!r}")
+    model = builder(**resolved)
+    model.crappify_spec = {"arch": arch, "options": resolved}
+    return model.train()
+
+
+def min_input_size(arch: str, **options: Any) -> int:
+    """The smallest square input (px) critic `arch` accepts with these options."""
+    opts = {**CRITIC_DEFAULTS[arch], **options}
+    if arch == "gan-critic":  # 1 + n_blocks stride-2 convs, then a 4x4 valid conv
+        return 4 * 2 ** (1 + opts["n_blocks"])
+    if arch == "srgan":
+        return 2 ** opts["n_blocks"]
+    return 8  # unet-sn: three stride-2 levels
+
+
+@CRITICS.register("gan-critic")
+def _gan_critic(*, nf: int, n_blocks: int, p: float) -> nn.Module:
+    """fastai's `gan_critic` as is (the course's critic)."""
+    import warnings
+
+    from fastai.vision.gan import gan_critic
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return _PlainOutput(gan_critic(n_channels=3, nf=nf, n_blocks=n_blocks, p=p))
+
+
+class _PlainOutput(nn.Sequential):
+    """Wraps a fastai model so its output is a plain tensor (fastai's Flatten keeps its TensorBase subclass,
+    whose __torch_function__ would wrap every op downstream). The state-dict keys gain a `0.` prefix."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out.as_subclass(torch.Tensor) if type(out) is not torch.Tensor else out
+
+
+class SRGANDiscriminator(nn.Module):
+    """The SRGAN paper's discriminator (Ledig et al. 2017, fig. 4); see the module docstring."""
+
+    def __init__(self, nf: int = 64, n_blocks: int = 4, hidden: int = 1024, pool: int = 6) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        ni = 3
+        for i in range(n_blocks):  # each block: conv stride 1 (channels double except in the first), conv stride 2
+            nc = nf * 2 ** i
+            for stride in (1, 2):
+                layers.append(nn.Conv2d(ni, nc, 3, stride, 1, bias=not layers))
+                if layers[1:]:  # BN after every conv but the first
+                    layers.append(nn.BatchNorm2d(nc))
+                layers.append(nn.LeakyReLU(0.2, inplace=True))
+                ni = nc
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(ni * pool * pool, hidden), nn.LeakyReLU(0.2, inplace=True),
+                                  nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+
+@CRITICS.register("srgan")
+def _srgan_critic(*, nf: int, n_blocks: int, hidden: int, pool: int) -> nn.Module:
+    return SRGANDiscriminator(nf=nf, n_blocks=n_blocks, hidden=hidden, pool=pool)
+
+
+class UNetDiscriminatorSN(nn.Module):
+    """U-Net discriminator with spectral norm, per-pixel logits (after Real-ESRGAN; re-implemented here).
+
+    Three stride-2 levels down (nf → 8nf), bilinear upsampling back with additive skips, two more convs and a
+    1-channel output at the input's resolution. Upsampling goes to the skip's exact size, so odd sizes work.
+    """
+
+    def __init__(self, nf: int = 64, skip: bool = True) -> None:
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        self.skip = skip
+        self.conv0 = nn.Conv2d(3, nf, 3, 1, 1)
+        self.down = nn.ModuleList([sn(nn.Conv2d(nf * 2 ** i, nf * 2 ** (i + 1), 4, 2, 1, bias=False))
+                                   for i in range(3)])
+        self.up = nn.ModuleList([sn(nn.Conv2d(nf * 2 ** (i + 1), nf * 2 ** i, 3, 1, 1, bias=False))
+                                 for i in (2, 1, 0)])
+        self.refine = nn.Sequential(sn(nn.Conv2d(nf, nf, 3, 1, 1, bias=False)), nn.LeakyReLU(0.2, inplace=True),
+                                    sn(nn.Conv2d(nf, nf, 3, 1, 1, bias=False)), nn.LeakyReLU(0.2, inplace=True),
+                                    nn.Conv2d(nf, 1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [F.leaky_relu(self.conv0(x), 0.2)]
+        for conv in self.down:
+            feats.append(F.leaky_relu(conv(feats[-1]), 0.2))
+        h = feats.pop()
+        for conv in self.up:
+            skip = feats.pop()
+            h = F.interpolate(h, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            h = F.leaky_relu(conv(h), 0.2)
+            if self.skip:
+                h = h + skip
+        return self.refine(h)
+
+
+@CRITICS.register("unet-sn")
+def _unet_sn(*, nf: int, skip: bool) -> nn.Module:
+    return UNetDiscriminatorSN(nf=nf, skip=skip)

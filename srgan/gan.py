@@ -1,0 +1,442 @@
+"""`train-gan`: a short alternating generator/critic phase after pretraining ("NoGAN", DeOldify style).
+
+Built on fastai's GAN machinery: `GANLearner.from_learners(generator learner, critic learner)` wires the
+`GANModule`, `GANTrainer` and a switcher (`AdaptiveGANSwitcher(critic_thresh=0.65)`, the course default, or
+`FixedGANSwitcher(n_crit, n_gen)`), with `GANDiscriminativeLR` giving the critic × 5 the learning rate and
+Adam with betas (0, 0.99). What fastai lacks or gets wrong for this use is added here, each marked where it
+is written: the loss (content × w_content + adversarial × w_adv with four adversarial losses, including the
+WGAN gradient penalty), EMA of the generator's weights, resumable switcher state, skipping validation, keeping
+the non-trained network's weights truly fixed, and the per-step history/checkpoints/previews.
+
+The phase runs `iters` steps (or `epochs` × the batches of an epoch; one step trains one of the two networks).
+Every `checkpoint_every` steps: `RUN/gan/checkpoints/generator_NNNNNN.safetensors` (+ `generator-ema_…` with
+EMA), a fixed-crop preview grid `RUN/gan/previews/step_NNNNNN.png`, and the resumable state
+`RUN/gan/checkpoints/last.pt` (generator, critic, the optimiser state of both, switcher, EMA, step). Every step
+appends a row to `RUN/gan/history.csv`. The result is `RUN/gan/generator.safetensors` (and
+`generator-ema.safetensors`), in the self-describing format `srgan.checkpoint.load_generator` reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from crappify.errors import ConfigError, CrappifyError
+from crappify.imageio import save_image_atomic, write_atomic
+from srgan.checkpoint import load_checkpoint, save_checkpoint, save_generator
+
+# (w_content, w_adv): the course's GANLearner(weights_gen=(1., 50.)) puts 1 on the adversarial term and 50 on
+# the content loss; the SRGAN paper adds 1e-3 × adversarial to its content loss.
+WEIGHTINGS: dict[str, tuple[float, float]] = {"course": (50.0, 1.0), "srgan": (1.0, 1e-3)}
+HISTORY_COLUMNS = ["step", "epoch", "trained", "loss", "gen_loss", "crit_loss", "content_loss", "adv_loss", "lr",
+                   "gen_steps", "crit_steps", "to_gen", "to_crit", "seconds"]
+
+
+class TrainGanConfig(BaseModel):
+    """Options of `crappify train-gan` (also the keys of its `--config` YAML file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str
+    out: str
+    generator: str | None = Field(None, description="start generator; default RUN/generator.safetensors")
+    critic: str | None = Field(None, description="start critic; default RUN/critic.safetensors")
+    loss: str | dict[str, float] | None = Field(None, description="content loss; default: the generator's own")
+    pretrained: bool = True
+    loss_weights: dict[str, str] | None = None
+    adv_loss: Literal["bce", "lsgan", "hinge", "wgan-gp"] = "bce"
+    gp_weight: float = Field(10.0, ge=0)
+    weighting: Literal["course", "srgan"] = "course"
+    w_content: float | None = Field(None, ge=0, description="overrides the weighting preset")
+    w_adv: float | None = Field(None, ge=0, description="overrides the weighting preset")
+    switching: Literal["adaptive", "fixed"] = "adaptive"
+    critic_thresh: float = 0.65
+    gen_thresh: float | None = None
+    n_crit: int = Field(1, ge=1)
+    n_gen: int = Field(1, ge=1)
+    gen_first: bool = False
+    lr: float = Field(1e-4, gt=0)
+    critic_lr_mult: float = Field(5.0, gt=0)
+    betas: tuple[float, float] = (0.0, 0.99)
+    wd: float = Field(1e-3, ge=0)
+    size: int = Field(128, ge=8)
+    bs: int = Field(8, ge=1)
+    iters: int | None = Field(None, ge=1, description="GAN steps; default: `epochs` × batches per epoch")
+    epochs: float = Field(0.03, gt=0, description="length in epochs when iters is not given (a fraction is fine)")
+    checkpoint_every: int = Field(100, ge=1)
+    preview_items: int = Field(4, ge=0)
+    ema: bool = False
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    num_workers: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+
+    def loss_weights_pair(self) -> tuple[float, float]:
+        """(w_content, w_adv): the preset's, with explicit values taking precedence."""
+        w_content, w_adv = WEIGHTINGS[self.weighting]
+        return (w_content if self.w_content is None else self.w_content,
+                w_adv if self.w_adv is None else self.w_adv)
+
+
+class GanRun:
+    """State of one GAN phase shared by its callbacks: counters, EMA copy, history, output paths."""
+
+    def __init__(self, cfg: TrainGanConfig, total: int, normalizer: Any) -> None:
+        self.cfg, self.total, self.normalizer = cfg, total, normalizer
+        self.dir = Path(cfg.out) / "gan"
+        self.step = 0
+        self.counts = {"gen_steps": 0, "crit_steps": 0, "to_gen": 0, "to_crit": 0}
+        self.switcher_state: dict[str, int] = {}
+        self.gen_mode: bool | None = None
+        self.ema: torch.nn.Module | None = None
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "checkpoints" / "last.pt"
+
+    def append_history(self, row: dict[str, Any], fresh: bool = False) -> None:
+        path = self.dir / "history.csv"
+        new = fresh or not path.is_file()
+        with open(path, "w" if new else "a", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+            if new:
+                writer.writeheader()
+            if row:
+                writer.writerow(row)
+
+    def truncate_history(self, step: int) -> None:
+        """On resume: keep the rows up to the checkpoint's step (later ones were never checkpointed)."""
+        path = self.dir / "history.csv"
+        rows = []
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+        self.append_history({}, fresh=True)
+        with open(path, "a", newline="", encoding="utf-8") as fh:
+            csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, lineterminator="\n").writerows(rows)
+
+
+def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run the GAN phase of RUN (see the module docstring); returns RUN/gan/generator.safetensors."""
+    from fastai.learner import Learner
+    from fastai.optimizer import Adam
+    from fastai.torch_core import params
+    from fastai.vision.gan import AdaptiveGANSwitcher, GANDiscriminativeLR, GANLearner
+
+    from srgan.adversarial import build_adversarial
+    from srgan.checkpoint import load_critic, load_generator, read_critic_meta, read_generator_meta
+    from srgan.critic import patch_bce
+    from srgan.critics import min_input_size
+    from srgan.data import Normalizer, make_dataloaders
+    from srgan.losses import build_loss
+    from srgan.models import clone_generator, is_unet
+    from srgan.train import _callbacks, resolve_device, resolve_precision
+
+    run = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    gen_path = Path(cfg.generator) if cfg.generator else run / "generator.safetensors"
+    crit_path = Path(cfg.critic) if cfg.critic else run / "critic.safetensors"
+    gen_meta, crit_meta = read_generator_meta(gen_path), read_critic_meta(crit_path)
+    crit_spec = crit_meta["spec"]
+    if cfg.size < min_input_size(crit_spec["arch"], **crit_spec["options"]):
+        raise ConfigError(f"size {cfg.size} is too small for the critic {crit_spec['arch']!r} "
+                          f"(at least {min_input_size(crit_spec['arch'], **crit_spec['options'])} px)")
+    state = load_checkpoint(run / "gan" / "checkpoints" / "last.pt") if resume else None
+    torch.manual_seed(cfg.seed)  # dropout in the critic; data order and the penalty's ε are seeded separately
+    generator, critic = load_generator(gen_path, device).train(), load_critic(crit_path, device).train()
+    if state is not None:
+        generator.load_state_dict(state["generator"])
+        critic.load_state_dict(state["critic"])
+    content = build_loss(cfg.loss or gen_meta["extra"].get("loss") or "feature", pretrained=cfg.pretrained,
+                         weights=cfg.loss_weights).to(device)
+    adversarial = build_adversarial(cfg.adv_loss, cfg.gp_weight)
+    w_content, w_adv = cfg.loss_weights_pair()
+    normalizer = Normalizer()
+    spec = generator.crappify_spec
+    dls = make_dataloaders(cfg.data, cfg.size, cfg.bs, resize_lr=is_unet(generator), scale=spec["scale"],
+                           device=device, num_workers=cfg.num_workers, seed=cfg.seed,
+                           channels_last=cfg.channels_last, normalizer=normalizer)
+    n_batches = len(dls.train)
+    total = cfg.iters or max(1, math.ceil(cfg.epochs * n_batches))
+    gan = GanRun(cfg, total, normalizer)
+    if state is not None:
+        gan.step, gan.counts = int(state["step"]), dict(state["counts"])
+        gan.gen_mode, gan.switcher_state = bool(state["gen_mode"]), dict(state["switcher"])
+        if gan.step >= total:
+            raise CrappifyError(f"{run / 'gan'} already finished all {total} GAN steps")
+    if cfg.channels_last:
+        generator = generator.to(memory_format=torch.channels_last)
+        critic = critic.to(memory_format=torch.channels_last)
+    if cfg.ema:
+        gan.ema = clone_generator(generator).eval().requires_grad_(False)
+        if state is not None and state.get("ema") is not None:
+            gan.ema.load_state_dict(state["ema"])
+    gan.dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run / "train-gan.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if state is not None:
+        gan.truncate_history(gan.step)
+    else:
+        gan.append_history({}, fresh=True)
+
+    switcher = (AdaptiveGANSwitcher(gen_thresh=cfg.gen_thresh, critic_thresh=cfg.critic_thresh)
+                if cfg.switching == "adaptive" else _parts().resumable_fixed_switcher(cfg.n_crit, cfg.n_gen))
+    DeviceMixedPrecision, _ = _callbacks()
+    # Callbacks passed here sit before GANTrainer and the switcher among equal `order`s: GANDiscriminativeLR's
+    # after_batch must divide the rate back before the switcher leaves critic mode, or the × 5 would stick.
+    cbs = [GANDiscriminativeLR(mult_lr=cfg.critic_lr_mult), _parts().guard(), _parts().stop_on_non_finite(gan),
+           _parts().progress(gan)]
+    if precision in ("bf16", "fp16"):
+        cbs.append(DeviceMixedPrecision(amp_mode=precision))
+    gen_learn = Learner(dls, generator, loss_func=content)
+    crit_learn = Learner(dls, critic, loss_func=patch_bce)
+    learn = GANLearner.from_learners(
+        gen_learn, crit_learn, switcher=switcher, weights_gen=(w_adv, w_content), gen_first=cfg.gen_first,
+        show_img=False, opt_func=partial(Adam, mom=cfg.betas[0], sqr_mom=cfg.betas[1]), wd=cfg.wd,
+        splitter=lambda m: [params(m.generator), params(m.critic)], cbs=cbs, path=gan.dir, model_dir="checkpoints")
+    # from_learners' loss (fastai's gan_loss_from_func) only knows `loss(pred, labels)`, which cannot express
+    # hinge's or WGAN's generator term nor a gradient penalty on images: the GANLoss is replaced by our subclass.
+    learn.loss_func = _parts().gan_loss(content, adversarial, w_content, w_adv, learn.model, seed=cfg.seed)
+    learn.recorder.valid_metrics = False
+    if not progress:
+        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+        learn.logger = lambda *_: None
+    learn.create_opt()
+    if state is not None:
+        learn.opt.load_state_dict(state["opt"])
+    learn.fit(math.ceil((total - gan.step) / n_batches) + 1, lr=cfg.lr)
+    if gan.step < total:  # fit ended early without an error (should not happen): leave no misleading result
+        raise CrappifyError(f"the GAN phase stopped at step {gan.step} of {total}")
+    final = gan.dir / "generator.safetensors"
+    extra = {"gan_steps": gan.step, "dataset": str(Path(cfg.data).resolve()), "adv_loss": cfg.adv_loss}
+    save_generator(learn.model.generator, final, extra=extra)
+    if gan.ema is not None:
+        save_generator(gan.ema, gan.dir / "generator-ema.safetensors", extra={**extra, "ema_decay": cfg.ema_decay})
+    return final
+
+
+def save_state(learn: Any, gan: GanRun) -> None:
+    """Generator file(s), preview and resumable state at the current step (the state last, so it is never
+    ahead of the files it names)."""
+    step = gan.step
+    ckpt = gan.dir / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    generator = learn.model.generator
+    save_generator(generator, ckpt / f"generator_{step:06d}.safetensors", extra={"gan_steps": step})
+    if gan.ema is not None:
+        save_generator(gan.ema, ckpt / f"generator-ema_{step:06d}.safetensors", extra={"gan_steps": step})
+    preview(learn, gan)
+    switcher = next((cb for cb in learn.cbs if hasattr(cb, "n_c")), None)
+    save_checkpoint(gan.last, {
+        "generator": generator.state_dict(), "critic": learn.model.critic.state_dict(),
+        "opt": learn.opt.state_dict(), "step": step, "gen_mode": bool(learn.gan_trainer.gen_mode),
+        "switcher": {"n_c": switcher.n_c, "n_g": switcher.n_g} if switcher is not None else {},
+        "counts": gan.counts, "ema": gan.ema.state_dict() if gan.ema is not None else None})
+
+
+@torch.no_grad()
+def preview(learn: Any, gan: GanRun) -> None:
+    """LR | generator (| EMA) | HR on the first validation items' centre crops: the same crops every time."""
+    from crappify.preview import grid
+
+    n = gan.cfg.preview_items
+    ds = learn.dls.valid.dataset
+    if not n or not len(ds):
+        return
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    lr = torch.stack([x for x, _ in items])
+    hr = torch.stack([y for _, y in items])
+    fmt = torch.channels_last if gan.cfg.channels_last else torch.contiguous_format
+    x = gan.normalizer.normalize(lr.to(learn.dls.device)).contiguous(memory_format=fmt)
+    models = [(f"step {gan.step}", learn.model.generator)] + ([("EMA", gan.ema)] if gan.ema is not None else [])
+    outs = []
+    for label, model in models:
+        was_training = model.training
+        model.eval()
+        outs.append((label, gan.normalizer.to_uint8(model(x).float()).cpu()))
+        model.train(was_training)
+    tiles = []
+    for i in range(len(items)):
+        tiles.append(("LR", lr[i].permute(1, 2, 0).numpy()))
+        tiles += [(label, out[i].permute(1, 2, 0).numpy()) for label, out in outs]
+        tiles.append(("HR", hr[i].permute(1, 2, 0).numpy()))
+    path = gan.dir / "previews" / f"step_{gan.step:06d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image_atomic(path, grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=len(models) + 2))
+
+
+# --------------------------------------------------------------------------------------------------------
+# fastai pieces, defined on first use so importing this module (for TrainGanConfig) stays light
+
+
+@functools.cache
+def _parts() -> SimpleNamespace:
+    from fastai.callback.core import Callback, CancelFitException, CancelValidException
+    from fastai.vision.gan import FixedGANSwitcher, GANLoss
+
+    class CrappifyGANLoss(GANLoss):
+        """fastai's GANLoss with our generator and critic terms (see `srgan.adversarial`).
+
+        generator: w_content × content(output, target) + w_adv × adversarial.generator(critic(output)).
+        critic: adversarial.critic(critic(real), critic(generator(input))) (+ the gradient penalty for wgan-gp,
+        on the real batch the GANTrainer fed the critic, stored in `real` by the guard callback).
+        """
+
+        def __init__(self, content, adversarial, w_content, w_adv, gan_model, seed=0):
+            super().__init__(None, None, gan_model)
+            self.content, self.adversarial, self.w_content, self.w_adv = content, adversarial, w_content, w_adv
+            self.rng = torch.Generator().manual_seed(seed)  # the penalty's ε, not the global random state
+            self.real, self.grad_scale = None, 1.0
+            self.gen_loss = self.crit_loss = self.content_loss = self.adv_loss = None
+
+        def generator(self, output, target):
+            fake_pred = self.gan_model.critic(output)
+            self.adv_loss = self.adversarial.generator(fake_pred)
+            self.content_loss = self.content(output, target).float()
+            self.gen_loss = self.w_content * self.content_loss + self.w_adv * self.adv_loss
+            return self.gen_loss
+
+        def critic(self, real_pred, input):
+            with torch.no_grad():  # the generator is not trained here: no graph needed (fastai keeps one)
+                fake = self.gan_model.generator(input)
+            loss = self.adversarial.critic(real_pred, self.gan_model.critic(fake))
+            if self.adversarial.needs_images:
+                loss = loss + self.adversarial.penalty(self.gan_model.critic, self.real, fake, self.rng,
+                                                       self.grad_scale)
+            self.crit_loss = loss
+            return loss
+
+    class ResumableFixedSwitcher(FixedGANSwitcher):
+        """fastai's FixedGANSwitcher, except that its counts carry over epochs (fastai resets them at every
+        epoch start) and can be restored on resume."""
+
+        def __init__(self, n_crit, n_gen):
+            super().__init__(n_crit, n_gen)
+            self.n_c = self.n_g = 0
+
+        def before_train(self):
+            pass
+
+    class Guard(Callback):
+        """Fixes to fastai's GAN loop (order -5: before GANTrainer and MixedPrecision)."""
+
+        order = -5
+
+        def before_train(self):
+            # TrainEvalCallback puts the whole GANModule in train mode at each epoch start, after GANTrainer
+            # chose which network trains: put the loss network back in eval mode (no dropout, no BN/SN updates).
+            self.learn.gan_trainer._set_trainable()
+
+        def before_validate(self):
+            # No validation in the GAN phase (checkpoints and previews judge it); GANTrainer.before_validate
+            # would also flip the switcher into generator mode.
+            raise CancelValidException()
+
+        def after_pred(self):
+            if not self.learn.gan_trainer.gen_mode:  # GANTrainer swapped xb/yb: the critic saw the real batch
+                self.learn.loss_func.real = self.learn.xb[0]
+            scaler = getattr(self.learn, "scaler", None)
+            self.learn.loss_func.grad_scale = float(scaler.get_scale()) if scaler is not None and \
+                scaler.is_enabled() else 1.0
+
+        def before_step(self):
+            # fastai's zero_grad zeroes gradients instead of dropping them, so the frozen network's parameters
+            # still hold (zero) gradients and Adam's weight decay would move them: drop them.
+            trainer = self.learn.gan_trainer
+            frozen = trainer.critic if trainer.gen_mode else trainer.generator
+            for p in frozen.parameters():
+                p.grad = None
+
+    class StopOnNonFinite(Callback):
+        """A NaN/inf loss ends the phase with a clear message; the last checkpoint stays as it was.
+        Order 15: after MixedPrecision has left autocast (order 10), so no autocast state leaks out."""
+
+        order = 15
+
+        def __init__(self, gan):
+            self.gan = gan
+
+        def after_loss(self):
+            if self.training and not torch.isfinite(self.loss).all():
+                net = "generator" if self.learn.gan_trainer.gen_mode else "critic"
+                kept = f"the last good checkpoint ({self.gan.last}) is kept" if self.gan.last.is_file() \
+                    else "no checkpoint was written yet"
+                raise CrappifyError(f"{net} loss became {self.loss.item()} at GAN step {self.gan.step + 1}; {kept} "
+                                    "(lower --lr, or use --precision fp32)")
+
+    class Progress(Callback):
+        """Per step: counts, EMA update, history row; checkpoints every N steps; stop after `total` steps."""
+
+        order = 55  # after the switcher (0) and the Recorder (50)
+
+        def __init__(self, gan):
+            self.gan = gan
+
+        def before_fit(self):  # after GANTrainer.before_fit: restore the resumed mode and switcher counts
+            gan = self.gan
+            if gan.gen_mode is not None:
+                self.learn.gan_trainer.switch(gan.gen_mode)
+            for cb in self.learn.cbs:
+                if isinstance(cb, ResumableFixedSwitcher) and gan.switcher_state:
+                    cb.n_c, cb.n_g = gan.switcher_state["n_c"], gan.switcher_state["n_g"]
+
+        def before_epoch(self):
+            self.dls.train.dataset.set_epoch(self.gan.step // max(1, len(self.dls.train)) + self.epoch)
+
+        def before_batch(self):
+            self.t0, self.was_gen = time.perf_counter(), bool(self.learn.gan_trainer.gen_mode)
+
+        def before_step(self):
+            self.lr = self.opt.hypers[0]["lr"]
+
+        def after_step(self):
+            gan = self.gan
+            if gan.ema is not None and self.was_gen:
+                # EMA of the generator's weights (not in fastai): ema ← decay·ema + (1-decay)·w; buffers copied
+                with torch.no_grad():
+                    for e, p in zip(gan.ema.parameters(), self.learn.model.generator.parameters(), strict=True):
+                        e.lerp_(p.detach().to(e.dtype), 1 - gan.cfg.ema_decay)
+                    for e, b in zip(gan.ema.buffers(), self.learn.model.generator.buffers(), strict=True):
+                        e.copy_(b)
+
+        def after_batch(self):
+            if not self.training:
+                return
+            gan, lf = self.gan, self.learn.loss_func
+            gan.step += 1
+            gan.counts["gen_steps" if self.was_gen else "crit_steps"] += 1
+            now_gen = bool(self.learn.gan_trainer.gen_mode)
+            if now_gen != self.was_gen:
+                gan.counts["to_gen" if now_gen else "to_crit"] += 1
+            gan.append_history({
+                "step": gan.step, "epoch": gan.step // max(1, len(self.dls.train)),
+                "trained": "generator" if self.was_gen else "critic", "loss": _num(self.loss),
+                "gen_loss": _num(lf.gen_loss), "crit_loss": _num(lf.crit_loss),
+                "content_loss": _num(lf.content_loss), "adv_loss": _num(lf.adv_loss),
+                "lr": getattr(self, "lr", ""), **gan.counts, "seconds": round(time.perf_counter() - self.t0, 4)})
+            if gan.step % gan.cfg.checkpoint_every == 0 or gan.step >= gan.total:
+                save_state(self.learn, gan)
+            if gan.step >= gan.total:
+                raise CancelFitException()
+
+    return SimpleNamespace(gan_loss=CrappifyGANLoss, resumable_fixed_switcher=ResumableFixedSwitcher,
+                           guard=Guard, stop_on_non_finite=StopOnNonFinite, progress=Progress)
+
+
+def _num(v: Any) -> float | str:
+    if v is None:
+        return ""
+    v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+    return round(v, 6) if math.isfinite(v) else v
