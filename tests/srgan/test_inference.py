@@ -1,0 +1,118 @@
+"""Tiled inference: tiles blend into the untiled result, any size, scale, OOM retry, precision fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from srgan.checkpoint import save_generator
+from srgan.inference import TiledInference, axis_weights, load_inference, resolve_inference_precision, tile_origins
+from srgan.models import build_generator
+from srgan.predict import predict
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return build_generator("unet-resnet18", pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def srnet():
+    torch.manual_seed(0)
+    return build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8).eval()
+
+
+def test_tile_grid_covers_and_weights_sum_to_one():
+    origins = tile_origins(300, 128, 96)
+    assert origins[0] == 0 and origins[-1] == 300 - 128 and all(b > a for a, b in zip(origins, origins[1:]))
+    total = torch.zeros(300)
+    for o, w in zip(origins, axis_weights(origins, 128, 300, 32)):
+        assert (w > 0).all()
+        total[o:o + 128] += w
+    assert torch.allclose(total, torch.ones(300), atol=1e-6)
+    assert tile_origins(50, 128, 96) == [0]
+
+
+def test_srresnet_tiled_equals_untiled(srnet, photo_maker):
+    img = photo_maker(1, 150)
+    full = TiledInference(srnet, tile=0)(img)
+    tiled = TiledInference(srnet, tile=64, overlap=32)(img)
+    assert full.shape == tiled.shape == (img.shape[0] * 4, img.shape[1] * 4, 3)
+    diff = np.abs(full.astype(int) - tiled.astype(int))
+    assert diff.max() <= 8 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def test_unet_tiled_matches_untiled(unet, photo_maker):
+    # A random-weight ResNet U-Net sees far (its receptive field is hundreds of px), so tiles much smaller
+    # than the image cannot match exactly; with tiles over half the image the blend stays close.
+    img = photo_maker(2, 300)
+    full = TiledInference(unet, tile=0)(img)
+    tiled = TiledInference(unet, tile=256, overlap=128, batch=2)(img)
+    assert full.shape == tiled.shape == img.shape
+    diff = np.abs(full.astype(int) - tiled.astype(int))
+    assert diff.mean() < 2.5 and np.percentile(diff, 99) < 16
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (1, 65), (64, 1), (33, 97)])
+def test_odd_sizes_come_back_at_input_size_times_scale(unet, srnet, shape):
+    img = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    assert TiledInference(unet, tile=64, overlap=32)(img).shape == (*shape, 3)
+    assert TiledInference(srnet, tile=16, overlap=8)(img).shape == (shape[0] * 4, shape[1] * 4, 3)
+
+
+def test_untiled_equals_predict_with_padding(unet, photo_maker):
+    img = photo_maker(3, 100)
+    assert np.array_equal(TiledInference(unet, tile=0)(img), predict(unet, img))
+
+
+def test_oom_retries_with_smaller_batches_then_tiles(srnet, photo_maker, monkeypatch):
+    engine = TiledInference(srnet, tile=64, overlap=16, batch=4, on_note=lambda _t: None)
+    real = engine._model
+    calls = []
+
+    def flaky(x, precision):
+        calls.append(tuple(x.shape))
+        if x.shape[0] > 1 or x.shape[-1] > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(x, precision)
+
+    monkeypatch.setattr(engine, "_model", flaky)
+    img = photo_maker(1, 100)
+    out = engine(img)
+    assert out.shape == (img.shape[0] * 4, img.shape[1] * 4, 3)
+    assert engine.batch == 1 and engine.tile == 32
+    assert any("out of memory" in n for n in engine.notes)
+
+
+def test_nan_in_reduced_precision_falls_back_to_fp32(srnet, photo_maker, monkeypatch):
+    engine = TiledInference(srnet, tile=0, precision="bf16", on_note=lambda _t: None)
+    assert engine.precision == "bf16"
+    real = engine._model
+
+    def poisoned(x, precision):
+        y = real(x, "fp32")
+        return y * float("nan") if precision != "fp32" else y
+
+    monkeypatch.setattr(engine, "_model", poisoned)
+    img = photo_maker(1, 40)
+    out = engine(img)
+    assert engine.precision == "fp32" and any("NaN" in n for n in engine.notes)
+    assert np.array_equal(out, TiledInference(srnet, tile=0)(img))
+
+
+def test_precision_fallbacks():
+    cpu = torch.device("cpu")
+    assert resolve_inference_precision("fp16", cpu) == ("fp32", "fp16 is not supported on cpu; using fp32")
+    assert resolve_inference_precision("fp32", cpu) == ("fp32", None)
+    assert resolve_inference_precision("auto", cpu)[0] in ("fp32", "bf16")
+
+
+def test_load_inference_from_file(srnet, tmp_path):
+    path = tmp_path / "g.safetensors"
+    save_generator(srnet, path)
+    engine = load_inference(path, tile=16)
+    assert engine.scale == 4 and engine.multiple == 1
+    img = np.zeros((10, 12, 3), np.uint8)
+    assert engine(img).shape == (40, 48, 3)
