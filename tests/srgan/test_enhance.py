@@ -1,0 +1,119 @@
+"""enhance: odd inputs keep mode/orientation/alpha, folders keep their layout, bad files are skipped, CLI errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from srgan.checkpoint import save_generator
+from srgan.enhance import collect_inputs, enhance_files, read_input
+from srgan.inference import TiledInference, load_inference
+from srgan.models import build_generator
+
+
+@pytest.fixture(scope="module")
+def sr_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "sr.safetensors"
+    save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(sr_file) -> TiledInference:
+    return load_inference(sr_file, tile=32, overlap=8)
+
+
+def opened(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        return img
+
+
+@pytest.mark.parametrize("kind, mode", [("rgba", "RGBA"), ("grey8", "L"), ("grey16", "L"), ("rgb16", "RGB"),
+                                        ("palette", "RGB"), ("palette_t", "RGBA"), ("cmyk", "RGB"), ("exif6", "RGB")])
+def test_odd_inputs_come_out_with_the_right_mode_and_size(engine, odd_files, tmp_path, kind, mode):
+    src = odd_files.paths[kind]
+    res = enhance_files(engine, [(src, Path(src.name))], tmp_path, 2, progress=False)
+    assert not res.failed and len(res.written) == 1
+    out = opened(res.written[0])
+    h, w = odd_files.expected[kind].shape[:2]  # upright size
+    assert out.mode == mode and out.size == (2 * w, 2 * h)
+
+
+def test_alpha_is_resized_and_kept(engine, odd_files, tmp_path):
+    src = odd_files.paths["rgba"]
+    res = enhance_files(engine, [(src, Path("a.png"))], tmp_path, 2, progress=False)
+    alpha = np.asarray(opened(res.written[0]))[..., 3]
+    w = odd_files.expected["rgba"].shape[1]
+    assert alpha[:, : 2 * w // 3 - 4].max() == 0  # the transparent left third stays transparent
+    assert alpha[:, 2 * w // 2 + 4:].min() == 255
+
+
+def test_exif_orientation_is_applied_before_enhancing(engine, odd_files, tmp_path):
+    src = odd_files.paths["exif6"]
+    upright = odd_files.expected["exif6"]
+    assert read_input(src).rgb.shape == upright.shape
+    res = enhance_files(engine, [(src, Path("r.png"))], tmp_path, 2, progress=False)
+    got = np.asarray(opened(res.written[0])).astype(int)
+    want = engine(upright).astype(int)
+    assert np.abs(got - want).mean() < 3  # the JPEG's decode differs a little from the fixture's, not the layout
+
+
+def test_folder_keeps_layout_skips_corrupt_and_existing(engine, photo_dir, odd_files, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(photo_dir, src)
+    shutil.copy(odd_files.root / "sub" / "truncated.jpg", src / "a" / "broken.jpg")
+    (src / "a" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    items = collect_inputs([src], out)
+    assert all(p.suffix != ".txt" for p, _ in items)
+    messages: list[str] = []
+    res = enhance_files(engine, items, out, 2, progress=False, report=messages.append)
+    assert [p.name for p, _ in res.failed] == ["broken.jpg"] and "broken.jpg" in messages[0]
+    expected = sorted(p.relative_to(src).as_posix() for p in src.rglob("photo*"))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == expected
+    first = next(iter(out.rglob("photo*")))
+    first.write_bytes(b"mine")
+    again = enhance_files(engine, items, out, 2, progress=False)
+    assert not again.written and len(again.skipped) == len(expected) and first.read_bytes() == b"mine"
+    forced = enhance_files(engine, items, out, 2, overwrite=True, progress=False)
+    assert len(forced.written) == len(expected) and first.read_bytes() != b"mine"
+    assert not [p for p in out.rglob(".*")]  # no temporary files left
+
+
+def test_cli_enhance_unet_with_scale(cli, tmp_path, photo_maker):
+    torch.manual_seed(0)
+    model = tmp_path / "run" / "generator.safetensors"
+    model.parent.mkdir()
+    save_generator(build_generator("unet-resnet18", pretrained=False, self_attention=False), model)
+    Image.fromarray(photo_maker(0, 70)).save(tmp_path / "in.jpg")
+    res = cli("enhance", tmp_path / "in.jpg", "-m", tmp_path / "run", "-o", tmp_path / "out", "--scale", "2",
+              "--quiet")
+    assert res.returncode == 0, res.stderr
+    with Image.open(tmp_path / "in.jpg") as a, Image.open(tmp_path / "out" / "in.jpg") as b:
+        assert b.size == (a.size[0] * 2, a.size[1] * 2)
+    res = cli("enhance", tmp_path / "in.jpg", "-m", tmp_path / "run", "-o", tmp_path / "out", "--quiet")
+    assert res.returncode == 0 and "already there" in res.stdout
+
+
+def test_cli_errors_are_one_line(cli, sr_file, tmp_path, odd_files):
+    cases = [
+        (["enhance", odd_files.paths["rgba"], "-m", tmp_path / "nope.safetensors", "-o", tmp_path / "o"],
+         "model file not found"),
+        (["enhance", tmp_path / "missing.jpg", "-m", sr_file, "-o", tmp_path / "o"], "input not found"),
+        (["enhance", odd_files.paths["rgba"], "-m", odd_files.paths["rgba"], "-o", tmp_path / "o"],
+         "not a safetensors file"),
+        (["enhance", odd_files.paths["rgba"], "-m", sr_file, "-o", tmp_path / "o", "--scale", "3"], "upsamples by 2"),
+        (["enhance", odd_files.root / "text.jpg", "-m", sr_file, "-o", tmp_path / "o"], "no image could be enhanced"),
+    ]
+    for args, text in cases:
+        res = cli(*args)
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("crappify: error:")]
+        assert res.returncode != 0 and len(lines) == 1 and text in lines[0], res.stderr
+        assert "Traceback" not in res.stderr
