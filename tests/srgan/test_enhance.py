@@ -26,7 +26,24 @@ def sr_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(sr_file) -> TiledInference:
-    return load_inference(sr_file, tile=32, overlap=8)
+    return load_inference(sr_file, tile=0)
+
+
+def run_main(*args) -> tuple[int, str, str]:
+    """`crappify ARGS` in this process (imports already paid for): (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from crappify.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
 
 
 def opened(path: Path) -> Image.Image:
@@ -78,31 +95,32 @@ def test_folder_keeps_layout_skips_corrupt_and_existing(engine, photo_dir, odd_f
     assert [p.name for p, _ in res.failed] == ["broken.jpg"] and "broken.jpg" in messages[0]
     expected = sorted(p.relative_to(src).as_posix() for p in src.rglob("photo*"))
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == expected
-    first = next(iter(out.rglob("photo*")))
+    first_src, first_rel = next((p, r) for p, r in items if p.name.startswith("photo"))
+    first = out / first_rel
     first.write_bytes(b"mine")
     again = enhance_files(engine, items, out, 2, progress=False)
     assert not again.written and len(again.skipped) == len(expected) and first.read_bytes() == b"mine"
-    forced = enhance_files(engine, items, out, 2, overwrite=True, progress=False)
-    assert len(forced.written) == len(expected) and first.read_bytes() != b"mine"
+    forced = enhance_files(engine, [(first_src, first_rel)], out, 2, overwrite=True, progress=False)
+    assert forced.written == [first] and first.read_bytes() != b"mine"
     assert not [p for p in out.rglob(".*")]  # no temporary files left
 
 
-def test_cli_enhance_unet_with_scale(cli, tmp_path, photo_maker):
+def test_cli_enhance_unet_with_scale(tmp_path, photo_maker):
     torch.manual_seed(0)
     model = tmp_path / "run" / "generator.safetensors"
     model.parent.mkdir()
     save_generator(build_generator("unet-resnet18", pretrained=False, self_attention=False), model)
     Image.fromarray(photo_maker(0, 70)).save(tmp_path / "in.jpg")
-    res = cli("enhance", tmp_path / "in.jpg", "-m", tmp_path / "run", "-o", tmp_path / "out", "--scale", "2",
-              "--quiet")
-    assert res.returncode == 0, res.stderr
+    code, _, err = run_main("enhance", tmp_path / "in.jpg", "-m", tmp_path / "run", "-o", tmp_path / "out",
+                            "--scale", "2", "--quiet")
+    assert code == 0, err
     with Image.open(tmp_path / "in.jpg") as a, Image.open(tmp_path / "out" / "in.jpg") as b:
         assert b.size == (a.size[0] * 2, a.size[1] * 2)
-    res = cli("enhance", tmp_path / "in.jpg", "-m", tmp_path / "run", "-o", tmp_path / "out", "--quiet")
-    assert res.returncode == 0 and "already there" in res.stdout
+    code, out, _ = run_main("enhance", tmp_path / "in.jpg", "-m", tmp_path / "run", "-o", tmp_path / "out", "--quiet")
+    assert code == 0 and "already there" in out
 
 
-def test_cli_errors_are_one_line(cli, sr_file, tmp_path, odd_files):
+def test_cli_errors_are_one_line(sr_file, tmp_path, odd_files):
     cases = [
         (["enhance", odd_files.paths["rgba"], "-m", tmp_path / "nope.safetensors", "-o", tmp_path / "o"],
          "model file not found"),
@@ -113,7 +131,13 @@ def test_cli_errors_are_one_line(cli, sr_file, tmp_path, odd_files):
         (["enhance", odd_files.root / "text.jpg", "-m", sr_file, "-o", tmp_path / "o"], "no image could be enhanced"),
     ]
     for args, text in cases:
-        res = cli(*args)
-        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("crappify: error:")]
-        assert res.returncode != 0 and len(lines) == 1 and text in lines[0], res.stderr
-        assert "Traceback" not in res.stderr
+        code, _, err = run_main(*args, "--quiet")
+        lines = [ln for ln in err.splitlines() if ln.startswith("crappify: error:")]
+        assert code != 0 and len(lines) == 1 and text in lines[0], err
+        assert "Traceback" not in err
+
+
+def test_cli_error_in_a_subprocess_is_one_line(cli, tmp_path):
+    res = cli("enhance", tmp_path / "missing.jpg", "-m", tmp_path / "nope.safetensors", "-o", tmp_path / "o")
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("crappify: error: model file")
+    assert "Traceback" not in res.stderr
