@@ -64,7 +64,8 @@ def build_critic(arch: str = DEFAULT_CRITIC, **options: Any) -> nn.Module:
 
 
 def min_input_size(arch: str, **options: Any) -> int:
-    """The smallest square input (px) critic `arch` accepts with these options."""
+    """The smallest square input (px) critic `arch` accepts with these options (for `srgan`, which runs on any
+    size thanks to padding and its adaptive pool, the size at which its features reach 1 px)."""
     opts = {**CRITIC_DEFAULTS[arch], **options}
     if arch == "gan-critic":  # 1 + n_blocks stride-2 convs, then a 4x4 valid conv
         return 4 * 2 ** (1 + opts["n_blocks"])

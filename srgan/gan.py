@@ -22,6 +22,7 @@ import csv
 import functools
 import math
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -128,8 +129,11 @@ class GanRun:
             csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, lineterminator="\n").writerows(rows)
 
 
-def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run the GAN phase of RUN (see the module docstring); returns RUN/gan/generator.safetensors."""
+def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, cbs: list | None = None) -> Path:
+    """Run the GAN phase of RUN (see the module docstring); returns RUN/gan/generator.safetensors.
+
+    `cbs`: extra fastai callbacks (tests use them to watch each step).
+    """
     from fastai.learner import Learner
     from fastai.optimizer import Adam
     from fastai.torch_core import params
@@ -197,7 +201,7 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True) 
     # Callbacks passed here sit before GANTrainer and the switcher among equal `order`s: GANDiscriminativeLR's
     # after_batch must divide the rate back before the switcher leaves critic mode, or the × 5 would stick.
     cbs = [GANDiscriminativeLR(mult_lr=cfg.critic_lr_mult), _parts().guard(), _parts().stop_on_non_finite(gan),
-           _parts().progress(gan)]
+           _parts().progress(gan), *(cbs or [])]
     if precision in ("bf16", "fp16"):
         cbs.append(DeviceMixedPrecision(amp_mode=precision))
     gen_learn = Learner(dls, generator, loss_func=content)
@@ -216,7 +220,10 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True) 
     learn.create_opt()
     if state is not None:
         learn.opt.load_state_dict(state["opt"])
-    learn.fit(math.ceil((total - gan.step) / n_batches) + 1, lr=cfg.lr)
+    with warnings.catch_warnings():  # fastai's own GANTrainer attributes, and its CUDA-only autocast notice
+        warnings.filterwarnings("ignore", message=r"You are shadowing an attribute")
+        warnings.filterwarnings("ignore", message=r"CUDA is not available")
+        learn.fit(math.ceil((total - gan.step) / n_batches) + 1, lr=cfg.lr)
     if gan.step < total:  # fit ended early without an error (should not happen): leave no misleading result
         raise CrappifyError(f"the GAN phase stopped at step {gan.step} of {total}")
     final = gan.dir / "generator.safetensors"
@@ -386,6 +393,7 @@ def _parts() -> SimpleNamespace:
 
         def before_fit(self):  # after GANTrainer.before_fit: restore the resumed mode and switcher counts
             gan = self.gan
+            self.first_epoch = gan.step // max(1, len(self.dls.train))  # new crops for each (resumed) epoch
             if gan.gen_mode is not None:
                 self.learn.gan_trainer.switch(gan.gen_mode)
             for cb in self.learn.cbs:
@@ -393,13 +401,13 @@ def _parts() -> SimpleNamespace:
                     cb.n_c, cb.n_g = gan.switcher_state["n_c"], gan.switcher_state["n_g"]
 
         def before_epoch(self):
-            self.dls.train.dataset.set_epoch(self.gan.step // max(1, len(self.dls.train)) + self.epoch)
+            self.dls.train.dataset.set_epoch(self.first_epoch + self.epoch)
 
         def before_batch(self):
             self.t0, self.was_gen = time.perf_counter(), bool(self.learn.gan_trainer.gen_mode)
 
         def before_step(self):
-            self.lr = self.opt.hypers[0]["lr"]
+            self.step_lr = self.opt.hypers[0]["lr"]
 
         def after_step(self):
             gan = self.gan
@@ -421,11 +429,11 @@ def _parts() -> SimpleNamespace:
             if now_gen != self.was_gen:
                 gan.counts["to_gen" if now_gen else "to_crit"] += 1
             gan.append_history({
-                "step": gan.step, "epoch": gan.step // max(1, len(self.dls.train)),
+                "step": gan.step, "epoch": (gan.step - 1) // max(1, len(self.dls.train)),
                 "trained": "generator" if self.was_gen else "critic", "loss": _num(self.loss),
                 "gen_loss": _num(lf.gen_loss), "crit_loss": _num(lf.crit_loss),
                 "content_loss": _num(lf.content_loss), "adv_loss": _num(lf.adv_loss),
-                "lr": getattr(self, "lr", ""), **gan.counts, "seconds": round(time.perf_counter() - self.t0, 4)})
+                "lr": getattr(self, "step_lr", ""), **gan.counts, "seconds": round(time.perf_counter() - self.t0, 4)})
             if gan.step % gan.cfg.checkpoint_every == 0 or gan.step >= gan.total:
                 save_state(self.learn, gan)
             if gan.step >= gan.total:

@@ -1,0 +1,232 @@
+"""Critics (shapes, files), adversarial losses (known values, gradient penalty) and critic pretraining."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from crappify.builder import BuildConfig, build_dataset
+from crappify.errors import ConfigError, CrappifyError
+from srgan.adversarial import ADVERSARIAL, build_adversarial, gradient_penalty
+from srgan.checkpoint import load_checkpoint, load_critic, read_critic_meta, save_critic, save_generator
+from srgan.critic import TrainCriticConfig, ensure_preds, train_critic
+from srgan.critics import CRITICS, build_critic, min_input_size
+from srgan.data import read_dataset
+
+TINY_CRITICS = {"gan-critic": {"nf": 8, "n_blocks": 1}, "srgan": {"nf": 4, "n_blocks": 2, "hidden": 8, "pool": 2},
+                "unet-sn": {"nf": 4}}
+
+
+def test_every_registered_critic_has_tiny_options():
+    assert sorted(TINY_CRITICS) == CRITICS.names()
+
+
+@pytest.mark.parametrize("arch", CRITICS.names())
+def test_critic_output_shape(arch):
+    torch.manual_seed(0)
+    model = build_critic(arch, **TINY_CRITICS[arch]).to(memory_format=torch.channels_last)
+    for size in (32, 40):
+        x = torch.randn(3, 3, size, size, requires_grad=True)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+        assert type(out) is torch.Tensor and torch.isfinite(out).all()
+        if arch == "gan-critic":  # stride-2 conv + 1 block, then a 4x4 valid conv: a patch grid, flattened
+            side = size // 4 - 3
+            assert out.shape == (3, side * side)
+        elif arch == "srgan":  # dense head: one logit per image
+            assert out.shape == (3, 1)
+        else:  # per-pixel logits
+            assert out.shape == (3, 1, size, size)
+        out.float().sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    small = min_input_size(arch, **TINY_CRITICS[arch])
+    assert model(torch.randn(2, 3, small, small)).shape[0] == 2
+    if arch != "srgan":  # padded stride-2 convs and an adaptive pool: srgan runs on any size
+        with pytest.raises(RuntimeError):  # the others do not run below that size
+            model(torch.randn(2, 3, small // 2, small // 2))
+
+
+@pytest.mark.parametrize("arch", CRITICS.names())
+def test_critic_file_rebuilds_the_model(arch, tmp_path):
+    torch.manual_seed(1)
+    model = build_critic(arch, **TINY_CRITICS[arch])
+    model(torch.randn(2, 3, 32, 32))  # spectral-norm power iterations / BN statistics move on in train mode
+    path = tmp_path / "critic.safetensors"
+    save_critic(model, path, extra={"epochs": 3})
+    meta = read_critic_meta(path)
+    assert meta["spec"]["arch"] == arch and meta["extra"] == {"epochs": 3}
+    loaded = load_critic(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_critic_errors(tmp_path):
+    with pytest.raises(ConfigError, match="valid: gan-critic, srgan, unet-sn"):
+        build_critic("patchgan")
+    with pytest.raises(ConfigError, match=r"unknown option.*nff"):
+        build_critic("gan-critic", nff=8)
+    with pytest.raises(ConfigError, match="n_blocks"):
+        build_critic("srgan", n_blocks=0)
+    gen = tmp_path / "gen.safetensors"
+    from srgan.models import build_generator
+
+    save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=4), gen)
+    with pytest.raises(CrappifyError, match="not a crappify critic file"):
+        load_critic(gen)
+    with pytest.raises(CrappifyError, match="critic file not found"):
+        load_critic(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------------
+# adversarial losses
+
+
+def test_adversarial_registry():
+    assert ADVERSARIAL.names() == ["bce", "hinge", "lsgan", "wgan-gp"]
+    with pytest.raises(ConfigError, match="valid: bce"):
+        build_adversarial("vanilla")
+
+
+def test_adversarial_known_values():
+    zeros, ones, twos = torch.zeros(2, 5), torch.ones(2, 5), torch.full((2, 5), 2.0)
+    bce = build_adversarial("bce")
+    assert bce.critic(zeros, zeros).item() == pytest.approx(math.log(2))
+    assert bce.generator(zeros).item() == pytest.approx(math.log(2))
+    assert bce.critic(twos, -twos).item() == pytest.approx(math.log(1 + math.exp(-2)))
+    ls = build_adversarial("lsgan")
+    assert ls.critic(ones, zeros).item() == 0 and ls.critic(zeros, ones).item() == pytest.approx(1.0)
+    assert ls.generator(ones).item() == 0 and ls.generator(-ones).item() == pytest.approx(4.0)
+    hinge = build_adversarial("hinge")
+    assert hinge.critic(twos, -twos).item() == 0 and hinge.critic(zeros, zeros).item() == pytest.approx(2.0)
+    assert hinge.generator(twos).item() == pytest.approx(-2.0)
+    wgan = build_adversarial("wgan-gp")
+    assert wgan.critic(twos, ones).item() == pytest.approx(-1.0) and wgan.generator(twos).item() == pytest.approx(-2)
+    # every loss prefers a critic that scores real above fake, and a generator whose fakes score higher
+    for name in ADVERSARIAL.names():
+        loss = build_adversarial(name)
+        assert loss.critic(twos, -twos) < loss.critic(-twos, twos), name
+        assert loss.generator(twos) < loss.generator(-twos), name
+    # per-pixel outputs (N, 1, H, W) work as they are
+    assert bce.critic(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)).item() == pytest.approx(math.log(2))
+
+
+def test_gradient_penalty_known_cases():
+    # A linear critic D(x) = <w, x> has gradient w everywhere: penalty (|w| - 1)^2 whatever ε is.
+    w = torch.zeros(1, 3, 2, 2)
+    w[0, 0, 0, 0], w[0, 1, 1, 1] = 3.0, 4.0  # |w| = 5
+    w.requires_grad_(True)
+
+    def linear(x):
+        return (x * w).flatten(1).sum(1)
+
+    real, fake = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    gp = gradient_penalty(linear, real, fake, generator=torch.Generator().manual_seed(0))
+    assert gp.item() == pytest.approx(16.0)
+    gp.backward()  # the penalty trains the critic: d/dw (|w| - 1)^2 = 2 (|w| - 1) w / |w|
+    assert torch.allclose(w.grad, 2 * 4 * w.detach() / 5)
+    # D(x) = |x|^2 / 2 has gradient x: with real == fake the penalty is (|x| - 1)^2, averaged over the batch
+    x = torch.tensor([[3.0, 0.0], [0.0, 0.5]]).view(2, 2, 1, 1)
+    gp = gradient_penalty(lambda t: 0.5 * (t ** 2).flatten(1).sum(1), x, x)
+    assert gp.item() == pytest.approx(((3 - 1) ** 2 + (0.5 - 1) ** 2) / 2)
+    # the fp16 recipe (scaled inner gradient, unscaled before the norm) gives the same value
+    assert gradient_penalty(linear, real, fake, grad_scale=1024.0).item() == pytest.approx(16.0)
+    wgan = build_adversarial("wgan-gp", gp_weight=10.0)
+    assert wgan.penalty(linear, real, fake).item() == pytest.approx(160.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# critic pretraining
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("critic-data") / "ds"
+    build_dataset(BuildConfig(src="samples", out=str(out), preset="srgan-x4", size=64, split=(0.6, 0.4, 0.0),
+                              workers=1), progress=False)
+    return out
+
+
+def flat_preds(data: Path, run: Path) -> None:
+    """'Generator outputs' that are easy to tell from real photos: each HR's mean colour, flat."""
+    splits, _ = read_dataset(data)
+    for split, pairs in splits.items():
+        for pair in pairs:
+            hr = cv2.imread(str(pair.hr))
+            dst = run / "preds" / split / f"{pair.id}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(dst), np.broadcast_to(hr.mean(axis=(0, 1)).astype(np.uint8), hr.shape).copy())
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+CRITIC = {"options": {"nf": 16, "n_blocks": 1, "p": 0.0}, "size": 32, "bs": 2, "lr": 3e-3, "precision": "fp32"}
+
+
+def test_critic_pretraining_beats_chance_and_writes_its_files(dataset, tmp_path):
+    run = tmp_path / "run"
+    flat_preds(dataset, run)
+    cfg = TrainCriticConfig(data=str(dataset), out=str(run), epochs=8, **CRITIC)
+    final = train_critic(cfg, progress=False)
+    assert final == run / "critic.safetensors"
+    rows = read_history(run / "critic-history.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    # chance is 0.5 (as many real crops as fake); a spectral-norm critic learns slowly from 14 crops, but it learns
+    assert float(rows[-1]["accuracy"]) >= 0.7, rows
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]), rows
+    assert load_checkpoint(run / "critic-checkpoints" / "last.pt")["epoch"] == 8
+    assert yaml.safe_load((run / "train-critic.yaml").read_text()).keys() == TrainCriticConfig.model_fields.keys()
+    critic = load_critic(final)
+    assert read_critic_meta(final)["spec"] == {"arch": "gan-critic", "options": {"nf": 16, "n_blocks": 1, "p": 0.0}}
+    real = torch.randn(1, 3, 32, 32)
+    assert critic(real).shape == (1, 25)
+
+
+def test_critic_resume_continues_after_the_last_epoch(dataset, tmp_path):
+    run = tmp_path / "run"
+    flat_preds(dataset, run)
+    train_critic(TrainCriticConfig(data=str(dataset), out=str(run), epochs=1, **CRITIC), progress=False)
+    first = load_checkpoint(run / "critic-checkpoints" / "last.pt")
+    train_critic(TrainCriticConfig(data=str(dataset), out=str(run), epochs=2, **CRITIC), resume=True, progress=False)
+    rows = read_history(run / "critic-history.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == {k: str(v) for k, v in first["history"][0].items()}
+    with pytest.raises(CrappifyError, match="already finished"):
+        train_critic(TrainCriticConfig(data=str(dataset), out=str(run), epochs=2, **CRITIC), resume=True,
+                     progress=False)
+
+
+def test_preds_are_made_on_demand_and_missing_generator_is_a_clear_error(dataset, tmp_path):
+    from srgan.models import build_generator
+
+    run = tmp_path / "run"
+    with pytest.raises(CrappifyError, match=r"no generator\.safetensors"):
+        ensure_preds(dataset, run, torch.device("cpu"), ("train", "valid"))
+    run.mkdir()
+    save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=4), run / "generator.safetensors")
+    splits, _ = read_dataset(dataset)
+    n = len(splits["train"]) + len(splits["valid"])
+    assert ensure_preds(dataset, run, torch.device("cpu"), ("train", "valid")) == n
+    pair = splits["valid"][0]
+    assert cv2.imread(str(run / "preds" / "valid" / f"{pair.id}.png")).shape == cv2.imread(str(pair.hr)).shape
+    assert ensure_preds(dataset, run, torch.device("cpu"), ("train", "valid")) == 0
+
+
+def test_critic_config_rejects_unknown_keys_and_small_sizes(dataset, tmp_path):
+    from crappify.config import resolve
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("archh: srgan\n")
+    with pytest.raises(ConfigError, match="archh"):
+        resolve(TrainCriticConfig, cfg_file, data=str(dataset), out=str(tmp_path))
+    with pytest.raises(ConfigError, match="too small"):
+        train_critic(TrainCriticConfig(data=str(dataset), out=str(tmp_path / "r"), size=8,
+                                       options={"nf": 8, "n_blocks": 1}), progress=False)
