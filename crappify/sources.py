@@ -104,9 +104,25 @@ def _first_existing(*paths: Path) -> Path | None:
     return next((p for p in paths if p.exists()), None)
 
 
+SPLIT_FOLDERS = {"train": "train", "valid": "valid", "val": "valid", "test": "test"}
+
+
 @SOURCES.register("folder")
 def list_folder(src: Path) -> Listing:
-    return _walk(src, src)
+    """A folder of photos; one holding `train/` and `valid/` (or `val/`) and/or `test/` sub-folders
+    keeps that split (images outside them are skipped), any other is split by a seeded ratio."""
+    folders = {name: SPLIT_FOLDERS[name] for name in SPLIT_FOLDERS if (src / name).is_dir()}
+    if "train" not in folders or len(set(folders.values())) < 2:
+        return _walk(src, src)
+    listing = _walk(src, src)
+    items, skipped = [], list(listing.skipped)
+    for it in listing.items:
+        split = folders.get(it.id.split("/", 1)[0]) if "/" in it.id else None
+        if split is None:
+            skipped.append((it.source, "outside the train/valid/test folders"))
+        else:
+            items.append(Item(it.id.split("/", 1)[1], it.source, it.path, split, it.caption))
+    return Listing(_unique_ids(items), skipped, official_split=True)
 
 
 @SOURCES.register("flickr30k")

@@ -1,0 +1,331 @@
+"""`crappify run PIPELINE.yaml`: the whole chain as one reproducible, resumable command.
+
+A pipeline file names an output root and, per stage, the same keys as that command's `--config` file
+(the paths between stages are filled in here). Stages run in a fixed order:
+
+    sample-crops → build-dataset → train-gen → train-critic → train-gan → evaluate
+
+Each stage's resolved config is hashed together with the hash of the stage before it, so a changed
+option invalidates that stage and every later one, and nothing earlier. `OUT/.pipeline/<stage>.json`
+records the hash and whether the stage finished: a finished stage with the same hash is skipped; one
+that was interrupted (killed) with the same hash is resumed from its own checkpoints; anything else
+runs from the start. Keys that only say how to run (devices, worker counts) are left out of the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from crappify.config import describe
+from crappify.errors import ConfigError, CrappifyError
+from crappify.imageio import write_atomic
+from crappify.yamlfile import read_mapping
+
+STAGES = ("sample-crops", "build-dataset", "train-gen", "train-critic", "train-gan", "evaluate")
+RUN_ONLY_KEYS = frozenset({"workers", "num_workers", "device", "batch"})  # how to run, not what to compute
+PIPELINES_DIR = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+class SampleCrops(BaseModel):
+    """Options of the `sample-crops` stage (see `crappify.samples`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(128, ge=16)
+    train: int = Field(320, ge=1)
+    valid: int = Field(16, ge=1)
+    test: int = Field(32, ge=0)
+    zoom: tuple[float, float] = (0.5, 1.0)
+    seed: int = Field(0, ge=0)
+
+
+class Pipeline(BaseModel):
+    """A pipeline file: where outputs go, what data it needs, and each stage's options."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str
+    description: str = ""
+    out: str = Field(description="output root: dataset/, run/, eval/ and .pipeline/ go under it")
+    data: str | None = Field(None, description="what the source must look like (shown when it is missing)")
+    sample_crops: dict[str, Any] | None = Field(None, alias="sample-crops")
+    build_dataset: dict[str, Any] = Field(alias="build-dataset")
+    train_gen: dict[str, Any] = Field(alias="train-gen")
+    train_critic: dict[str, Any] | None = Field(None, alias="train-critic")
+    train_gan: dict[str, Any] | None = Field(None, alias="train-gan")
+    evaluate: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of a loaded pipeline: its validated config and what to do with it."""
+
+    stage: str
+    config: BaseModel
+    hash: str
+    action: str  # skip | run | resume | rerun
+    reason: str
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+    dataset: Path
+    run: Path
+    eval: Path
+    crops: Path
+    state: Path
+
+
+def paths_of(p: Pipeline) -> Paths:
+    root = Path(p.out)
+    dataset = Path(p.build_dataset.get("out") or root / "dataset")
+    return Paths(root, dataset, root / "run", root / "eval", root / "crops", root / ".pipeline")
+
+
+def find_pipeline(name: str | Path) -> Path:
+    """A pipeline file by path, or by name from the shipped `pipelines/` folder ('demo' → demo.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = PIPELINES_DIR / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml")) if PIPELINES_DIR.is_dir() else []
+    raise ConfigError(f"pipeline not found: {name} (a YAML file, or one of: {', '.join(names) or 'none shipped'})")
+
+
+def load_pipeline(path: str | Path, out: str | None = None) -> Pipeline:
+    """Read and validate a pipeline file (unknown keys are errors); `out` overrides its output root."""
+    raw = dict(read_mapping(Path(path), "pipeline file"))
+    if out is not None:
+        raw["out"] = out
+    try:
+        p = Pipeline.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe(exc, Pipeline)}") from None
+    preset = p.build_dataset.get("preset")
+    if isinstance(preset, str) and preset.endswith((".yaml", ".yml")) and not Path(preset).is_absolute():
+        beside = Path(path).resolve().parent / preset  # a preset file named relative to the pipeline file
+        if beside.is_file():
+            p.build_dataset["preset"] = str(beside)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------
+# stage configs: the pipeline's section for a stage plus the paths that connect the stages
+
+
+def _validate(stage: str, cls: type[BaseModel], values: dict[str, Any]) -> BaseModel:
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(f"stage {stage}: {describe(exc, cls)}") from None
+
+
+def _reject(stage: str, section: dict[str, Any], keys: tuple[str, ...]) -> None:
+    given = sorted(set(section) & set(keys))
+    if given:
+        raise ConfigError(f"stage {stage}: {', '.join(given)} set by the pipeline (it connects the stages)")
+
+
+def stage_configs(p: Pipeline, overrides: dict[str, Any] | None = None) -> dict[str, BaseModel]:
+    """Each present stage's validated config, in order. `overrides` (e.g. device) apply to every stage
+    that has the key."""
+    from crappify.builder import BuildConfig
+    from srgan.critic import TrainCriticConfig
+    from srgan.evaluate import EvaluateConfig
+    from srgan.gan import TrainGanConfig
+    from srgan.train import TrainGenConfig
+
+    paths = paths_of(p)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    def section(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+        return {**values, **{k: v for k, v in overrides.items() if k in cls.model_fields}}
+
+    cfgs: dict[str, BaseModel] = {}
+    if p.sample_crops is not None:
+        cfgs["sample-crops"] = _validate("sample-crops", SampleCrops, p.sample_crops)
+    build = dict(p.build_dataset)
+    if p.sample_crops is not None:
+        _reject("build-dataset", build, ("src",))
+        build["src"] = str(paths.crops)
+    build["out"] = str(paths.dataset)
+    cfgs["build-dataset"] = _validate("build-dataset", BuildConfig, section(BuildConfig, build))
+    for stage, cls, values in (("train-gen", TrainGenConfig, p.train_gen),
+                               ("train-critic", TrainCriticConfig, p.train_critic),
+                               ("train-gan", TrainGanConfig, p.train_gan)):
+        if values is None:
+            continue
+        _reject(stage, values, ("data", "out"))
+        cfgs[stage] = _validate(stage, cls, section(cls, {**values, "data": str(paths.dataset),
+                                                          "out": str(paths.run)}))
+    if p.evaluate is not None:
+        _reject("evaluate", p.evaluate, ("data", "out", "models"))
+        models = [str(paths.run / "generator.safetensors")]
+        if "train-gan" in cfgs:
+            models.append(str(paths.run / "gan" / "generator.safetensors"))
+        names = ["train-gen", "train-gan"][: len(models)]
+        values = {"names": names, **p.evaluate, "data": str(paths.dataset), "models": models,
+                  "out": str(paths.eval)}
+        cfgs["evaluate"] = _validate("evaluate", EvaluateConfig, section(EvaluateConfig, values))
+    return cfgs
+
+
+def stage_hash(stage: str, cfg: BaseModel, upstream: str) -> str:
+    """What a stage computes: its config (less run-only keys) chained to the stage before it."""
+    values = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_ONLY_KEYS}
+    blob = json.dumps({"stage": stage, "config": values, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------------
+# planning and running
+
+
+def read_state(paths: Paths, stage: str) -> dict[str, Any]:
+    f = paths.state / f"{stage}.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(paths: Paths, stage: str, state: dict[str, Any]) -> None:
+    paths.state.mkdir(parents=True, exist_ok=True)
+    write_atomic(paths.state / f"{stage}.json", json.dumps(state, indent=1, sort_keys=True) + "\n")
+
+
+def plan(p: Pipeline, start: str | None = None, stop: str | None = None,
+         overrides: dict[str, Any] | None = None) -> list[Step]:
+    """What `run` would do, stage by stage. `start` re-runs from that stage on (the stages before it must
+    be finished); `stop` ends after that stage."""
+    for name in (start, stop):
+        if name is not None and name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; valid: {', '.join(STAGES)}")
+    cfgs = stage_configs(p, overrides)
+    for name in (start, stop):
+        if name is not None and name not in cfgs:
+            raise ConfigError(f"stage {name!r} is not in pipeline {p.name}; it has: {', '.join(cfgs)}")
+    paths = paths_of(p)
+    steps: list[Step] = []
+    upstream, invalid, started, stopped = "", False, start is None, False
+    for stage, cfg in cfgs.items():
+        h = stage_hash(stage, cfg, upstream)
+        upstream = h
+        if stopped:
+            break
+        started = started or stage == start
+        state = read_state(paths, stage)
+        same = state.get("hash") == h
+        done = same and state.get("status") == "done" and not invalid
+        if not started:
+            if not done:
+                raise CrappifyError(f"cannot start at {start}: stage {stage} has not finished with this config "
+                                    "(run without --from first)")
+            action, reason = "skip", "finished earlier (before --from)"
+        elif done and start is None:
+            action, reason = "skip", "finished earlier with the same config"
+        elif same and not invalid and state.get("status") == "running" and start != stage:
+            action, reason = "resume", "interrupted earlier; continues from its checkpoints"
+        elif state:
+            action = "rerun"
+            reason = ("--from" if started and start is not None and done else
+                      "an earlier stage changed" if invalid else "its config changed")
+        else:
+            action, reason = "run", "not run yet"
+        invalid = invalid or action in ("run", "rerun")
+        steps.append(Step(stage, cfg, h, action, reason))
+        stopped = stage == stop
+    return steps
+
+
+def _has(path: Path) -> bool:
+    return path.is_file()
+
+
+def _run_stage(step: Step, paths: Paths, progress: bool) -> None:
+    """Run one stage (resuming where asked and where the stage left a checkpoint)."""
+    cfg, resume = step.config, step.action == "resume"
+    if step.stage == "sample-crops":
+        from crappify.samples import CropPlan, cut_sample_crops
+
+        cut_sample_crops(paths.crops, CropPlan(**cfg.model_dump()))
+    elif step.stage == "build-dataset":
+        from crappify.builder import build_dataset
+
+        # Only a dataset this pipeline built before is rebuilt over; any other OUT is reused when it was
+        # built with the same config and refused otherwise (it may be the user's).
+        build_dataset(cfg, overwrite=step.action == "rerun", progress=progress)
+    elif step.stage == "train-gen":
+        from srgan.train import Trainer
+
+        Trainer(cfg, resume=resume and _has(paths.run / "checkpoints" / "last.pt"), progress=progress).fit()
+    elif step.stage == "train-critic":
+        from srgan.critic import train_critic
+
+        train_critic(cfg, resume=resume and _has(paths.run / "critic-checkpoints" / "last.pt"), progress=progress)
+    elif step.stage == "train-gan":
+        from srgan.gan import train_gan
+
+        train_gan(cfg, resume=resume and _has(paths.run / "gan" / "checkpoints" / "last.pt"), progress=progress)
+    elif step.stage == "evaluate":
+        from srgan.evaluate import evaluate
+
+        evaluate(cfg)
+
+
+def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None, progress: bool = True,
+                 overrides: dict[str, Any] | None = None,
+                 on_stage: Callable[[Step], None] | None = None) -> list[Step]:
+    """Run the planned stages in order; returns the plan that was carried out."""
+    steps = plan(p, start, stop, overrides)
+    paths = paths_of(p)
+    check_data(p, steps)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_atomic(paths.root / "pipeline.yaml", yaml.safe_dump(p.model_dump(by_alias=True), sort_keys=False))
+    for step in steps:
+        if on_stage is not None:
+            on_stage(step)
+        if step.action == "skip":
+            continue
+        config = step.config.model_dump(mode="json")
+        _write_state(paths, step.stage, {"hash": step.hash, "status": "running", "config": config,
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        t0 = time.perf_counter()
+        _run_stage(step, paths, progress)
+        _write_state(paths, step.stage, {"hash": step.hash, "status": "done", "config": config,
+                                         "seconds": round(time.perf_counter() - t0, 2),
+                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return steps
+
+
+def check_data(p: Pipeline, steps: list[Step]) -> None:
+    """Before anything runs: the source a pending build-dataset needs must be there, in its layout."""
+    from crappify.sources import SOURCES, detect
+
+    step = next((s for s in steps if s.stage == "build-dataset" and s.action != "skip"), None)
+    if step is None or p.sample_crops is not None:
+        return
+    cfg = step.config
+    src = Path(cfg.src)
+    if cfg.src == "samples" and cfg.source in ("auto", "samples"):
+        return
+    hint = f" ({p.data})" if p.data else ""
+    if not src.is_dir():
+        raise CrappifyError(f"pipeline {p.name} needs its source data at {src}{hint}; see data/README.md")
+    kind = detect(src) if cfg.source == "auto" else cfg.source
+    try:
+        listing = SOURCES.get(kind)(src)
+    except CrappifyError as exc:
+        raise CrappifyError(f"pipeline {p.name}: {exc}{hint}") from None
+    if not listing.items:
+        raise CrappifyError(f"pipeline {p.name}: no images found in {src}{hint}; see data/README.md")
