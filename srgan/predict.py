@@ -1,9 +1,9 @@
 """Run a trained generator over a built dataset's LR images (`RUN/preds/<split>/<id>.png`).
 
 Critic pretraining needs the generator's outputs for the whole dataset; they are written once, at full
-image size, and a re-run skips images already written. Whole images go through the model in one piece
-(padded to a multiple of 32 for U-Nets and cropped back); tiled inference for large photos belongs to
-`enhance`.
+image size, and a re-run skips images already written. Images go through `srgan.inference`'s tiled
+inference (padded to a multiple of 32 for U-Nets and cropped back; an image smaller than a tile is one
+piece), so large photos need no more memory than small ones.
 """
 
 from __future__ import annotations
@@ -13,37 +13,34 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from crappify.imageio import decode, save_image_atomic
 from srgan.checkpoint import load_generator
 from srgan.data import Normalizer, read_dataset
+from srgan.inference import TiledInference
 from srgan.models import is_unet
 
 
-@torch.no_grad()
 def predict(model: nn.Module, lr: np.ndarray, hr_size: tuple[int, int] | None = None,
-            normalizer: Normalizer | None = None) -> np.ndarray:
-    """One LR image (HWC uint8) → the generator's output (HWC uint8).
+            normalizer: Normalizer | None = None, *, tile: int | None = None) -> np.ndarray:
+    """One LR image (HWC uint8) → the generator's output (HWC uint8), in fp32 on the model's device.
 
-    U-Nets take the LR resized (bicubic) to `hr_size` (width, height), as in training, padded by
-    reflection to a multiple of 32 and cropped back; SR models take the LR as it is.
+    U-Nets take the LR resized (bicubic) to `hr_size` (width, height), as in training; SR models take the
+    LR as it is. `tile` as in `TiledInference` (None: 512 output px; 0: the whole image in one piece).
+    The model's train/eval mode is restored afterwards.
     """
-    normalizer = normalizer or Normalizer()
-    device = next(model.parameters()).device
     if is_unet(model) and hr_size is not None and (lr.shape[1], lr.shape[0]) != hr_size:
         lr = cv2.resize(lr, hr_size, interpolation=cv2.INTER_CUBIC)
-    x = normalizer.normalize(torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None].to(device))
-    h, w = x.shape[-2:]
-    if is_unet(model):
-        ph, pw = -h % 32, -w % 32
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect")
-    out = model(x)
-    scale = out.shape[-1] // x.shape[-1]
-    out = out[..., : h * scale, : w * scale]
-    return normalizer.to_uint8(out.float())[0].permute(1, 2, 0).cpu().numpy()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        engine = TiledInference(model, device=device, precision="fp32", tile=tile,
+                                normalizer=normalizer or Normalizer())
+        return engine(np.ascontiguousarray(lr))
+    finally:
+        model.train(was_training)
 
 
 def save_preds(run: str | Path, data: str | Path, device: str | torch.device = "cpu",
@@ -53,6 +50,7 @@ def save_preds(run: str | Path, data: str | Path, device: str | torch.device = "
     model = load_generator(run / "generator.safetensors", device)
     pairs_by_split, _ = read_dataset(data)
     normalizer = Normalizer()
+    engine = TiledInference(model, device=device, precision="fp32", normalizer=normalizer)
     written = 0
     for split in splits:
         for pair in pairs_by_split.get(split, []):
@@ -61,7 +59,9 @@ def save_preds(run: str | Path, data: str | Path, device: str | torch.device = "
                 continue
             lr = decode(pair.lr)
             hr_w, hr_h = _image_size(pair.hr)
-            out = predict(model, lr, (hr_w, hr_h), normalizer)
+            if is_unet(model) and (lr.shape[1], lr.shape[0]) != (hr_w, hr_h):
+                lr = cv2.resize(lr, (hr_w, hr_h), interpolation=cv2.INTER_CUBIC)
+            out = engine(np.ascontiguousarray(lr))
             dst.parent.mkdir(parents=True, exist_ok=True)
             save_image_atomic(dst, out)
             written += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -26,9 +28,9 @@ def srnet():
 
 def test_tile_grid_covers_and_weights_sum_to_one():
     origins = tile_origins(300, 128, 96)
-    assert origins[0] == 0 and origins[-1] == 300 - 128 and all(b > a for a, b in zip(origins, origins[1:]))
+    assert origins[0] == 0 and origins[-1] == 300 - 128 and all(b > a for a, b in itertools.pairwise(origins))
     total = torch.zeros(300)
-    for o, w in zip(origins, axis_weights(origins, 128, 300, 32)):
+    for o, w in zip(origins, axis_weights(origins, 128, 300, 32), strict=False):
         assert (w > 0).all()
         total[o:o + 128] += w
     assert torch.allclose(total, torch.ones(300), atol=1e-6)
