@@ -193,9 +193,9 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
         history = list(state["history"])
         if int(state["epoch"]) >= cfg.epochs:
             raise CrappifyError(f"{run} already finished all {cfg.epochs} critic epochs")
-    run.mkdir(parents=True, exist_ok=True)
-    write_atomic(run / "train-critic.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     ensure_preds(cfg.data, run, device, ("train", valid_split))
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomic(run / "train-critic.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     dls = make_critic_dataloaders(cfg.data, run, cfg.size, cfg.bs, device=device, num_workers=cfg.num_workers,
                                   seed=cfg.seed, channels_last=cfg.channels_last)
     if cfg.channels_last:
