@@ -271,3 +271,17 @@ def test_cli_errors_are_one_line(dataset, tmp_path, pretrained, capsys):
     line = one_error_line(cli(capsys, "train-critic", dataset, "-o", empty))
     assert "no generator.safetensors" in line and "train-gen" in line
     assert not empty.exists()  # a refused run leaves nothing behind
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision needs a CUDA device")
+@pytest.mark.parametrize("adv_loss", ["bce", "wgan-gp"])
+def test_fp16_gan_steps_on_cuda(dataset, run, adv_loss):
+    cfg = TrainGanConfig(data=str(dataset), out=str(run), adv_loss=adv_loss, switching="fixed", iters=4,
+                         device="cuda", **{**TINY, "precision": "fp16"}, ema=True)
+    train_gan(cfg, progress=False)
+    rows = history(run)
+    assert [r["trained"] for r in rows] == ["critic", "generator"] * 2
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows), rows
+    for name in ("generator.safetensors", "generator-ema.safetensors"):
+        out = load_generator(run / "gan" / name)(torch.randn(1, 3, 8, 8))
+        assert torch.isfinite(out).all()
