@@ -88,6 +88,15 @@ def tile_origins(length: int, tile: int, stride: int) -> list[int]:
     return origins
 
 
+def fit_tile(length: int, tile: int, overlap: int, multiple: int = 1) -> int:
+    """The smallest tile (a multiple of `multiple`, at most `tile`) that covers `length` with as few tiles as
+    `tile` would: the same number of forward passes, spread evenly, with less work wasted on overlaps."""
+    if tile >= length:
+        return length
+    n = -(-(length - overlap) // (tile - overlap))
+    return min(tile, _round_up(-(-(length + (n - 1) * overlap) // n), multiple))
+
+
 def _ramp(n: int) -> torch.Tensor:
     """n weights rising smoothly (raised cosine) from near 0 to near 1, all > 0."""
     t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
@@ -202,8 +211,8 @@ class TiledInference:
         s, m = self.scale, self.multiple
         hp, wp = _round_up(h, m), _round_up(w, m)
         padded = _pad_reflect(img, hp - h, wp - w)
-        th, tw = (min(self.tile, hp), min(self.tile, wp)) if self.tile else (hp, wp)
-        ov = self._overlap(min(th, tw)) if self.tile else 0
+        ov = self._overlap(min(self.tile, hp, wp)) if self.tile else 0
+        th, tw = (fit_tile(hp, self.tile, ov, m), fit_tile(wp, self.tile, ov, m)) if self.tile else (hp, wp)
         stride_h, stride_w = max(th - ov, m), max(tw - ov, m)
         ys, xs = tile_origins(hp, th, stride_h), tile_origins(wp, tw, stride_w)
         wy = [t.to(self.device) for t in axis_weights([y * s for y in ys], th * s, hp * s, ov * s)]
