@@ -198,26 +198,22 @@ def ops_cmd() -> None:
 
 @app.command("demo")
 @click.option("-o", "--output", default=str(DEMO_OUT), show_default=True, type=click.Path(file_okay=False))
-@click.option("--workers", type=int, help="Worker processes (default: CPU count).")
-def demo_cmd(output: str, workers: int | None) -> None:
-    """Build a small dataset from photos that installed packages ship, and a preview grid. No download."""
-    from crappify.builder import BuildConfig, build_dataset
-    from crappify.chain import load_preset
-    from crappify.config import resolve
-    from crappify.imageio import decode, save_image_atomic
-    from crappify.preview import preview
-    from crappify.sources import sample_id, sample_photos
+@click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_cmd(output: str, device: str | None, quiet: bool) -> None:
+    """The whole chain on photos that installed packages ship (pipelines/demo.yaml): crops, dataset,
+    generator, critic, a short GAN phase and an evaluation against bicubic. No download. Run it again
+    after an interruption: finished stages are skipped."""
+    from srgan.inspection import demo_results
+    from srgan.pipeline import find_pipeline, load_pipeline, run_pipeline
 
-    out = Path(output)
-    cfg = resolve(BuildConfig, None, src="samples", out=str(out / "dataset"), preset="flickr30k-restore",
-                  size=256, scale=4, workers=workers)
-    res = build_dataset(cfg, overwrite=True)
-    click.echo(_summary(res))
-    name, path = sample_photos()[0]
-    grid_path = out / "preview.png"
-    save_image_atomic(grid_path, preview(decode(path), load_preset(cfg.preset), cfg.seed, cfg.size, cfg.scale,
-                                         sample_id(name)))
-    click.echo(f"preview grid ({name}, preset {cfg.preset}): {grid_path}")
+    p = load_pipeline(find_pipeline("demo"), output)
+    click.echo(f"crappify demo -> {p.out} (pipelines/demo.yaml; a few minutes on a laptop CPU)")
+    run_pipeline(p, progress=not quiet, overrides={"device": device},
+                 on_stage=lambda s: click.echo(f"[{s.stage}] {s.action}: {s.reason}"))
+    table, grid_path = demo_results(Path(p.out))
+    click.echo(table)
+    click.echo(f"results grid (LR | bicubic | generated | HR): {grid_path}")
 
 
 def _add_commands() -> None:

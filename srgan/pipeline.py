@@ -266,7 +266,12 @@ def _run_stage(step: Step, paths: Paths, progress: bool) -> None:
         # built with the same config and refused otherwise (it may be the user's).
         build_dataset(cfg, overwrite=step.action == "rerun", progress=progress)
     elif step.stage == "train-gen":
+        import shutil
+
         from srgan.train import Trainer
+
+        if not resume:  # predictions of an earlier generator would otherwise be reused by train-critic
+            shutil.rmtree(paths.run / "preds", ignore_errors=True)
 
         Trainer(cfg, resume=resume and _has(paths.run / "checkpoints" / "last.pt"), progress=progress).fit()
     elif step.stage == "train-critic":
@@ -319,13 +324,13 @@ def check_data(p: Pipeline, steps: list[Step]) -> None:
     src = Path(cfg.src)
     if cfg.src == "samples" and cfg.source in ("auto", "samples"):
         return
-    hint = f" ({p.data})" if p.data else ""
+    hint = f" (expected: {p.data})" if p.data else " (see data/README.md)"
     if not src.is_dir():
-        raise CrappifyError(f"pipeline {p.name} needs its source data at {src}{hint}; see data/README.md")
+        raise CrappifyError(f"pipeline {p.name} needs its source data at {src}{hint}")
     kind = detect(src) if cfg.source == "auto" else cfg.source
     try:
         listing = SOURCES.get(kind)(src)
     except CrappifyError as exc:
         raise CrappifyError(f"pipeline {p.name}: {exc}{hint}") from None
     if not listing.items:
-        raise CrappifyError(f"pipeline {p.name}: no images found in {src}{hint}; see data/README.md")
+        raise CrappifyError(f"pipeline {p.name}: no images found in {src}{hint}")

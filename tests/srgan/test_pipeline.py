@@ -1,0 +1,175 @@
+"""`crappify run`: shipped pipelines validate, plans, skip/resume/rerun, kill-and-resume, data checks.
+
+The end-to-end runs use a tiny pipeline with every stage of `pipelines/demo.yaml` (sample crops, dataset,
+generator, critic, GAN, evaluation) at toy sizes — the CI-sized equivalent of `crappify demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crappify.errors import ConfigError, CrappifyError
+from srgan.pipeline import PIPELINES_DIR, STAGES, load_pipeline, plan, read_state, run_pipeline, stage_configs
+
+TINY = {
+    "name": "tiny",
+    "out": "OUT",
+    "sample-crops": {"size": 48, "train": 12, "valid": 4, "test": 4},
+    "build-dataset": {"preset": "flickr30k-restore", "scale": 2, "workers": 1},
+    "train-gen": {"arch": "unet-resnet18", "pretrained": False, "loss": "l1", "size": 32, "bs": 4, "epochs": 1,
+                  "preview_items": 1, "precision": "fp32"},
+    "train-critic": {"options": {"nf": 8, "n_blocks": 1}, "size": 32, "bs": 4, "epochs": 1, "precision": "fp32"},
+    "train-gan": {"pretrained": False, "switching": "fixed", "w_adv": 0.05, "size": 32, "bs": 4, "iters": 2,
+                  "checkpoint_every": 1, "preview_items": 1, "precision": "fp32"},
+    "evaluate": {"grids": 1, "lpips": False, "precision": "fp32"},
+}
+
+
+def write_pipeline(tmp: Path, changes: dict | None = None, name: str = "tiny.yaml") -> Path:
+    data = json.loads(json.dumps(TINY))
+    data["out"] = str(tmp / "out")
+    for stage, values in (changes or {}).items():
+        data[stage].update(values)
+    path = tmp / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def actions(steps) -> dict[str, str]:
+    return {s.stage: s.action for s in steps}
+
+
+@pytest.mark.parametrize("path", sorted(PIPELINES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_pipeline_validates(path):
+    p = load_pipeline(path)
+    cfgs = stage_configs(p)
+    assert next(iter(cfgs)) in ("sample-crops", "build-dataset") and "train-gen" in cfgs and "evaluate" in cfgs
+    assert [s for s in STAGES if s in cfgs] == list(cfgs)  # in pipeline order
+    if p.sample_crops is None:
+        assert p.data, "a real-size pipeline documents the data layout it expects"
+        assert cfgs["build-dataset"].src.startswith("data/")
+    preset = cfgs["build-dataset"].preset
+    if preset.endswith(".yaml"):
+        assert Path(preset).is_file()
+
+
+def test_unknown_keys_and_fixed_paths_are_errors(tmp_path):
+    bad = write_pipeline(tmp_path)
+    data = yaml.safe_load(bad.read_text())
+    data["train-gen"]["bogus"] = 1
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="stage train-gen: unknown option 'bogus'"):
+        stage_configs(load_pipeline(bad))
+    data["train-gen"].pop("bogus")
+    data["train-gen"]["out"] = "elsewhere"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="set by the pipeline"):
+        stage_configs(load_pipeline(bad))
+    data["train-gen"].pop("out")
+    data["stage-x"] = {}
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="unknown option 'stage-x'"):
+        load_pipeline(bad)
+
+
+def test_plan_of_a_fresh_pipeline_and_bad_stage_names(tmp_path):
+    p = load_pipeline(write_pipeline(tmp_path))
+    assert actions(plan(p)) == dict.fromkeys(STAGES, "run")
+    assert list(actions(plan(p, stop="train-gen"))) == ["sample-crops", "build-dataset", "train-gen"]
+    with pytest.raises(ConfigError, match="unknown stage 'train'"):
+        plan(p, start="train")
+    with pytest.raises(CrappifyError, match="cannot start at train-gan"):
+        plan(p, start="train-gan")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """The tiny pipeline, run once to the end."""
+    tmp = tmp_path_factory.mktemp("pipe")
+    path = write_pipeline(tmp)
+    run_pipeline(load_pipeline(path), progress=False)
+    return path
+
+
+def test_tiny_pipeline_runs_every_stage(finished):
+    out = finished.parent / "out"
+    for f in ("crops/train", "dataset/manifest.csv", "run/generator.safetensors", "run/critic.safetensors",
+              "run/gan/generator.safetensors", "eval/metrics.csv", "eval/report.md", "pipeline.yaml"):
+        assert (out / f).exists(), f
+    for stage in STAGES:
+        assert read_state(load_pipeline_paths(finished), stage)["status"] == "done"
+    rows = (out / "eval" / "metrics.csv").read_text().splitlines()
+    methods = {r.split(",")[1] for r in rows[1:]}
+    assert {"train-gen", "train-gan"} <= methods and len(methods) == 3  # plus the baseline
+
+
+def load_pipeline_paths(path: Path):
+    from srgan.pipeline import paths_of
+
+    return paths_of(load_pipeline(path))
+
+
+def test_dry_run_prints_the_plan(finished, cli):
+    res = cli("run", finished, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    lines = [line.split() for line in res.stdout.splitlines()[1:]]
+    assert [(w[0], w[1]) for w in lines] == [(s, "skip") for s in STAGES]
+
+
+def test_second_run_skips_everything_and_a_change_reruns_only_what_it_affects(finished, tmp_path):
+    p = load_pipeline(finished)
+    assert actions(plan(p)) == dict.fromkeys(STAGES, "skip")
+    # a run-only key (device) does not invalidate anything
+    assert actions(plan(p, overrides={"device": "cpu"})) == dict.fromkeys(STAGES, "skip")
+    changed = load_pipeline(write_pipeline(finished.parent, {"train-critic": {"lr": 5e-4}}, "changed.yaml"))
+    assert actions(plan(changed)) == {"sample-crops": "skip", "build-dataset": "skip", "train-gen": "skip",
+                                      "train-critic": "rerun", "train-gan": "rerun", "evaluate": "rerun"}
+    changed = load_pipeline(write_pipeline(finished.parent, {"evaluate": {"grids": 2}}, "changed2.yaml"))
+    steps = run_pipeline(changed, progress=False)
+    assert actions(steps)["evaluate"] == "rerun" and actions(steps)["train-gan"] == "skip"
+    assert len(list((finished.parent / "out" / "eval" / "grids").glob("*.png"))) == 2
+    # --from re-runs that stage and the later ones, keeping the earlier ones
+    assert actions(plan(changed, start="train-gan")) == {
+        "sample-crops": "skip", "build-dataset": "skip", "train-gen": "skip", "train-critic": "skip",
+        "train-gan": "rerun", "evaluate": "rerun"}
+
+
+def test_kill_during_train_gen_then_run_again_resumes(tmp_path, cli_command):
+    path = write_pipeline(tmp_path, {"train-gen": {"epochs": 3}}, "kill.yaml")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*cli_command, "run", str(path), "--quiet", "--to", "train-gen"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = out / "run" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.is_file() and proc.poll() is None, "train-gen should still be running after its first epoch"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((out / ".pipeline" / "train-gen.json").read_text())
+    assert state["status"] == "running"
+    p = load_pipeline(path)
+    assert actions(plan(p, stop="train-gen"))["train-gen"] == "resume"
+    steps = run_pipeline(p, stop="train-gen", progress=False)
+    assert actions(steps) == {"sample-crops": "skip", "build-dataset": "skip", "train-gen": "resume"}
+    history = (out / "run" / "history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["1", "2", "3"]
+
+
+def test_real_pipelines_say_which_data_they_need(tmp_path, cli):
+    res = cli("run", "flickr30k-lesson7", "-o", tmp_path / "out", cwd=tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "needs its source data at data/flickr30k" in res.stderr and "flickr30k_images" in res.stderr
+    (tmp_path / "data" / "celeba").mkdir(parents=True)
+    res = cli("run", "celeba-wgan-gp", "-o", tmp_path / "out2", cwd=tmp_path)
+    assert res.returncode == 1 and "not a CelebA folder" in res.stderr
+    res = cli("run", "no-such-pipeline")
+    assert res.returncode == 2 and "pipeline not found" in res.stderr and "demo" in res.stderr
