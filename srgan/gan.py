@@ -305,7 +305,7 @@ def _parts() -> SimpleNamespace:
             super().__init__(None, None, gan_model)
             self.content, self.adversarial, self.w_content, self.w_adv = content, adversarial, w_content, w_adv
             self.rng = torch.Generator().manual_seed(seed)  # the penalty's ε, not the global random state
-            self.real, self.grad_scale = None, 1.0
+            self.real = None
             self.gen_loss = self.crit_loss = self.content_loss = self.adv_loss = None
 
         def generator(self, output, target):
@@ -320,8 +320,7 @@ def _parts() -> SimpleNamespace:
                 fake = self.gan_model.generator(input)
             loss = self.adversarial.critic(real_pred, self.gan_model.critic(fake))
             if self.adversarial.needs_images:
-                loss = loss + self.adversarial.penalty(self.gan_model.critic, self.real, fake, self.rng,
-                                                       self.grad_scale)
+                loss = loss + self.adversarial.penalty(self.gan_model.critic, self.real, fake, self.rng)
             self.crit_loss = loss
             return loss
 
@@ -354,9 +353,6 @@ def _parts() -> SimpleNamespace:
         def after_pred(self):
             if not self.learn.gan_trainer.gen_mode:  # GANTrainer swapped xb/yb: the critic saw the real batch
                 self.learn.loss_func.real = self.learn.xb[0]
-            scaler = getattr(self.learn, "scaler", None)
-            self.learn.loss_func.grad_scale = float(scaler.get_scale()) if scaler is not None and \
-                scaler.is_enabled() else 1.0
 
         def before_step(self):
             # fastai's zero_grad zeroes gradients instead of dropping them, so the frozen network's parameters

@@ -178,8 +178,8 @@ def test_resume_restores_step_networks_optimiser_and_switcher(dataset, run):
         def before_fit(self):
             seen["gen_mode"] = bool(self.learn.gan_trainer.gen_mode)
             seen["opt"] = copy.deepcopy(self.learn.opt.state_dict())  # Adam updates its moments in place
-            seen["generator"] = {k: v.clone() for k, v in self.learn.model.generator.state_dict().items()}
-            seen["critic"] = {k: v.clone() for k, v in self.learn.model.critic.state_dict().items()}
+            seen["generator"] = {k: v.cpu().clone() for k, v in self.learn.model.generator.state_dict().items()}
+            seen["critic"] = {k: v.cpu().clone() for k, v in self.learn.model.critic.state_dict().items()}
 
     train_gan(cfg, resume=True, progress=False, cbs=[Check()])
     assert seen["gen_mode"] is True
@@ -188,7 +188,7 @@ def test_resume_restores_step_networks_optimiser_and_switcher(dataset, run):
     assert sum("sqr_avg" in s for s in saved["opt"]["state"]) > 10  # Adam moments of both networks were saved
     for got, want in zip(seen["opt"]["state"], saved["opt"]["state"], strict=True):
         for key, value in want.items():
-            assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(value)), key
+            assert torch.equal(torch.as_tensor(got[key]).cpu(), torch.as_tensor(value)), key
     rows = history(run)
     assert [int(r["step"]) for r in rows] == list(range(1, 7))  # the un-checkpointed step 3 was dropped and redone
     assert [r["trained"] for r in rows] == ["critic", "critic", "generator"] * 2
