@@ -25,7 +25,7 @@ _PRECISION = click.Choice(["auto", "fp32", "bf16", "fp16"])
                                         "SR models: must equal the model's own scale.")
 @click.option("--tile", type=int, help="Tile side in input px (default 512 output px; 0 = whole image).")
 @click.option("--overlap", type=int, help="Overlap of neighbouring tiles in input px (default tile/8).")
-@click.option("--batch", type=int, help="Tiles per forward pass (default 4 on CUDA, 1 on CPU).")
+@click.option("--batch", type=int, help="Tiles per forward pass (default 1).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--precision", type=_PRECISION, default="auto", show_default=True,
               help="auto: bf16 on GPUs (fp16 on old ones), fp32 on most CPUs; falls back to fp32 where unsupported.")

@@ -129,7 +129,9 @@ class TiledInference:
 
     `tile`: tile side in input pixels (None: 512 output pixels, i.e. 512 // scale input pixels; 0: the whole
     image in one piece). `overlap`: input pixels shared by neighbouring tiles (None: tile // 8). Both are
-    rounded up to what the model needs. `batch`: tiles per forward pass (None: 4 on CUDA, 1 elsewhere).
+    rounded up to what the model needs; an image is covered by as few tiles as `tile` allows, spread evenly
+    (so tiles may be smaller than `tile`, never larger). `batch`: tiles per forward pass (default 1: peak
+    memory is then set by the tile alone).
     """
 
     model: nn.Module
@@ -160,7 +162,7 @@ class TiledInference:
         if self.tile:
             self.tile = max(_round_up(self.tile, self.multiple), 2 * self.multiple, 8)
         if self.batch is None:
-            self.batch = 4 if self.device.type == "cuda" else 1
+            self.batch = 1
         if self.batch < 1:
             raise ConfigError(f"tile batch must be >= 1, got {self.batch}")
 
