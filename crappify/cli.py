@@ -109,8 +109,12 @@ def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
 
     cfg = resolve(TrainGenConfig, config_file, data=data, out=out,
                   pretrained=False if no_pretrained else None, **flags)
+    from srgan.distributed import is_main
+
     trainer = Trainer(cfg, resume=resume, progress=not quiet)
     final = trainer.fit()
+    if not is_main():  # under torchrun, rank 0 alone writes the files and reports
+        return
     click.echo(f"generator: {final}")
     if save_preds:
         from srgan.predict import save_preds as write_preds

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from crappify.imageio import save_image_atomic, write_atomic
 from crappify.preview import grid
 from srgan.checkpoint import load_checkpoint, save_checkpoint, save_generator
 from srgan.data import Normalizer, make_dataloaders, read_dataset
+from srgan.distributed import distributed_callback, is_distributed, is_main, local_device, rank, world_size
 from srgan.models import is_unet
 
 HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "ssim", "seconds"]
@@ -137,7 +139,7 @@ def _callbacks():
     class StopOnNonFinite(Callback):
         """A NaN or inf loss ends training with a clear message; the last checkpoint is left as it was."""
 
-        order = 5
+        order = 15  # after MixedPrecision.after_loss (10) has left autocast, so raising here leaves it off
 
         def after_loss(self):
             if self.training and not torch.isfinite(self.loss).all():
@@ -168,12 +170,13 @@ class Trainer:
                  cbs: list | None = None) -> None:
         self.cfg, self.resume, self.progress, self.extra_cbs = cfg, resume, progress, list(cbs or [])
         self.run = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.device = local_device(resolve_device(cfg.device))
         self.precision = resolve_precision(cfg.precision, self.device)
         self.normalizer = Normalizer()
         _, self.data_config = read_dataset(cfg.data)
         self.scale = int(self.data_config.get("scale") or 1)
         self.history: list[dict[str, Any]] = []
+        self.batches = 0  # training batches this process ran (reported per rank under torchrun)
 
     # -- building blocks -------------------------------------------------------------------------------
     def _model(self):
@@ -200,9 +203,12 @@ class Trainer:
         cbs = [StopOnNonFinite(), *self.extra_cbs]
         if self.precision in ("bf16", "fp16"):
             cbs.append(DeviceMixedPrecision(amp_mode=self.precision))
+        if is_distributed():  # DDP through fastai + Accelerate; each rank trains on its share of a batch list
+            cbs.append(distributed_callback(self.device))
+            cbs.append(_batch_counter(self))
         learn = Learner(dls, model, loss_func=loss, opt_func=Adam, wd=self.cfg.wd, splitter=splitter,
                         metrics=_metrics(self.normalizer), cbs=cbs, path=self.run, model_dir="checkpoints")
-        if not self.progress:
+        if not self.progress or not is_main():
             learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
             learn.logger = lambda *_: None  # the Recorder would print each epoch's values instead
         return learn
@@ -214,7 +220,8 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # weight init of the decoder; data order is seeded separately
         self.run.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.run / "train-gen.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        if is_main():
+            write_atomic(self.run / "train-gen.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         model, unet = self._model()
         phases = plan(cfg, encoder_pretrained=unet and cfg.pretrained)
         total = sum(p.epochs for p in phases)
@@ -244,7 +251,10 @@ class Trainer:
                 learn.create_opt()
                 if state is not None and "opt" in state:
                     learn.opt.load_state_dict(state["opt"])
-                learn.add_cb(_epoch_end_callback(self, phases))
+                if is_main():  # only one process writes history, previews and checkpoints
+                    learn.add_cb(_epoch_end_callback(self, phases))
+                else:
+                    learn.add_cb(_epoch_seed_callback(self))
             else:
                 learn.dls = dls
             learn.freeze() if phase.frozen else learn.unfreeze()
@@ -254,8 +264,12 @@ class Trainer:
             learn.fit_one_cycle(phase.epochs, lr, pct_start=cfg.pct_start, start_epoch=max(0, start - done))
             done += phase.epochs
         final = self.run / "generator.safetensors"
-        save_generator(learn.model if learn is not None else model, final,
-                       extra={"epochs": total, "dataset": str(Path(cfg.data).resolve()), "loss": cfg.loss})
+        if is_distributed():
+            print(f"rank {rank()}/{world_size()}: trained {self.batches} batches", file=sys.stderr, flush=True)
+        if is_main():
+            save_generator(learn.model if learn is not None else model, final,
+                           extra={"epochs": total, "dataset": str(Path(cfg.data).resolve()), "loss": cfg.loss,
+                                  "data_scale": self.scale})
         return final
 
     # -- per-epoch outputs -----------------------------------------------------------------------------
@@ -326,6 +340,31 @@ def _epoch_end_callback(trainer: Trainer, phases: list[Phase]):
     cb = EpochEnd()
     cb._t0 = None
     return cb
+
+
+def _epoch_seed_callback(trainer: Trainer):
+    """On ranks other than 0: only the per-epoch crop seeds (rank 0's EpochEnd also does this)."""
+    from fastai.callback.core import Callback
+
+    class EpochSeed(Callback):
+        order = 90
+
+        def before_epoch(self):
+            for dl in (self.dls.train, self.dls.valid):
+                dl.dataset.set_epoch(self.learn.crappify_offset + self.epoch)
+
+    return EpochSeed()
+
+
+def _batch_counter(trainer: Trainer):
+    from fastai.callback.core import Callback
+
+    class BatchCounter(Callback):
+        def after_batch(self):
+            if self.training:
+                trainer.batches += 1
+
+    return BatchCounter()
 
 
 def _num(v: Any) -> float | str:

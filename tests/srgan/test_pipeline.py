@@ -173,3 +173,30 @@ def test_real_pipelines_say_which_data_they_need(tmp_path, cli):
     assert res.returncode == 1 and "not a CelebA folder" in res.stderr
     res = cli("run", "no-such-pipeline")
     assert res.returncode == 2 and "pipeline not found" in res.stderr and "demo" in res.stderr
+
+
+def test_inspection_notebook_runs_headless_on_a_tiny_run(finished):
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "inspect.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert params.source.startswith('RUN = "runs/demo"')
+    params.source = f"RUN = {str(finished.parent / 'out')!r}\nDEVICE = 'cpu'"
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(finished.parent)}},
+                   ).execute()  # raises CellExecutionError on any failing cell
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 5  # ops grid, histograms, curves, outputs, critic scores
+
+
+def test_demo_results_table_and_grid(finished):
+    from srgan.inspection import demo_results
+
+    table, grid = demo_results(finished.parent / "out")
+    lines = table.splitlines()
+    assert lines[1].split()[:2] == ["method", "PSNR-Y"]
+    assert {line.split()[0] for line in lines[2:]} >= {"train-gen", "train-gan"}
+    assert grid.is_file() and grid.suffix == ".png"
