@@ -7,6 +7,7 @@ a traceback means a bug.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,8 @@ _add_commands()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and an exit status."""
+    # fastai scripts a few activations with torch.jit at import time; torch 2.10+ warns about it every run.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     try:
         code = app.main(args=argv, prog_name="crappify", standalone_mode=False)
         if isinstance(code, int) and code:

@@ -35,8 +35,11 @@ def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool,
     from srgan.critic import TrainCriticConfig, train_critic
 
     cfg = resolve(TrainCriticConfig, config_file, data=data, out=out, **flags)
+    from srgan.distributed import is_main
+
     final = train_critic(cfg, resume=resume, progress=not quiet)
-    click.echo(f"critic: {final}")
+    if is_main():  # under torchrun, rank 0 alone writes the files and reports
+        click.echo(f"critic: {final}")
 
 
 @click.command("train-gan")

@@ -121,8 +121,8 @@ def list_folder(src: Path) -> Listing:
         if split is None:
             skipped.append((it.source, "outside the train/valid/test folders"))
         else:
-            items.append(Item(it.id.split("/", 1)[1], it.source, it.path, split, it.caption))
-    return Listing(_unique_ids(items), skipped, official_split=True)
+            items.append(Item(it.id, it.source, it.path, split, it.caption))  # ids keep the folder: unique
+    return Listing(items, skipped, official_split=True)
 
 
 @SOURCES.register("flickr30k")

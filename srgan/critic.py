@@ -27,6 +27,7 @@ from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import decode, write_atomic
 from srgan.checkpoint import load_checkpoint, save_checkpoint, save_critic
 from srgan.data import Normalizer, read_dataset
+from srgan.distributed import unwrap
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"]
 
@@ -173,10 +174,13 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
     from fastai.optimizer import Adam
 
     from srgan.critics import build_critic, min_input_size
+    from srgan.distributed import barrier, distributed_callback, is_distributed, is_main, local_device
     from srgan.train import _callbacks, resolve_device, resolve_precision
 
     run = Path(cfg.out)
-    device = resolve_device(cfg.device)
+    device = local_device(resolve_device(cfg.device))
+    # Under torchrun: DDP through fastai + Accelerate (made first: it joins the process group), rank 0 writes.
+    ddp = distributed_callback(device) if is_distributed() else None
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # critic weight init
     model = build_critic(cfg.arch, **cfg.options)  # unknown names and options fail here
@@ -193,20 +197,24 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
         history = list(state["history"])
         if int(state["epoch"]) >= cfg.epochs:
             raise CrappifyError(f"{run} already finished all {cfg.epochs} critic epochs")
-    ensure_preds(cfg.data, run, device, ("train", valid_split))
-    run.mkdir(parents=True, exist_ok=True)
-    write_atomic(run / "train-critic.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    if is_main():
+        ensure_preds(cfg.data, run, device, ("train", valid_split))
+        run.mkdir(parents=True, exist_ok=True)
+        write_atomic(run / "train-critic.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    barrier()  # the other ranks wait for rank 0's predictions
     dls = make_critic_dataloaders(cfg.data, run, cfg.size, cfg.bs, device=device, num_workers=cfg.num_workers,
                                   seed=cfg.seed, channels_last=cfg.channels_last)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     DeviceMixedPrecision, StopOnNonFinite = _callbacks()
-    cbs = [StopOnNonFinite(), _critic_epoch_end(run, history)]
+    cbs = [StopOnNonFinite(), _critic_epoch_end(run, history, write=is_main())]
+    if ddp is not None:
+        cbs.append(ddp)
     if precision in ("bf16", "fp16"):
         cbs.append(DeviceMixedPrecision(amp_mode=precision))
     learn = Learner(dls, model.to(device), loss_func=patch_bce, opt_func=Adam, wd=cfg.wd,
                     metrics=[AvgMetric(patch_accuracy)], cbs=cbs, path=run, model_dir="critic-checkpoints")
-    if not progress:
+    if not progress or not is_main():
         learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
         learn.logger = lambda *_: None
     learn.create_opt()
@@ -215,13 +223,16 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
     learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start,
                         start_epoch=int(state["epoch"]) if state is not None else 0)
     final = run / "critic.safetensors"
-    save_critic(learn.model, final, extra={"epochs": cfg.epochs, "dataset": str(Path(cfg.data).resolve()),
+    if not is_main():
+        return final
+    save_critic(unwrap(learn.model), final, extra={"epochs": cfg.epochs, "dataset": str(Path(cfg.data).resolve()),
                                            "accuracy": history[-1]["accuracy"] if history else None})
     return final
 
 
-def _critic_epoch_end(run: Path, history: list[dict[str, Any]]):
-    """After each epoch: a history row, then the checkpoint (fastai imported on use)."""
+def _critic_epoch_end(run: Path, history: list[dict[str, Any]], write: bool = True):
+    """After each epoch: a history row, then the checkpoint (fastai imported on use); `write` False on the
+    ranks other than 0, which only set the epoch's crops."""
     from fastai.callback.core import Callback
 
     class CriticEpochEnd(Callback):
@@ -233,7 +244,7 @@ def _critic_epoch_end(run: Path, history: list[dict[str, Any]]):
                 dl.dataset.set_epoch(self.epoch)
 
         def after_epoch(self):
-            if getattr(self, "_t0", None) is None:
+            if getattr(self, "_t0", None) is None or not write:
                 return
             names = self.recorder.metric_names[1:-1]
             values = dict(zip(names, self.recorder.log[1:-1], strict=False))
@@ -247,7 +258,7 @@ def _critic_epoch_end(run: Path, history: list[dict[str, Any]]):
             writer.writerows(history)
             write_atomic(run / "critic-history.csv", buf.getvalue())
             save_checkpoint(run / "critic-checkpoints" / "last.pt",
-                            {"model": self.learn.model.state_dict(), "opt": self.learn.opt.state_dict(),
+                            {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
                              "epoch": self.epoch + 1, "history": history})
             self._t0 = None
 

@@ -44,6 +44,19 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (its state dict has no `module.` prefix)."""
+    return getattr(model, "module", model)
+
+
+def refuse_distributed(command: str) -> None:
+    """Stages that do not run data-parallel say so instead of training each rank alone."""
+    from crappify.errors import CrappifyError
+
+    if is_distributed():
+        raise CrappifyError(f"{command} runs in one process (its phase is short); launch it without torchrun")
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -141,6 +141,9 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
 
     from srgan.adversarial import build_adversarial
     from srgan.checkpoint import load_critic, load_generator, read_critic_meta, read_generator_meta
+    from srgan.distributed import refuse_distributed
+
+    refuse_distributed("train-gan")
     from srgan.critic import patch_bce
     from srgan.critics import min_input_size
     from srgan.data import Normalizer, make_dataloaders

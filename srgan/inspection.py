@@ -271,7 +271,8 @@ def demo_results(root: str | Path, n_grids: int = 4) -> tuple[str, Path]:
                 for k in ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")}
         lines.append(f"{m:<14} {vals['psnr_y']:>10.2f} {vals['ssim_y']:>8.4f} {vals['psnr_rgb']:>9.2f} "
                      f"{vals['ssim_rgb']:>9.4f}")
-    grids = sorted((eval_dir / "grids").glob("*.png"))[:n_grids]
+    every = sorted((eval_dir / "grids").glob("*.png"))
+    grids = [every[round(i * (len(every) - 1) / max(1, n_grids - 1))] for i in range(min(n_grids, len(every)))]
     if not grids:
         raise CrappifyError(f"no comparison grids in {eval_dir / 'grids'}")
     images = [decode(g) for g in grids]

@@ -15,6 +15,7 @@ import io
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,15 @@ from crappify.imageio import save_image_atomic, write_atomic
 from crappify.preview import grid
 from srgan.checkpoint import load_checkpoint, save_checkpoint, save_generator
 from srgan.data import Normalizer, make_dataloaders, read_dataset
-from srgan.distributed import distributed_callback, is_distributed, is_main, local_device, rank, world_size
+from srgan.distributed import (
+    distributed_callback,
+    is_distributed,
+    is_main,
+    local_device,
+    rank,
+    unwrap,
+    world_size,
+)
 from srgan.models import is_unet
 
 HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "ssim", "seconds"]
@@ -129,7 +138,9 @@ def _callbacks():
         """fastai's MixedPrecision hard-codes CUDA autocast; this one autocasts on the data's device."""
 
         def before_fit(self):
-            super().before_fit()
+            with warnings.catch_warnings():  # fastai warns that CUDA autocast is off; ours replaces it below
+                warnings.filterwarnings("ignore", message="CUDA is not available")
+                super().before_fit()
             dtype = torch.bfloat16 if str(self.amp_mode) in ("bf16", "AMPMode.BF16") else torch.float16
             device_type = self.dls.device.type if self.dls.device is not None else "cpu"
             self.autocast = torch.autocast(device_type, dtype=dtype)
@@ -281,7 +292,7 @@ class Trainer:
         items = [ds[i] for i in range(min(n, len(ds)))]
         lr = torch.stack([x for x, _ in items]).to(self.device)
         hr = torch.stack([y for _, y in items])
-        model = learn.model
+        model = unwrap(learn.model)
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -333,7 +344,7 @@ def _epoch_end_callback(trainer: Trainer, phases: list[Phase]):
             trainer.write_history()
             trainer.previews(self.learn, global_epoch)
             save_checkpoint(trainer.run / "checkpoints" / "last.pt",
-                            {"model": self.learn.model.state_dict(), "opt": self.learn.opt.state_dict(),
+                            {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
                              "epoch": global_epoch, "history": trainer.history})
             self._t0 = None
 

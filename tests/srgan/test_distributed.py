@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +15,19 @@ from srgan.checkpoint import load_generator
 pytest.importorskip("accelerate")
 
 
-def test_train_gen_on_two_processes(tmp_path):
+def torchrun(*args: str | Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "crappify.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+
+
+def test_training_stages_on_two_processes(tmp_path):
     data = tmp_path / "ds"
     build_dataset(BuildConfig(src="samples", out=str(data), preset="flickr30k-restore", size=64, scale=2,
                               split=(0.7, 0.3, 0.0), workers=1), progress=False)
     run = tmp_path / "run"
-    torchrun = [sys.executable, "-m", "torch.distributed.run"]
-    assert shutil.which(sys.executable)
-    res = subprocess.run([*torchrun, "--standalone", "--nproc_per_node", "2", "-m", "crappify.cli",
-                          "train-gen", str(data), "-o", str(run), "--arch", "unet-resnet18", "--no-pretrained",
-                          "--loss", "l1", "--size", "32", "--bs", "2", "--epochs", "2", "--precision", "fp32",
-                          "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=280)
+    res = torchrun("train-gen", data, "-o", run, "--arch", "unet-resnet18", "--no-pretrained", "--loss", "l1",
+                   "--size", "32", "--bs", "2", "--epochs", "2", "--precision", "fp32", "--device", "cpu", "--quiet")
     assert res.returncode == 0, res.stderr[-3000:]
     batches = dict(re.findall(r"rank (\d)/2: trained (\d+) batches", res.stderr))
     assert set(batches) == {"0", "1"} and int(batches["0"]) == int(batches["1"]) > 0  # both ranks took part
@@ -38,3 +39,15 @@ def test_train_gen_on_two_processes(tmp_path):
     assert len((run / "history.csv").read_text().splitlines()) == 1 + 2
     load_generator(run / "generator.safetensors")
     assert not list(Path(run).rglob("*.tmp*"))
+
+    # the critic too: rank 0 writes the generator's predictions first, then both ranks train on them
+    config = tmp_path / "critic.yaml"
+    config.write_text("options: {nf: 8, n_blocks: 1}\nsize: 32\nbs: 2\nepochs: 1\nprecision: fp32\n")
+    res = torchrun("train-critic", data, "-o", run, "--config", config, "--device", "cpu", "--quiet")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("critic: ") == 1
+    assert len((run / "critic-history.csv").read_text().splitlines()) == 2
+    assert len(list((run / "preds" / "train").glob("*.png"))) == n_train
+    # the GAN phase runs in one process and says so rather than training each rank alone
+    res = torchrun("train-gan", data, "-o", run, "--device", "cpu", "--quiet")
+    assert res.returncode != 0 and "launch it without torchrun" in res.stderr

@@ -26,7 +26,7 @@ TINY = {
     "train-gen": {"arch": "unet-resnet18", "pretrained": False, "loss": "l1", "size": 32, "bs": 4, "epochs": 1,
                   "preview_items": 1, "precision": "fp32"},
     "train-critic": {"options": {"nf": 8, "n_blocks": 1}, "size": 32, "bs": 4, "epochs": 1, "precision": "fp32"},
-    "train-gan": {"pretrained": False, "switching": "fixed", "w_adv": 0.05, "size": 32, "bs": 4, "iters": 2,
+    "train-gan": {"pretrained": False, "switching": "fixed", "size": 32, "bs": 4, "iters": 2,
                   "checkpoint_every": 1, "preview_items": 1, "precision": "fp32"},
     "evaluate": {"grids": 1, "lpips": False, "precision": "fp32"},
 }
