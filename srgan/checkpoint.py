@@ -154,3 +154,16 @@ def load_critic(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
     model = build_critic(spec["arch"], **spec["options"])
     model.load_state_dict(load_file(str(path)))
     return model.to(device).eval()
+
+
+def load_optimizer_state(opt: Any, state: dict[str, Any]) -> None:
+    """Restore a fastai optimiser's state from a checkpoint, each tensor on its parameter's device.
+
+    Checkpoints load onto the CPU; fastai's `Optimizer.load_state_dict` keeps tensors where they are
+    (torch's moves them), so resuming on a GPU failed at the first step with 'found cuda:0 and cpu'.
+    """
+    opt.load_state_dict(state)
+    for param, values in opt.state.items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                values[key] = value.to(param.device)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import decode, write_atomic
-from srgan.checkpoint import load_checkpoint, save_checkpoint, save_critic
+from srgan.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_critic
 from srgan.data import Normalizer, read_dataset
 from srgan.distributed import unwrap
 
@@ -219,7 +219,7 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
         learn.logger = lambda *_: None
     learn.create_opt()
     if state is not None:
-        learn.opt.load_state_dict(state["opt"])
+        load_optimizer_state(learn.opt, state["opt"])
     learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start,
                         start_epoch=int(state["epoch"]) if state is not None else 0)
     final = run / "critic.safetensors"

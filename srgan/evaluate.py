@@ -235,9 +235,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
             rows.append(row)
         if index < cfg.grids:
             tiles = [(f"LR {lr.shape[1]}x{lr.shape[0]}", lr), *results, (f"HR {w}x{h}", hr)]
-            save_image_atomic(out / "grids" / f"{pair.id}.png",
-                              grid(tiles, height=min(256, max(64, h)), columns=len(tiles)))
-            grid_files.append(f"{pair.id}.png")
+            name = pair.id.replace("/", "__") + ".png"  # ids of nested source folders hold '/'; grids stay flat
+            save_image_atomic(out / "grids" / name, grid(tiles, height=min(256, max(64, h)), columns=len(tiles)))
+            grid_files.append(name)
     _write_csv(out / "metrics.csv", rows)
     report = out / "report.md"
     write_atomic(report, _report_md(cfg, split, pairs, names, paths, engines, rows, sorted(borders),

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import save_image_atomic, write_atomic
-from srgan.checkpoint import load_checkpoint, save_checkpoint, save_generator
+from srgan.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_generator
 
 # (w_content, w_adv): the course's GANLearner(weights_gen=(1., 50.)) puts 1 on the adversarial term and 50 on
 # the content loss; the SRGAN paper adds 1e-3 × adversarial to its content loss.
@@ -222,7 +222,7 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
         learn.logger = lambda *_: None
     learn.create_opt()
     if state is not None:
-        learn.opt.load_state_dict(state["opt"])
+        load_optimizer_state(learn.opt, state["opt"])
     with warnings.catch_warnings():  # fastai's own GANTrainer attributes, and its CUDA-only autocast notice
         warnings.filterwarnings("ignore", message=r"You are shadowing an attribute")
         warnings.filterwarnings("ignore", message=r"CUDA is not available")

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import save_image_atomic, write_atomic
 from crappify.preview import grid
-from srgan.checkpoint import load_checkpoint, save_checkpoint, save_generator
+from srgan.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_generator
 from srgan.data import Normalizer, make_dataloaders, read_dataset
 from srgan.distributed import (
     distributed_callback,
@@ -261,7 +261,7 @@ class Trainer:
                 learn.model.to(self.device)
                 learn.create_opt()
                 if state is not None and "opt" in state:
-                    learn.opt.load_state_dict(state["opt"])
+                    load_optimizer_state(learn.opt, state["opt"])
                 if is_main():  # only one process writes history, previews and checkpoints
                     learn.add_cb(_epoch_end_callback(self, phases))
                 else:

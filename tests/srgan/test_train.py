@@ -230,3 +230,16 @@ def test_progressive_resizing_runs_each_stage_in_order(dataset, tmp_path):
     got = [(r["epoch"], r["stage"], r["size"], r["bs"]) for r in rows]
     assert got == [("1", "0", "32", "2"), ("2", "1", "64", "1")]
     assert (run / "previews" / "epoch_002.png").is_file()
+
+
+def test_optimizer_state_follows_its_parameters_device():
+    """Checkpoints load on the CPU; resumed optimiser moments must live where the parameters do (GPU)."""
+    from fastai.optimizer import Adam
+
+    from srgan.checkpoint import load_optimizer_state
+
+    param = torch.nn.Parameter(torch.empty(3, device="meta"))
+    opt = Adam([param], lr=1e-3)
+    saved = {"hypers": opt.state_dict()["hypers"], "state": [{"grad_avg": torch.zeros(3), "step": 4}]}
+    load_optimizer_state(opt, saved)
+    assert opt.state[param]["grad_avg"].device.type == "meta" and opt.state[param]["step"] == 4
