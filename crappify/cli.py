@@ -203,22 +203,36 @@ def ops_cmd() -> None:
 
 @app.command("demo")
 @click.option("-o", "--output", default=str(DEMO_OUT), show_default=True, type=click.Path(file_okay=False))
+@click.option("--pipeline", "pipeline", default="demo", show_default=True,
+              help="The pipeline to run (a shipped name or a YAML file); its data must be sample crops.")
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo_cmd(output: str, device: str | None, quiet: bool) -> None:
+def demo_cmd(output: str, pipeline: str, device: str | None, quiet: bool) -> None:
     """The whole chain on photos that installed packages ship (pipelines/demo.yaml): crops, dataset,
     generator, critic, a short GAN phase and an evaluation against bicubic. No download. Run it again
     after an interruption: finished stages are skipped."""
+    from crappify.chain import load_preset
+    from crappify.imageio import decode, save_image_atomic
+    from crappify.preview import preview
+    from crappify.sources import sample_id, sample_photos
     from srgan.inspection import demo_results
     from srgan.pipeline import find_pipeline, load_pipeline, run_pipeline
 
-    p = load_pipeline(find_pipeline("demo"), output)
-    click.echo(f"crappify demo -> {p.out} (pipelines/demo.yaml; a few minutes on a laptop CPU)")
-    run_pipeline(p, progress=not quiet, overrides={"device": device},
-                 on_stage=lambda s: click.echo(f"[{s.stage}] {s.action}: {s.reason}"))
-    table, grid_path = demo_results(Path(p.out))
+    p = load_pipeline(find_pipeline(pipeline), output)
+    if p.sample_crops is None:
+        raise ConfigError(f"pipeline {p.name} has no sample-crops stage; use `crappify run` for it")
+    click.echo(f"crappify demo -> {p.out} ({pipeline}; a few minutes on a laptop CPU)")
+    steps = run_pipeline(p, progress=not quiet, overrides={"device": device},
+                         on_stage=lambda s: click.echo(f"[{s.stage}] {s.action}: {s.reason}"))
+    build = next(s.config for s in steps if s.stage == "build-dataset")
+    name, path = sample_photos()[0]
+    grid_path = Path(p.out) / "preview.png"
+    save_image_atomic(grid_path, preview(decode(path), load_preset(build.preset), build.seed, None, build.scale,
+                                         sample_id(name)))
+    table, results = demo_results(Path(p.out))
     click.echo(table)
-    click.echo(f"results grid (LR | bicubic | generated | HR): {grid_path}")
+    click.echo(f"degradation, op by op ({name}, preset {build.preset}): {grid_path}")
+    click.echo(f"results grid (LR | bicubic | generated | HR): {results}")
 
 
 def _add_commands() -> None:

@@ -226,7 +226,8 @@ def plan(p: Pipeline, start: str | None = None, stop: str | None = None,
         started = started or stage == start
         state = read_state(paths, stage)
         same = state.get("hash") == h
-        done = same and state.get("status") == "done" and not invalid
+        missing = state.get("status") == "done" and not _outputs_exist(stage, paths)
+        done = same and state.get("status") == "done" and not invalid and not missing
         if not started:
             if not done:
                 raise CrappifyError(f"cannot start at {start}: stage {stage} has not finished with this config "
@@ -239,13 +240,22 @@ def plan(p: Pipeline, start: str | None = None, stop: str | None = None,
         elif state:
             action = "rerun"
             reason = ("--from" if started and start is not None and done else
-                      "an earlier stage changed" if invalid else "its config changed")
+                      "an earlier stage changed" if invalid else
+                      "its outputs are missing" if missing and same else "its config changed")
         else:
             action, reason = "run", "not run yet"
         invalid = invalid or action in ("run", "rerun")
         steps.append(Step(stage, cfg, h, action, reason))
         stopped = stage == stop
     return steps
+
+
+def _outputs_exist(stage: str, paths: Paths) -> bool:
+    """Whether what a finished stage made is still there (a deleted output means running it again)."""
+    key = {"sample-crops": paths.crops / "train", "build-dataset": paths.dataset / "manifest.csv",
+           "train-gen": paths.run / "generator.safetensors", "train-critic": paths.run / "critic.safetensors",
+           "train-gan": paths.run / "gan" / "generator.safetensors", "evaluate": paths.eval / "report.md"}[stage]
+    return key.exists()
 
 
 def _has(path: Path) -> bool:

@@ -319,21 +319,3 @@ def test_preview_errors(cli, one_photo, odd_files, tmp_path, case):
 
 
 # --- demo -----------------------------------------------------------------------------------------------
-
-
-def test_demo(cli, tmp_path):
-    out = tmp_path / "demo"
-    proc = cli("demo", "-o", out, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    assert "Traceback" not in proc.stderr
-    rows = read_csv(out / "dataset" / "manifest.csv")
-    assert len(rows) >= 3
-    for r in rows:
-        assert min(int(r["hr_width"]), int(r["hr_height"])) == 256
-        assert (out / "dataset" / r["hr"]).is_file() and (out / "dataset" / r["lr"]).is_file()
-    with Image.open(out / "preview.png") as img:
-        assert img.format == "PNG" and img.size[0] > 256 and img.size[1] > 256
-    assert f"{out / 'preview.png'}" in proc.stdout
-    # run again into the same folder: it is rebuilt (--overwrite) without complaint
-    again = cli("demo", "-o", out, "--workers", "1", timeout=240)
-    assert again.returncode == 0, again.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +17,18 @@ from srgan.checkpoint import load_generator
 pytest.importorskip("accelerate")
 
 
-def torchrun(*args: str | Path) -> subprocess.CompletedProcess:
+def torchrun(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m crappify.cli ARGS`; on a hang, the launcher and both ranks are killed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "crappify.cli", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_training_stages_on_two_processes(tmp_path):

@@ -135,6 +135,11 @@ def test_second_run_skips_everything_and_a_change_reruns_only_what_it_affects(fi
     steps = run_pipeline(changed, progress=False)
     assert actions(steps)["evaluate"] == "rerun" and actions(steps)["train-gan"] == "skip"
     assert len(list((finished.parent / "out" / "eval" / "grids").glob("*.png"))) == 2
+    # a finished stage whose output was deleted runs again (and so do the ones after it)
+    report = finished.parent / "out" / "eval" / "report.md"
+    report.rename(report.with_suffix(".bak"))
+    assert plan(changed)[-1].reason == "its outputs are missing"
+    report.with_suffix(".bak").rename(report)
     # --from re-runs that stage and the later ones, keeping the earlier ones
     assert actions(plan(changed, start="train-gan")) == {
         "sample-crops": "skip", "build-dataset": "skip", "train-gen": "skip", "train-critic": "skip",
@@ -200,3 +205,25 @@ def test_demo_results_table_and_grid(finished):
     assert lines[1].split()[:2] == ["method", "PSNR-Y"]
     assert {line.split()[0] for line in lines[2:]} >= {"train-gen", "train-gan"}
     assert grid.is_file() and grid.suffix == ".png"
+
+
+def test_demo_command_on_a_tiny_pipeline(tmp_path, cli):
+    """`crappify demo` end to end (the CI-sized pipeline): table, preview and results grid; then all skipped."""
+    from PIL import Image
+
+    path = write_pipeline(tmp_path, {"train-gen": {"epochs": 1}}, "tiny-demo.yaml")
+    out = tmp_path / "demo"
+    res = cli("demo", "-o", out, "--pipeline", path, "--quiet", timeout=280)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    lines = res.stdout.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("method"))):]
+    assert {row.split()[0] for row in table[1:4]} == {"bicubic", "train-gen", "train-gan"}
+    for png in (out / "preview.png", out / "results.png"):
+        with Image.open(png) as img:
+            assert img.format == "PNG" and min(img.size) > 64
+        assert str(png) in res.stdout
+    again = cli("demo", "-o", out, "--pipeline", path, "--quiet", timeout=120)
+    assert again.returncode == 0 and again.stdout.count("] skip: finished earlier") == len(STAGES)
+    res = cli("demo", "--pipeline", "flickr30k-lesson7", "-o", tmp_path / "x")
+    assert res.returncode == 2 and "no sample-crops stage" in res.stderr
