@@ -67,11 +67,14 @@ def child(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     base = _rss_bytes()
-    t0 = time.perf_counter()
-    out, _ = enhance_image(engine, Loaded(img), 1)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeat):  # the median of a few calls: one call of ~0.1 s on a GPU is noisy
+        t0 = time.perf_counter()
+        out, _ = enhance_image(engine, Loaded(img), 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = sorted(times)[len(times) // 2]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"size": args.child_size, "tile": engine.tile, "seconds": seconds,
               "mpx_s": out.shape[0] * out.shape[1] / 1e6 / seconds, "precision": engine.precision,
@@ -83,7 +86,8 @@ def child(args: argparse.Namespace) -> dict:
 
 def measure(args: argparse.Namespace, model: Path, size: int, tile: int) -> dict:
     cmd = [sys.executable, __file__, "--child-size", str(size), "--child-tile", str(tile), "--model", str(model),
-           "--device", args.device, "--precision", args.precision, "--batch", str(args.batch or 0)]
+           "--device", args.device, "--precision", args.precision, "--batch", str(args.batch or 0),
+           "--repeat", str(args.repeat)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if res.returncode != 0:
         tail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
@@ -106,6 +110,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=-1, help="tile (input px); -1: the default")
     ap.add_argument("--batch", type=int, default=0, help="tiles per batch; 0: the default")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--repeat", type=int, default=1, help="timed calls per measurement (median); 5 on a GPU")
     ap.add_argument("--timeout", type=int, default=3000)
     ap.add_argument("--child-size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-tile", type=int, default=-1, help=argparse.SUPPRESS)
