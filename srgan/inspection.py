@@ -90,7 +90,7 @@ def degradation_params(root: str | Path):
         params = json.loads(row["params"])
         for i, step in enumerate(params.get("steps", [])):
             for k, v in step.items():
-                if k not in ("op", "applied") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k not in ("op", "applied", "seed") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     records.append({"id": row["id"], "split": row["split"], "step": i, "op": step["op"],
                                     "param": k, "value": float(v)})
             records.append({"id": row["id"], "split": row["split"], "step": i, "op": step["op"],
