@@ -295,7 +295,7 @@ def _run_stage(step: Step, paths: Paths, progress: bool) -> None:
     elif step.stage == "evaluate":
         from srgan.evaluate import evaluate
 
-        evaluate(cfg)
+        evaluate(cfg, progress=progress)
 
 
 def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None, progress: bool = True,
