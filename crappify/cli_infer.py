@@ -79,9 +79,13 @@ def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None
 def evaluate_cmd(data: str, models: tuple[str, ...], out: str | None, config_file: str | None,
                  names: tuple[str, ...], no_lpips: bool | None, quiet: bool, **flags: Any) -> None:
     """PSNR/SSIM (RGB and Y) and LPIPS of generators on a built dataset, beside the bicubic baseline."""
-    from crappify.config import resolve
+    from crappify.config import read_yaml, resolve
     from srgan.evaluate import EvaluateConfig, evaluate
 
+    for key, flag in (("models", "-m MODEL"), ("out", "-o REPORT")):
+        given = models if key == "models" else out
+        if not given and not (config_file and read_yaml(config_file).get(key)):
+            raise ConfigError(f"evaluate needs {flag} (or `{key}:` in --config)")
     cfg = resolve(EvaluateConfig, config_file, data=data, models=list(models) or None, out=out,
                   names=list(names) or None, lpips=False if no_lpips else None, **flags)
     report = evaluate(cfg, progress=not quiet)

@@ -101,3 +101,11 @@ def test_evaluate_errors(sr_dataset, tmp_path):
     with pytest.raises(CrappifyError, match="does not match"):
         evaluate(EvaluateConfig(data=str(sr_dataset), models=[str(sr2)], out=str(tmp_path / "r"), device="cpu"),
                  progress=False)
+
+
+def test_evaluate_command_names_missing_flags(cli, sr_dataset, tmp_path):
+    res = cli("evaluate", sr_dataset)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "crappify: error: evaluate needs -m MODEL (or `models:` in --config)"
+    res = cli("evaluate", sr_dataset, "-m", tmp_path / "x")
+    assert res.returncode == 2 and "needs -o REPORT" in res.stderr
