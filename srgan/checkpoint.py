@@ -25,38 +25,48 @@ FORMAT = "crappify-generator/1"
 IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
-def save_generator(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write weights + rebuild recipe (`model.crappify_spec`) as one safetensors file, atomically."""
+def _save_model(model: nn.Module, path: str | Path, fmt: str, builder: str,
+                extra: dict[str, Any] | None) -> None:
+    """Weights + rebuild recipe (`model.crappify_spec`) + normalisation as one safetensors file, atomically."""
     from safetensors.torch import save_file
 
     spec = getattr(model, "crappify_spec", None)
     if spec is None:
-        raise ValueError("model has no crappify_spec; build it with srgan.models.build_generator")
-    path = Path(path)
-    meta = {"format": FORMAT, "spec": json.dumps(spec), "normalization": json.dumps(IMAGENET_STATS),
+        raise ValueError(f"model has no crappify_spec; build it with {builder}")
+    meta = {"format": fmt, "spec": json.dumps(spec), "normalization": json.dumps(IMAGENET_STATS),
             "extra": json.dumps(extra or {})}
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
-    with replacing(path) as tmp:
+    with replacing(Path(path)) as tmp:
         save_file(state, tmp, metadata=meta)
 
 
-def read_generator_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata of a generator file (spec, normalisation, extra), without loading tensors."""
+def _read_meta(path: str | Path, fmt: str, kind: str, missing: str) -> dict[str, Any]:
+    """The metadata (spec, normalisation, extra) of a file `_save_model` wrote with format `fmt`."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise CrappifyError(f"model file not found: {path}")
+        raise CrappifyError(missing.format(path=path))
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except Exception as exc:
         raise CrappifyError(f"{path} is not a safetensors file: {str(exc).splitlines()[0]}") from None
-    if meta.get("format") != FORMAT:
-        raise CrappifyError(f"{path} is not a crappify generator file (format {meta.get('format')!r})")
+    if meta.get("format") != fmt:
+        raise CrappifyError(f"{path} is not a crappify {kind} file (format {meta.get('format')!r})")
     return {"spec": json.loads(meta["spec"]), "normalization": json.loads(meta["normalization"]),
             "extra": json.loads(meta.get("extra", "{}"))}
+
+
+def save_generator(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write weights + rebuild recipe (`model.crappify_spec`) as one safetensors file, atomically."""
+    _save_model(model, path, FORMAT, "srgan.models.build_generator", extra)
+
+
+def read_generator_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a generator file (spec, normalisation, extra), without loading tensors."""
+    return _read_meta(path, FORMAT, "generator", "model file not found: {path}")
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -113,35 +123,13 @@ CRITIC_FORMAT = "crappify-critic/1"
 
 def save_critic(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write a critic's weights + rebuild recipe (`model.crappify_spec` from `srgan.critics.build_critic`)."""
-    from safetensors.torch import save_file
-
-    spec = getattr(model, "crappify_spec", None)
-    if spec is None:
-        raise ValueError("critic has no crappify_spec; build it with srgan.critics.build_critic")
-    meta = {"format": CRITIC_FORMAT, "spec": json.dumps(spec), "normalization": json.dumps(IMAGENET_STATS),
-            "extra": json.dumps(extra or {})}
-    state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
-             for k, v in model.state_dict().items()}
-    with replacing(Path(path)) as tmp:
-        save_file(state, tmp, metadata=meta)
+    _save_model(model, path, CRITIC_FORMAT, "srgan.critics.build_critic", extra)
 
 
 def read_critic_meta(path: str | Path) -> dict[str, Any]:
     """The metadata of a critic file (spec, normalisation, extra), without loading tensors."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CrappifyError(f"critic file not found: {path} (train one with `crappify train-critic`)")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:
-        raise CrappifyError(f"{path} is not a safetensors file: {str(exc).splitlines()[0]}") from None
-    if meta.get("format") != CRITIC_FORMAT:
-        raise CrappifyError(f"{path} is not a crappify critic file (format {meta.get('format')!r})")
-    return {"spec": json.loads(meta["spec"]), "normalization": json.loads(meta["normalization"]),
-            "extra": json.loads(meta.get("extra", "{}"))}
+    return _read_meta(path, CRITIC_FORMAT, "critic",
+                      "critic file not found: {path} (train one with `crappify train-critic`)")
 
 
 def load_critic(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
