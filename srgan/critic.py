@@ -15,24 +15,25 @@ import csv
 import io
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import decode, write_atomic
 from srgan.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_critic
-from srgan.data import Normalizer, read_dataset
+from srgan.data import Normalizer, default_workers, read_dataset
 from srgan.distributed import unwrap
+from srgan.train import RunOptions
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"]
 
 
-class TrainCriticConfig(BaseModel):
+class TrainCriticConfig(RunOptions):
     """Options of `crappify train-critic` (also the keys of its `--config` YAML file)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -47,11 +48,6 @@ class TrainCriticConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     wd: float = Field(1e-3, ge=0)
     pct_start: float = Field(0.3, gt=0, lt=1)
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
-    num_workers: int = Field(0, ge=0)
-    seed: int = Field(0, ge=0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -123,7 +119,7 @@ def ensure_preds(data: str | Path, run: str | Path, device: torch.device, splits
 
 
 def make_critic_dataloaders(data: str | Path, run: str | Path, size: int, bs: int, *,
-                            device: torch.device | str = "cpu", num_workers: int = 0, seed: int = 0,
+                            device: torch.device | str = "cpu", num_workers: int | None = None, seed: int = 0,
                             channels_last: bool = False, normalizer: Normalizer | None = None):
     """fastai DataLoaders of real/fake crops: train shuffled, valid (or test) in order."""
     from fastai.data.core import DataLoaders
@@ -134,7 +130,7 @@ def make_critic_dataloaders(data: str | Path, run: str | Path, size: int, bs: in
     train, valid = real_fake_items(data, run, "train"), real_fake_items(data, run, valid_split)
     if not train or not valid:
         raise CrappifyError(f"{data} needs both a train and a valid (or test) split; has {sorted(splits)}")
-    common = {"num_workers": num_workers, "device": torch.device(device),
+    common = {"num_workers": default_workers(device, num_workers), "device": torch.device(device),
               "after_batch": _NormalizeImages(normalizer or Normalizer(), channels_last)}
     train_dl = DataLoader(RealFakeDataset(train, size, True, seed), bs=bs, shuffle=True,
                           drop_last=len(train) >= bs, seed=seed, **common)

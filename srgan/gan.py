@@ -30,11 +30,12 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import save_image_atomic, write_atomic
 from srgan.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_generator
+from srgan.train import RunOptions
 
 # (w_content, w_adv): the course's GANLearner(weights_gen=(1., 50.)) puts 1 on the adversarial term and 50 on
 # the content loss; the SRGAN paper adds 1e-3 × adversarial to its content loss.
@@ -43,7 +44,7 @@ HISTORY_COLUMNS = ["step", "epoch", "trained", "loss", "gen_loss", "crit_loss", 
                    "gen_steps", "crit_steps", "to_gen", "to_crit", "seconds"]
 
 
-class TrainGanConfig(BaseModel):
+class TrainGanConfig(RunOptions):
     """Options of `crappify train-gan` (also the keys of its `--config` YAML file)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -78,11 +79,6 @@ class TrainGanConfig(BaseModel):
     preview_items: int = Field(4, ge=0)
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0, lt=1)
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
-    num_workers: int = Field(0, ge=0)
-    seed: int = Field(0, ge=0)
 
     def loss_weights_pair(self) -> tuple[float, float]:
         """(w_content, w_adv): the preset's, with explicit values taking precedence."""

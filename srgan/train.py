@@ -51,7 +51,19 @@ class Stage(BaseModel):
     lr: float = Field(1e-3, gt=0)
 
 
-class TrainGenConfig(BaseModel):
+class RunOptions(BaseModel):
+    """Where and how a training stage runs: the keys train-gen, train-critic and train-gan share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    num_workers: int | None = Field(None, ge=0, description="data-loading processes; None: 8 on CUDA, 0 on CPU")
+    seed: int = Field(0, ge=0)
+
+
+class TrainGenConfig(RunOptions):
     """Options of `crappify train-gen` (also the keys of its `--config` YAML file)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -71,11 +83,6 @@ class TrainGenConfig(BaseModel):
     pretrained: bool = True
     weights: str | None = None
     loss_weights: dict[str, str] | None = None
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
-    num_workers: int | None = Field(None, ge=0, description="data-loading processes; None: 8 on CUDA, 0 on CPU")
-    seed: int = Field(0, ge=0)
     preview_items: int = Field(4, ge=0)
 
     def schedule(self) -> list[Stage]:
