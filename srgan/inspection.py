@@ -40,15 +40,10 @@ def _layout(root: str | Path) -> tuple[Path, Path, Path]:
     from srgan.pipeline import read_state
 
     dataset = root / "dataset"
-    state = read_state(_StatePaths(root / ".pipeline"), "build-dataset")
+    state = read_state(root / ".pipeline", "build-dataset")
     if state.get("config", {}).get("out"):
         dataset = Path(state["config"]["out"])
     return dataset, root / "run", root / "eval"
-
-
-class _StatePaths:  # read_state only needs `.state`
-    def __init__(self, state: Path) -> None:
-        self.state = state
 
 
 # ------------------------------------------------------------------------------------------------------

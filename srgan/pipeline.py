@@ -191,8 +191,9 @@ def stage_hash(stage: str, cfg: BaseModel, upstream: str) -> str:
 # planning and running
 
 
-def read_state(paths: Paths, stage: str) -> dict[str, Any]:
-    f = paths.state / f"{stage}.json"
+def read_state(state_dir: Path, stage: str) -> dict[str, Any]:
+    """What `OUT/.pipeline/<stage>.json` records (empty when the stage never started)."""
+    f = state_dir / f"{stage}.json"
     try:
         return json.loads(f.read_text())
     except (OSError, ValueError):
@@ -224,7 +225,7 @@ def plan(p: Pipeline, start: str | None = None, stop: str | None = None,
         if stopped:
             break
         started = started or stage == start
-        state = read_state(paths, stage)
+        state = read_state(paths.state, stage)
         same = state.get("hash") == h
         missing = state.get("status") == "done" and not _outputs_exist(stage, paths)
         done = same and state.get("status") == "done" and not invalid and not missing
@@ -258,10 +259,6 @@ def _outputs_exist(stage: str, paths: Paths) -> bool:
     return key.exists()
 
 
-def _has(path: Path) -> bool:
-    return path.is_file()
-
-
 def _run_stage(step: Step, paths: Paths, progress: bool) -> None:
     """Run one stage (resuming where asked and where the stage left a checkpoint)."""
     cfg, resume = step.config, step.action == "resume"
@@ -276,22 +273,19 @@ def _run_stage(step: Step, paths: Paths, progress: bool) -> None:
         # built with the same config and refused otherwise (it may be the user's).
         build_dataset(cfg, overwrite=step.action == "rerun", progress=progress)
     elif step.stage == "train-gen":
-        import shutil
-
         from srgan.train import Trainer
 
-        if not resume:  # predictions of an earlier generator would otherwise be reused by train-critic
-            shutil.rmtree(paths.run / "preds", ignore_errors=True)
-
-        Trainer(cfg, resume=resume and _has(paths.run / "checkpoints" / "last.pt"), progress=progress).fit()
+        Trainer(cfg, resume=resume and (paths.run / "checkpoints" / "last.pt").is_file(), progress=progress).fit()
     elif step.stage == "train-critic":
         from srgan.critic import train_critic
 
-        train_critic(cfg, resume=resume and _has(paths.run / "critic-checkpoints" / "last.pt"), progress=progress)
+        train_critic(cfg, resume=resume and (paths.run / "critic-checkpoints" / "last.pt").is_file(),
+                     progress=progress)
     elif step.stage == "train-gan":
         from srgan.gan import train_gan
 
-        train_gan(cfg, resume=resume and _has(paths.run / "gan" / "checkpoints" / "last.pt"), progress=progress)
+        train_gan(cfg, resume=resume and (paths.run / "gan" / "checkpoints" / "last.pt").is_file(),
+                  progress=progress)
     elif step.stage == "evaluate":
         from srgan.evaluate import evaluate
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -240,6 +241,8 @@ class Trainer:
         self.run.mkdir(parents=True, exist_ok=True)
         if is_main():
             write_atomic(self.run / "train-gen.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            # A new generator is coming: train-critic would take the old one's predictions for its own.
+            shutil.rmtree(self.run / "preds", ignore_errors=True)
         model, unet = self._model()
         phases = plan(cfg, encoder_pretrained=unet and cfg.pretrained)
         total = sum(p.epochs for p in phases)
@@ -269,10 +272,8 @@ class Trainer:
                 learn.create_opt()
                 if state is not None and "opt" in state:
                     load_optimizer_state(learn.opt, state["opt"])
-                if is_main():  # only one process writes history, previews and checkpoints
-                    learn.add_cb(_epoch_end_callback(self, phases))
-                else:
-                    learn.add_cb(_epoch_seed_callback(self))
+                # every rank seeds its epoch's crops; only rank 0 writes history, previews and checkpoints
+                learn.add_cb(_epoch_end_callback(self, phases, write=is_main()))
             else:
                 learn.dls = dls
             learn.freeze() if phase.frozen else learn.unfreeze()
@@ -323,7 +324,7 @@ class Trainer:
         write_atomic(self.run / "history.csv", buf.getvalue())
 
 
-def _epoch_end_callback(trainer: Trainer, phases: list[Phase]):
+def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = True):
     from fastai.callback.core import Callback
 
     class EpochEnd(Callback):
@@ -337,7 +338,7 @@ def _epoch_end_callback(trainer: Trainer, phases: list[Phase]):
                 dl.dataset.set_epoch(self.learn.crappify_offset + self.epoch)
 
         def after_epoch(self):
-            if self._t0 is None:  # a skipped epoch: nothing was trained
+            if self._t0 is None or not write:  # a skipped epoch (nothing trained), or not rank 0
                 return
             phase = self.learn.crappify_phase
             global_epoch = self.learn.crappify_offset + self.epoch + 1
@@ -358,20 +359,6 @@ def _epoch_end_callback(trainer: Trainer, phases: list[Phase]):
     cb = EpochEnd()
     cb._t0 = None
     return cb
-
-
-def _epoch_seed_callback(trainer: Trainer):
-    """On ranks other than 0: only the per-epoch crop seeds (rank 0's EpochEnd also does this)."""
-    from fastai.callback.core import Callback
-
-    class EpochSeed(Callback):
-        order = 90
-
-        def before_epoch(self):
-            for dl in (self.dls.train, self.dls.valid):
-                dl.dataset.set_epoch(self.learn.crappify_offset + self.epoch)
-
-    return EpochSeed()
 
 
 def _batch_counter(trainer: Trainer):

@@ -104,7 +104,7 @@ def test_tiny_pipeline_runs_every_stage(finished):
               "run/gan/generator.safetensors", "eval/metrics.csv", "eval/report.md", "pipeline.yaml"):
         assert (out / f).exists(), f
     for stage in STAGES:
-        assert read_state(load_pipeline_paths(finished), stage)["status"] == "done"
+        assert read_state(load_pipeline_paths(finished).state, stage)["status"] == "done"
     rows = (out / "eval" / "metrics.csv").read_text().splitlines()
     methods = {r.split(",")[1] for r in rows[1:]}
     assert {"train-gen", "train-gan"} <= methods and len(methods) == 3  # plus the baseline

@@ -219,6 +219,9 @@ def test_save_preds_writes_every_pair_at_full_size_once(dataset, sr_dataset, tmp
                 hr = cv2.imread(str(pair.hr))
                 assert pred.shape == hr.shape, pair.id
         assert save_preds(run, data) == 0  # already there: nothing redone
+    # training a new generator into the run drops the old one's predictions (train-critic would use them)
+    Trainer(TrainGenConfig(data=str(data), out=str(run), epochs=1, **kw), progress=False).fit()
+    assert not (run / "preds").exists()
 
 
 def test_progressive_resizing_runs_each_stage_in_order(dataset, tmp_path):
