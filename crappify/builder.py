@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -34,7 +34,6 @@ import cv2
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tqdm import tqdm
 
 from crappify import __version__
 from crappify.chain import Chain, load_preset
@@ -49,10 +48,12 @@ from crappify.imageio import (
     link_or_copy_atomic,
     write_atomic,
 )
+from crappify.parallel import parallel_map
 from crappify.sources import SPLITS, Item, list_source
 
 DEFAULT_SCALE = 4
 JOURNAL = ".journal.jsonl"
+JOURNAL_FLUSH_S = 0.25  # how often finished items reach the journal file
 MANIFEST_COLUMNS = ["id", "split", "source", "hr", "lr", "seed", "hr_width", "hr_height", "lr_width",
                     "lr_height", "caption", "params"]
 OUTPUT_FILES = ("config.yaml", "manifest.csv", "skipped.csv", JOURNAL)
@@ -219,19 +220,8 @@ def process_item(item: Item, job: Job) -> dict[str, Any]:
             "caption": item.caption, "params": json.dumps(degraded.record, separators=(",", ":"))}
 
 
-# Worker-process state: the Job arrives once through the pool initializer, not with every item.
-_WORKER_JOB: Job | None = None
-
-
-def _init_worker(job: Job) -> None:
-    global _WORKER_JOB
-    _WORKER_JOB = job
+def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core; OpenCV's own threads would only contend
-
-
-def _work(item: Item) -> dict[str, Any]:
-    assert _WORKER_JOB is not None
-    return process_item(item, _WORKER_JOB)
 
 
 def versions() -> dict[str, str]:
@@ -331,6 +321,15 @@ def _remove_temp_files(out: Path) -> None:
             os.unlink(out / fn)
 
 
+def _progress(total: int, initial: int, show: bool) -> Any:
+    """A tqdm bar on stderr, or None (tqdm is imported only when a bar is shown: 30 ms of start-up)."""
+    if not show:
+        return contextlib.nullcontext()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", desc="build-dataset", file=sys.stderr, smoothing=0.1)
+
+
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
@@ -366,22 +365,22 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
         # before forking: a child forked while that pool exists deadlocks in its first parallel op.
         cv2.setNumThreads(1)
         stack.callback(cv2.setNumThreads, old_threads)
-        if workers > 1:  # forked first, before any helper thread (the progress bar's) exists
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = stack.enter_context(ctx.Pool(workers, initializer=_init_worker, initargs=(job,)))
-            chunk = max(1, min(32, len(todo) // (workers * 8)))
-            finished = pool.imap_unordered(_work, todo, chunksize=chunk)
-        else:
-            finished = (process_item(it, job) for it in todo)
+        # Children are started before any helper thread (the progress bar's) exists.
+        finished = parallel_map(functools.partial(process_item, job=job), todo, workers, init=_init_worker)
         journal = stack.enter_context(_open_journal(out / JOURNAL))
-        bar = stack.enter_context(tqdm(total=len(listing.items), initial=len(listing.items) - len(todo), unit="img",
-                                       desc="build-dataset", disable=not progress or not todo, file=sys.stderr,
-                                       smoothing=0.1))
+        bar = stack.enter_context(_progress(len(listing.items), len(listing.items) - len(todo),
+                                            progress and bool(todo)))
+        flushed = time.monotonic()
         for res in finished:
             results[res["id"]] = res
             journal.write(json.dumps(res, separators=(",", ":")) + "\n")
-            journal.flush()  # one small write per item: a kill loses at most the items in flight
-            bar.update(1)
+            if time.monotonic() - flushed > JOURNAL_FLUSH_S:
+                # A kill loses the lines of the last fraction of a second; those items are simply built
+                # again on resume (same bytes, written by atomic rename), so nothing is ever wrong.
+                journal.flush()
+                flushed = time.monotonic()
+            if bar is not None:
+                bar.update(1)
 
     rows = [results[it.id] for it in listing.items if "skip" not in results[it.id]]
     skipped = listing.skipped + [(it.source, results[it.id]["skip"]) for it in listing.items

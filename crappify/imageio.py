@@ -299,9 +299,12 @@ def link_or_copy_atomic(src: str | Path, dst: str | Path, data: bytes | None = N
     already in memory, used for the copy fallback.
     """
     try:
-        with replacing(dst) as tmp:
-            _unlink(tmp)
-            os.link(src, tmp)
+        try:  # a new name appears whole: no temporary name needed
+            os.link(src, dst)
+        except FileExistsError:  # left by an earlier run: swap it atomically
+            with replacing(dst) as tmp:
+                _unlink(tmp)
+                os.link(src, tmp)
     except OSError:  # other filesystem, or links not supported: copy the bytes
         write_atomic(dst, data if data is not None else Path(src).read_bytes())
         return False

@@ -54,22 +54,29 @@ def _walk(root: Path, base: Path, ignore: frozenset[str] = frozenset()) -> Listi
     """Image files under `root` (recursive, hidden entries ignored), ids relative to `root`."""
     items, skipped = [], []
     seen: set[str] = set()  # real paths of folders walked: a symlink loop is followed once
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    root_s = os.fspath(root)
+    # Ids and sources are cut from plain strings: pathlib costs ~40 µs a file here, which shows on a
+    # 30k-photo listing (and on a 2000-photo benchmark, where listing is serial work before the pool).
+    base_rel = os.path.relpath(root_s, os.fspath(base)).replace(os.sep, "/")
+    base_prefix = "" if base_rel == "." else base_rel + "/"
+    for dirpath, dirnames, filenames in os.walk(root_s, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root_s).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
         for name in sorted(filenames):
             if name.startswith(".") or name in ignore:
                 continue
-            path = Path(dirpath, name)
-            source = path.relative_to(base).as_posix()
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append((source, f"not an image file (extension {path.suffix or 'none'})"))
+            stem, ext = os.path.splitext(name)
+            source = base_prefix + prefix + name
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                skipped.append((source, f"not an image file (extension {ext or 'none'})"))
                 continue
-            items.append(Item(path.relative_to(root).with_suffix("").as_posix(), source, path))
+            items.append(Item(prefix + stem, source, Path(dirpath, name)))
     return Listing(_unique_ids(items), skipped, official_split=False)
 
 

@@ -639,6 +639,60 @@ def test_killed_build_resumes_to_the_same_bytes(many_photo_dir, tmp_path, cli, c
         assert ta[name] == tb[name], name
 
 
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_killed_two_worker_build_leaves_no_workers_and_resumes(many_photo_dir, tmp_path, cli, cli_command,
+                                                                read_tree):
+    """The parent killed mid-run: its worker stops too (it would otherwise race the resumed run)."""
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    args = ["build-dataset", str(many_photo_dir), str(out), "--preset", "realistic", "--seed", "5", "--quiet",
+            "--workers", "2"]
+    proc = subprocess.Popen([*cli_command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    workers: set[int] = set()
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and len(list((out / "lr").rglob("*.*"))) < 6:
+            workers |= _children(proc.pid)
+            time.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the build ended before it could be killed"
+    assert workers, "no worker process was seen"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_running(w) for w in workers):
+        time.sleep(0.05)
+    alive = [w for w in workers if _running(w)]
+    assert not alive, "worker processes outlived the killed build"
+    assert not (out / "manifest.csv").exists()
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert cli(*args[:2], str(ref), *args[3:]).returncode == 0
+    ta, tb = read_tree(out), read_tree(ref)
+    assert sorted(ta) == sorted(tb) and len([k for k in ta if k.startswith("lr/")]) == 160
+    for name in ta:
+        assert ta[name] == tb[name], name
+
+
 def test_workers_do_not_deadlock_after_the_parent_used_opencv_threads(tmp_path):
     """Forking while OpenCV's thread pool is alive used to hang the workers' first parallel op."""
     script = f"""

@@ -1,0 +1,131 @@
+"""Map a function over a list with N processes, the calling process being one of them.
+
+Why not `multiprocessing.Pool`: a pool runs N workers beside a parent that only collects results, so
+on an N-core machine N+1 processes (plus the pool's three helper threads) share N cores, and every
+item is pickled out and back. Here the caller works too: N-1 children are started (forked where the
+platform allows, so the list is inherited, not pickled), every process claims the next chunk of
+indices from one shared counter, and the children send back only their results. On the 2-core
+machine this took `build-dataset --workers 2` from ~1.6x to ~1.8x the 1-worker rate. A child that
+dies without a word (killed, segfault) is noticed instead of hanging the run, and children stop when
+the parent is killed, so a resumed run never races with leftovers of the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_DONE = "__done__"
+
+
+class WorkerError(RuntimeError):
+    """A worker process died without reporting (killed from outside, or crashed in native code)."""
+
+
+def _claim(counter: Any, lock: Any, chunk: int, n: int) -> range | None:
+    with lock:
+        start = counter.value
+        if start >= n:
+            return None
+        counter.value = min(n, start + chunk)
+    return range(start, min(n, start + chunk))
+
+
+def _child(fn: Callable[[T], R], items: Sequence[T], counter: Any, lock: Any, chunk: int, conn: Connection,
+           parent: int, init: Callable[[], None] | None) -> None:
+    try:
+        if init is not None:
+            init()
+        while os.getppid() == parent:  # the parent was killed: stop, leave the rest to the resumed run
+            span = _claim(counter, lock, chunk, len(items))
+            if span is None:
+                break
+            conn.send([fn(items[i]) for i in span])
+        conn.send(_DONE)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
+        pass
+    except BaseException as exc:  # noqa: BLE001 — handed to the parent, which re-raises it
+        try:
+            conn.send(exc)
+        except Exception:  # unpicklable: send its text
+            conn.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, chunk: int | None = None,
+                 init: Callable[[], None] | None = None) -> Iterator[R]:
+    """Yield `fn(item)` for every item, in completion order, computed by `workers` processes.
+
+    `fn` and `init` (run once in each child) must be picklable where processes are spawned rather
+    than forked. An exception raised in any process is raised here; the children are then stopped.
+    """
+    n = len(items)
+    if workers <= 1 or n <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    import multiprocessing as mp  # here: a 1-process run never needs it (6 ms of start-up)
+    from multiprocessing.connection import wait
+
+    chunk = chunk or max(1, min(16, n // (workers * 16)))
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    counter, lock = ctx.RawValue("q", 0), ctx.Lock()
+    procs, conns = [], []
+    try:
+        for _ in range(workers - 1):
+            receive, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(fn, items, counter, lock, chunk, send, os.getpid(), init),
+                               daemon=True)
+            proc.start()
+            send.close()
+            procs.append(proc)
+            conns.append(receive)
+        live = dict(zip(conns, procs))
+        while True:
+            span = _claim(counter, lock, chunk, n)
+            if span is None:
+                break
+            for i in span:
+                yield fn(items[i])
+            for conn in wait(list(live), timeout=0):  # what the children finished meanwhile
+                yield from _receive(conn, live)
+        while live:  # the caller's share is done: wait for the children's
+            ready = set(wait([*live, *(p.sentinel for p in live.values())]))
+            for conn, proc in list(live.items()):
+                if conn in ready or proc.sentinel in ready:
+                    yield from _receive(conn, live)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        for conn in conns:
+            conn.close()
+
+
+def _receive(conn: Connection, live: dict[Connection, Any]) -> Iterator[Any]:
+    """Results a child sent on `conn`; drops the child from `live` once it is done."""
+    while conn in live and conn.poll():
+        try:
+            msg = conn.recv()
+        except EOFError:  # closed without _DONE: the child died
+            proc = live.pop(conn)
+            proc.join()
+            raise WorkerError(f"a worker process died (exit code {proc.exitcode})") from None
+        if isinstance(msg, BaseException):
+            raise msg
+        if isinstance(msg, str) and msg == _DONE:
+            live.pop(conn).join()
+            return
+        yield from msg
+    if conn in live and not live[conn].is_alive() and not conn.poll():  # gone without closing its end
+        proc = live.pop(conn)
+        raise WorkerError(f"a worker process died (exit code {proc.exitcode})")
