@@ -51,7 +51,7 @@ def _child(fn: Callable[[T], R], items: Sequence[T], counter: Any, lock: Any, ch
         conn.send(_DONE)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
         pass
-    except BaseException as exc:  # noqa: BLE001 — handed to the parent, which re-raises it
+    except BaseException as exc:  # handed to the parent, which re-raises it
         try:
             conn.send(exc)
         except Exception:  # unpicklable: send its text
@@ -88,7 +88,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, chun
             send.close()
             procs.append(proc)
             conns.append(receive)
-        live = dict(zip(conns, procs))
+        live = dict(zip(conns, procs, strict=True))
         while True:
             span = _claim(counter, lock, chunk, n)
             if span is None:
