@@ -21,7 +21,8 @@ _PRECISION = click.Choice(["auto", "fp32", "bf16", "fp16"])
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-m", "--model", required=True, help="generator.safetensors, or a run folder holding one.")
 @click.option("-o", "--out", "out", required=True, help="Output folder (names and sub-folders are kept).")
-@click.option("--scale", type=int, help="U-Nets: upscale factor applied before the model (default 1, same size); "
+@click.option("--scale", type=int, help="U-Nets: upscale factor applied before the model (default: the scale of its "
+                                        "training data, recorded in the model file; 1 keeps the size); "
                                         "SR models: must equal the model's own scale.")
 @click.option("--tile", type=int, help="Tile side in input px (default 512 output px, 1024 on CUDA; 0 = whole image).")
 @click.option("--overlap", type=int, help="Overlap of neighbouring tiles in input px (default tile/8).")
@@ -48,6 +49,9 @@ def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None
     engine = load_inference(path, resolve_device(device), precision=precision, tile=tile, overlap=overlap,
                             batch=batch, on_note=lambda text: click.echo(f"crappify: note: {text}", err=True))
     factor = resolve_scale(engine, scale)
+    if scale is None and engine.scale == 1 and factor != 1:
+        click.echo(f"crappify: note: upscaling x{factor} before the U-Net, the scale of the data it was trained on "
+                   "(--scale 1 keeps the size)", err=True)
     res = enhance_files(engine, items, out, factor, overwrite=overwrite, progress=not quiet, jpeg_quality=quality,
                         report=lambda text: click.echo(f"crappify: {text}", err=True))
     text = f"enhanced {len(res.written)} image(s) (x{factor}) -> {out}"

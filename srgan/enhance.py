@@ -157,13 +157,15 @@ def enhance_image(engine: TiledInference, loaded: Loaded, scale: int,
     return out, alpha
 
 
-def resolve_scale(engine: TiledInference, scale: int | None, default_unet_scale: int = 1) -> int:
-    """The output/input ratio: an SR model's own scale; for U-Nets `scale` or the model file's recorded one."""
+def resolve_scale(engine: TiledInference, scale: int | None) -> int:
+    """The output/input ratio: an SR model's own scale; for U-Nets `scale`, by default the scale of the data
+    the model was trained on (`engine.data_scale`, from the generator file): a U-Net trained on LR photos
+    shrunk 4x and resized back learned to sharpen that much blur, so a photo is upscaled 4x for it."""
     if engine.scale != 1:
         if scale not in (None, engine.scale):
             raise ConfigError(f"this model upsamples by {engine.scale}; --scale {scale} cannot be used with it")
         return engine.scale
-    scale = default_unet_scale if scale is None else scale
+    scale = engine.data_scale if scale is None else scale
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ConfigError(f"--scale must be a positive integer, got {scale!r}")
     return scale

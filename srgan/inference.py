@@ -135,7 +135,8 @@ class TiledInference:
     image in one piece). `overlap`: input pixels shared by neighbouring tiles (None: tile // 8). Both are
     rounded up to what the model needs; an image is covered by as few tiles as `tile` allows, spread evenly
     (so tiles may be smaller than `tile`, never larger). `batch`: tiles per forward pass (default 1: peak
-    memory is then set by the tile alone).
+    memory is then set by the tile alone). `data_scale`: HR/LR ratio of the data a U-Net was trained on (its
+    inputs were LR photos resized back up by that much), read from the generator file by `load_inference`.
     """
 
     model: nn.Module
@@ -146,6 +147,7 @@ class TiledInference:
     batch: int | None = None
     normalizer: Normalizer = field(default_factory=Normalizer)
     channels_last: bool = False
+    data_scale: int = 1
     notes: list[str] = field(default_factory=list)
     on_note: Callable[[str], None] | None = None
 
@@ -284,6 +286,7 @@ def load_inference(path: str | Path, device: torch.device | str = "cpu", **optio
     meta = read_generator_meta(path)
     stats = meta.get("normalization")
     normalizer = Normalizer(tuple(stats)) if stats else Normalizer()
+    options.setdefault("data_scale", int(meta["extra"].get("data_scale") or 1))
     return TiledInference(load_generator(path, device), device=device, normalizer=normalizer, **options)
 
 

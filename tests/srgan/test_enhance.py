@@ -120,6 +120,23 @@ def test_cli_enhance_unet_with_scale(tmp_path, photo_maker):
     assert code == 0 and "already there" in out
 
 
+def test_unet_default_scale_is_that_of_its_training_data(tmp_path, photo_maker):
+    torch.manual_seed(0)
+    model = tmp_path / "generator.safetensors"
+    save_generator(build_generator("unet-resnet18", pretrained=False, self_attention=False), model,
+                   extra={"data_scale": 2})
+    assert load_inference(model).data_scale == 2
+    Image.fromarray(photo_maker(1, 40)).save(tmp_path / "in.png")
+    code, _, err = run_main("enhance", tmp_path / "in.png", "-m", model, "-o", tmp_path / "x2", "--quiet")
+    assert code == 0 and "upscaling x2 before the U-Net" in err
+    code, _, err = run_main("enhance", tmp_path / "in.png", "-m", model, "-o", tmp_path / "x1", "--scale", "1",
+                            "--quiet")
+    assert code == 0 and "upscaling" not in err
+    with Image.open(tmp_path / "in.png") as a, Image.open(tmp_path / "x2" / "in.png") as b, \
+            Image.open(tmp_path / "x1" / "in.png") as c:
+        assert b.size == (a.size[0] * 2, a.size[1] * 2) and c.size == a.size
+
+
 def test_cli_errors_are_one_line(sr_file, tmp_path, odd_files):
     cases = [
         (["enhance", odd_files.paths["rgba"], "-m", tmp_path / "nope.safetensors", "-o", tmp_path / "o"],
