@@ -4,8 +4,8 @@ The image (HWC uint8, held on the CPU) is padded by reflection to what the model
 for U-Nets, whose encoder downsamples 32x; nothing for SRResNet) and cut into equal, overlapping tiles
 whose origins are multiples of that step, so every tile sees the same pooling grid as the whole image
 would. Tiles go through the model in batches; their outputs are blended with separable raised-cosine
-ramps over the overlaps (weights normalised to sum to 1, so there are no seams), row of tiles by row of
-tiles into a float strip on the device; finished rows are rounded into the uint8 output. So memory is
+ramps over the overlaps (weights normalised to sum to 1, so there are no seams), into a float strip on the
+device about one row of tiles high; rows no later tile touches are rounded into the uint8 output. So memory is
 the model on one batch of tiles plus one strip of output — not the image's pixel count squared, which
 is what the U-Net's self-attention layer would need on a whole large photo.
 
@@ -227,26 +227,29 @@ class TiledInference:
         wy = [t.to(self.device) for t in axis_weights([y * s for y in ys], th * s, hp * s, ov * s)]
         wx = [t.to(self.device) for t in axis_weights([x * s for x in xs], tw * s, wp * s, ov * s)]
         out = np.empty((h * s, w * s, 3), np.uint8)
-        strip = torch.zeros(3, th * s, wp * s, device=self.device)
-        total, done = len(ys) * len(xs), 0
-        prev = None
-        for i, y in enumerate(ys):
-            if prev is not None:
-                shift = (y - prev) * s
-                self._flush(out, strip[:, :shift], prev * s)
-                strip = torch.cat([strip[:, shift:], torch.zeros(3, shift, wp * s, device=self.device)], dim=1)
-            for start in range(0, len(xs), self.batch):
-                cols = list(range(start, min(start + self.batch, len(xs))))
-                batch = np.stack([padded[y:y + th, xs[j]:xs[j] + tw] for j in cols])
-                pred = self._forward(batch)  # (B, 3, th*s, tw*s) in 0..255
-                for k, j in enumerate(cols):
-                    x = xs[j] * s
-                    strip[:, :, x:x + tw * s] += pred[k] * wy[i][None, :, None] * wx[j][None, None, :]
-                done += len(cols)
-                if progress is not None:
-                    progress(done, total)
-            prev = y
-        self._flush(out, strip, prev * s)
+        # Tiles go in row-major order, `batch` at a time, a batch may span rows. The strip holds the output rows
+        # from `top` down to the bottom of the last tile added; rows above the next tile's origin are final and
+        # are rounded into `out` and dropped, so the strip is about one row of tiles high (more only when a
+        # batch spans rows).
+        order = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+        strip = torch.zeros(3, 0, wp * s, device=self.device)
+        top = 0
+        for start in range(0, len(order), self.batch):
+            chunk = order[start:start + self.batch]
+            pred = self._forward(np.stack([padded[ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk]))
+            bottom = ys[chunk[-1][0]] * s + th * s
+            if bottom - top > strip.shape[1]:
+                grow = torch.zeros(3, bottom - top - strip.shape[1], wp * s, device=self.device)
+                strip = torch.cat([strip, grow], dim=1)
+            for k, (i, j) in enumerate(chunk):  # pred is (B, 3, th*s, tw*s) in 0..255
+                y, x = ys[i] * s - top, xs[j] * s
+                strip[:, y:y + th * s, x:x + tw * s] += pred[k] * wy[i][None, :, None] * wx[j][None, None, :]
+            if progress is not None:
+                progress(start + len(chunk), len(order))
+            final = ys[order[start + len(chunk)][0]] * s if start + len(chunk) < len(order) else hp * s
+            if final > top:
+                self._flush(out, strip[:, :final - top], top)
+                strip, top = strip[:, final - top:], final
         return out
 
     def _flush(self, out: np.ndarray, rows: torch.Tensor, top: int) -> None:
