@@ -57,6 +57,15 @@ def test_unet_tiled_matches_untiled(unet, photo_maker):
     assert diff.mean() < 2.5 and np.percentile(diff, 99) < 16
 
 
+def test_an_image_within_one_tile_is_the_untiled_pass(unet, photo_maker):
+    """E.g. a 1024² photo at the CUDA default tile: one forward pass, bit-identical to untiled."""
+    img = photo_maker(5, 128)[:96, :128]
+    calls: list[tuple[int, int]] = []
+    tiled = TiledInference(unet, tile=128)(img, lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 1)]
+    assert np.array_equal(tiled, TiledInference(unet, tile=0)(img))
+
+
 @pytest.mark.parametrize("batch", [2, 3, 7, 64])
 def test_batches_spanning_rows_blend_like_one_tile_at_a_time(srnet, photo_maker, batch):
     """A 4x4 grid: batches of 2, 3, 7 or all tiles cut across rows; every tile lands where it belongs."""
