@@ -32,7 +32,17 @@ from crappify.yamlfile import read_mapping
 
 STAGES = ("sample-crops", "build-dataset", "train-gen", "train-critic", "train-gan", "evaluate")
 RUN_ONLY_KEYS = frozenset({"workers", "num_workers", "device", "batch"})  # how to run, not what to compute
-PIPELINES_DIR = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def _shipped_pipelines() -> Path:
+    """The shipped pipelines folder: `srgan/pipelines/` in an installed wheel (pyproject.toml maps the top-level
+    `pipelines/` folder there as package data), or `pipelines/` beside a source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "pipelines"
+    return installed if installed.is_dir() else here.parent / "pipelines"
+
+
+PIPELINES_DIR = _shipped_pipelines()
 
 
 class SampleCrops(BaseModel):

@@ -227,3 +227,14 @@ def test_demo_command_on_a_tiny_pipeline(tmp_path, cli):
     assert again.returncode == 0 and again.stdout.count("] skip: finished earlier") == len(STAGES)
     res = cli("demo", "--pipeline", "flickr30k-lesson7", "-o", tmp_path / "x")
     assert res.returncode == 2 and "no sample-crops stage" in res.stderr
+
+
+def test_every_shipped_pipeline_file_goes_into_the_wheel():
+    """pyproject.toml maps pipelines/ to the package `srgan.pipelines`; its data globs must cover every file."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[2]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "srgan.pipelines" in setup["packages"] and setup["package-dir"]["srgan.pipelines"] == "pipelines"
+    globs = setup["package-data"]["srgan.pipelines"]
+    files = [p.relative_to(root / "pipelines") for p in (root / "pipelines").rglob("*") if p.is_file()]
+    assert files and all(any(f.match(g) and len(f.parts) == len(Path(g).parts) for g in globs) for f in files), files
