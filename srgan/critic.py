@@ -123,7 +123,8 @@ def make_critic_dataloaders(data: str | Path, run: str | Path, size: int, bs: in
                             channels_last: bool = False, normalizer: Normalizer | None = None):
     """fastai DataLoaders of real/fake crops: train shuffled, valid (or test) in order."""
     from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
+
+    from srgan.loader import SeededDataLoader
 
     splits = read_dataset(data)[0]
     valid_split = "valid" if splits.get("valid") else "test"
@@ -132,9 +133,9 @@ def make_critic_dataloaders(data: str | Path, run: str | Path, size: int, bs: in
         raise CrappifyError(f"{data} needs both a train and a valid (or test) split; has {sorted(splits)}")
     common = {"num_workers": default_workers(device, num_workers), "device": torch.device(device),
               "after_batch": _NormalizeImages(normalizer or Normalizer(), channels_last)}
-    train_dl = DataLoader(RealFakeDataset(train, size, True, seed), bs=bs, shuffle=True,
-                          drop_last=len(train) >= bs, seed=seed, **common)
-    valid_dl = DataLoader(RealFakeDataset(valid, size, False, seed), bs=bs, shuffle=False, **common)
+    train_dl = SeededDataLoader(RealFakeDataset(train, size, True, seed), bs=bs, shuffle=True,
+                                drop_last=len(train) >= bs, order_seed=seed, **common)
+    valid_dl = SeededDataLoader(RealFakeDataset(valid, size, False, seed), bs=bs, shuffle=False, **common)
     return DataLoaders(train_dl, valid_dl, device=torch.device(device))
 
 

@@ -146,7 +146,8 @@ def make_dataloaders(root: str | Path, size: int, bs: int, *, resize_lr: bool, s
                      channels_last: bool = False, normalizer: Normalizer | None = None):
     """fastai DataLoaders (train shuffled, valid in order) over a built dataset's train/valid splits."""
     from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
+
+    from srgan.loader import SeededDataLoader
 
     splits, _ = read_dataset(root)
     train = splits.get("train", [])
@@ -155,7 +156,8 @@ def make_dataloaders(root: str | Path, size: int, bs: int, *, resize_lr: bool, s
         raise CrappifyError(f"{root} needs both a train and a valid (or test) split; has {sorted(splits)}")
     norm = NormalizeBatch(normalizer or Normalizer(), channels_last)
     common = {"num_workers": default_workers(device, num_workers), "after_batch": norm, "device": torch.device(device)}
-    train_dl = DataLoader(PairDataset(train, size, scale, resize_lr, True, seed), bs=bs, shuffle=True,
-                          drop_last=len(train) >= bs, seed=seed, **common)
-    valid_dl = DataLoader(PairDataset(valid, size, scale, resize_lr, False, seed), bs=bs, shuffle=False, **common)
+    train_dl = SeededDataLoader(PairDataset(train, size, scale, resize_lr, True, seed), bs=bs, shuffle=True,
+                                drop_last=len(train) >= bs, order_seed=seed, **common)
+    valid_dl = SeededDataLoader(PairDataset(valid, size, scale, resize_lr, False, seed), bs=bs, shuffle=False,
+                                **common)
     return DataLoaders(train_dl, valid_dl, device=torch.device(device))

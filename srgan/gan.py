@@ -388,7 +388,10 @@ def _parts() -> SimpleNamespace:
 
         def before_fit(self):  # after GANTrainer.before_fit: restore the resumed mode and switcher counts
             gan = self.gan
-            self.first_epoch = gan.step // max(1, len(self.dls.train))  # new crops for each (resumed) epoch
+            n = max(1, len(self.dls.train))
+            self.first_epoch = gan.step // n  # the epoch (crops and order) the checkpointed step was in
+            # resumed mid-epoch: go on with the batches the uninterrupted run would have seen next
+            self.dls.train.skip_next = (gan.step % n) * self.dls.train.bs
             if gan.gen_mode is not None:
                 self.learn.gan_trainer.switch(gan.gen_mode)
             for cb in self.learn.cbs:

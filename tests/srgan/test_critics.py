@@ -192,6 +192,16 @@ def test_critic_pretraining_beats_chance_and_writes_its_files(dataset, tmp_path)
     assert critic(real).shape == (1, 25)
 
 
+def test_the_same_seed_trains_the_same_critic(dataset, tmp_path):
+    states = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        flat_preds(dataset, run)
+        train_critic(TrainCriticConfig(data=str(dataset), out=str(run), epochs=2, **CRITIC), progress=False)
+        states.append(load_critic(run / "critic.safetensors").state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_critic_resume_continues_after_the_last_epoch(dataset, tmp_path):
     run = tmp_path / "run"
     flat_preds(dataset, run)

@@ -197,6 +197,47 @@ def test_resume_restores_step_networks_optimiser_and_switcher(dataset, run):
         train_gan(cfg, resume=True, progress=False)
 
 
+def test_a_resumed_run_sees_the_batches_the_uninterrupted_one_saw(dataset, pretrained, tmp_path):
+    from fastai.callback.core import Callback
+
+    def batches(log: dict):
+        class Record(Callback):
+            order = 60
+
+            def before_batch(self):
+                if self.training:
+                    log[len(log) + self.learn.crappify_first_step] = hash(self.xb[0].cpu().numpy().tobytes())
+
+            def before_fit(self):
+                self.learn.crappify_first_step = int(load_checkpoint(ckpt)["step"]) if ckpt.is_file() else 0
+        return Record()
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for out in (whole, resumed):
+        shutil.copytree(pretrained, out)
+    kw = {"data": str(dataset), "switching": "fixed", "n_crit": 1, "n_gen": 1, "iters": 7, "checkpoint_every": 2,
+          **TINY}
+    ckpt = whole / "gan" / "checkpoints" / "last.pt"
+    ref: dict[int, int] = {}
+    train_gan(TrainGanConfig(out=str(whole), **kw), progress=False, cbs=[batches(ref)])
+
+    class Interrupt(Callback):
+        order = 61
+
+        def after_batch(self):
+            if len(history(resumed)) == 5:  # mid-epoch (3 batches an epoch), one step after checkpoint 4
+                raise KeyboardInterrupt
+
+    ckpt = resumed / "gan" / "checkpoints" / "last.pt"
+    first: dict[int, int] = {}
+    with pytest.raises(KeyboardInterrupt):
+        train_gan(TrainGanConfig(out=str(resumed), **kw), progress=False, cbs=[batches(first), Interrupt()])
+    again: dict[int, int] = {}
+    train_gan(TrainGanConfig(out=str(resumed), **kw), resume=True, progress=False, cbs=[batches(again)])
+    assert sorted(ref) == list(range(7)) and sorted(again) == [4, 5, 6]
+    assert all(first[i] == ref[i] for i in first) and all(again[i] == ref[i] for i in again)
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(dataset, run, monkeypatch):
     import srgan.losses
 

@@ -80,6 +80,29 @@ def test_dataloaders_give_normalised_aligned_batches(dataset):
     assert -3 < float(y.mean()) < 3
 
 
+def test_shuffled_order_follows_the_seed_and_epoch_not_the_global_random_state(dataset):
+    import random
+
+    def order(seed: int, epoch: int, global_state: int) -> list[int]:
+        random.seed(global_state)  # fastai's own DataLoader drew its order from this
+        dl = make_dataloaders(dataset, 32, 2, resize_lr=True, seed=seed).train
+        dl.dataset.set_epoch(epoch)
+        dl.randomize()
+        return list(dl.get_idxs())
+
+    assert order(0, 0, 1) == order(0, 0, 2) and order(0, 3, 1) == order(0, 3, 2)
+    assert order(0, 0, 1) != order(0, 1, 1) and order(0, 0, 1) != order(1, 0, 1)
+
+
+def test_the_same_seed_trains_the_same_weights(dataset, tmp_path):
+    weights = []
+    for name in ("a", "b"):
+        Trainer(TrainGenConfig(data=str(dataset), out=str(tmp_path / name), epochs=1, precision="fp32", **TINY),
+                progress=False).fit()
+        weights.append(load_generator(tmp_path / name / "generator.safetensors").state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_plan_freezes_only_pretrained_unets():
     cfg = TrainGenConfig(data="d", out="o", stages=[{"size": 64, "bs": 4, "epochs": 2}, {"size": 128, "bs": 2,
                                                                                        "epochs": 1}])

@@ -1,0 +1,43 @@
+"""A fastai DataLoader whose shuffled order is reproducible.
+
+fastai's `DataLoader` shuffles with a `random.Random` seeded from the global `random` module when it is
+made, and silently drops a `seed` argument, so two runs given the same seed trained on different batch
+orders (a critic test that was meant to be deterministic passed or failed by luck). Here each epoch's
+order is drawn from (seed, the dataset's epoch), which the trainers set before every epoch: the same
+seed gives the same batches, and a run resumed at epoch k sees the order the uninterrupted run saw.
+Kept in its own module (importing fastai) so that loader worker processes can unpickle the class.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from fastai.data.load import DataLoader
+
+
+class SeededDataLoader(DataLoader):
+    """`DataLoader(dataset, order_seed=S, ...)`: shuffles by (S, `dataset.epoch`).
+
+    `skip_next = n` drops the first n samples of the next pass only (a run resumed in the middle of an epoch
+    goes on with the batches the uninterrupted run would have seen next).
+    """
+
+    def __init__(self, dataset: Any = None, order_seed: int = 0, **kwargs: Any) -> None:
+        self.order_seed, self.skip_next = order_seed, 0
+        super().__init__(dataset, **kwargs)
+
+    def randomize(self) -> None:
+        epoch = getattr(self.dataset, "epoch", 0)
+        self.rng = random.Random(f"crappify-order:{getattr(self, 'order_seed', 0)}:{epoch}")
+
+    def get_idxs(self) -> Any:
+        idxs = super().get_idxs()
+        skip = getattr(self, "skip_next", 0)
+        return list(idxs)[skip:] if skip else idxs
+
+    def __iter__(self) -> Any:
+        # Loader workers compute the order from their own copy of this object, so the skip is cleared here,
+        # in the process that owns it, once the pass is over.
+        yield from super().__iter__()
+        self.skip_next = 0
