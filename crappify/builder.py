@@ -365,7 +365,7 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
         # before forking: a child forked while that pool exists deadlocks in its first parallel op.
         cv2.setNumThreads(1)
         stack.callback(cv2.setNumThreads, old_threads)
-        # Children are started before any helper thread (the progress bar's) exists.
+        # Children are forked here, before any helper thread (the progress bar's) exists.
         finished = parallel_map(functools.partial(process_item, job=job), todo, workers, init=_init_worker)
         journal = stack.enter_context(_open_journal(out / JOURNAL))
         bar = stack.enter_context(_progress(len(listing.items), len(listing.items) - len(todo),

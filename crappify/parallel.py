@@ -62,23 +62,23 @@ def _child(fn: Callable[[T], R], items: Sequence[T], counter: Any, lock: Any, ch
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, chunk: int | None = None,
                  init: Callable[[], None] | None = None) -> Iterator[R]:
-    """Yield `fn(item)` for every item, in completion order, computed by `workers` processes.
+    """An iterator of `fn(item)` for every item, in completion order, computed by `workers` processes.
 
-    `fn` and `init` (run once in each child) must be picklable where processes are spawned rather
-    than forked. An exception raised in any process is raised here; the children are then stopped.
+    The children are started here, before this returns (so before the caller starts threads of its own,
+    e.g. a progress bar's: forking a process with threads is how deadlocks start); the caller's share is
+    computed as the iterator is consumed. `fn` and `init` (run once in each child) must be picklable where
+    processes are spawned rather than forked. An exception raised in any process is raised from the
+    iterator; the children are then stopped.
     """
     n = len(items)
     if workers <= 1 or n <= 1:
-        for item in items:
-            yield fn(item)
-        return
+        return (fn(item) for item in items)
     import multiprocessing as mp  # here: a 1-process run never needs it (6 ms of start-up)
-    from multiprocessing.connection import wait
 
     chunk = chunk or max(1, min(16, n // (workers * 16)))
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     counter, lock = ctx.RawValue("q", 0), ctx.Lock()
-    procs, conns = [], []
+    live: dict[Connection, Any] = {}
     try:
         for _ in range(workers - 1):
             receive, send = ctx.Pipe(duplex=False)
@@ -86,11 +86,22 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, chun
                                daemon=True)
             proc.start()
             send.close()
-            procs.append(proc)
-            conns.append(receive)
-        live = dict(zip(conns, procs, strict=True))
+            live[receive] = proc
+    except BaseException:
+        _stop(dict(live))
+        raise
+    return _collect(fn, items, counter, lock, chunk, live)
+
+
+def _collect(fn: Callable[[T], R], items: Sequence[T], counter: Any, lock: Any, chunk: int,
+             live: dict[Connection, Any]) -> Iterator[R]:
+    """The caller's share of the work, interleaved with what the children send back."""
+    from multiprocessing.connection import wait
+
+    children = dict(live)
+    try:
         while True:
-            span = _claim(counter, lock, chunk, n)
+            span = _claim(counter, lock, chunk, len(items))
             if span is None:
                 break
             for i in span:
@@ -103,12 +114,15 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, chun
                 if conn in ready or proc.sentinel in ready:
                     yield from _receive(conn, live)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
-        for conn in conns:
-            conn.close()
+        _stop(children)
+
+
+def _stop(children: dict[Connection, Any]) -> None:
+    for conn, proc in children.items():
+        if proc.is_alive():
+            proc.terminate()
+        proc.join()
+        conn.close()
 
 
 def _receive(conn: Connection, live: dict[Connection, Any]) -> Iterator[Any]:

@@ -83,3 +83,12 @@ def _env_flag(_: int) -> tuple[int, str]:
 
     time.sleep(0.001)
     return os.getpid(), os.environ.get("CRAPPIFY_TEST_FLAG", "")
+
+
+def test_children_start_before_the_caller_iterates_and_are_gone_after():
+    import multiprocessing as mp
+
+    it = parallel_map(_slow_square, list(range(40)), 3, chunk=2)
+    assert len(mp.active_children()) == 2  # forked now, before the caller can start threads of its own
+    assert sorted(x for x, *_ in it) == list(range(40))
+    assert not mp.active_children()
