@@ -61,14 +61,14 @@ def _child(fn: Callable[[T], R], items: Sequence[T], counter: Any, lock: Any, ch
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, chunk: int | None = None,
-                 init: Callable[[], None] | None = None) -> Iterator[R]:
+                 init: Callable[[], None] | None = None, start_method: str | None = None) -> Iterator[R]:
     """An iterator of `fn(item)` for every item, in completion order, computed by `workers` processes.
 
     The children are started here, before this returns (so before the caller starts threads of its own,
     e.g. a progress bar's: forking a process with threads is how deadlocks start); the caller's share is
     computed as the iterator is consumed. `fn` and `init` (run once in each child) must be picklable where
     processes are spawned rather than forked. An exception raised in any process is raised from the
-    iterator; the children are then stopped.
+    iterator; the children are then stopped. `start_method`: "fork" where the platform has it, else "spawn".
     """
     n = len(items)
     if workers <= 1 or n <= 1:
@@ -76,7 +76,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, chun
     import multiprocessing as mp  # here: a 1-process run never needs it (6 ms of start-up)
 
     chunk = chunk or max(1, min(16, n // (workers * 16)))
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ctx = mp.get_context(start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn"))
     counter, lock = ctx.RawValue("q", 0), ctx.Lock()
     live: dict[Connection, Any] = {}
     try:

@@ -92,3 +92,10 @@ def test_children_start_before_the_caller_iterates_and_are_gone_after():
     assert len(mp.active_children()) == 2  # forked now, before the caller can start threads of its own
     assert sorted(x for x, *_ in it) == list(range(40))
     assert not mp.active_children()
+
+
+def test_spawned_children_work_too():
+    """Where fork is missing (Windows, and macOS's default), children are spawned: fn, init and items pickled."""
+    out = list(parallel_map(_slow_square, list(range(300)), 2, chunk=4, init=_set_flag, start_method="spawn"))
+    assert sorted(x for x, *_ in out) == list(range(300))
+    assert {pid for *_, pid in out} - {os.getpid()}, "the spawned child did no work"
