@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         code = app.main(args=argv, prog_name="crappify", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
+    except click.exceptions.Abort:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
+        _fail("interrupted; run the same command again to resume", 130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

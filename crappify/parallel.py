@@ -39,7 +39,10 @@ def _claim(counter: Any, lock: Any, chunk: int, n: int) -> range | None:
 
 
 def _child(fn: Callable[[T], R], items: Sequence[T], counter: Any, lock: Any, chunk: int, conn: Connection,
-           parent: int, init: Callable[[], None] | None) -> None:
+           other_end: Connection, parent: int, init: Callable[[], None] | None) -> None:
+    # A forked child holds a copy of the pipe's read end too: closed, a dead parent means a broken pipe here
+    # (an error, so the child ends) rather than a send that waits forever once the pipe is full.
+    other_end.close()
     try:
         if init is not None:
             init()
@@ -82,8 +85,8 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, chun
     try:
         for _ in range(workers - 1):
             receive, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child, args=(fn, items, counter, lock, chunk, send, os.getpid(), init),
-                               daemon=True)
+            proc = ctx.Process(target=_child, args=(fn, items, counter, lock, chunk, send, receive, os.getpid(),
+                                                    init), daemon=True)
             proc.start()
             send.close()
             live[receive] = proc

@@ -693,6 +693,24 @@ def test_killed_two_worker_build_leaves_no_workers_and_resumes(many_photo_dir, t
         assert ta[name] == tb[name], name
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_ctrl_c_stops_every_worker_with_one_line(many_photo_dir, tmp_path, cli_command):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*cli_command, "build-dataset", str(many_photo_dir), str(out), "--preset", "realistic",
+                             "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    workers: set[int] = set()
+    while proc.poll() is None and time.monotonic() < deadline and len(list((out / "lr").rglob("*.*"))) < 6:
+        workers |= _children(proc.pid)
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.decode().strip() == "crappify: error: interrupted; run the same command again to resume"
+    assert workers and not [w for w in workers if _running(w)]
+
+
 def test_workers_do_not_deadlock_after_the_parent_used_opencv_threads(tmp_path):
     """Forking while OpenCV's thread pool is alive used to hang the workers' first parallel op."""
     script = f"""
