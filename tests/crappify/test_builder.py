@@ -693,12 +693,24 @@ def test_killed_two_worker_build_leaves_no_workers_and_resumes(many_photo_dir, t
         assert ta[name] == tb[name], name
 
 
+def _sigint_default() -> None:
+    """In the child before exec: Ctrl-C as a terminal delivers it. A shell running the tests in the background
+    ignores SIGINT, and an ignored signal stays ignored across exec (Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_ctrl_c_stops_every_worker_with_one_line(many_photo_dir, tmp_path, cli_command):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([*cli_command, "build-dataset", str(many_photo_dir), str(out), "--preset", "realistic",
+    # 4 links to each of the 160 photos: a build of ~10 s, so the signal surely comes mid-run (nothing is built
+    # after it)
+    src, out = tmp_path / "src", tmp_path / "out"
+    for copy in range(4):
+        for photo in many_photo_dir.rglob("*.jpg"):
+            (src / str(copy)).mkdir(parents=True, exist_ok=True)
+            os.link(photo, src / str(copy) / f"{photo.parent.name}_{photo.name}")
+    proc = subprocess.Popen([*cli_command, "build-dataset", str(src), str(out), "--preset", "realistic",
                              "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_default)
     deadline = time.monotonic() + 120
     workers: set[int] = set()
     while proc.poll() is None and time.monotonic() < deadline and len(list((out / "lr").rglob("*.*"))) < 6:
