@@ -171,7 +171,7 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
     from fastai.optimizer import Adam
 
     from srgan.critics import build_critic, min_input_size
-    from srgan.distributed import barrier, distributed_callback, is_distributed, is_main, local_device
+    from srgan.distributed import barrier, distributed_callback, finish, is_distributed, is_main, local_device
     from srgan.train import _callbacks, resolve_device, resolve_precision
 
     run = Path(cfg.out)
@@ -220,10 +220,10 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
     learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start,
                         start_epoch=int(state["epoch"]) if state is not None else 0)
     final = run / "critic.safetensors"
-    if not is_main():
-        return final
-    save_critic(unwrap(learn.model), final, extra={"epochs": cfg.epochs, "dataset": str(Path(cfg.data).resolve()),
-                                           "accuracy": history[-1]["accuracy"] if history else None})
+    if is_main():
+        save_critic(unwrap(learn.model), final, extra={"epochs": cfg.epochs, "dataset": str(Path(cfg.data).resolve()),
+                                               "accuracy": history[-1]["accuracy"] if history else None})
+    finish()  # the other ranks wait for the file, then all leave the process group
     return final
 
 

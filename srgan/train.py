@@ -32,6 +32,7 @@ from srgan.checkpoint import load_checkpoint, load_optimizer_state, save_checkpo
 from srgan.data import Normalizer, make_dataloaders, read_dataset
 from srgan.distributed import (
     distributed_callback,
+    finish,
     is_distributed,
     is_main,
     local_device,
@@ -289,6 +290,7 @@ class Trainer:
             save_generator(learn.model if learn is not None else model, final,
                            extra={"epochs": total, "dataset": str(Path(cfg.data).resolve()), "loss": cfg.loss,
                                   "data_scale": self.scale})
+        finish()  # under torchrun: the other ranks wait for the file, then all leave the process group
         return final
 
     # -- per-epoch outputs -----------------------------------------------------------------------------
