@@ -28,16 +28,10 @@ class SeededDataLoader(DataLoader):
         super().__init__(dataset, **kwargs)
 
     def randomize(self) -> None:
-        epoch = getattr(self.dataset, "epoch", 0)
-        self.rng = random.Random(f"crappify-order:{getattr(self, 'order_seed', 0)}:{epoch}")
+        self.rng = random.Random(f"crappify-order:{self.order_seed}:{getattr(self.dataset, 'epoch', 0)}")
 
     def get_idxs(self) -> Any:
-        idxs = super().get_idxs()
-        skip = getattr(self, "skip_next", 0)
+        # fastai calls this once per pass, in the process that owns the loader (workers get the result), and
+        # so does its DistributedDL for the loader it wraps: the skip is used up here, for one pass only.
+        idxs, skip, self.skip_next = super().get_idxs(), self.skip_next, 0
         return list(idxs)[skip:] if skip else idxs
-
-    def __iter__(self) -> Any:
-        # Loader workers compute the order from their own copy of this object, so the skip is cleared here,
-        # in the process that owns it, once the pass is over.
-        yield from super().__iter__()
-        self.skip_next = 0
