@@ -92,7 +92,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int, *, chun
             send.close()
             live[receive] = proc
     except BaseException:
-        _stop(dict(live))
+        _stop(live)
         raise
     return _collect(fn, items, counter, lock, chunk, live)
 
@@ -134,7 +134,7 @@ def _receive(conn: Connection, live: dict[Connection, Any]) -> Iterator[Any]:
     while conn in live and conn.poll():
         try:
             msg = conn.recv()
-        except EOFError:  # closed without _DONE: the child died
+        except EOFError:  # closed without _DONE: the child died (its end closes with it, so poll() saw EOF)
             proc = live.pop(conn)
             proc.join()
             raise WorkerError(f"a worker process died (exit code {proc.exitcode})") from None
@@ -144,6 +144,3 @@ def _receive(conn: Connection, live: dict[Connection, Any]) -> Iterator[Any]:
             live.pop(conn).join()
             return
         yield from msg
-    if conn in live and not live[conn].is_alive() and not conn.poll():  # gone without closing its end
-        proc = live.pop(conn)
-        raise WorkerError(f"a worker process died (exit code {proc.exitcode})")

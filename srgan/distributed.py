@@ -69,8 +69,8 @@ def finish() -> None:
     "terminate called without an active exception" (SIGABRT) after training had finished — in about one run
     in five of train-critic on two CPU processes.
     """
+    barrier()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
