@@ -99,6 +99,17 @@ def big_photo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sr_dataset(tmp_path_factory) -> Path:
+    """A built `srgan-x4` dataset of the sample photos (HR 64 px, split 0.6/0.2/0.2), read-only for the tests."""
+    from crappify.builder import BuildConfig, build_dataset
+
+    out = tmp_path_factory.mktemp("data") / "sr"
+    build_dataset(BuildConfig(src="samples", out=str(out), preset="srgan-x4", size=64, split=(0.6, 0.2, 0.2),
+                              workers=1), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def many_photo_dir(tmp_path_factory) -> Path:
     """160 JPEGs of 180-260 px (crops and flips of the sample photos) for the kill-and-resume test."""
     root = tmp_path_factory.mktemp("many")

@@ -651,6 +651,16 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _workers_once_building(proc: subprocess.Popen, out: Path, files: int = 6) -> set[int]:
+    """Wait until a running build has written `files` LR files; the worker processes seen meanwhile."""
+    deadline = time.monotonic() + 120
+    workers: set[int] = set()
+    while proc.poll() is None and time.monotonic() < deadline and len(list((out / "lr").rglob("*.*"))) < files:
+        workers |= _children(proc.pid)
+        time.sleep(0.002)
+    return workers
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -666,12 +676,8 @@ def test_killed_two_worker_build_leaves_no_workers_and_resumes(many_photo_dir, t
     args = ["build-dataset", str(many_photo_dir), str(out), "--preset", "realistic", "--seed", "5", "--quiet",
             "--workers", "2"]
     proc = subprocess.Popen([*cli_command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    workers: set[int] = set()
     try:
-        while proc.poll() is None and time.monotonic() < deadline and len(list((out / "lr").rglob("*.*"))) < 6:
-            workers |= _children(proc.pid)
-            time.sleep(0.002)
+        workers = _workers_once_building(proc, out)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -711,11 +717,7 @@ def test_ctrl_c_stops_every_worker_with_one_line(many_photo_dir, tmp_path, cli_c
     proc = subprocess.Popen([*cli_command, "build-dataset", str(src), str(out), "--preset", "realistic",
                              "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, preexec_fn=_sigint_default)
-    deadline = time.monotonic() + 120
-    workers: set[int] = set()
-    while proc.poll() is None and time.monotonic() < deadline and len(list((out / "lr").rglob("*.*"))) < 6:
-        workers |= _children(proc.pid)
-        time.sleep(0.002)
+    workers = _workers_once_building(proc, out)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

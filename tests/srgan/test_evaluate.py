@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from crappify.builder import BuildConfig, build_dataset
 from crappify.errors import ConfigError, CrappifyError
 from srgan.checkpoint import save_generator
 from srgan.evaluate import EvaluateConfig, evaluate, image_metrics, lpips_model, psnr, rgb_to_y, ssim, summarise
 from srgan.models import build_generator
-
-
-@pytest.fixture(scope="module")
-def sr_dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "sr"
-    build_dataset(BuildConfig(src="samples", out=str(out), preset="srgan-x4", size=64, split=(0.6, 0.2, 0.2),
-                              workers=1), progress=False)
-    return out
 
 
 def test_identical_images_give_capped_psnr_and_ssim_one(photo_maker):

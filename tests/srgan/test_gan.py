@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from crappify.builder import BuildConfig, build_dataset
 from crappify.errors import CrappifyError
 from srgan.checkpoint import load_checkpoint, load_generator, read_generator_meta, save_critic, save_generator
 from srgan.critics import build_critic
@@ -22,12 +21,9 @@ from srgan.models import build_generator
 TINY = {"size": 32, "bs": 2, "loss": "l1", "preview_items": 1, "precision": "fp32"}
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("gan-data") / "sr"
-    build_dataset(BuildConfig(src="samples", out=str(out), preset="srgan-x4", size=64, split=(0.6, 0.2, 0.2),
-                              workers=1), progress=False)
-    return out
+@pytest.fixture
+def dataset(sr_dataset) -> Path:
+    return sr_dataset
 
 
 @pytest.fixture(scope="module")

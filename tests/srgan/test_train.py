@@ -31,14 +31,6 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def sr_dataset(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "sr"
-    build_dataset(BuildConfig(src="samples", out=str(out), preset="srgan-x4", size=64, split=(0.6, 0.2, 0.2),
-                              workers=1), progress=False)
-    return out
-
-
 def history(run: Path) -> list[dict[str, str]]:
     with open(run / "history.csv", newline="") as fh:
         return list(csv.DictReader(fh))
