@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import decode, write_atomic
@@ -35,8 +35,6 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"]
 
 class TrainCriticConfig(RunOptions):
     """Options of `crappify train-critic` (also the keys of its `--config` YAML file)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     data: str
     out: str

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import save_image_atomic, write_atomic
@@ -46,8 +46,6 @@ HISTORY_COLUMNS = ["step", "epoch", "trained", "loss", "gen_loss", "crit_loss", 
 
 class TrainGanConfig(RunOptions):
     """Options of `crappify train-gan` (also the keys of its `--config` YAML file)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     data: str
     out: str

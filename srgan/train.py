@@ -68,8 +68,6 @@ class RunOptions(BaseModel):
 class TrainGenConfig(RunOptions):
     """Options of `crappify train-gen` (also the keys of its `--config` YAML file)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     data: str
     out: str
     arch: str = "unet-resnet34"
