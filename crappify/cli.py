@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from crappify.cli_run import precision_option, precision_override
 from crappify.errors import ConfigError, CrappifyError
 
 DEMO_OUT = Path("runs") / "demo"
@@ -206,8 +207,9 @@ def ops_cmd() -> None:
 @click.option("--pipeline", "pipeline", default="demo", show_default=True,
               help="The pipeline to run (a shipped name or a YAML file); its data must be sample crops.")
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")
+@precision_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo_cmd(output: str, pipeline: str, device: str | None, quiet: bool) -> None:
+def demo_cmd(output: str, pipeline: str, device: str | None, precision: str | None, quiet: bool) -> None:
     """The whole chain on photos that installed packages ship (pipelines/demo.yaml): crops, dataset,
     generator, critic, a short GAN phase and an evaluation against bicubic. No download. Run it again
     after an interruption: finished stages are skipped."""
@@ -218,11 +220,13 @@ def demo_cmd(output: str, pipeline: str, device: str | None, quiet: bool) -> Non
     from srgan.inspection import demo_results
     from srgan.pipeline import find_pipeline, load_pipeline, run_pipeline
 
+    precision = precision_override(precision)
     p = load_pipeline(find_pipeline(pipeline), output)
     if p.sample_crops is None:
         raise ConfigError(f"pipeline {p.name} has no sample-crops stage; use `crappify run` for it")
-    click.echo(f"crappify demo -> {p.out} ({pipeline}; a few minutes on a laptop CPU)")
-    steps = run_pipeline(p, progress=not quiet, overrides={"device": device},
+    click.echo(f"crappify demo -> {p.out} (pipeline {pipeline}; device {device or 'auto'}, "
+               f"precision {precision or 'per stage'})")
+    steps = run_pipeline(p, progress=not quiet, overrides={"device": device, "precision": precision},
                          on_stage=lambda s: click.echo(f"[{s.stage}] {s.action}: {s.reason}"))
     build = next(s.config for s in steps if s.stage == "build-dataset")
     name, path = sample_photos()[0]

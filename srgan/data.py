@@ -3,9 +3,10 @@
 Reads `manifest.csv` and its splits. Each item gives uint8 CHW tensors; normalisation happens on the
 device for the whole batch (one shared `Normalizer`, so inputs, targets and outputs can never disagree
 about it — the colour-shift bug users of other tools report). Crops are aligned between LR and HR:
-for U-Net generators the LR is first resized (bicubic) to the HR size, as in the fastai course; for
-super-resolution generators it stays small and its crop is the HR crop divided by the dataset's scale.
-Augmentation draws from a generator seeded by (seed, epoch, index): the same run sees the same crops.
+for U-Net generators the LR is first resized to the HR size (`srgan.upsample.resize_image`, the evaluation's
+bicubic), as in the fastai course; for super-resolution generators it stays small and its crop is the HR
+crop divided by the dataset's scale. Augmentation draws from a generator seeded by (seed, epoch, index):
+the same run sees the same crops.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import yaml
 from crappify.errors import CrappifyError
 from crappify.imageio import decode
 from srgan.checkpoint import IMAGENET_STATS
+from srgan.upsample import resize_image
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class PairDataset(torch.utils.data.Dataset):
         hr, lr = decode(pair.hr), decode(pair.lr)
         h, w = hr.shape[:2]
         if self.resize_lr and lr.shape[:2] != (h, w):
-            lr = cv2.resize(lr, (w, h), interpolation=cv2.INTER_CUBIC)
+            lr = resize_image(lr, (w, h))
         elif not self.resize_lr and lr.shape[:2] != (h // self.scale, w // self.scale):
             raise CrappifyError(f"{pair.id}: LR {lr.shape[1]}x{lr.shape[0]} is not HR {w}x{h} / {self.scale}")
         size, s = self.size, self.scale

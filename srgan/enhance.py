@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, decode, is_temp_name, write_atomic
 from srgan.inference import TiledInference
+from srgan.upsample import resize_image
 
 WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
             ".tiff": "TIFF"}
@@ -149,11 +150,11 @@ def enhance_image(engine: TiledInference, loaded: Loaded, scale: int,
     h, w = rgb.shape[:2]
     size = (w * scale, h * scale)
     if engine.scale == 1 and scale != 1:
-        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC)
+        rgb = resize_image(rgb, size)
     out = engine(rgb, progress)
     alpha = loaded.alpha
     if alpha is not None and scale != 1:
-        alpha = cv2.resize(alpha, size, interpolation=cv2.INTER_CUBIC)
+        alpha = resize_image(alpha, size)
     return out, alpha
 
 

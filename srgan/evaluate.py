@@ -4,22 +4,27 @@ Stated the way super-resolution papers state them: on 8-bit images, on RGB (mean
 the Y channel (ITU-R BT.601, 16–235, MATLAB's `rgb2ycbcr`), with a border of `scale` pixels cropped on
 every side; SSIM with an 11×11 Gaussian window (σ 1.5), as in Wang et al. and torchmetrics; PSNR capped
 at 100 dB so identical images stay finite. Always beside a baseline: the bicubic upscale of the LR
-(Pillow's BICUBIC, Keys a = −0.5 like MATLAB's `imresize`), or the LR itself when LR and HR have the
-same size. Several models compare side by side.
+(`srgan.upsample`: MATLAB `imresize`'s bicubic, Keys a = −0.5, symmetric edges), or the LR itself when LR
+and HR have the same size. Several models compare side by side.
+
+Where the dataset's preset occluded rectangles (the `occlude` op, recorded in manifest.csv's `params`),
+`psnr_occ` is the RGB PSNR over just those pixels (mapped to HR coordinates): what inpainting achieved,
+which the whole-image metrics dilute. Images without occlusions leave it empty and out of its mean.
 
 Writes REPORT/metrics.csv (one row per image and method), REPORT/report.md (mean ± std per metric and
-method, and the gain over the baseline) and REPORT/grids/<id>.png (LR | baseline | model(s) | HR).
+method, the gain over the baseline, and with several models how far their outputs lie from the first's),
+REPORT/summary.json (the same means, machine-readable) and REPORT/grids/<id>.png (LR | baseline | model(s) | HR).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,9 +33,13 @@ from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import decode, save_image_atomic, write_atomic
 
 PSNR_CAP = 100.0
-METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "lpips")
+METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "psnr_occ", "lpips")
 LABELS = {"psnr_y": "PSNR-Y (dB)", "ssim_y": "SSIM-Y", "psnr_rgb": "PSNR-RGB (dB)", "ssim_rgb": "SSIM-RGB",
-          "lpips": "LPIPS ↓"}
+          "psnr_occ": "PSNR-occ (dB)", "lpips": "LPIPS ↓"}
+# Ops that keep the image's size (`resize` sets it, `repeat` nests): what lets an occlusion's rectangle,
+# recorded in the coordinates of the image it was painted on, be mapped to the HR.
+SAME_SIZE_OPS = frozenset({"gaussian_blur", "motion_blur", "noise", "jpeg", "occlude", "text", "color_jitter",
+                           "desaturate"})
 LPIPS_WEIGHTS = {"alex": ("alexnet", "AlexNet_Weights.IMAGENET1K_V1"), "vgg": ("vgg16", "VGG16_Weights.IMAGENET1K_V1"),
                  "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights.IMAGENET1K_V1")}
 
@@ -97,6 +106,109 @@ def image_metrics(pred: np.ndarray, hr: np.ndarray, border: int) -> dict[str, fl
     p, t = crop_border(pred, border), crop_border(hr, border)
     py, ty = rgb_to_y(p), rgb_to_y(t)
     return {"psnr_rgb": psnr(p, t), "ssim_rgb": ssim(p, t), "psnr_y": psnr(py, ty), "ssim_y": ssim(py, ty)}
+
+
+def masked_psnr(pred: np.ndarray, hr: np.ndarray, mask: np.ndarray) -> float:
+    """PSNR in dB of two 8-bit RGB images over the pixels where `mask` (H×W bool) is set, all three channels
+    pooled into one MSE; capped at PSNR_CAP like `psnr`, NaN for an empty mask."""
+    if pred.shape != hr.shape or mask.shape != hr.shape[:2]:
+        raise ValueError(f"prediction {pred.shape}, target {hr.shape} and mask {mask.shape} differ in size")
+    if not mask.any():
+        return float("nan")
+    mse = float(np.mean((pred[mask].astype(np.float64) - hr[mask].astype(np.float64)) ** 2))
+    return PSNR_CAP if mse == 0 else min(10.0 * math.log10(255.0**2 / mse), PSNR_CAP)
+
+
+def _walk_steps(records: Any, size: tuple[int, int] | None,
+                found: list[tuple[list[int], tuple[int, int] | None]]) -> tuple[int, int] | None:
+    """Follow recorded steps: collect (rect, size of the image it was painted on) of every applied occlusion
+    into `found`; returns the size after the steps (None once an op of unknown effect on size ran)."""
+    if not isinstance(records, list):
+        raise ValueError("steps is not a list")
+    for rec in records:
+        if not isinstance(rec, dict):
+            raise ValueError("a step is not a mapping")
+        op = rec.get("op")
+        if rec.get("applied") is False:
+            continue
+        if op == "resize":
+            size = (int(rec["width"]), int(rec["height"]))
+        elif op == "repeat":
+            for round_records in rec["rounds"]:
+                size = _walk_steps(round_records, size, found)
+        elif op == "occlude":
+            found += [(list(r), size) for r in rec["rects"]]
+        elif op not in SAME_SIZE_OPS:
+            size = None
+    return size
+
+
+def occlusion_rects(params: Any, hr_size: tuple[int, int],
+                    lr_size: tuple[int, int] | None = None) -> list[tuple[int, int, int, int]] | None:
+    """The applied `occlude` rectangles of one pair's recorded params, as (x0, y0, x1, y1) HR pixel bounds
+    (end exclusive, clipped to the image); [] when none were applied.
+
+    A rect `[x, y, w, h]` is in the coordinates of the image the op painted on (after any earlier resize):
+    it is scaled by HR size / that size, its bounds rounded outward. None when that cannot be told for
+    certain — params not of the builder's shape, an op of unknown effect on size before it, a chain that
+    ran on a DCT-reduced decode (`reduced`) before its first resize, or steps whose final size is not
+    `lr_size` (when given) — so no metric is guessed.
+    """
+    if not isinstance(params, dict):
+        return None
+    reduced = params.get("reduced", 1)
+    size: tuple[int, int] | None = hr_size if reduced in (None, 1) else None
+    found: list[tuple[list[int], tuple[int, int] | None]] = []
+    try:
+        final = _walk_steps(params.get("steps"), size, found)
+        if lr_size is not None and final is not None and tuple(final) != tuple(lr_size):
+            return None
+        rects = []
+        for (x, y, w, h), at in found:
+            if at is None:
+                return None
+            (hw, hh), (aw, ah) = hr_size, at
+            x0, y0 = max(0, int(x) * hw // aw), max(0, int(y) * hh // ah)
+            x1, y1 = min(hw, -(-(int(x) + int(w)) * hw // aw)), min(hh, -(-(int(y) + int(h)) * hh // ah))
+            if x1 > x0 and y1 > y0:
+                rects.append((x0, y0, x1, y1))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return rects
+
+
+def occlusion_mask(params: Any, hr_size: tuple[int, int],
+                   lr_size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """H×W bool mask of the union of a pair's occluded pixels in HR coordinates (`hr_size` is (width,
+    height)); None when nothing was occluded or the rectangles cannot be mapped (see `occlusion_rects`)."""
+    return _rects_mask(occlusion_rects(params, hr_size, lr_size), hr_size)
+
+
+def _rects_mask(rects: list[tuple[int, int, int, int]] | None, size: tuple[int, int]) -> np.ndarray | None:
+    if not rects:
+        return None
+    mask = np.zeros((size[1], size[0]), dtype=bool)
+    for x0, y0, x1, y1 in rects:
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def manifest_params(root: str | Path, split: str) -> dict[str, Any]:
+    """id → the params the builder recorded (manifest.csv's `params` JSON) for the pairs of `split`; rows
+    without params or with invalid JSON are left out (`srgan.data.read_dataset` does not keep them)."""
+    out: dict[str, Any] = {}
+    try:
+        with open(Path(root) / "manifest.csv", newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("split") != split or not row.get("params"):
+                    continue
+                try:
+                    out[row["id"]] = json.loads(row["params"])
+                except ValueError:
+                    continue
+    except (OSError, csv.Error):
+        return {}
+    return out
 
 
 def lpips_model(net: str = "alex", device: torch.device | str = "cpu") -> tuple[Any | None, str | None]:
@@ -167,16 +279,17 @@ def model_names(paths: list[Path], names: list[str] | None) -> list[str]:
 
 
 def bicubic(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Upscale with Pillow's bicubic (a = −0.5, MATLAB's imresize kernel); size is (width, height)."""
-    from PIL import Image
+    """The baseline: `srgan.upsample.resize_image` (MATLAB imresize's bicubic), the resize a U-Net's input gets
+    and a residual generator's skip computes, so an untrained residual generator scores exactly this."""
+    from srgan.upsample import resize_image
 
-    return np.asarray(Image.fromarray(lr).resize(size, Image.Resampling.BICUBIC))
+    return resize_image(lr, size)
 
 
 def _model_input(engine: Any, lr: np.ndarray, hr_size: tuple[int, int]) -> np.ndarray:
-    """A U-Net gets the LR resized (OpenCV bicubic, as in training) to the HR size; an SR model the LR."""
+    """A U-Net gets the LR resized to the HR size by the baseline's own bicubic; an SR model the LR."""
     if engine.scale == 1 and (lr.shape[1], lr.shape[0]) != hr_size:
-        return cv2.resize(lr, hr_size, interpolation=cv2.INTER_CUBIC)
+        return bicubic(lr, hr_size)
     return lr
 
 
@@ -210,13 +323,21 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     data_scale = data_cfg.get("scale")
+    params = manifest_params(cfg.data, split)
     rows: list[dict[str, Any]] = []
     borders: set[int] = set()
     baseline_names: set[str] = set()
     grid_files: list[str] = []
+    occluded, unknown = 0, 0
+    abs_diff = dict.fromkeys(names[1:], 0.0)  # sum of |output - first model's output| per later model
+    n_values = 0
     for index, pair in enumerate(tqdm(pairs, unit="img", disable=not progress, dynamic_ncols=True)):
         lr, hr = decode(pair.lr), decode(pair.hr)
         h, w = hr.shape[:2]
+        rects = occlusion_rects(params[pair.id], (w, h), (lr.shape[1], lr.shape[0])) if pair.id in params else None
+        mask = _rects_mask(rects, (w, h))
+        occluded += mask is not None
+        unknown += rects is None
         same = lr.shape[:2] == hr.shape[:2]
         border = int(data_scale) if data_scale else max(1, round(w / lr.shape[1]))
         borders.add(border)
@@ -229,8 +350,14 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
                 raise CrappifyError(f"{path}: output {pred.shape[1]}x{pred.shape[0]} for {pair.id} does not match the "
                                     f"HR {w}x{h} (the model upsamples by {engine.scale}; is it for this dataset?)")
             results.append((name, pred))
+        if len(engines) > 1:
+            first = results[1][1].astype(np.int16)
+            for name, pred in results[2:]:
+                abs_diff[name] += float(np.abs(pred.astype(np.int16) - first).sum())
+            n_values += first.size
         for name, pred in results:
             row: dict[str, Any] = {"id": pair.id, "method": name, **image_metrics(pred, hr, border)}
+            row["psnr_occ"] = masked_psnr(pred, hr, mask) if mask is not None else float("nan")
             row["lpips"] = lpips_distance(lpips_net, pred, hr, device) if lpips_net is not None else float("nan")
             rows.append(row)
         if index < cfg.grids:
@@ -239,10 +366,29 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
             save_image_atomic(out / "grids" / name, grid(tiles, height=min(256, max(64, h)), columns=len(tiles)))
             grid_files.append(name)
     _write_csv(out / "metrics.csv", rows)
+    baseline = "bicubic" if "bicubic" in baseline_names else sorted(baseline_names)[0]
+    differences = {name: total / n_values for name, total in abs_diff.items()} if n_values else {}
+    occlusions = {"images": occluded, "unknown": unknown}
+    write_atomic(out / "summary.json", summary_json(rows, baseline, split, names, differences, occlusions))
     report = out / "report.md"
     write_atomic(report, _report_md(cfg, split, pairs, names, paths, engines, rows, sorted(borders),
-                                    sorted(baseline_names), lpips_reason, grid_files))
+                                    sorted(baseline_names), lpips_reason, grid_files, differences, occlusions))
     return report
+
+
+def summary_json(rows: list[dict[str, Any]], baseline: str, split: str, names: list[str],
+                 differences: dict[str, float], occlusions: dict[str, int]) -> str:
+    """REPORT/summary.json: per method the mean of each metric (NaN ones left out), the occlusion counts and,
+    with several models, each later model's mean |output − first model's output| in grey levels (0-255)."""
+    summary, _ = summarise(rows, baseline)
+    data: dict[str, Any] = {
+        "split": split, "images": len({r["id"] for r in rows}), "baseline": baseline, "models": names,
+        "means": {m: {k: round(v[0], 6) for k, v in stats.items()} for m, stats in summary.items()},
+        "occluded_images": occlusions["images"], "occlusions_unknown": occlusions["unknown"]}
+    if differences:
+        data["output_difference"] = {"reference": names[0],
+                                     "mean_abs_diff": {k: round(v, 6) for k, v in differences.items()}}
+    return json.dumps(data, indent=1) + "\n"
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -258,21 +404,22 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def summarise(rows: list[dict[str, Any]], baseline: str) -> tuple[dict[str, dict[str, tuple[float, float]]],
                                                                  dict[str, dict[str, tuple[float, float]]]]:
     """Per method and metric: (mean, std); and per method the gain over `baseline` (mean, std of per-image
-    differences). NaN metrics (LPIPS when unavailable) are left out."""
+    differences). NaN or absent metrics (LPIPS when unavailable, PSNR-occ without occlusions) are left out."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {(r["id"], r["method"]): r for r in rows}
     ids = list(dict.fromkeys(r["id"] for r in rows))
     summary: dict[str, dict[str, tuple[float, float]]] = {}
     gains: dict[str, dict[str, tuple[float, float]]] = {}
+    nan = float("nan")
     for m in methods:
         summary[m], gains[m] = {}, {}
         for k in METRICS:
-            vals = [by[(i, m)][k] for i in ids if (i, m) in by and not math.isnan(by[(i, m)][k])]
+            vals = [v for v in (by[(i, m)].get(k, nan) for i in ids if (i, m) in by) if not math.isnan(v)]
             if vals:
                 summary[m][k] = _stats(vals)
-            diffs = [by[(i, m)][k] - by[(i, baseline)][k] for i in ids
-                     if (i, m) in by and (i, baseline) in by
-                     and not math.isnan(by[(i, m)][k]) and not math.isnan(by[(i, baseline)][k])]
+            diffs = [by[(i, m)].get(k, nan) - by[(i, baseline)].get(k, nan) for i in ids
+                     if (i, m) in by and (i, baseline) in by]
+            diffs = [d for d in diffs if not math.isnan(d)]
             if diffs and m != baseline:
                 gains[m][k] = _stats(diffs)
     return summary, gains
@@ -288,7 +435,8 @@ def _fmt(k: str, v: tuple[float, float] | None, signed: bool = False) -> str:
 
 def _report_md(cfg: EvaluateConfig, split: str, pairs: list, names: list[str], paths: list[Path], engines: list,
                rows: list[dict[str, Any]], borders: list[int], baselines: list[str], lpips_reason: str | None,
-               grids: list[str]) -> str:
+               grids: list[str], differences: dict[str, float] | None = None,
+               occlusions: dict[str, int] | None = None) -> str:
     baseline = "bicubic" if "bicubic" in baselines else baselines[0]
     summary, gains = summarise(rows, baseline)
     crop = ", ".join(str(b) for b in borders)
@@ -297,12 +445,21 @@ def _report_md(cfg: EvaluateConfig, split: str, pairs: list, names: list[str], p
              f"- metrics on 8-bit images, border of **{crop} px** (the scale) cropped on every side; "
              "**Y** = ITU-R BT.601 luma (16–235, MATLAB `rgb2ycbcr`), **RGB** = mean over the 3 channels; "
              f"SSIM with an 11×11 Gaussian window (σ 1.5); PSNR capped at {PSNR_CAP:.0f} dB",
-             "- baseline: " + ("bicubic upscale of the LR (Pillow BICUBIC, a = −0.5 as MATLAB `imresize`)"
+             "- baseline: " + ("bicubic upscale of the LR (MATLAB `imresize` bicubic: a = −0.5, symmetric edges)"
                                if "bicubic" in baselines else "") +
              (" / " if len(baselines) > 1 else "") +
              ("the LR itself (same size as the HR)" if "input" in baselines else ""),
              "- LPIPS: " + (f"{cfg.lpips_net} backbone, lower is better" if lpips_reason is None
-                            else f"n/a — {lpips_reason}"), ""]
+                            else f"n/a — {lpips_reason}")]
+    occ = occlusions or {"images": 0, "unknown": 0}
+    lines.append(f"- occlusions: **{occ['images']} of {len(pairs)} images** have occluding rectangles; "
+                 "**PSNR-occ** = PSNR on RGB over the union of their pixels (scaled to HR coordinates, no border "
+                 "crop), mean over those images only" if occ["images"] else
+                 f"- occlusions: none in these {len(pairs)} images (PSNR-occ n/a)")
+    if occ["unknown"]:
+        lines.append(f"- {occ['unknown']} images left out of PSNR-occ: no readable params in manifest.csv, or "
+                     "rectangles that cannot be mapped to HR coordinates")
+    lines.append("")
     for name, path, engine in zip(names, paths, engines, strict=True):
         spec = getattr(engine.model, "crappify_spec", {})
         lines.append(f"- `{name}`: {path} ({spec.get('arch', '?')}, model scale ×{engine.scale}, "
@@ -316,6 +473,11 @@ def _report_md(cfg: EvaluateConfig, split: str, pairs: list, names: list[str], p
     for m, stats in gains.items():
         if m != baseline:
             lines.append(f"| {m} | " + " | ".join(_fmt(k, stats.get(k), signed=True) for k in METRICS) + " |")
+    if differences:
+        lines += ["", f"## Outputs compared with {names[0]}'s", "",
+                  "Mean |difference| over all pixels and channels of every evaluated image, in grey levels (0-255).",
+                  "", "| model | mean abs. difference |", "| --- | --- |"]
+        lines += [f"| {m} vs {names[0]} | {v:.2f} |" for m, v in differences.items()]
     if grids:
         lines += ["", "## Comparison grids", "", f"LR | {baseline} | {' | '.join(names)} | HR: "
                   + ", ".join(f"[{g}](grids/{g})" for g in grids)]

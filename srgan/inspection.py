@@ -250,8 +250,37 @@ def show_evaluation(root: str | Path):
     return evaluation_table(eval_dir)
 
 
+def _mean(values: list[float]) -> float:
+    """Mean of the finite values; NaN (without numpy's empty-slice warning) when there are none."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _duration(seconds: float) -> str:
+    """12.3 s, 5 min 12 s, 1 h 02 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    return f"{minutes} min {sec} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def stage_times(root: str | Path) -> str | None:
+    """'stage times: sample-crops 1.2 s, ...; total 5 min 12 s' from `ROOT/.pipeline/<stage>.json` (each
+    stage's own run, also when this run skipped it); None when no stage recorded a time."""
+    from srgan.pipeline import STAGES, read_state
+
+    times = [(stage, _float(read_state(Path(root) / ".pipeline", stage).get("seconds"))) for stage in STAGES]
+    times = [(stage, t) for stage, t in times if not math.isnan(t)]
+    if not times:
+        return None
+    return ("stage times: " + ", ".join(f"{stage} {t:.1f} s" for stage, t in times)
+            + f"; total {_duration(sum(t for _, t in times))}")
+
+
 def demo_results(root: str | Path, n_grids: int = 4) -> tuple[str, Path]:
-    """The demo's closing words: a PSNR/SSIM table (held-out crops) and one stacked results grid PNG."""
+    """The demo's closing words: a PSNR/SSIM table (held-out crops, PSNR-occ inside the occluded rectangles),
+    stage times, the critic's last validation accuracy, how far the GAN moved the generator's outputs, and
+    one stacked results grid PNG. Files an older run did not write (summary.json, psnr_occ) are left out."""
     from crappify.imageio import decode, save_image_atomic
 
     root = Path(root)
@@ -259,13 +288,31 @@ def demo_results(root: str | Path, n_grids: int = 4) -> tuple[str, Path]:
     rows = _rows(eval_dir / "metrics.csv")
     methods = list(dict.fromkeys(r["method"] for r in rows))
     n_img = len({r["id"] for r in rows})
+    occluded = {r["id"] for r in rows if not math.isnan(_float(r.get("psnr_occ")))}
     lines = [f"held-out crops: {n_img} (photos never trained on); PSNR/SSIM on Y and RGB, see {eval_dir}/report.md",
-             f"{'method':<14} {'PSNR-Y dB':>10} {'SSIM-Y':>8} {'PSNR-RGB':>9} {'SSIM-RGB':>9}"]
+             f"{'method':<14} {'PSNR-Y dB':>10} {'SSIM-Y':>8} {'PSNR-RGB':>9} {'SSIM-RGB':>9} {'PSNR-occ':>9}"]
     for m in methods:
-        vals = {k: np.nanmean([_float(r[k]) for r in rows if r["method"] == m])
-                for k in ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")}
+        vals = {k: _mean([_float(r.get(k)) for r in rows if r["method"] == m])
+                for k in ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "psnr_occ")}
+        occ = "n/a" if math.isnan(vals["psnr_occ"]) else f"{vals['psnr_occ']:.2f}"
         lines.append(f"{m:<14} {vals['psnr_y']:>10.2f} {vals['ssim_y']:>8.4f} {vals['psnr_rgb']:>9.2f} "
-                     f"{vals['ssim_rgb']:>9.4f}")
+                     f"{vals['ssim_rgb']:>9.4f} {occ:>9}")
+    lines.append(f"PSNR-occ: RGB PSNR inside the occluding rectangles, over the {len(occluded)} of {n_img} crops "
+                 "that have them" if occluded else "PSNR-occ: no held-out crop has occluding rectangles")
+    times = stage_times(root)
+    if times:
+        lines.append(times)
+    critic = root / "run" / "critic-history.csv"
+    crit_rows = _rows(critic) if critic.is_file() else []
+    accuracy = _float(crit_rows[-1].get("accuracy")) if crit_rows else math.nan
+    if not math.isnan(accuracy):
+        lines.append(f"critic's final validation accuracy: {accuracy:.1%} (epoch {crit_rows[-1].get('epoch', '?')})")
+    try:
+        diff = json.loads((eval_dir / "summary.json").read_text()).get("output_difference") or {}
+        for name, value in diff.get("mean_abs_diff", {}).items():
+            lines.append(f"{name} vs {diff['reference']} outputs: mean |difference| {float(value):.2f} grey levels")
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
+        pass  # an evaluation from before summary.json, or a damaged one: the line is left out
     every = sorted((eval_dir / "grids").glob("*.png"))
     grids = [every[round(i * (len(every) - 1) / max(1, n_grids - 1))] for i in range(min(n_grids, len(every)))]
     if not grids:

@@ -37,9 +37,19 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 
 # The fastai course's generator (lesson 7): unet_learner(resnet34, blur=True, norm_type=Weight,
 # self_attention=True, y_range=(-3, 3)) with DynamicUnet's own last_cross=True, bottle=False.
+# `residual` (every generator): output = the input upsampled to the output size (srgan.upsample, the evaluation's
+# bicubic) + a correction scaled by a zero-initialised gain, so an untrained generator is exactly the bicubic
+# baseline. Off by default here, so files saved without the key load as they were trained; train-gen turns it on
+# for generators trained from random weights.
 UNET_DEFAULTS: dict[str, Any] = {"blur": True, "blur_final": True, "self_attention": True, "norm_type": "weight",
-                                 "y_range": (-3.0, 3.0), "last_cross": True, "bottle": False}
-SRRESNET_DEFAULTS: dict[str, Any] = {"n_blocks": 16, "n_feats": 64}
+                                 "y_range": (-3.0, 3.0), "last_cross": True, "bottle": False, "residual": False}
+SRRESNET_DEFAULTS: dict[str, Any] = {"n_blocks": 16, "n_feats": 64, "residual": False}
+# unet-small: a narrow ResNet encoder (timm's ResNet class, BasicBlocks) whose widths the fastai decoder follows,
+# sized to train on a laptop CPU (benchmarks/README.md has its step time beside the ResNet U-Nets').
+# Measured on the demo's data (x2 restore, 600 steps, MSE): its half-resolution first stage (no stem max-pool)
+# and no full-resolution cross block give most of the gain of the full-resolution block at half the step time.
+SMALL_DEFAULTS: dict[str, Any] = {**UNET_DEFAULTS, "width": 16, "depths": (1, 1, 1, 1), "stem_pool": False,
+                                  "last_cross": False}
 NORM_TYPES = ("weight", "spectral", "batch", None)
 
 
@@ -136,12 +146,19 @@ def _canonical_options(options: dict[str, Any]) -> dict[str, Any]:
     Checked here, before anything is built, so a bad value fails at once.
     """
     out = dict(options)
-    for key in ("blur", "blur_final", "self_attention", "last_cross", "bottle"):
+    for key in ("blur", "blur_final", "self_attention", "last_cross", "bottle", "residual", "stem_pool"):
         if key in out and not isinstance(out[key], bool):
             raise ConfigError(f"U-Net option {key} must be true or false, got {out[key]!r}")
-    for key in ("n_blocks", "n_feats"):
+    for key in ("n_blocks", "n_feats", "width"):
         if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
-            raise ConfigError(f"srresnet option {key} must be a positive integer, got {out[key]!r}")
+            raise ConfigError(f"generator option {key} must be a positive integer, got {out[key]!r}")
+    if "depths" in out:
+        value = out["depths"]
+        if (not isinstance(value, (list, tuple)) or len(value) != 4
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+            raise ConfigError(f"unet-small option depths must be four positive integers (blocks per stage), "
+                              f"got {value!r}")
+        out["depths"] = [int(v) for v in value]
     if "norm_type" in out:
         value = out["norm_type"]
         key = None if value is None or (isinstance(value, str) and value.lower() == "none") else value
@@ -168,8 +185,24 @@ def _norm_type(name: str | None) -> Any:
     return {"weight": NormType.Weight, "spectral": NormType.Spectral, "batch": NormType.Batch, None: None}[name]
 
 
+class ResidualOut(nn.Module):
+    """Last layer of a residual U-Net: the U-Net's input (already resized to the output size) plus its correction
+    times a per-channel gain that starts at zero, limited to `y_range`. Inside fastai's SequentialEx every layer
+    sees the model's input as `x.orig` (fastai's MergeLayer reads it the same way)."""
+
+    def __init__(self, y_range: list[float] | None) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        self.y_range = tuple(y_range) if y_range is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.orig.float() + self.gain * x
+        return out.clamp(*self.y_range) if self.y_range is not None else out
+
+
 def _dynamic_unet(encoder: nn.Sequential, *, img_size: int, blur: bool, blur_final: bool, self_attention: bool,
-                  norm_type: str | None, y_range: list[float] | None, last_cross: bool, bottle: bool) -> nn.Module:
+                  norm_type: str | None, y_range: list[float] | None, last_cross: bool, bottle: bool,
+                  residual: bool = False) -> nn.Module:
     """fastai's DynamicUnet on `encoder` with 3 output channels, tidied for use outside a fastai Learner."""
     from fastai.layers import ConvLayer, PixelShuffle_ICNR, ToTensorBase, icnr_init
     from fastai.vision.models.unet import DynamicUnet
@@ -177,7 +210,8 @@ def _dynamic_unet(encoder: nn.Sequential, *, img_size: int, blur: bool, blur_fin
     with warnings.catch_warnings():  # fastai's ConvLayer uses the deprecated torch.nn.utils.weight_norm
         warnings.filterwarnings("ignore", message=r".*weight_norm.*deprecated", category=FutureWarning)
         unet = DynamicUnet(encoder, n_out=3, img_size=(img_size, img_size), blur=blur, blur_final=blur_final,
-                           self_attention=self_attention, y_range=y_range, last_cross=last_cross,
+                           self_attention=self_attention, y_range=None if residual else y_range,
+                           last_cross=last_cross,
                            bottle=bottle, norm_type=_norm_type(norm_type))
         if last_cross and bottle:
             # fastai 2.8 (vision/models/unet.py, DynamicUnet.__init__) makes the cross block
@@ -187,9 +221,12 @@ def _dynamic_unet(encoder: nn.Sequential, *, img_size: int, blur: bool, blur_fin
             unet.layers[last] = ConvLayer(unet.layers[last][0].in_channels // 2, 3, ks=1, act_cls=None,
                                           norm_type=_norm_type(norm_type))
     # The last layer only casts the output to fastai's TensorBase, whose __torch_function__ then wraps every op
-    # downstream (losses, metrics); a plain tensor is what the rest of srgan expects. No parameters change.
+    # downstream (losses, metrics); a plain tensor is what the rest of srgan expects. No parameters change. A
+    # residual U-Net puts its skip there instead (a new `gain` parameter; every other key stays where it was).
     if isinstance(unet.layers[-1], ToTensorBase):
-        unet.layers[-1] = nn.Identity()
+        unet.layers[-1] = ResidualOut(y_range) if residual else nn.Identity()
+    elif residual:
+        unet.layers.append(ResidualOut(y_range))
     # PixelShuffle_ICNR writes the ICNR init into `conv.weight`, which spectral norm recomputes from
     # `weight_orig` at the next forward, so with norm_type="spectral" the init was lost: put it where it lasts.
     for module in unet.modules():
@@ -323,6 +360,34 @@ def _build_timm_unet(name: str, *, scale: int, img_size: int, pretrained: bool, 
                           f"{str(exc).strip().splitlines()[0]}") from None
 
 
+def _small_body(width: int, depths: list[int], stem_pool: bool) -> nn.Sequential:
+    """A narrow ResNet (timm's ResNet class: BasicBlocks, widths width·(1, 2, 4, 8), stem of `width`) cut before
+    its pooling head, as create_body cuts torchvision's: the same strides as ResNet-18/34 (32x in all)."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    net = ResNet(BasicBlock, tuple(depths), channels=tuple(width * m for m in (1, 2, 4, 8)), stem_width=width,
+                 num_classes=0, global_pool="")
+    names = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    if not stem_pool:  # the first stage stays at half resolution (the LR's own for x2 data): 16x in all
+        names = tuple(n for n in names if n != "maxpool")
+    return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))
+
+
+@GENERATORS.register("unet-small")
+def _build_small_unet(*, scale: int, img_size: int, pretrained: bool, weights: str | Path | None, width: int,
+                      depths: list[int], stem_pool: bool, **options: Any) -> nn.Module:
+    """fastai DynamicUnet on a narrow ResNet encoder, from random weights (no ImageNet weights exist for it;
+    `weights` may hold a trained unet-small). The decoder's widths follow the encoder's, so it stays small."""
+    _check_unet_args("unet-small", scale, img_size)
+    model = _dynamic_unet(_small_body(width, depths, stem_pool), img_size=img_size, **options)
+    if pretrained and weights is not None:
+        _load_strict(model, read_state_dict(weights), str(weights))
+    return model
+
+
+_with_options(_build_small_unet, **SMALL_DEFAULTS)
+
+
 # --------------------------------------------------------------------------------------------------------
 # SRResNet (Ledig et al., 2017)
 
@@ -346,9 +411,11 @@ class SRResNet(nn.Module):
     The output is linear (no tanh): targets are ImageNet-normalised, not in [-1, 1].
     """
 
-    def __init__(self, scale: int = 4, n_blocks: int = 16, n_feats: int = 64) -> None:
+    def __init__(self, scale: int = 4, n_blocks: int = 16, n_feats: int = 64, residual: bool = False) -> None:
         super().__init__()
         from fastai.layers import icnr_init
+
+        from srgan.upsample import BicubicUpsample
 
         if scale not in (2, 4, 8):
             raise ConfigError(f"srresnet upsamples by 2, 4 or 8 (x2 sub-pixel stages), got scale {scale}")
@@ -365,17 +432,21 @@ class SRResNet(nn.Module):
             stages.append(nn.Sequential(conv, nn.PixelShuffle(2), nn.PReLU()))
         self.upsample = nn.Sequential(*stages)
         self.tail = nn.Conv2d(n_feats, 3, 9, padding=4)
+        # residual: bicubic(x) + gain · network(x), the gain zero at first (see UNET_DEFAULTS)
+        self.skip = BicubicUpsample(scale) if residual else None
+        self.gain = nn.Parameter(torch.zeros(1, 3, 1, 1)) if residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.head(x)
-        return self.tail(self.upsample(h + self.body_tail(self.body(h))))
+        out = self.tail(self.upsample(h + self.body_tail(self.body(h))))
+        return out if self.skip is None else self.skip(x) + self.gain * out
 
 
 @GENERATORS.register("srresnet")
 def _build_srresnet(*, scale: int, img_size: int, pretrained: bool, weights: str | Path | None, n_blocks: int,
-                    n_feats: int) -> nn.Module:
+                    n_feats: int, residual: bool) -> nn.Module:
     """SRResNet upsampling by `scale`; no ImageNet weights exist for it, `weights` may hold a trained SRResNet."""
-    model = SRResNet(scale=scale, n_blocks=n_blocks, n_feats=n_feats)
+    model = SRResNet(scale=scale, n_blocks=n_blocks, n_feats=n_feats, residual=residual)
     if pretrained and weights is not None:
         _load_strict(model, read_state_dict(weights), str(weights))
     return model

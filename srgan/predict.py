@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from srgan.checkpoint import load_generator
 from srgan.data import Normalizer, read_dataset
 from srgan.inference import TiledInference
 from srgan.models import is_unet
+from srgan.upsample import resize_image
 
 
 def predict(model: nn.Module, lr: np.ndarray, hr_size: tuple[int, int] | None = None,
@@ -31,7 +31,7 @@ def predict(model: nn.Module, lr: np.ndarray, hr_size: tuple[int, int] | None = 
     The model's train/eval mode is restored afterwards.
     """
     if is_unet(model) and hr_size is not None and (lr.shape[1], lr.shape[0]) != hr_size:
-        lr = cv2.resize(lr, hr_size, interpolation=cv2.INTER_CUBIC)
+        lr = resize_image(lr, hr_size)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
@@ -60,7 +60,7 @@ def save_preds(run: str | Path, data: str | Path, device: str | torch.device = "
             lr = decode(pair.lr)
             hr_w, hr_h = _image_size(pair.hr)
             if is_unet(model) and (lr.shape[1], lr.shape[0]) != (hr_w, hr_h):
-                lr = cv2.resize(lr, (hr_w, hr_h), interpolation=cv2.INTER_CUBIC)
+                lr = resize_image(lr, (hr_w, hr_h))
             out = engine(np.ascontiguousarray(lr))
             dst.parent.mkdir(parents=True, exist_ok=True)
             save_image_atomic(dst, out)

@@ -42,7 +42,17 @@ from srgan.distributed import (
 )
 from srgan.models import is_unet
 
-HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "ssim", "seconds"]
+HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "bicubic_psnr",
+                   "ssim", "below_bicubic", "seconds"]
+PERCEPTUAL_LOSSES = ("feature", "vgg19")
+
+# Defaults that depend on where training starts. A pretrained encoder: the fastai course's settings. From random
+# weights (the demo, unet-small, srresnet, --no-pretrained): a residual generator (it starts as the bicubic
+# baseline), a pixel loss (a perceptual loss on a random VGG measures nothing perceptual), and the schedule the
+# demo converges with on a 2-core CPU (benchmarks/README.md).
+PRETRAINED_DEFAULTS: dict[str, Any] = {"size": 128, "bs": 8, "lr": 1e-3}
+SCRATCH_DEFAULTS: dict[str, Any] = {"size": 64, "bs": 16, "lr": 2e-3}
+NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small")  # archs whose `pretrained` can only mean a --weights file
 
 
 class Stage(BaseModel):
@@ -50,7 +60,7 @@ class Stage(BaseModel):
     size: int = Field(ge=8)
     bs: int = Field(ge=1)
     epochs: int = Field(ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float | None = Field(None, gt=0, description="default: the run's lr")
 
 
 class RunOptions(BaseModel):
@@ -72,11 +82,11 @@ class TrainGenConfig(RunOptions):
     out: str
     arch: str = "unet-resnet34"
     options: dict[str, Any] = Field(default_factory=dict, description="generator options (blur, self_attention...)")
-    loss: str | dict[str, float] = "feature"
-    size: int = Field(128, ge=8)
-    bs: int = Field(8, ge=1)
+    loss: str | dict[str, float] | None = Field(None, description="default: feature when pretrained, else l1")
+    size: int | None = Field(None, ge=8, description="default: 128 when pretrained, else 64")
+    bs: int | None = Field(None, ge=1, description="default: 8 when pretrained, else 16")
     epochs: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float | None = Field(None, gt=0, description="default: 1e-3 when pretrained, else 2e-3")
     stages: list[Stage] | None = Field(None, description="progressive resizing; replaces size/bs/epochs/lr")
     wd: float = Field(1e-3, ge=0)
     pct_start: float = Field(0.3, gt=0, lt=1)
@@ -85,8 +95,26 @@ class TrainGenConfig(RunOptions):
     loss_weights: dict[str, str] | None = None
     preview_items: int = Field(4, ge=0)
 
+    def encoder_pretrained(self) -> bool:
+        """Whether training starts from ImageNet weights (a U-Net's encoder) rather than random weights."""
+        return self.pretrained and self.arch.startswith("unet") and self.arch not in NO_IMAGENET_WEIGHTS
+
+    def resolved(self) -> TrainGenConfig:
+        """This config with every start-dependent default filled in (what runs, and what train-gen.yaml saves)."""
+        defaults = PRETRAINED_DEFAULTS if self.encoder_pretrained() else SCRATCH_DEFAULTS
+        values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
+        # the loss follows the loss network's weights (`pretrained`), not the encoder's
+        values["loss"] = self.loss if self.loss is not None else ("feature" if self.pretrained else "l1")
+        options = {"residual": not self.encoder_pretrained(), **self.options}
+        stages = None
+        if self.stages:
+            stages = [st.model_copy(update={"lr": st.lr if st.lr is not None else values["lr"]}) for st in self.stages]
+        return self.model_copy(update={**values, "options": options, "stages": stages})
+
     def schedule(self) -> list[Stage]:
-        return self.stages or [Stage(size=self.size, bs=self.bs, epochs=self.epochs, lr=self.lr)]
+        if self.stages:
+            return [st if st.lr is not None else st.model_copy(update={"lr": self.lr or 1e-3}) for st in self.stages]
+        return [Stage(size=self.size, bs=self.bs, epochs=self.epochs, lr=self.lr)]
 
 
 @dataclass(frozen=True)
@@ -167,9 +195,22 @@ def _callbacks():
     return DeviceMixedPrecision, StopOnNonFinite
 
 
+def _perceptual(loss: str | dict[str, float]) -> bool:
+    names = [loss] if isinstance(loss, str) else list(loss)
+    return any(n in PERCEPTUAL_LOSSES for n in names)
+
+
+def _loss_name(loss: str | dict[str, float]) -> str:
+    return loss if isinstance(loss, str) else "+".join(loss)
+
+
 def _metrics(normalizer: Normalizer):
-    from fastai.metrics import AvgMetric
+    """Validation PSNR and SSIM of the generator, and the PSNR of the bicubic baseline on the same crops, so
+    every epoch line shows whether the model does better than doing nothing."""
+    from fastai.metrics import AvgMetric, Metric
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from srgan.upsample import resize_tensor
 
     def psnr(pred, targ):
         return peak_signal_noise_ratio(normalizer.denormalize(pred), normalizer.denormalize(targ), data_range=1.0)
@@ -178,7 +219,29 @@ def _metrics(normalizer: Normalizer):
         return structural_similarity_index_measure(normalizer.denormalize(pred), normalizer.denormalize(targ),
                                                    data_range=1.0)
 
-    return [AvgMetric(psnr), AvgMetric(ssim)]
+    class BicubicPSNR(Metric):
+        """PSNR of the model's input upsampled to the target size (a U-Net's input already is) — the baseline."""
+
+        def reset(self):
+            self.total, self.count = 0.0, 0
+
+        def accumulate(self, learn):
+            x, y = learn.xb[0], learn.yb[0]
+            if x.shape[-2:] != y.shape[-2:]:
+                x = resize_tensor(x, tuple(y.shape[-2:]))
+            n = y.shape[0]
+            self.total += float(psnr(x, y)) * n
+            self.count += n
+
+        @property
+        def value(self):
+            return self.total / self.count if self.count else None
+
+        @property
+        def name(self):
+            return "bicubic_psnr"
+
+    return [AvgMetric(psnr), BicubicPSNR(), AvgMetric(ssim)]
 
 
 class Trainer:
@@ -186,6 +249,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainGenConfig, resume: bool = False, progress: bool = True,
                  cbs: list | None = None) -> None:
+        cfg = cfg.resolved()
         self.cfg, self.resume, self.progress, self.extra_cbs = cfg, resume, progress, list(cbs or [])
         self.run = Path(cfg.out)
         self.device = local_device(resolve_device(cfg.device))
@@ -243,7 +307,11 @@ class Trainer:
             # A new generator is coming: train-critic would take the old one's predictions for its own.
             shutil.rmtree(self.run / "preds", ignore_errors=True)
         model, unet = self._model()
-        phases = plan(cfg, encoder_pretrained=unet and cfg.pretrained)
+        phases = plan(cfg, encoder_pretrained=unet and cfg.encoder_pretrained())
+        if not cfg.pretrained and _perceptual(cfg.loss) and is_main():
+            print(f"crappify: warning: loss {_loss_name(cfg.loss)} runs on a VGG with random weights "
+                  "(--no-pretrained), which measures nothing perceptual; use l1/mse or give the VGG weights",
+                  file=sys.stderr, flush=True)
         total = sum(p.epochs for p in phases)
         loss = build_loss(cfg.loss, pretrained=cfg.pretrained, weights=cfg.loss_weights)
         if cfg.channels_last:
@@ -276,7 +344,8 @@ class Trainer:
             else:
                 learn.dls = dls
             learn.freeze() if phase.frozen else learn.unfreeze()
-            lr = phase.lr if phase.frozen or not (unet and cfg.pretrained) else slice(phase.lr / 100, phase.lr)
+            lr = (phase.lr if phase.frozen or not (unet and cfg.encoder_pretrained())
+                  else slice(phase.lr / 100, phase.lr))
             learn.crappify_phase = phase
             learn.crappify_offset = done
             learn.fit_one_cycle(phase.epochs, lr, pct_start=cfg.pct_start, start_epoch=max(0, start - done))
@@ -285,9 +354,16 @@ class Trainer:
         if is_distributed():
             print(f"rank {rank()}/{world_size()}: trained {self.batches} batches", file=sys.stderr, flush=True)
         if is_main():
+            last = self.history[-1] if self.history else {}
+            below = bool(last.get("below_bicubic"))
             save_generator(learn.model if learn is not None else model, final,
                            extra={"epochs": total, "dataset": str(Path(cfg.data).resolve()), "loss": cfg.loss,
-                                  "data_scale": self.scale})
+                                  "data_scale": self.scale, "valid_psnr": last.get("psnr"),
+                                  "valid_bicubic_psnr": last.get("bicubic_psnr"), "below_bicubic": below})
+            if below:
+                print(f"crappify: warning: {final} scores below bicubic on the validation crops "
+                      f"(PSNR {last.get('psnr')} vs {last.get('bicubic_psnr')} dB): it makes photos worse; "
+                      "train longer or check the data", file=sys.stderr, flush=True)
         finish()  # under torchrun: the other ranks wait for the file, then all leave the process group
         return final
 
@@ -344,10 +420,16 @@ def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = Tru
             global_epoch = self.learn.crappify_offset + self.epoch + 1
             names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
             values = dict(zip(names, self.recorder.log[1:-1], strict=False))
+            psnr, base = _num(values.get("psnr")), _num(values.get("bicubic_psnr"))
+            below = isinstance(psnr, float) and isinstance(base, float) and psnr < base
             row = {"epoch": global_epoch, "stage": phase.stage, "phase": "frozen" if phase.frozen else "unfrozen",
                    "size": phase.size, "bs": phase.bs, "train_loss": _num(values.get("train_loss")),
-                   "valid_loss": _num(values.get("valid_loss")), "psnr": _num(values.get("psnr")),
-                   "ssim": _num(values.get("ssim")), "seconds": round(time.perf_counter() - self._t0, 3)}
+                   "valid_loss": _num(values.get("valid_loss")), "psnr": psnr, "bicubic_psnr": base,
+                   "ssim": _num(values.get("ssim")), "below_bicubic": below,
+                   "seconds": round(time.perf_counter() - self._t0, 3)}
+            if below:
+                print(f"epoch {global_epoch}: validation PSNR {psnr:.2f} dB is BELOW bicubic's {base:.2f} dB",
+                      file=sys.stderr, flush=True)
             trainer.history.append(row)
             trainer.write_history()
             trainer.previews(self.learn, global_epoch)

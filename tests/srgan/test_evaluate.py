@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -11,7 +12,19 @@ import torch
 
 from crappify.errors import ConfigError, CrappifyError
 from srgan.checkpoint import save_generator
-from srgan.evaluate import EvaluateConfig, evaluate, image_metrics, lpips_model, psnr, rgb_to_y, ssim, summarise
+from srgan.evaluate import (
+    EvaluateConfig,
+    evaluate,
+    image_metrics,
+    lpips_model,
+    masked_psnr,
+    occlusion_mask,
+    occlusion_rects,
+    psnr,
+    rgb_to_y,
+    ssim,
+    summarise,
+)
 from srgan.models import build_generator
 
 
@@ -99,3 +112,123 @@ def test_evaluate_command_names_missing_flags(cli, sr_dataset, tmp_path):
     assert res.stderr.strip() == "crappify: error: evaluate needs -m MODEL (or `models:` in --config)"
     res = cli("evaluate", sr_dataset, "-m", tmp_path / "x")
     assert res.returncode == 2 and "needs -o REPORT" in res.stderr
+
+
+# --- occlusions: PSNR inside the occluded rectangles ------------------------------------------------------
+
+
+def flickr_params(rects, *, occlude_applied=True, lr=(48, 48)):
+    """Params as flickr30k-restore records them: blur (skipped), resize to the LR, JPEG, occlude on the LR."""
+    occlude = ({"op": "occlude", "rects": rects, "fill": "black", "seed": 5}
+               if occlude_applied else {"op": "occlude", "applied": False})
+    return {"vars": {}, "steps": [{"op": "gaussian_blur", "applied": False},
+                                  {"op": "resize", "width": lr[0], "height": lr[1], "interpolation": "area",
+                                   "antialias": True},
+                                  {"op": "jpeg", "quality": 63}, occlude]}
+
+
+def test_occlusion_mask_scales_lr_rects_to_hr_coordinates():
+    mask = occlusion_mask(flickr_params([[18, 29, 9, 4]]), (96, 96), (48, 48))
+    expected = np.zeros((96, 96), bool)
+    expected[58:66, 36:54] = True  # x 18..27 -> 36..54, y 29..33 -> 58..66
+    assert mask is not None and mask.shape == (96, 96) and (mask == expected).all()
+    # several rects: their union; a non-square HR keeps x and y ratios apart
+    mask = occlusion_mask(flickr_params([[0, 0, 2, 2], [1, 1, 2, 2]], lr=(30, 20)), (90, 40), (30, 20))
+    assert mask.sum() == 6 * 4 + 6 * 4 - 3 * 2 and mask[0:4, 0:6].all() and mask[2:6, 3:9].all()
+    # non-integer ratio: the bounds are rounded outward, clipped to the image
+    assert occlusion_rects(flickr_params([[47, 0, 1, 1]]), (100, 100), (48, 48)) == [(97, 0, 100, 3)]
+
+
+def test_occlusion_mask_before_a_resize_is_already_in_hr_coordinates():
+    params = {"vars": {}, "steps": [{"op": "occlude", "rects": [[10, 20, 5, 6]], "fill": "mean", "seed": 1},
+                                    {"op": "resize", "width": 48, "height": 48, "interpolation": "bicubic",
+                                     "antialias": True},
+                                    {"op": "repeat", "rounds": [[{"op": "occlude", "rects": [[1, 2, 3, 4]],
+                                                                  "fill": "black", "seed": 2}]]}]}
+    assert occlusion_rects(params, (96, 96), (48, 48)) == [(10, 20, 15, 26), (2, 4, 8, 12)]
+
+
+@pytest.mark.parametrize("params", [
+    flickr_params([], occlude_applied=False),  # skipped (p < 1)
+    flickr_params([]),  # applied with count 0
+    {"vars": {}, "steps": [{"op": "resize", "width": 48, "height": 48}]},  # no occlude step
+    {"vars": {}, "steps": [{"op": "mystery"}, {"op": "occlude", "rects": [[1, 1, 2, 2]]}]},  # size unknown
+    {"reduced": 4, "steps": [{"op": "occlude", "rects": [[1, 1, 2, 2]]}]},  # ran on a DCT-reduced decode
+    flickr_params([[1, 1, 2, 2]], lr=(40, 40)),  # steps end at 40x40 but the LR file is 48x48
+    {"steps": [{"op": "occlude", "rects": [[1, 1]]}]},  # malformed rect
+    "not a dict", None,
+])
+def test_occlusion_mask_is_none_when_nothing_was_occluded_or_it_cannot_be_mapped(params):
+    assert occlusion_mask(params, (96, 96), (48, 48)) is None
+
+
+def test_masked_psnr_counts_only_the_masked_pixels():
+    rng = np.random.default_rng(0)
+    hr = rng.integers(20, 200, (32, 32, 3), dtype=np.uint8)
+    pred = hr.copy()
+    mask = np.zeros((32, 32), bool)
+    mask[4:12, 8:20] = True
+    pred[mask] += 10  # MSE 100 inside the mask
+    pred[20:, 20:] = 0  # outside the mask: ignored
+    assert masked_psnr(pred, hr, mask) == pytest.approx(10 * math.log10(255**2 / 100.0))
+    assert masked_psnr(hr, hr.copy(), mask) == 100.0
+    assert math.isnan(masked_psnr(pred, hr, np.zeros((32, 32), bool)))
+    with pytest.raises(ValueError, match="differ in size"):
+        masked_psnr(pred, hr, mask[:-1])
+
+
+OCCLUDE_PRESET = """\
+name: occlude-x2
+scale: 2
+steps:
+  - {op: resize, size: lr, interpolation: bicubic}
+  - {op: occlude, p: 0.5, count: [1, 2], size: [0.15, 0.3], fill: black}
+"""
+
+
+def test_evaluate_writes_psnr_occ_for_occluded_pairs_only(tmp_path, monkeypatch):
+    from crappify.builder import BuildConfig, build_dataset
+    from crappify.imageio import decode
+    from srgan.evaluate import bicubic
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    preset = tmp_path / "occlude-x2.yaml"
+    preset.write_text(OCCLUDE_PRESET)
+    data = tmp_path / "data"
+    build_dataset(BuildConfig(src="samples", out=str(data), preset=str(preset), size=48, split=(0.2, 0.2, 0.6),
+                              workers=1), progress=False)
+    with open(data / "manifest.csv", newline="") as fh:
+        manifest = {r["id"]: r for r in csv.DictReader(fh) if r["split"] == "test"}
+    occluded = {i for i, r in manifest.items() if "rects" in json.loads(r["params"])["steps"][1]}
+    assert occluded and set(manifest) - occluded, "the seed should give both kinds of test pair"
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(tmp_path / f"m{seed}.safetensors")
+        save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), models[-1])
+    out = tmp_path / "report"
+    evaluate(EvaluateConfig(data=str(data), models=[str(m) for m in models], out=str(out), grids=0, device="cpu",
+                            lpips=False), progress=False)
+    with open(out / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["id"] for r in rows} == set(manifest) and "psnr_occ" in rows[0]
+    for r in rows:
+        assert (r["psnr_occ"] != "") == (r["id"] in occluded), r
+    # the baseline's value, recomputed by hand: the LR rects doubled, MSE over the three channels
+    pid = sorted(occluded)[0]
+    hr, lr = decode(data / manifest[pid]["hr"]), decode(data / manifest[pid]["lr"])
+    mask = np.zeros(hr.shape[:2], bool)
+    for x, y, w, h in json.loads(manifest[pid]["params"])["steps"][1]["rects"]:
+        mask[2 * y:2 * (y + h), 2 * x:2 * (x + w)] = True
+    err = (bicubic(lr, (hr.shape[1], hr.shape[0])).astype(float) - hr)[mask]
+    row = next(r for r in rows if r["id"] == pid and r["method"] == "bicubic")
+    assert float(row["psnr_occ"]) == pytest.approx(10 * math.log10(255**2 / np.mean(err**2)), abs=1e-4)
+    report = (out / "report.md").read_text()
+    assert f"occlusions: **{len(occluded)} of {len(manifest)} images**" in report and "PSNR-occ (dB)" in report
+    assert "## Outputs compared with m0's" in report and "| m1 vs m0 |" in report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["occluded_images"] == len(occluded) and summary["occlusions_unknown"] == 0
+    occ_values = [float(r["psnr_occ"]) for r in rows if r["method"] == "m1" and r["psnr_occ"]]
+    assert summary["means"]["m1"]["psnr_occ"] == pytest.approx(np.mean(occ_values), abs=1e-5)
+    assert summary["output_difference"]["reference"] == "m0"
+    assert 0 < summary["output_difference"]["mean_abs_diff"]["m1"] < 255

@@ -38,6 +38,27 @@ def test_onnx_round_trip_matches_pytorch_on_non_square_inputs(sr_file, tmp_path)
     assert meta["crappify.scale"] == "4" and "srresnet" in meta["crappify.spec"]
 
 
+def test_onnx_residual_generator_matches_pytorch(tmp_path):
+    """The residual skip (bicubic inside the model) exports with dynamic H and W and gives the same pixels."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8, residual=True)
+    with torch.no_grad():
+        model.gain.fill_(0.5)  # a trained-looking mix of skip and correction
+    save_generator(model, tmp_path / "res.safetensors")
+    out = export_onnx(tmp_path / "res.safetensors", tmp_path / "res.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    wrapper = exportable(tmp_path / "res.safetensors")
+    for shape in [(1, 3, 19, 30), (2, 3, 8, 41)]:
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            ref = wrapper(x).numpy()
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.shape == ref.shape == (shape[0], 3, shape[2] * 2, shape[3] * 2)
+        assert np.abs(got - ref).max() < 1e-4
+
+
 def test_torchscript_unet_pads_any_size(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "unet.safetensors"

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import time
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from crappify.errors import ConfigError
+from srgan.data import Normalizer
 from srgan.models import GENERATORS, build_generator, clone_generator
+from srgan.upsample import resize_image
 from srgan.weights import WeightsError
 
 BIG_UNETS = ["unet-resnet50", "unet-resnet101", "unet-resnet152"]  # 340-380M parameters: 10-30 s each to build
@@ -36,7 +40,7 @@ def unet18() -> nn.Module:
 
 
 def test_registry_names():
-    assert set(GENERATORS.names()) == {"srresnet", *(f"unet-resnet{d}" for d in (18, 34, 50, 101, 152))}
+    assert set(GENERATORS.names()) == {"srresnet", "unet-small", *(f"unet-resnet{d}" for d in (18, 34, 50, 101, 152))}
 
 
 @pytest.mark.parametrize("arch", [*GENERATORS.names(), "unet-timm:test_resnet", "unet-timm:test_convnext"])
@@ -323,3 +327,101 @@ def test_config_errors(arch, kwargs, match):
         build_generator(arch, **kwargs)
     if "scale" in kwargs and arch.startswith("unet"):
         assert time.perf_counter() - t0 < 1  # checked before the encoder is built
+
+
+# --------------------------------------------------------------------------------------------------------
+# residual generators: untrained = the bicubic baseline
+
+
+RESIDUAL_UNETS = [*(a for a in GENERATORS.names() if a.startswith("unet") and a not in BIG_UNETS),
+                  "unet-timm:test_resnet"]
+
+
+def _lr_image(h: int, w: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    smooth = cv2.resize(rng.integers(0, 256, (h // 3 + 2, w // 3 + 2, 3), dtype=np.uint8), (w, h))
+    return np.clip(smooth.astype(int) + rng.integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("arch", RESIDUAL_UNETS)
+def test_untrained_residual_unet_is_the_bicubic_baseline(arch, request):
+    torch.manual_seed(0)
+    model = build_generator(arch, img_size=64, residual=True).eval()
+    norm = Normalizer()
+    lr = _lr_image(20, 24)
+    for scale in (2, 3, 4):
+        base = resize_image(lr, (24 * scale, 20 * scale))  # what evaluate calls bicubic
+        h, w = base.shape[:2]
+        x = torch.from_numpy(base[: h // 32 * 32, : w // 32 * 32]).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            out = norm.to_uint8(model(norm.normalize(x)))
+        assert torch.equal(out, x), f"{arch} x{scale}"
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_untrained_residual_srresnet_is_the_bicubic_baseline(scale):
+    torch.manual_seed(0)
+    model = build_generator("srresnet", scale=scale, img_size=64, residual=True, n_blocks=2, n_feats=16).eval()
+    norm = Normalizer()
+    lr = _lr_image(13, 17)
+    base = torch.from_numpy(resize_image(lr, (17 * scale, 13 * scale))).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        out = norm.to_uint8(model(norm.normalize(torch.from_numpy(lr).permute(2, 0, 1)[None])))
+    diff = (out.int() - base.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # float rounding at .5 ties at most
+
+
+@pytest.mark.parametrize("norm_type", ["weight", "spectral", None])
+def test_residual_unet_trains_with_every_norm(norm_type):
+    torch.manual_seed(0)
+    model = build_generator("unet-small", img_size=32, residual=True, norm_type=norm_type)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    for _ in range(3):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = _out(model, x)
+    assert torch.isfinite(out).all() and not torch.allclose(out, x)
+    assert out.abs().max() <= 3.0  # y_range limits the sum
+
+
+def test_residual_option_round_trips_and_old_files_load_as_plain(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from srgan.checkpoint import load_generator, save_generator
+
+    torch.manual_seed(0)
+    model = build_generator("unet-small", img_size=32, residual=True)
+    save_generator(model, tmp_path / "g.safetensors")
+    back = load_generator(tmp_path / "g.safetensors")
+    assert back.crappify_spec["options"]["residual"] is True
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(_out(back, x), _out(model, x))
+    plain = build_generator("unet-small", img_size=32)
+    save_generator(plain, tmp_path / "p.safetensors")
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    spec = json.loads(meta["spec"])
+    del spec["options"]["residual"]  # a file written before the option existed
+    save_file(tensors, tmp_path / "old.safetensors", metadata={**meta, "spec": json.dumps(spec)})
+    old = load_generator(tmp_path / "old.safetensors")
+    assert old.crappify_spec["options"]["residual"] is False
+    assert torch.equal(_out(old, x), _out(plain, x))
+
+
+def test_unet_small_is_small_and_trains_one_step():
+    torch.manual_seed(0)
+    model = build_generator("unet-small", img_size=64)
+    assert _n_params(model) < 3_000_000
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    x = torch.randn(2, 3, 64, 64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = torch.nn.functional.l1_loss(model(x), x)
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert _out(model, torch.randn(1, 3, 96, 160)).shape == (1, 3, 96, 160)

@@ -238,3 +238,86 @@ def test_every_shipped_pipeline_file_goes_into_the_wheel():
     globs = setup["package-data"]["srgan.pipelines"]
     files = [p.relative_to(root / "pipelines") for p in (root / "pipelines").rglob("*") if p.is_file()]
     assert files and all(any(f.match(g) and len(f.parts) == len(Path(g).parts) for g in globs) for f in files), files
+
+
+def test_precision_override_reaches_every_training_and_evaluation_stage(tmp_path):
+    from srgan.pipeline import find_pipeline
+
+    p = load_pipeline(find_pipeline("demo"), out=str(tmp_path / "out"))
+    steps = {s.stage: s for s in plan(p, overrides={"precision": "fp32", "device": None})}
+    for stage in ("train-gen", "train-critic", "train-gan", "evaluate"):
+        assert steps[stage].config.precision == "fp32", stage
+    for stage in ("sample-crops", "build-dataset"):  # no precision there: the override leaves them alone
+        assert "precision" not in type(steps[stage].config).model_fields, stage
+    bf16 = {s.stage: getattr(s.config, "precision", None) for s in plan(p, overrides={"precision": "bf16"})}
+    assert bf16 == {"sample-crops": None, "build-dataset": None, "train-gen": "bf16", "train-critic": "bf16",
+                    "train-gan": "bf16", "evaluate": "bf16"}
+    defaults = {s.stage: s for s in plan(p, overrides={"precision": None})}
+    assert defaults["evaluate"].config.precision == "fp32" and defaults["train-gen"].config.precision == "auto"
+
+
+@pytest.mark.parametrize("command", ["demo", "run"])
+def test_a_bad_precision_in_the_environment_is_a_one_line_error(command, tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("CRAPPIFY_PRECISION", "bogus")
+    args = ["demo", "-o", tmp_path / "out"] if command == "demo" else ["run", "demo", "-o", tmp_path / "out"]
+    res = cli(*args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.splitlines() == ["crappify: error: CRAPPIFY_PRECISION='bogus' is not a precision; valid: "
+                                       "auto, fp32, bf16, fp16"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_precision_override_prefers_the_flag_then_the_environment(monkeypatch):
+    from crappify.cli_run import precision_override
+
+    monkeypatch.delenv("CRAPPIFY_PRECISION", raising=False)
+    assert precision_override(None) is None and precision_override("fp16") == "fp16"
+    monkeypatch.setenv("CRAPPIFY_PRECISION", "bf16")
+    assert precision_override(None) == "bf16" and precision_override("fp32") == "fp32"
+    monkeypatch.setenv("CRAPPIFY_PRECISION", "")
+    assert precision_override(None) is None
+
+
+def test_demo_results_on_a_hand_made_run(tmp_path):
+    import numpy as np
+
+    from crappify.imageio import save_image_atomic
+    from srgan.inspection import demo_results
+
+    root = tmp_path / "out"
+    eval_dir = root / "eval"
+    rows = ["id,method,psnr_y,ssim_y,psnr_rgb,ssim_rgb,psnr_occ,lpips"]
+    for i, occ in (("a", True), ("b", False), ("c", True)):
+        for m, base in (("bicubic", 20.0), ("train-gen", 22.0), ("train-gan", 21.0)):
+            value = base + {"a": 0, "b": 1, "c": 2}[i]
+            rows.append(f"{i},{m},{value},0.8,{value - 1},0.7,{value - 10 if occ else ''},")
+    (eval_dir / "grids").mkdir(parents=True)
+    (eval_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
+    for i in "abc":
+        save_image_atomic(eval_dir / "grids" / f"{i}.png", np.full((8, 12, 3), 128, np.uint8))
+    (eval_dir / "summary.json").write_text(json.dumps(
+        {"output_difference": {"reference": "train-gen", "mean_abs_diff": {"train-gan": 1.8321}}}))
+    (root / ".pipeline").mkdir()
+    for stage, seconds in zip(STAGES, (1.24, 2.0, 150.31, 20.0, 130.5, 8.0), strict=True):
+        (root / ".pipeline" / f"{stage}.json").write_text(json.dumps({"status": "done", "seconds": seconds}))
+    (root / "run").mkdir()
+    (root / "run" / "critic-history.csv").write_text(
+        "epoch,train_loss,valid_loss,accuracy,seconds\n1,0.7,0.69,0.61,3.0\n2,0.5,0.52,0.8734,3.1\n")
+    table, grid = demo_results(root)
+    lines = table.splitlines()
+    assert lines[1].split() == ["method", "PSNR-Y", "dB", "SSIM-Y", "PSNR-RGB", "SSIM-RGB", "PSNR-occ"]
+    assert lines[2].split() == ["bicubic", "21.00", "0.8000", "20.00", "0.7000", "11.00"]
+    assert lines[3].split() == ["train-gen", "23.00", "0.8000", "22.00", "0.7000", "13.00"]
+    assert lines[5:] == [
+        "PSNR-occ: RGB PSNR inside the occluding rectangles, over the 2 of 3 crops that have them",
+        "stage times: sample-crops 1.2 s, build-dataset 2.0 s, train-gen 150.3 s, train-critic 20.0 s, "
+        "train-gan 130.5 s, evaluate 8.0 s; total 5 min 12 s",
+        "critic's final validation accuracy: 87.3% (epoch 2)",
+        "train-gan vs train-gen outputs: mean |difference| 1.83 grey levels"]
+    assert grid == root / "results.png" and grid.is_file()
+    # an older run: no psnr_occ column, no summary.json, no stage times or critic history
+    (eval_dir / "metrics.csv").write_text("\n".join(",".join(r.split(",")[:6]) for r in rows) + "\n")
+    for f in [eval_dir / "summary.json", root / "run" / "critic-history.csv", *(root / ".pipeline").iterdir()]:
+        f.unlink()
+    lines = demo_results(root)[0].splitlines()
+    assert lines[2].split()[-1] == "n/a" and lines[5:] == ["PSNR-occ: no held-out crop has occluding rectangles"]
