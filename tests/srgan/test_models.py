@@ -87,7 +87,7 @@ def test_srresnet_paper_layout():
     assert len(model.body) == 16 and model.head[0].kernel_size == (9, 9) and model.tail.kernel_size == (9, 9)
     assert [s[0].out_channels for s in model.upsample] == [256, 256]
     assert model.crappify_spec == {"arch": "srresnet", "scale": 4, "img_size": 128,
-                                   "options": {"n_blocks": 16, "n_feats": 64}}
+                                   "options": {"n_blocks": 16, "n_feats": 64, "residual": False}}
 
 
 def _icnr_ok(weight: torch.Tensor) -> bool:
@@ -126,7 +126,7 @@ def test_unet_defaults_are_the_course_generator(unet18):
     assert unet18.crappify_spec == {
         "arch": "unet-resnet18", "scale": 1, "img_size": 64,
         "options": {"blur": True, "blur_final": True, "self_attention": True, "norm_type": "weight",
-                    "y_range": [-3.0, 3.0], "last_cross": True, "bottle": False}}
+                    "y_range": [-3.0, 3.0], "last_cross": True, "bottle": False, "residual": False}}
     assert json.loads(json.dumps(unet18.crappify_spec)) == unet18.crappify_spec
     assert _count(unet18, SelfAttention) == 1
     (sig,) = [m for m in unet18.modules() if isinstance(m, SigmoidRange)]
