@@ -120,6 +120,10 @@ def test_one_epoch_writes_outputs_and_the_file_alone_rebuilds_the_model(dataset,
         assert (run / name).is_file(), name
     rows = history(run)
     assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["psnr"]) > 0
+    # the baseline on the same crops, side by side, and the flag derived from the two
+    assert float(rows[0]["bicubic_psnr"]) > 0
+    assert rows[0]["below_bicubic"] == str(float(rows[0]["psnr"]) < float(rows[0]["bicubic_psnr"]))
+    assert "below_bicubic" in read_generator_meta(final)["extra"]
     meta = read_generator_meta(final)
     assert meta["spec"]["arch"] == "unet-resnet18" and meta["normalization"][0] == [0.485, 0.456, 0.406]
     model = load_generator(final)
@@ -261,3 +265,26 @@ def test_optimizer_state_follows_its_parameters_device():
     saved = {"hypers": opt.state_dict()["hypers"], "state": [{"grad_avg": torch.zeros(3), "step": 4}]}
     load_optimizer_state(opt, saved)
     assert opt.state[param]["grad_avg"].device.type == "meta" and opt.state[param]["step"] == 4
+
+
+def test_defaults_follow_where_training_starts():
+    scratch = TrainGenConfig(data="d", out="o", arch="unet-resnet34", pretrained=False).resolved()
+    assert (scratch.loss, scratch.size, scratch.bs, scratch.lr) == ("l1", 64, 16, 2e-3)
+    assert scratch.options["residual"] is True
+    course = TrainGenConfig(data="d", out="o", arch="unet-resnet34").resolved()
+    assert (course.loss, course.size, course.bs, course.lr) == ("feature", 128, 8, 1e-3)
+    assert course.options["residual"] is False
+    # srresnet and unet-small never start from ImageNet weights: residual; the VGG loss stays when it has weights
+    sr = TrainGenConfig(data="d", out="o", arch="srresnet").resolved()
+    assert sr.options["residual"] is True and sr.loss == "feature" and sr.lr == 2e-3
+    # what a config says wins, and stages inherit the run's lr
+    mine = TrainGenConfig(data="d", out="o", arch="unet-small", pretrained=False, loss="mse", lr=5e-4,
+                          options={"residual": False}, stages=[{"size": 32, "bs": 2, "epochs": 1}]).resolved()
+    assert mine.loss == "mse" and mine.options["residual"] is False and mine.schedule()[0].lr == 5e-4
+
+
+def test_perceptual_loss_on_random_weights_warns(dataset, tmp_path, capfd):
+    cfg = TrainGenConfig(data=str(dataset), out=str(tmp_path / "run"), **{**TINY, "arch": "unet-small"})
+    Trainer(cfg.model_copy(update={"loss": "feature"}), progress=False).fit()
+    err = capfd.readouterr().err
+    assert "warning: loss feature runs on a VGG with random weights" in err
