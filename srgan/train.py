@@ -112,9 +112,9 @@ class TrainGenConfig(RunOptions):
         return self.model_copy(update={**values, "options": options, "stages": stages})
 
     def schedule(self) -> list[Stage]:
-        if self.stages:
-            return [st if st.lr is not None else st.model_copy(update={"lr": self.lr or 1e-3}) for st in self.stages]
-        return [Stage(size=self.size, bs=self.bs, epochs=self.epochs, lr=self.lr)]
+        """The stages to run, with the start-dependent defaults filled in (`resolved`)."""
+        cfg = self.resolved()
+        return cfg.stages or [Stage(size=cfg.size, bs=cfg.bs, epochs=cfg.epochs, lr=cfg.lr)]
 
 
 @dataclass(frozen=True)
