@@ -31,7 +31,8 @@ from crappify.builder import BuildConfig, build_dataset
 
 
 def step_timer():
-    """A fastai callback that times each training step and the wait for its batch."""
+    """A fastai callback that times each training step, split into data wait, forward (model + loss),
+    backward and optimiser step."""
     from fastai.callback.core import Callback
 
     class StepTimer(Callback):
@@ -39,6 +40,7 @@ def step_timer():
 
         def before_fit(self):
             self.steps, self.waits, self._end = [], [], None
+            self.parts: dict[str, list[float]] = {"forward": [], "backward": [], "optimiser": []}
 
         def before_batch(self):
             if self.training:
@@ -47,10 +49,22 @@ def step_timer():
                     self.waits.append(now - self._end)
                 self._start = now
 
+        def after_loss(self):
+            if self.training:
+                self._loss_t = time.perf_counter()
+
+        def before_step(self):
+            if self.training:
+                self._backward_t = time.perf_counter()
+
         def after_batch(self):
             if self.training:
                 self._end = time.perf_counter()
                 self.steps.append(self._end - self._start)
+                if hasattr(self, "_loss_t") and hasattr(self, "_backward_t"):
+                    self.parts["forward"].append(self._loss_t - self._start)
+                    self.parts["backward"].append(self._backward_t - self._loss_t)
+                    self.parts["optimiser"].append(self._end - self._backward_t)
 
         def before_validate(self):
             self._end = None
@@ -58,10 +72,12 @@ def step_timer():
     return StepTimer()
 
 
-def summary(timer, bs: int, warmup: int = 2) -> tuple[float, float]:
+def summary(timer, bs: int, warmup: int = 2) -> tuple[float, float, dict[str, float]]:
+    """(images/s, mean data wait per step, mean seconds per step of each part), warm-up steps dropped."""
     steps, waits = timer.steps[warmup:], timer.waits[warmup:]
     step_time = sum(steps) + sum(waits)
-    return bs * len(steps) / step_time, (sum(waits) / len(waits) if waits else 0.0)
+    parts = {k: (sum(v[warmup:]) / len(v[warmup:]) if v[warmup:] else 0.0) for k, v in timer.parts.items()}
+    return bs * len(steps) / step_time, (sum(waits) / len(waits) if waits else 0.0), parts
 
 
 def reference(data: Path, size: int, bs: int, device: str):
@@ -125,13 +141,13 @@ def reference(data: Path, size: int, bs: int, device: str):
 
 
 def ours(data: Path, run: Path, size: int, bs: int, device: str, precision: str = "auto",
-         workers: int | None = None):
+         workers: int | None = None, channels_last: bool = True):
     from srgan.train import Trainer, TrainGenConfig
 
     timer = step_timer()
     cfg = TrainGenConfig(data=str(data), out=str(run), arch="unet-resnet34", loss="feature", pretrained=False,
                          size=size, bs=bs, epochs=1, device=device, preview_items=0, precision=precision,
-                         num_workers=workers)
+                         num_workers=workers, channels_last=channels_last)
     trainer = Trainer(cfg, progress=True, cbs=[timer])
     trainer.fit()
     return summary(timer, bs), trainer.precision
@@ -145,6 +161,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto", help="train-gen's --precision for (b)")
     ap.add_argument("--workers", type=int, default=None, help="train-gen data-loading workers for (b) (default: auto)")
+    ap.add_argument("--no-channels-last", action="store_true", help="(b) in the default memory format")
+    ap.add_argument("--skip-reference", action="store_true", help="time (b) only")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     try:
@@ -153,19 +171,24 @@ def main() -> None:
         build_dataset(BuildConfig(src=str(work / "src"), out=str(data), preset="lesson7", size=args.size + 32,
                                   split=(args.n / (args.n + 8), 8 / (args.n + 8), 0.0), workers=2), progress=False)
         torch.manual_seed(0)
-        (ref_rate, ref_wait) = reference(data, args.size, args.bs, args.device)
+        (ref_rate, ref_wait, ref_parts) = ((float("nan"), 0.0, {}) if args.skip_reference
+                                           else reference(data, args.size, args.bs, args.device))
         torch.manual_seed(0)
-        (our_rate, our_wait), precision = ours(data, work / "run", args.size, args.bs, args.device, args.precision,
-                                           args.workers)
+        (our_rate, our_wait, our_parts), precision = ours(data, work / "run", args.size, args.bs, args.device,
+                                                          args.precision, args.workers, not args.no_channels_last)
         print(f"device {args.device}, size {args.size}, bs {args.bs}, {args.n} training photos, 1 epoch, "
               "2 warm-up steps")
         print(f"(a) fastai course-style reference (fp32)  : {ref_rate:6.2f} img/s, "
               f"data wait {ref_wait * 1e3:7.1f} ms/step")
         workers = "auto" if args.workers is None else args.workers
-        print(f"(b) train-gen (precision {precision:4s}, channels-last, workers {workers}): "
+        layout = "default layout" if args.no_channels_last else "channels-last"
+        print(f"(b) train-gen (precision {precision:4s}, {layout}, workers {workers}): "
               f"{our_rate:6.2f} img/s, "
               f"data wait {our_wait * 1e3:7.1f} ms/step")
-        print(f"(b)/(a) = {our_rate / ref_rate:.2f}  (target >= 1.8)")
+        for name, parts, wait in (("(a)", ref_parts, ref_wait), ("(b)", our_parts, our_wait)):
+            print(f"{name} per step: data wait {wait * 1e3:.0f} ms, " + ", ".join(
+                f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()))
+        print(f"(b)/(a) = {our_rate / ref_rate:.2f}  (targets: >= 1.8 with native bf16, >= 1.5 in fp32)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

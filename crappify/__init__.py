@@ -3,6 +3,8 @@
 Public API: `load_preset`, `Chain`, the op registry `OPS`, and `build_dataset`.
 """
 
+# First: sets OpenCV's decoder pixel cap, which OpenCV reads only when it loads (see crappify/opencv.py).
+import crappify.opencv  # noqa: F401
 from crappify.chain import PRESETS, Chain, load_preset
 from crappify.errors import ConfigError, CrappifyError
 from crappify.ops import OPS

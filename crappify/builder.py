@@ -12,6 +12,15 @@ Output layout (what training reads):
 Every item's randomness comes from a seed derived from the global seed and the item's id, so the
 result is byte-identical for any worker count and completion order. Files are written under
 temporary names and renamed; finished items are journaled, so a killed run resumes where it stopped.
+Images are not fsynced (that would cost more than rebuilding them): a resumed build checks every file its
+journal or manifest lists (non-empty, header parses, the recorded size, its end present) and rebuilds those
+that fail, e.g. after a power loss.
+
+A file that is the photo's fault (corrupt, truncated, not an image, a bomb, a FIFO, over --max-bytes) is
+skipped and listed in skipped.csv; one the system could not read (permissions, I/O errors, too many open
+files, out of memory) stops the run with one line naming it, and is tried again when the run is resumed.
+
+OUT/.crappify-dataset marks a folder this tool built: only such a folder may be cleared by --overwrite.
 """
 
 from __future__ import annotations
@@ -33,17 +42,20 @@ from typing import Any, Literal, TextIO
 import cv2
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from crappify import __version__
 from crappify.chain import Chain, load_preset
 from crappify.errors import ConfigError, CrappifyError
 from crappify.functional import jpeg_decode
 from crappify.imageio import (
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageError,
     Photo,
+    ReadError,
     encode,
+    file_intact,
     is_temp_name,
     link_or_copy_atomic,
     write_atomic,
@@ -58,6 +70,16 @@ MANIFEST_COLUMNS = ["id", "split", "source", "hr", "lr", "seed", "hr_width", "hr
                     "lr_height", "caption", "params"]
 OUTPUT_FILES = ("config.yaml", "manifest.csv", "skipped.csv", JOURNAL)
 OUTPUT_DIRS = ("hr", "lr")
+MARKER = ".crappify-dataset"  # written first into every OUT this tool builds: --overwrite clears only those
+MARKER_TEXT = ("This folder is a dataset built by `crappify build-dataset`; `--overwrite` may delete its hr/, lr/,\n"
+               "config.yaml, manifest.csv and skipped.csv. Remove this file to protect the folder from that.\n")
+IGNORED_NAMES = (".lock",)  # a lock file alone does not make a folder non-empty
+# Keys added to config.yaml after datasets were already built with it: an older config.yaml without them was
+# built with the value below (no byte cap then; today's default is the closest).
+LATER_KEYS = {"max_bytes": DEFAULT_MAX_BYTES}
+# Skip reasons that earlier versions recorded for what was not the file's fault (or a file that may be back):
+# tried again on resume.
+RETRIED_REASONS = ("file not found", "permission denied", "corrupt or truncated image: [Errno")
 
 
 class BuildConfig(BaseModel):
@@ -75,9 +97,20 @@ class BuildConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     split: tuple[float, float, float] = (0.9, 0.05, 0.05)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="skip files larger than this, before reading them")
     hr_format: Literal["png", "jpg"] = "png"
     link_hr: bool = Field(True, description="hard-link unchanged HR files to the source instead of copying")
     workers: int = Field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 16)), ge=1, le=256)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave `max_bytes` out of dumps while it has its default: it came after datasets and pipelines were
+        built, and `crappify run` hashes a stage's dump, so listing it would re-run every existing pipeline's
+        stages for an option nobody set."""
+        data = handler(self)
+        if data.get("max_bytes") == DEFAULT_MAX_BYTES:
+            del data["max_bytes"]
+        return data
 
     @field_validator("split")
     @classmethod
@@ -99,6 +132,7 @@ class Job:
     max_pixels: int
     hr_format: str
     link_hr: bool
+    max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass
@@ -163,9 +197,30 @@ def _ensure_parent(path: str) -> None:
 
 
 def process_item(item: Item, job: Job) -> dict[str, Any]:
-    """Build one pair; returns a manifest row, or {"id", "skip": reason}."""
+    """Build one pair; returns a manifest row, or {"id", "skip": reason} when the file is unusable.
+
+    Raises CrappifyError naming the file when it could not be read (ReadError) or memory ran out: those are
+    not the file's fault, so it is not recorded as skipped, and a resumed run tries it again. Anything else
+    is a bug: it keeps its traceback, with a note naming the file."""
     try:
-        with Photo(item.path, job.max_pixels) as photo:
+        return _process_item(item, job)
+    except ReadError as exc:
+        raise CrappifyError(f"cannot read {item.path}: {exc}; fix that and run the same command again "
+                            "to resume") from None
+    except MemoryError:
+        raise CrappifyError(f"out of memory while building {item.path}; run again with fewer --workers "
+                            "(or a lower --max-pixels) to resume") from None
+    except CrappifyError:
+        raise
+    except Exception as exc:
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(f"while building {item.path}")
+        raise
+
+
+def _process_item(item: Item, job: Job) -> dict[str, Any]:
+    try:
+        with Photo(item.path, job.max_pixels, job.max_bytes) as photo:
             w, h = photo.size
             if job.size is not None and min(w, h) < job.size:
                 return {"id": item.id, "skip": f"smaller than --size {job.size} ({w}x{h})"}
@@ -179,6 +234,8 @@ def process_item(item: Item, job: Job) -> dict[str, Any]:
                 lead = job.chain.leading_size(w, h, lr_size)
                 need = min(lead) if lead else None
             pixels, reduced = photo.pixels(need)
+    except ReadError:
+        raise
     except ImageError as exc:
         return {"id": item.id, "skip": str(exc)}
     hr_bytes = None
@@ -244,7 +301,50 @@ def resolved_config(cfg: BuildConfig, layout: str, chain: Chain, scale: int | No
     src = cfg.src if layout == "samples" else str(Path(cfg.src).resolve())
     return {"src": src, "source": layout, "preset": chain.to_dict(), "size": cfg.size, "scale": scale,
             "seed": cfg.seed, "limit": cfg.limit, "split": list(cfg.split), "max_pixels": cfg.max_pixels,
-            "hr_format": cfg.hr_format}
+            "max_bytes": cfg.max_bytes, "hr_format": cfg.hr_format}
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """A dataset's config.yaml as a mapping; None when it cannot be read as one (any file named so)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _manifest_header_ok(path: Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return next(csv.reader(fh), None) == MANIFEST_COLUMNS
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
+def _is_dataset(out: Path, config: dict[str, Any] | None) -> bool:
+    """Whether OUT is a folder this tool built, so that --overwrite may clear it: it holds the marker.
+
+    Datasets built before the marker existed hold none; one of those is recognised by a config.yaml mapping
+    that names crappify's version and a manifest.csv with exactly our header (or the journal of a build
+    killed before its manifest was written). A foreign folder that merely holds a config.yaml is not."""
+    if (out / MARKER).is_file():
+        return True
+    if config is None or not isinstance(config.get("versions"), dict) or "crappify" not in config["versions"]:
+        return False
+    return _manifest_header_ok(out / "manifest.csv") or (out / JOURNAL).is_file()
+
+
+def _changed_keys(previous: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """The keys of `identity` whose value differs in an earlier config.yaml (keys added since default)."""
+    return [k for k in identity if previous.get(k, LATER_KEYS.get(k)) != identity[k]]
+
+
+def _clear(out: Path) -> None:
+    """Remove what a build writes (the marker stays: the folder is still ours if this is interrupted)."""
+    for name in OUTPUT_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _prepare_out(out: Path, identity: dict[str, Any], overwrite: bool) -> bool:
@@ -252,30 +352,40 @@ def _prepare_out(out: Path, identity: dict[str, Any], overwrite: bool) -> bool:
     cfg_path = out / "config.yaml"
     if out.exists() and not out.is_dir():
         raise CrappifyError(f"output path exists and is not a folder: {out}")
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg_path.is_file():
-            raise CrappifyError(f"output folder {out} is not empty and is not a crappify dataset; "
-                                "choose a new or empty folder")
-        try:
-            previous = yaml.safe_load(cfg_path.read_text()) or {}
-        except yaml.YAMLError:
-            previous = {}
-        same = {k: previous.get(k) for k in identity} == identity
-        if same and not overwrite:
-            return True
-        if not overwrite:
-            changed = [k for k in identity if previous.get(k) != identity[k]]
-            raise CrappifyError(f"{out} was built with a different config (differs in: {', '.join(changed)}); "
-                                "use --overwrite to rebuild it or choose another folder")
-        for name in OUTPUT_DIRS:
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
+    if not out.is_dir() or not any(p.name not in IGNORED_NAMES for p in out.iterdir()):
+        return False
+    ours = (out / MARKER).is_file()
+    if not cfg_path.is_file():
+        if ours:  # killed between writing the marker and config.yaml, or while clearing: nothing to reuse
+            _clear(out)
+            return False
+        raise CrappifyError(f"output folder {out} is not empty and is not a crappify dataset; "
+                            "choose a new or empty folder")
+    previous = _read_config(cfg_path)
+    ours = _is_dataset(out, previous)
+    if previous is None and not (ours and overwrite):
+        hint = "use --overwrite to rebuild it" if ours else "choose a new or empty folder"
+        raise CrappifyError(f"{cfg_path} is not a crappify dataset config (not a YAML mapping); {hint}")
+    changed = _changed_keys(previous, identity) if previous is not None else ["config.yaml"]
+    if not changed and not overwrite:
+        return True
+    if not ours:
+        raise CrappifyError(f"output folder {out} is not a crappify dataset (it holds a config.yaml, but no "
+                            f"{MARKER} file or dataset manifest.csv), so it is never cleared, not even with "
+                            "--overwrite; choose a new or empty folder")
+    if not overwrite:
+        raise CrappifyError(f"{out} was built with a different config (differs in: {', '.join(changed)}); "
+                            "use --overwrite to rebuild it or choose another folder")
+    _clear(out)
     return False
 
 
 def _load_done(out: Path, items: list[Item]) -> dict[str, dict[str, Any]]:
-    """Results already on disk: the last manifest/skipped files, then the journal of a killed run."""
+    """Results already on disk: the last manifest/skipped files, then the journal of a killed run.
+
+    A pair is reused only if both its files still look whole (`_pair_intact`): files are not fsynced, so
+    after a power loss the journal can list a file that is empty or ends in zeros; such pairs are rebuilt.
+    Skips whose reason was not the file's fault (`RETRIED_REASONS`) are tried again."""
     done: dict[str, dict[str, Any]] = {}
     if (out / "manifest.csv").is_file():
         with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
@@ -292,9 +402,23 @@ def _load_done(out: Path, items: list[Item]) -> dict[str, dict[str, Any]]:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill
                     continue
-                done[rec["id"]] = rec
+                if isinstance(rec, dict) and "id" in rec:
+                    done[rec["id"]] = rec
     return {k: v for k, v in done.items()
-            if "skip" in v or ((out / v["hr"]).is_file() and (out / v["lr"]).is_file())}
+            if (not str(v["skip"]).startswith(RETRIED_REASONS) if "skip" in v else _pair_intact(out, v))}
+
+
+def _pair_intact(out: Path, row: dict[str, Any]) -> bool:
+    """Whether a finished pair's HR and LR files are still whole, with the sizes its row records."""
+    try:
+        hr_size = (int(row["hr_width"]), int(row["hr_height"]))
+        lr_size = (int(row["lr_width"]), int(row["lr_height"]))
+        hr, lr = out / row["hr"], out / row["lr"]
+    except (KeyError, TypeError, ValueError):
+        return False
+    # The LR's bytes are always ours (OpenCV's encoders: a JPEG ends with EOI); an HR may be the source's own
+    # bytes, which may carry data after the end marker.
+    return file_intact(lr, lr_size, strict_end=True) and file_intact(hr, hr_size)
 
 
 def _open_journal(path: Path) -> TextIO:
@@ -349,13 +473,15 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
     identity = resolved_config(cfg, layout, chain, scale)
     resuming = _prepare_out(out, identity, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():  # before anything else is written (also added to older datasets)
+        write_atomic(out / MARKER, MARKER_TEXT)
     if not resuming:
         write_atomic(out / "config.yaml", yaml.safe_dump({**identity, "versions": versions()}, sort_keys=False))
     else:
         _remove_temp_files(out)
     done = _load_done(out, listing.items) if resuming else {}
     todo = [it for it in listing.items if it.id not in done]
-    job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr)
+    job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr, cfg.max_bytes)
 
     results = dict(done)
     workers = min(cfg.workers, max(1, len(todo)))
@@ -367,6 +493,10 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
         stack.callback(cv2.setNumThreads, old_threads)
         # Children are forked here, before any helper thread (the progress bar's) exists.
         finished = parallel_map(functools.partial(process_item, job=job), todo, workers, init=_init_worker)
+        # An error that stops the run (a file that could not be read) stops the workers too, at once, rather
+        # than whenever the traceback that holds this generator is freed.
+        if hasattr(finished, "close"):
+            stack.callback(finished.close)
         journal = stack.enter_context(_open_journal(out / JOURNAL))
         bar = stack.enter_context(_progress(len(listing.items), len(listing.items) - len(todo),
                                             progress and bool(todo)))

@@ -62,6 +62,8 @@ def app() -> None:
 @click.option("--limit", type=int, help="Use at most N photos (proportionally from each split).")
 @click.option("--split", "split_", help="train,valid,test ratios where the source has no official split.")
 @click.option("--max-pixels", type=int, help="Refuse images with more pixels (decompression bombs).")
+@click.option("--max-bytes", type=int,
+              help="Skip files larger than this many bytes, without reading them (default 256 MiB).")
 @click.option("--hr-format", type=click.Choice(["png", "jpg"]), help="Format of HR images that must be re-encoded.")
 @click.option("--copy-hr", is_flag=True, default=None,
               help="Copy unchanged HR files instead of hard-linking them to the source.")

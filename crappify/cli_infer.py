@@ -31,17 +31,22 @@ _PRECISION = click.Choice(["auto", "fp32", "bf16", "fp16"])
 @click.option("--precision", type=_PRECISION, default="auto", show_default=True,
               help="auto: bf16 on GPUs (fp16 on old ones), fp32 on most CPUs; falls back to fp32 where unsupported.")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
+@click.option("--max-pixels", "max_pixels", type=click.IntRange(min=1),
+              help="Skip a photo whose output (its size x the scale) would have more pixels than this "
+                   "(default: the decoding limit, 89,478,485).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that already exist (default: skip them).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None, tile: int | None,
-                overlap: int | None, batch: int | None, device: str, precision: str, quality: int, overwrite: bool,
-                quiet: bool) -> None:
+                overlap: int | None, batch: int | None, device: str, precision: str, quality: int,
+                max_pixels: int | None, overwrite: bool, quiet: bool) -> None:
     """Enhance photos (files and/or folders, recursive) with a trained generator, tile by tile."""
+    from crappify.imageio import DEFAULT_MAX_PIXELS
     from srgan.enhance import collect_inputs, enhance_files, resolve_scale
     from srgan.evaluate import model_file
     from srgan.inference import load_inference
     from srgan.train import resolve_device
 
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     path = model_file(model)
     items = collect_inputs(inputs, out)
     if not items:
@@ -53,14 +58,15 @@ def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None
         click.echo(f"crappify: note: upscaling x{factor} before the U-Net, the scale of the data it was trained on "
                    "(--scale 1 keeps the size)", err=True)
     res = enhance_files(engine, items, out, factor, overwrite=overwrite, progress=not quiet, jpeg_quality=quality,
-                        report=lambda text: click.echo(f"crappify: {text}", err=True))
+                        report=lambda text: click.echo(f"crappify: {text}", err=True), max_pixels=max_pixels)
     text = f"enhanced {len(res.written)} image(s) (x{factor}) -> {out}"
     if res.skipped:
         text += f"; {len(res.skipped)} already there (--overwrite to redo)"
     if res.failed:
-        text += f"; {len(res.failed)} could not be read"
+        text += f"; {len(res.failed)} skipped (could not be read, too large or out of memory)"
     if not res.written and not res.skipped and res.failed:
-        raise CrappifyError(f"no image could be enhanced: {len(res.failed)} file(s) could not be read")
+        raise CrappifyError(f"no image could be enhanced: {len(res.failed)} file(s) skipped (could not be read, "
+                            f"too large for --max-pixels {max_pixels}, or out of memory)")
     click.echo(text)
 
 

@@ -2,7 +2,8 @@
 
 - `generator.safetensors`: the weights, plus in the metadata everything needed to rebuild the model
   (arch, options, scale, image size, normalisation), so later commands need only this one file.
-  Loss networks are never inside it.
+  Loss networks are never inside it. Reading one checks its metadata's types and ranges and its spec against
+  its tensors before building anything, so a crafted or foreign file gets one line naming it.
 - `checkpoints/last.pt`: model + optimiser state + epoch + history, loaded with
   `torch.load(weights_only=True)` so no pickled code runs.
 Both are written under a temporary name and renamed, so a kill never leaves half a file.
@@ -11,6 +12,10 @@ Both are written under a temporary name and renamed, so a kill never leaves half
 from __future__ import annotations
 
 import json
+import math
+import os
+import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,7 @@ def _save_model(model: nn.Module, path: str | Path, fmt: str, builder: str,
             "extra": json.dumps(extra or {})}
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
-    with replacing(Path(path)) as tmp:
+    with replacing(Path(path), durable=True) as tmp:
         save_file(state, tmp, metadata=meta)
 
 
@@ -52,11 +57,152 @@ def _read_meta(path: str | Path, fmt: str, kind: str, missing: str) -> dict[str,
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except Exception as exc:
-        raise CrappifyError(f"{path} is not a safetensors file: {str(exc).splitlines()[0]}") from None
+        raise CrappifyError(f"{path} is not a safetensors file: {_first_line(exc)}") from None
     if meta.get("format") != fmt:
         raise CrappifyError(f"{path} is not a crappify {kind} file (format {meta.get('format')!r})")
-    return {"spec": json.loads(meta["spec"]), "normalization": json.loads(meta["normalization"]),
-            "extra": json.loads(meta.get("extra", "{}"))}
+    out = {"spec": _json_meta(meta, "spec", path), "normalization": _json_meta(meta, "normalization", path),
+           "extra": _json_meta(meta, "extra", path, "{}")}
+    _check_meta(path, out, generator=fmt == FORMAT)
+    return out
+
+
+# What a model file's metadata may ask for: generous for anything trained here, bounded because a file may come
+# from anyone. The model itself is bounded by `_rebuild`, which checks the spec against the file's tensors on
+# the meta device before anything is allocated.
+MAX_SCALE = 8
+MAX_DATA_SCALE = 16
+MAX_IMG_SIZE = 2048
+MAX_INT_OPTION = 1024
+MAX_LIST_OPTION = 16
+# A ResNet U-Net's layers are the same for every img_size >= 32; only fastai's dummy forward pass at build time grows
+# with it (its self-attention over (img_size/8)^2 positions: 16 GiB at 2048 px), so they are rebuilt at most this
+# big (and `_rebuild` checks the result against the file's tensors).
+BUILD_IMG_SIZE = 256
+
+
+def _bad(path: Path, what: str) -> CrappifyError:
+    return CrappifyError(f"{path} has bad model metadata: {what}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_meta(meta: dict[str, str], key: str, path: Path, default: str | None = None) -> Any:
+    """One JSON entry of a model file's metadata, or a one-line error naming the file."""
+    text = meta.get(key, default)
+    if text is None:
+        raise _bad(path, f"no {key!r} entry (a crappify model file records how to rebuild its model)")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise _bad(path, f"{key!r} is not valid JSON ({str(exc).splitlines()[0]})") from None
+
+
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_option(path: Path, key: str, value: Any, nested: bool = False) -> None:
+    """An option value: a JSON scalar or a short flat list of them, integers bounded, floats finite."""
+    if isinstance(value, list) and not nested:
+        if len(value) > MAX_LIST_OPTION:
+            raise _bad(path, f"option {key} has {len(value)} items (at most {MAX_LIST_OPTION})")
+        for item in value:
+            _check_option(path, key, item, nested=True)
+        return
+    ok = (value is None or isinstance(value, bool) or (isinstance(value, str) and len(value) <= 64)
+          or _is_int(value, -MAX_INT_OPTION, MAX_INT_OPTION) or (isinstance(value, float) and math.isfinite(value)))
+    if not ok:
+        raise _bad(path, f"option {key} = {_show(value)} is out of range")
+
+
+def _check_meta(path: Path, meta: dict[str, Any], generator: bool) -> None:
+    """Types and ranges of a model file's spec, normalisation and extra entries (one-line error naming the file)."""
+    spec, stats, extra = meta["spec"], meta["normalization"], meta["extra"]
+    if not isinstance(spec, dict):
+        raise _bad(path, f"spec must be a mapping, got {_show(spec)}")
+    arch, options = spec.get("arch"), spec.get("options")
+    if not isinstance(arch, str) or not 0 < len(arch) <= 200:
+        raise _bad(path, f"arch must be a model name, got {_show(arch)}")
+    if not isinstance(options, dict):
+        raise _bad(path, f"options must be a mapping, got {_show(options)}")
+    for key, value in options.items():
+        _check_option(path, key, value)
+    if generator:
+        if not _is_int(spec.get("scale"), 1, MAX_SCALE):
+            raise _bad(path, f"scale must be an integer in 1..{MAX_SCALE}, got {_show(spec.get('scale'))}")
+        if not _is_int(spec.get("img_size"), 1, MAX_IMG_SIZE):
+            raise _bad(path, f"img_size must be an integer in 1..{MAX_IMG_SIZE}, got {_show(spec.get('img_size'))}")
+    if not (isinstance(stats, list) and len(stats) == 2
+            and all(isinstance(s, list) and len(s) == 3 and all(_is_number(v) for v in s) for s in stats)
+            and all(v > 0 for v in stats[1])):
+        raise _bad(path, f"normalization must be [[3 means], [3 positive stds]], got {_show(stats)}")
+    if not isinstance(extra, dict):
+        raise _bad(path, f"extra must be a mapping, got {_show(extra)}")
+    if extra.get("data_scale") is not None and not _is_int(extra["data_scale"], 1, MAX_DATA_SCALE):
+        raise _bad(path, f"data_scale must be an integer in 1..{MAX_DATA_SCALE}, got {_show(extra['data_scale'])}")
+
+
+def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
+    """The model `build()` makes, holding the file's weights.
+
+    The spec is first built on the meta device (no memory, no compute) and its tensors' names and shapes compared
+    with the file's header, so a spec that asks for another or a far larger model than the file holds is refused
+    before anything is allocated. A builder that cannot run on the meta device is built for real and checked by
+    the strict load instead (its options are bounded by `_check_meta`).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            have = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (not iterable)
+    except Exception as exc:
+        raise CrappifyError(f"{path} is not a safetensors file: {_first_line(exc)}") from None
+    probe = None
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:  # random states kept as they were, so loading draws exactly what the real build alone draws
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            probe = build()
+    except CrappifyError as exc:
+        raise _bad(path, str(exc)) from None
+    except Exception:  # some builder cannot run on meta tensors: built for real below
+        pass
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    model = None
+    if probe is None:
+        try:
+            model = build()
+        except CrappifyError as exc:
+            raise _bad(path, str(exc)) from None
+        except Exception as exc:  # e.g. an option the builder does not take: the file's fault, not a bug here
+            raise _bad(path, f"its spec cannot be built ({type(exc).__name__}: {_first_line(exc)})") from None
+    want = {k: tuple(v.shape) for k, v in (probe if probe is not None else model).state_dict().items()}
+    if want != have:
+        missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        wrong = [k for k in want if k in have and want[k] != have[k]]
+        detail = "; ".join(part for part in (
+            f"{len(missing)} tensor(s) missing, e.g. {missing[0]}" if missing else "",
+            f"{len(unexpected)} unexpected, e.g. {unexpected[0]}" if unexpected else "",
+            f"{wrong[0]} is {list(have[wrong[0]])}, the spec's model has {list(want[wrong[0]])}" if wrong else "")
+            if part)
+        raise CrappifyError(f"{path}: its weights do not match the model its metadata describes ({detail})")
+    model = build() if model is None else model
+    model.load_state_dict(load_file(str(path)))
+    return model
 
 
 def save_generator(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -71,15 +217,17 @@ def read_generator_meta(path: str | Path) -> dict[str, Any]:
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a generator from its file alone (no pretrained downloads, no loss network), in eval mode."""
-    from safetensors.torch import load_file
-
     from srgan.models import build_generator
 
     meta = read_generator_meta(path)
     spec = meta["spec"]
-    model = build_generator(spec["arch"], scale=spec["scale"], img_size=spec["img_size"], pretrained=False,
-                            **spec["options"])
-    model.load_state_dict(load_file(str(path)))
+    # ResNet U-Nets are rebuilt at most BUILD_IMG_SIZE px (see there); not timm ones: some (attention windows)
+    # only run at the size they were built for
+    small = spec["arch"].startswith("unet") and not spec["arch"].startswith("unet-timm:")
+    size = min(spec["img_size"], BUILD_IMG_SIZE) if small else spec["img_size"]
+    model = _rebuild(Path(path), lambda: build_generator(spec["arch"], scale=spec["scale"], img_size=size,
+                                                         pretrained=False, **spec["options"]))
+    model.crappify_spec = {**model.crappify_spec, "img_size": spec["img_size"]}
     return model.to(device).eval()
 
 
@@ -98,11 +246,70 @@ def plain(obj: Any) -> Any:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically write a training checkpoint (tensors, numbers, strings, lists and dicts only)."""
+    """Atomically and durably (fsynced) write a training checkpoint (tensors, numbers, strings, lists and
+    dicts only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path) as tmp:
+    with replacing(path, durable=True) as tmp:
         torch.save(plain(state), tmp)
+
+
+def config_key(cfg: Any, ignore: frozenset[str] | set[str] = frozenset()) -> str:
+    """A stage config's identity for its checkpoints: a hash of the resolved options, without `ignore` (how
+    to run — device, workers, precision — and the run's length, which a resume may extend). A checkpoint
+    records it; one with another key belongs to another config and is never resumed from."""
+    import hashlib
+
+    dump = cfg.model_dump(mode="json")
+    for key in ("data", "out", "generator", "critic", "weights"):  # paths: compare where they point
+        if isinstance(dump.get(key), str):
+            dump[key] = str(Path(dump[key]).resolve())
+    dump = {k: v for k, v in dump.items() if k not in ignore and k != "out"}
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """A short content hash of a file ("-" when there is none), for keys that depend on an input file."""
+    import hashlib
+
+    path = Path(path)
+    if not path.is_file():
+        return "-"
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def resume_state(path: str | Path, key: str, resume: bool, what: str, move: bool = True) -> dict[str, Any] | None:
+    """The checkpoint at `path` to continue from, or None to start from the beginning.
+
+    Without `resume`, an existing checkpoint (an earlier config's, or an earlier run's) is moved aside to
+    `stale-<key>.pt`, so that a kill before this run's first checkpoint can never resume from it. With
+    `resume`: no checkpoint → None with a one-line note; a checkpoint of another config (its key differs, or
+    it predates keys) → moved aside, None and a note; else the state. `move` False (ranks other than 0 under
+    torchrun): the same answer, but neither files nor notes."""
+    import sys
+
+    path = Path(path)
+    if not path.is_file():
+        if resume and move:
+            print(f"crappify: note: {what}: nothing to resume from at {path}; starting from the beginning",
+                  file=sys.stderr, flush=True)
+        return None
+    state = load_checkpoint(path) if resume else None
+    if state is not None and state.get("config_key") == key:
+        return state
+    if not move:
+        return None
+    old = state.get("config_key") if state is not None else None
+    aside = path.with_name(f"stale-{old or 'previous'}.pt")
+    os.replace(path, aside)
+    if resume:
+        print(f"crappify: note: {what}: the checkpoint at {path} belongs to another configuration; moved it to "
+              f"{aside.name} and starting from the beginning", file=sys.stderr, flush=True)
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -134,14 +341,10 @@ def read_critic_meta(path: str | Path) -> dict[str, Any]:
 
 def load_critic(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a critic from its file alone, in eval mode."""
-    from safetensors.torch import load_file
-
     from srgan.critics import build_critic
 
     spec = read_critic_meta(path)["spec"]
-    model = build_critic(spec["arch"], **spec["options"])
-    model.load_state_dict(load_file(str(path)))
-    return model.to(device).eval()
+    return _rebuild(Path(path), lambda: build_critic(spec["arch"], **spec["options"])).to(device).eval()
 
 
 def load_optimizer_state(opt: Any, state: dict[str, Any]) -> None:

@@ -24,13 +24,14 @@ import yaml
 from pydantic import Field
 
 from crappify.errors import ConfigError, CrappifyError
-from crappify.imageio import decode, write_atomic
-from srgan.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_critic
-from srgan.data import Normalizer, default_workers, read_dataset
+from crappify.imageio import write_atomic
+from srgan.checkpoint import config_key, file_digest, load_optimizer_state, resume_state, save_checkpoint, save_critic
+from srgan.data import Normalizer, Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
 from srgan.distributed import unwrap
 from srgan.train import RunOptions
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"]
+RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs"})  # see srgan.train
 
 
 class TrainCriticConfig(RunOptions):
@@ -53,10 +54,14 @@ class TrainCriticConfig(RunOptions):
 
 
 class RealFakeDataset(torch.utils.data.Dataset):
-    """(uint8 CHW crop, label) for real HR images (1.0) and generator outputs (0.0)."""
+    """(uint8 CHW crop, label) for real HR images (1.0) and generator outputs (0.0).
 
-    def __init__(self, items: list[tuple[Path, float]], size: int, train: bool = True, seed: int = 0) -> None:
+    An image that cannot be read is reported once (naming the file and its manifest row) and replaced by
+    another item chosen from the seed and epoch (`srgan.data.read_or_substitute`); too many stop the stage."""
+
+    def __init__(self, items: list[tuple[Path, float, str]], size: int, train: bool = True, seed: int = 0) -> None:
         self.items, self.size, self.train, self.seed, self.epoch = items, size, train, seed, 0
+        self.unreadable = Unreadable(len(items), f"{'training' if train else 'validation'} critic images")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -64,9 +69,12 @@ class RealFakeDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _read(self, j: int) -> tuple[np.ndarray, float]:
+        path, label, where = self.items[j]
+        return read_image(path, where), label
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path, label = self.items[i]
-        img = decode(path)
+        _, (img, label) = read_or_substitute(i, self._read, self.unreadable, self.seed, self.epoch)
         h, w = img.shape[:2]
         size = self.size
         if min(h, w) < size:  # reflect-pad small images up to the crop size
@@ -96,16 +104,17 @@ class _NormalizeImages:
         return self.normalizer.normalize(x).contiguous(memory_format=fmt), y.float()
 
 
-def real_fake_items(data: str | Path, run: str | Path, split: str) -> list[tuple[Path, float]]:
-    """(path, label) for every pair of `split`: its HR (real) and `RUN/preds/<split>/<id>.png` (fake)."""
+def real_fake_items(data: str | Path, run: str | Path, split: str) -> list[tuple[Path, float, str]]:
+    """(path, label, where) for every pair of `split`: its HR (real) and `RUN/preds/<split>/<id>.png` (fake);
+    `where` names the pair and its manifest row for messages."""
     pairs = read_dataset(data)[0].get(split, [])
     preds = Path(run) / "preds" / split
-    return [item for p in pairs for item in ((p.hr, 1.0), (preds / f"{p.id}.png", 0.0))]
+    return [item for p in pairs for item in ((p.hr, 1.0, describe(p)), (preds / f"{p.id}.png", 0.0, describe(p)))]
 
 
 def ensure_preds(data: str | Path, run: str | Path, device: torch.device, splits: tuple[str, ...]) -> int:
     """Write the generator's outputs for `splits` when any is missing (needs RUN/generator.safetensors)."""
-    missing = [p for s in splits for p, label in real_fake_items(data, run, s) if not label and not p.is_file()]
+    missing = [p for s in splits for p, label, _ in real_fake_items(data, run, s) if not label and not p.is_file()]
     if not missing:
         return 0
     if not (Path(run) / "generator.safetensors").is_file():
@@ -162,7 +171,17 @@ def patch_accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Pretrain a critic on RUN's saved generator outputs vs the real HR images; returns RUN/critic.safetensors."""
+    """Pretrain a critic on RUN's saved generator outputs vs the real HR images; returns RUN/critic.safetensors.
+
+    `resume` continues from RUN/critic-checkpoints/last.pt when it belongs to this config (and this generator,
+    whose predictions it learned from); a checkpoint at the last epoch only writes the final file."""
+    from srgan.distributed import run_folder
+
+    with run_folder(cfg.out, "train-critic run"):
+        return _train_critic(cfg, resume, progress)
+
+
+def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool) -> Path:
     import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.learner import Learner
     from fastai.metrics import AvgMetric
@@ -184,77 +203,90 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
                           f"(at least {min_input_size(cfg.arch, **cfg.options)} px)")
     splits = read_dataset(cfg.data)[0]
     valid_split = "valid" if splits.get("valid") else "test"
+    # the fakes are this generator's predictions: a checkpoint made against another generator is not ours
+    key = config_key(cfg, RUN_KEYS) + file_digest(run / "generator.safetensors")
+    state = resume_state(run / "critic-checkpoints" / "last.pt", key, resume, "train-critic", move=is_main())
     history: list[dict[str, Any]] = []
-    state = None
-    if resume:
-        state = load_checkpoint(run / "critic-checkpoints" / "last.pt")
+    if state is not None:
         model.load_state_dict(state["model"])
         history = list(state["history"])
-        if int(state["epoch"]) >= cfg.epochs:
-            raise CrappifyError(f"{run} already finished all {cfg.epochs} critic epochs")
     if is_main():
         ensure_preds(cfg.data, run, device, ("train", valid_split))
         run.mkdir(parents=True, exist_ok=True)
         write_atomic(run / "train-critic.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        _write_history(run, history)  # in step with the checkpoint (rows past it dropped)
     barrier()  # the other ranks wait for rank 0's predictions
-    dls = make_critic_dataloaders(cfg.data, run, cfg.size, cfg.bs, device=device, num_workers=cfg.num_workers,
-                                  seed=cfg.seed, channels_last=cfg.channels_last)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    DeviceMixedPrecision, StopOnNonFinite = _callbacks()
-    cbs = [StopOnNonFinite(), _critic_epoch_end(run, history, write=is_main())]
-    if ddp is not None:
-        cbs.append(ddp)
-    if precision in ("bf16", "fp16"):
-        cbs.append(DeviceMixedPrecision(amp_mode=precision))
-    learn = Learner(dls, model.to(device), loss_func=patch_bce, opt_func=Adam, wd=cfg.wd,
-                    metrics=[AvgMetric(patch_accuracy)], cbs=cbs, path=run, model_dir="critic-checkpoints")
-    if not progress or not is_main():
-        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
-        learn.logger = lambda *_: None
-    learn.create_opt()
-    if state is not None:
-        load_optimizer_state(learn.opt, state["opt"])
-    learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start,
-                        start_epoch=int(state["epoch"]) if state is not None else 0)
+    start = int(state["epoch"]) if state is not None else 0
+    if start < cfg.epochs:  # else the checkpoint is at the end: only the final file is missing
+        dls = make_critic_dataloaders(cfg.data, run, cfg.size, cfg.bs, device=device, num_workers=cfg.num_workers,
+                                      seed=cfg.seed, channels_last=cfg.channels_last)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        DeviceMixedPrecision, StopOnNonFinite = _callbacks()
+        cbs = [StopOnNonFinite(), _critic_epoch_end(run, history, key, write=is_main())]
+        if ddp is not None:
+            cbs.append(ddp)
+        if precision in ("bf16", "fp16"):
+            cbs.append(DeviceMixedPrecision(amp_mode=precision))
+        learn = Learner(dls, model.to(device), loss_func=patch_bce, opt_func=Adam, wd=cfg.wd,
+                        metrics=[AvgMetric(patch_accuracy)], cbs=cbs, path=run, model_dir="critic-checkpoints")
+        if not progress or not is_main():
+            learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
+            learn.logger = lambda *_: None
+        learn.create_opt()
+        if state is not None:
+            load_optimizer_state(learn.opt, state["opt"])
+        learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start, start_epoch=start)
+        model = learn.model
     final = run / "critic.safetensors"
     if is_main():
-        save_critic(unwrap(learn.model), final, extra={"epochs": cfg.epochs, "dataset": str(Path(cfg.data).resolve()),
-                                               "accuracy": history[-1]["accuracy"] if history else None})
+        save_critic(unwrap(model), final, extra={"epochs": cfg.epochs, "dataset": str(Path(cfg.data).resolve()),
+                                                 "accuracy": history[-1]["accuracy"] if history else None})
     finish()  # the other ranks wait for the file, then all leave the process group
     return final
 
 
-def _critic_epoch_end(run: Path, history: list[dict[str, Any]], write: bool = True):
-    """After each epoch: a history row, then the checkpoint (fastai imported on use); `write` False on the
-    ranks other than 0, which only set the epoch's crops."""
+def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic(run / "critic-history.csv", buf.getvalue())
+
+
+def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write: bool = True):
+    """After each epoch: the checkpoint (with the history), then critic-history.csv from it (fastai imported on
+    use); `write` False on the ranks other than 0, which only set the epoch's crops."""
     from fastai.callback.core import Callback
+
+    from srgan.train import EpochLoss
 
     class CriticEpochEnd(Callback):
         order = 90  # after the Recorder has the epoch's values
 
         def before_epoch(self):  # not reached for the epochs fastai skips on resume
             self._t0 = time.perf_counter()
+            self._loss = EpochLoss()
             for dl in (self.dls.train, self.dls.valid):
                 dl.dataset.set_epoch(self.epoch)
+
+        def after_batch(self):
+            if self.training and getattr(self, "_t0", None) is not None:
+                self._loss.add(self.learn.loss, self.learn.yb)
 
         def after_epoch(self):
             if getattr(self, "_t0", None) is None or not write:
                 return
             names = self.recorder.metric_names[1:-1]
             values = dict(zip(names, self.recorder.log[1:-1], strict=False))
-            history.append({"epoch": self.epoch + 1, "train_loss": _num(values.get("train_loss")),
+            history.append({"epoch": self.epoch + 1, "train_loss": _num(self._loss.mean),
                             "valid_loss": _num(values.get("valid_loss")),
                             "accuracy": _num(values.get("patch_accuracy")),
                             "seconds": round(time.perf_counter() - self._t0, 3)})
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(history)
-            write_atomic(run / "critic-history.csv", buf.getvalue())
             save_checkpoint(run / "critic-checkpoints" / "last.pt",
                             {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
-                             "epoch": self.epoch + 1, "history": history})
+                             "epoch": self.epoch + 1, "history": history, "config_key": key})
+            _write_history(run, history)
             self._t0 = None
 
     return CriticEpochEnd()

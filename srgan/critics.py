@@ -10,6 +10,10 @@
 - `srgan`: the SRGAN paper's discriminator: 8 3x3 convs, 64 → 512 channels, stride 2 on every second conv,
   BN after the first, LeakyReLU 0.2, then dense 1024 → LeakyReLU → dense 1; (N, 1). An adaptive average pool
   before the dense head (to `pool`² cells, 6 as for 96 px crops) lets it take any input size.
+- `patch`: the same convolution stack as `srgan` with a patch head instead of the dense one (a 3x3 conv to one
+  logit per cell at 1/2^n_blocks of the input, as in PyTorch-GAN's SRGAN and pix2pix's PatchGAN): every logit
+  judges a local texture patch, which is what tells a sharp photo from a smooth restoration. No spectral norm,
+  so it learns in a few hundred CPU steps where the spectral-norm critics stay at chance (benchmarks/README.md).
 - `unet-sn`: a U-Net discriminator with spectral norm and a per-pixel output (N, 1, H, W), in the spirit of
   Real-ESRGAN's `UNetDiscriminatorSN`.
 """
@@ -35,6 +39,7 @@ DEFAULT_CRITIC = "gan-critic"
 CRITIC_DEFAULTS: dict[str, dict[str, Any]] = {
     "gan-critic": {"nf": 128, "n_blocks": 3, "p": 0.15},  # fastai's gan_critic defaults (the course's critic)
     "srgan": {"nf": 64, "n_blocks": 4, "hidden": 1024, "pool": 6},
+    "patch": {"nf": 64, "n_blocks": 4},
     "unet-sn": {"nf": 64, "skip": True},
 }
 
@@ -69,7 +74,7 @@ def min_input_size(arch: str, **options: Any) -> int:
     opts = {**CRITIC_DEFAULTS[arch], **options}
     if arch == "gan-critic":  # 1 + n_blocks stride-2 convs, then a 4x4 valid conv
         return 4 * 2 ** (1 + opts["n_blocks"])
-    if arch == "srgan":
+    if arch in ("srgan", "patch"):
         return 2 ** opts["n_blocks"]
     return 8  # unet-sn: three stride-2 levels
 
@@ -95,28 +100,46 @@ class _PlainOutput(nn.Sequential):
         return out.as_subclass(torch.Tensor) if type(out) is not torch.Tensor else out
 
 
+def srgan_features(nf: int, n_blocks: int) -> tuple[nn.Sequential, int]:
+    """The SRGAN discriminator's conv stack (fig. 4): per block a stride-1 conv (channels double after the
+    first block) and a stride-2 conv, BN after every conv but the first, LeakyReLU 0.2; and its output width."""
+    layers: list[nn.Module] = []
+    ni = 3
+    for i in range(n_blocks):
+        nc = nf * 2 ** i
+        for stride in (1, 2):
+            layers.append(nn.Conv2d(ni, nc, 3, stride, 1, bias=not layers))
+            if layers[1:]:  # BN after every conv but the first
+                layers.append(nn.BatchNorm2d(nc))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            ni = nc
+    return nn.Sequential(*layers), ni
+
+
 class SRGANDiscriminator(nn.Module):
     """The SRGAN paper's discriminator (Ledig et al. 2017, fig. 4); see the module docstring."""
 
     def __init__(self, nf: int = 64, n_blocks: int = 4, hidden: int = 1024, pool: int = 6) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        ni = 3
-        for i in range(n_blocks):  # each block: conv stride 1 (channels double except in the first), conv stride 2
-            nc = nf * 2 ** i
-            for stride in (1, 2):
-                layers.append(nn.Conv2d(ni, nc, 3, stride, 1, bias=not layers))
-                if layers[1:]:  # BN after every conv but the first
-                    layers.append(nn.BatchNorm2d(nc))
-                layers.append(nn.LeakyReLU(0.2, inplace=True))
-                ni = nc
-        self.features = nn.Sequential(*layers)
+        self.features, ni = srgan_features(nf, n_blocks)
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(ni * pool * pool, hidden), nn.LeakyReLU(0.2, inplace=True),
                                   nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.features(x)))
+
+
+class PatchDiscriminator(nn.Module):
+    """SRGAN's conv stack with a 3x3 conv to one logit per patch: (N, 1, ceil(H/2^n), ceil(W/2^n))."""
+
+    def __init__(self, nf: int = 64, n_blocks: int = 4) -> None:
+        super().__init__()
+        self.features, ni = srgan_features(nf, n_blocks)
+        self.head = nn.Conv2d(ni, 1, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 @CRITICS.register("srgan")
@@ -156,6 +179,11 @@ class UNetDiscriminatorSN(nn.Module):
             if self.skip:
                 h = h + skip
         return self.refine(h)
+
+
+@CRITICS.register("patch")
+def _patch_critic(*, nf: int, n_blocks: int) -> nn.Module:
+    return PatchDiscriminator(nf=nf, n_blocks=n_blocks)
 
 
 @CRITICS.register("unet-sn")

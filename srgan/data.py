@@ -12,9 +12,13 @@ the same run sees the same crops.
 from __future__ import annotations
 
 import csv
+import itertools
 import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -22,9 +26,15 @@ import torch
 import yaml
 
 from crappify.errors import CrappifyError
-from crappify.imageio import decode
+from crappify.imageio import ImageError, ReadError, decode
 from srgan.checkpoint import IMAGENET_STATS
 from srgan.upsample import resize_image
+
+T = TypeVar("T")
+# A training stage goes on past unreadable items (each replaced by another) until more than this many, and more
+# than this share of its items, have failed: a few bad files in a big dataset cost nothing, a broken one stops.
+MAX_UNREADABLE = 10
+MAX_UNREADABLE_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,7 @@ class Pair:
     id: str
     lr: Path
     hr: Path
+    row: str = ""  # where the manifest lists it ("DATA/manifest.csv line N"), for messages
 
 
 class Normalizer:
@@ -60,17 +71,79 @@ class Normalizer:
 
 
 def read_dataset(root: str | Path) -> tuple[dict[str, list[Pair]], dict]:
-    """Pairs per split from `root/manifest.csv`, and the dataset's `config.yaml`."""
+    """Pairs per split from `root/manifest.csv`, and the dataset's `config.yaml`.
+
+    Every row is checked here, so no consumer can be led outside its folders by a hostile manifest: `hr`
+    and `lr` must stay inside `root` once symlinks are resolved, and `id` and `split` must be safe relative
+    names (they name files under RUN/preds/). A bad row stops with one line naming the file and line.
+    """
     root = Path(root)
     manifest = root / "manifest.csv"
     if not manifest.is_file():
         raise CrappifyError(f"{root} is not a built dataset (no manifest.csv); make one with `crappify build-dataset`")
     config = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else {}
     splits: dict[str, list[Pair]] = {}
-    with open(manifest, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            splits.setdefault(row["split"], []).append(Pair(row["id"], root / row["lr"], root / row["hr"]))
+    checker = _PathChecker(root)
+    try:
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            _ = reader.fieldnames  # reads the header: line numbers below are where each record starts
+            line = reader.line_num + 1
+            for row in reader:
+                where = f"{manifest} line {line}"
+                line = reader.line_num + 1
+                values = {k: row.get(k) for k in ("id", "split", "hr", "lr")}
+                missing = [k for k, v in values.items() if not v]
+                if missing:
+                    raise CrappifyError(f"{where}: no {', '.join(missing)} (is it a manifest.csv of build-dataset?)")
+                _check_name(values["id"], "id", where)
+                _check_name(values["split"], "split", where, nested=False)
+                hr, lr = checker(values["hr"], "hr", where), checker(values["lr"], "lr", where)
+                splits.setdefault(values["split"], []).append(Pair(values["id"], lr, hr, where))
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise CrappifyError(f"{manifest}: not a readable CSV file ({exc})") from None
     return splits, config
+
+
+def _check_name(value: str, column: str, where: str, nested: bool = True) -> None:
+    """`value` must be a relative name: '/'-separated parts (only when `nested`: build-dataset keeps the
+    source's sub-folders in ids) that are none of '', '.', '..', without backslashes or NUL characters."""
+    parts = value.split("/") if nested else [value]
+    if "\0" in value or "\\" in value or any(p in ("", ".", "..") for p in parts) or (not nested and "/" in value):
+        raise CrappifyError(f"{where}: {column} {value!r} is not a safe file name (no '..', absolute path, "
+                            "backslash or NUL allowed)")
+
+
+class _PathChecker:
+    """Resolves a manifest's relative paths under `root` and refuses any that lead outside it (through '..',
+    an absolute path or a symlink). Real paths of parent folders are cached: a manifest lists thousands of
+    files in a few folders, and resolving every path from scratch cost ~18 µs."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.real = root, os.path.realpath(root)
+        self.parents: dict[str, str] = {}
+
+    def __call__(self, value: str, column: str, where: str) -> Path:
+        if "\0" in value:
+            raise CrappifyError(f"{where}: {column} path {value!r} holds a NUL character")
+        if os.path.isabs(value):
+            raise CrappifyError(f"{where}: {column} path {value!r} is absolute; a manifest lists paths relative to "
+                                f"{self.root}")
+        path = os.path.join(self.root, value)
+        head, name = os.path.split(path)
+        if name in ("", ".", ".."):
+            real = os.path.realpath(path)
+        else:
+            parent = self.parents.get(head)
+            if parent is None:
+                parent = self.parents[head] = os.path.realpath(head)
+            real = os.path.join(parent, name)
+            if os.path.islink(real):
+                real = os.path.realpath(real)
+        if os.path.commonpath([self.real, real]) != self.real:
+            raise CrappifyError(f"{where}: {column} path {value!r} leads outside the dataset folder {self.root} "
+                                f"(to {real})")
+        return self.root / value
 
 
 def _crop_box(h: int, w: int, size: int, rng: np.random.Generator | None, step: int) -> tuple[int, int]:
@@ -81,8 +154,103 @@ def _crop_box(h: int, w: int, size: int, rng: np.random.Generator | None, step: 
     return int(rng.integers(0, ys + 1)) * step, int(rng.integers(0, xs + 1)) * step
 
 
+def warn(message: str) -> None:
+    """One `crappify: warning: ...` line on stderr (from DataLoader workers too)."""
+    print(f"crappify: warning: {message}", file=sys.stderr, flush=True)
+
+
+def describe(pair: Pair) -> str:
+    """How messages name a pair: its id and manifest row."""
+    return f"pair {pair.id!r}, {pair.row}" if pair.row else f"pair {pair.id!r}"
+
+
+def read_image(path: str | Path, where: str = "") -> np.ndarray:
+    """`decode(path)`; an unreadable file raises `ImageError` whose one-line message names the file and `where`
+    (e.g. the manifest row that lists it)."""
+    try:
+        return decode(path)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}" + (f" ({where})" if where else "")) from None
+
+
+def read_image_or_none(path: str | Path, where: str = "") -> np.ndarray | None:
+    """`read_image`, or None after a one-line warning naming the file (for callers that skip what they cannot
+    read and go on)."""
+    try:
+        return read_image(path, where)
+    except ImageError as exc:
+        warn(f"skipped: {exc}")
+        return None
+
+
+def too_many_unreadable(failed: int, total: int) -> bool:
+    """Whether a stage must stop: more than MAX_UNREADABLE items, and more than MAX_UNREADABLE_SHARE of them."""
+    return failed > max(MAX_UNREADABLE, total * MAX_UNREADABLE_SHARE)
+
+
+class Unreadable:
+    """The items of a Dataset that could not be read, one flag each in shared memory, so that the process that
+    owns the Dataset and all its DataLoader workers (forked or spawned, every epoch anew) see the same record.
+
+    Each item is reported once on stderr (twice at worst, when two workers fail on the same file at the same
+    instant) and skipped at once afterwards; once `too_many_unreadable` holds, `add` raises a one-line
+    `CrappifyError` (from a worker, `srgan.loader.SeededDataLoader` re-raises it as that one line in the main
+    process).
+    """
+
+    def __init__(self, n: int, what: str = "pairs") -> None:
+        self.n, self.what = n, what
+        self.flags = torch.zeros(max(n, 1), dtype=torch.uint8).share_memory_()
+
+    def __contains__(self, i: int) -> bool:
+        return bool(self.flags[i])
+
+    def count(self) -> int:
+        return int(self.flags.sum())
+
+    def add(self, i: int, message: str) -> None:
+        """Record item i as unreadable (`message` names the file); stop when too many are."""
+        if not self.flags[i]:
+            self.flags[i] = 1
+            warn(f"{message}: skipped, another of the {self.what} takes its place")
+        failed = self.count()
+        if too_many_unreadable(failed, self.n):
+            raise CrappifyError(f"{failed} of {self.n} {self.what} could not be read: more than {MAX_UNREADABLE} and "
+                                f"more than {MAX_UNREADABLE_SHARE:.0%} of them stops the stage; the last: {message}")
+
+    def substitutes(self, i: int, seed: int, epoch: int) -> Iterator[int]:
+        """Every other index once, from a start drawn from (seed, epoch, i): what takes item i's place."""
+        n = self.n
+        if n < 2:
+            return
+        start = i + 1 + int(np.random.default_rng([seed, epoch, i, 7]).integers(n - 1))
+        yield from (j for j in ((start + k) % n for k in range(n)) if j != i)
+
+
+def read_or_substitute(i: int, read: Callable[[int], T], unreadable: Unreadable, seed: int = 0,
+                       epoch: int = 0) -> tuple[int, T]:
+    """(i, read(i)); when `read` raises `ImageError` (its message naming the file), (j, read(j)) for the first
+    readable j of `unreadable.substitutes(i, seed, epoch)`. Unreadable items are recorded (and stop the stage
+    when too many); the substitute depends only on the seed, the epoch and which files are bad, so a run with
+    bad files trains the same weights every time, with any number of loader workers."""
+    for j in itertools.chain((i,), unreadable.substitutes(i, seed, epoch)):
+        if j in unreadable:
+            continue
+        try:
+            return j, read(j)
+        except ReadError:  # the machine's fault (EIO, EMFILE, permissions), not the photo's: stop, never skip
+            raise
+        except ImageError as exc:
+            unreadable.add(j, str(exc))
+    raise CrappifyError(f"none of the {unreadable.n} {unreadable.what} could be read")
+
+
 class PairDataset(torch.utils.data.Dataset):
-    """Aligned (LR, HR) uint8 CHW crops; random crops and flips when `train`, centre crops otherwise."""
+    """Aligned (LR, HR) uint8 CHW crops; random crops and flips when `train`, centre crops otherwise.
+
+    A pair that cannot be read (or whose LR does not fit its HR) is reported once and replaced by another,
+    chosen from the seed (`read_or_substitute`); too many such pairs stop with one line.
+    """
 
     def __init__(self, pairs: list[Pair], size: int, scale: int = 1, resize_lr: bool = True, train: bool = True,
                  seed: int = 0) -> None:
@@ -92,6 +260,7 @@ class PairDataset(torch.utils.data.Dataset):
             raise CrappifyError(f"crop size {size} must be a multiple of the scale {scale}")
         self.pairs, self.size, self.scale, self.resize_lr = pairs, size, scale, resize_lr
         self.train, self.seed, self.epoch = train, seed, 0
+        self.unreadable = Unreadable(len(pairs), f"{'training' if train else 'validation'} pairs")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -100,14 +269,21 @@ class PairDataset(torch.utils.data.Dataset):
         """New random crops each epoch, the same ones for the same (seed, epoch)."""
         self.epoch = epoch
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pair i's (LR, HR) pixels, the LR resized to the HR for U-Nets; `ImageError` naming the file and row."""
         pair = self.pairs[i]
-        hr, lr = decode(pair.hr), decode(pair.lr)
+        where = describe(pair)
+        hr, lr = read_image(pair.hr, where), read_image(pair.lr, where)
         h, w = hr.shape[:2]
         if self.resize_lr and lr.shape[:2] != (h, w):
             lr = resize_image(lr, (w, h))
         elif not self.resize_lr and lr.shape[:2] != (h // self.scale, w // self.scale):
-            raise CrappifyError(f"{pair.id}: LR {lr.shape[1]}x{lr.shape[0]} is not HR {w}x{h} / {self.scale}")
+            raise ImageError(f"{pair.lr}: LR {lr.shape[1]}x{lr.shape[0]} is not HR {w}x{h} / {self.scale} ({where})")
+        return lr, hr
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _, (lr, hr) = read_or_substitute(i, self.read_pair, self.unreadable, self.seed, self.epoch)
+        h, w = hr.shape[:2]
         size, s = self.size, self.scale
         if min(h, w) < size:  # crops larger than the image: reflect-pad both to the crop size
             ph, pw = max(0, size - h), max(0, size - w)

@@ -14,9 +14,14 @@ run files (history, previews, checkpoints, the generator), which the trainers as
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+
+from crappify.runlock import clean_stale_temps, folder_lock
 
 
 def world_size() -> int:
@@ -35,6 +40,18 @@ def is_distributed() -> bool:
 def is_main() -> bool:
     """Whether this process writes the run's files (rank 0, or the only process)."""
     return rank() == 0
+
+
+@contextlib.contextmanager
+def run_folder(folder: str | Path, what: str) -> Iterator[None]:
+    """For the body of a stage that writes into `folder`: rank 0 holds the folder's lock (a second run on it
+    fails with one line) and first removes the temporary files killed runs left; other ranks just proceed."""
+    if not is_main():
+        yield
+        return
+    with folder_lock(folder, what):
+        clean_stale_temps(folder)
+        yield
 
 
 def local_device(device: torch.device) -> torch.device:

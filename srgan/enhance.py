@@ -6,6 +6,11 @@ RGB channels are enhanced and the alpha channel is resized (bicubic) to the outp
 Greyscale photos come out greyscale. Outputs keep their names and sub-folders (formats that cannot be
 written, e.g. GIF, become PNG), are written under a temporary name and renamed, and an existing output
 is left alone unless `overwrite`. A file that cannot be read is reported and skipped; the batch goes on.
+
+Memory: a photo whose output would have more than `max_pixels` pixels is skipped before anything is upscaled
+(default `crappify.imageio.DEFAULT_MAX_PIXELS`, the same cap as decoding: ~89.5 Mpx, 268 MB of RGB output); U-Net
+inputs are upscaled tile by tile inside the engine (and alpha in bands of rows), never as one whole photo;
+running out of memory on one photo (numpy's MemoryError as torch's) skips that photo with one line.
 """
 
 from __future__ import annotations
@@ -23,8 +28,7 @@ from PIL import Image, ImageOps
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, decode, is_temp_name, write_atomic
-from srgan.inference import TiledInference
-from srgan.upsample import resize_image
+from srgan.inference import TiledInference, Upscaled, is_oom
 
 WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
             ".tiff": "TIFF"}
@@ -50,17 +54,31 @@ class EnhanceResult:
     notes: list[str] = field(default_factory=list)
 
 
-def read_input(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Loaded:
-    """Decode a photo for enhancement; raises ImageError with a short reason for unusable files."""
+def check_output_size(width: int, height: int, scale: int, max_pixels: int) -> None:
+    """ImageError when a `width`×`height` photo enhanced ×`scale` would have more than `max_pixels` pixels."""
+    ow, oh = width * scale, height * scale
+    if ow * oh > max_pixels:
+        raise ImageError(f"the output would be {ow}x{oh} = {ow * oh} pixels (x{scale}), over the limit of "
+                         f"{max_pixels} (--max-pixels)")
+
+
+def read_input(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, scale: int = 1) -> Loaded:
+    """Decode a photo for enhancement; raises ImageError with a short reason for unusable files.
+
+    A photo whose output (its size × `scale`) would exceed `max_pixels` is refused from its header, before decoding.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                mode, info = img.mode, dict(img.info)
+                mode, info, size = img.mode, dict(img.info), img.size
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except Exception:
-        return Loaded(decode(path, max_pixels))  # decode gives the precise reason (or reads what Pillow can't)
+        rgb = decode(path, max_pixels)  # decode gives the precise reason (or reads what Pillow can't)
+        check_output_size(rgb.shape[1], rgb.shape[0], scale, max_pixels)
+        return Loaded(rgb)
+    check_output_size(*size, scale, max_pixels)
     grey = mode in GREY_MODES
     transparent = mode in ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in info)
     if not transparent:
@@ -143,19 +161,24 @@ def enhance_image(engine: TiledInference, loaded: Loaded, scale: int,
                   progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Enhanced RGB (size × `scale`) and the alpha resized to match.
 
-    A U-Net (scale 1 inside the model) gets the image resized by `scale` first (bicubic), as in training;
-    an SR model's own scale must be `scale`.
+    A U-Net (scale 1 inside the model) gets the image resized by `scale` (bicubic), as in training — by the
+    engine, tile by tile, not as one whole upscaled photo; an SR model's own scale must be `scale`.
     """
-    rgb = loaded.rgb
-    h, w = rgb.shape[:2]
-    size = (w * scale, h * scale)
-    if engine.scale == 1 and scale != 1:
-        rgb = resize_image(rgb, size)
-    out = engine(rgb, progress)
+    out = engine(loaded.rgb, progress, upscale=scale if engine.scale == 1 else 1)
     alpha = loaded.alpha
     if alpha is not None and scale != 1:
-        alpha = resize_image(alpha, size)
+        alpha = upscale_plane(alpha, scale)
     return out, alpha
+
+
+def upscale_plane(plane: np.ndarray, scale: int, band: int = 256) -> np.ndarray:
+    """A uint8 (H, W) plane resized ×`scale` (bicubic, as `srgan.upsample.resize_image`), `band` output rows at
+    a time, so the float intermediates stay the size of a band rather than of the whole output."""
+    src = Upscaled(plane, scale)
+    out = np.empty((src.height, src.width), np.uint8)
+    for y in range(0, src.height, band):
+        out[y:y + band] = src.rows(y, min(y + band, src.height))
+    return out
 
 
 def resolve_scale(engine: TiledInference, scale: int | None) -> int:
@@ -174,11 +197,27 @@ def resolve_scale(engine: TiledInference, scale: int | None) -> int:
 
 def enhance_files(engine: TiledInference, items: list[tuple[Path, Path]], out_dir: str | Path, scale: int,
                   overwrite: bool = False, progress: bool = True, jpeg_quality: int = 95,
-                  report: Callable[[str], None] | None = None) -> EnhanceResult:
-    """Enhance every (input, relative output) pair into OUTDIR; see the module docstring for the rules."""
-    from tqdm.auto import tqdm
+                  report: Callable[[str], None] | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> EnhanceResult:
+    """Enhance every (input, relative output) pair into OUTDIR; see the module docstring for the rules.
+
+    `max_pixels`: the most pixels an output (and so an input) may have; larger photos are skipped with a reason.
+    """
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ConfigError(f"--max-pixels must be a positive integer, got {max_pixels!r}")
+    from crappify.runlock import clean_stale_temps, folder_lock
 
     out_dir = Path(out_dir)
+    with folder_lock(out_dir, "enhance run"):  # two runs into one OUTDIR would race on the same names
+        clean_stale_temps(out_dir)  # what killed runs left half-written (only our own .NAME.tmp-PID names)
+        return _enhance_files(engine, items, out_dir, scale, overwrite, progress, jpeg_quality, report, max_pixels)
+
+
+def _enhance_files(engine: TiledInference, items: list[tuple[Path, Path]], out_dir: Path, scale: int,
+                   overwrite: bool, progress: bool, jpeg_quality: int, report: Callable[[str], None] | None,
+                   max_pixels: int) -> EnhanceResult:
+    from tqdm.auto import tqdm
+
     result = EnhanceResult()
     seen: dict[Path, Path] = {}
     say = report or (lambda _msg: None)
@@ -186,10 +225,11 @@ def enhance_files(engine: TiledInference, items: list[tuple[Path, Path]], out_di
     for src, rel in bar:
         bar.set_postfix_str(rel.as_posix()[-40:])
         try:
-            loaded = read_input(src)
-        except ImageError as exc:
-            result.failed.append((src, str(exc)))
-            say(f"skipped {src}: {exc}")
+            loaded = read_input(src, max_pixels, scale)
+        except (ImageError, MemoryError) as exc:
+            reason = str(exc) if isinstance(exc, ImageError) else "out of memory decoding it (lower --max-pixels)"
+            result.failed.append((src, reason))
+            say(f"skipped {src}: {reason}")
             continue
         dst = out_dir / output_path(rel, loaded.alpha is not None)
         if dst in seen:
@@ -206,9 +246,19 @@ def enhance_files(engine: TiledInference, items: list[tuple[Path, Path]], out_di
             if total > 1:
                 _bar.set_postfix_str(f"{_rel.as_posix()[-30:]} tile {done}/{total}")
 
-        out, alpha = enhance_image(engine, loaded, scale, tiles)
+        try:
+            out, alpha = enhance_image(engine, loaded, scale, tiles)
+            data = encode_output(out, alpha, loaded.grey, dst.suffix, jpeg_quality)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            # what the engine could not get around by shrinking tiles (the output array, the alpha, encoding)
+            reason = f"out of memory enhancing it x{scale} (lower --max-pixels, or free memory)"
+            result.failed.append((src, reason))
+            say(f"skipped {src}: {reason}")
+            continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(dst, encode_output(out, alpha, loaded.grey, dst.suffix, jpeg_quality))
+        write_atomic(dst, data)
         result.written.append(dst)
     bar.close()
     result.notes = list(engine.notes)

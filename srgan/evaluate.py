@@ -14,6 +14,8 @@ which the whole-image metrics dilute. Images without occlusions leave it empty a
 Writes REPORT/metrics.csv (one row per image and method), REPORT/report.md (mean ± std per metric and
 method, the gain over the baseline, and with several models how far their outputs lie from the first's),
 REPORT/summary.json (the same means, machine-readable) and REPORT/grids/<id>.png (LR | baseline | model(s) | HR).
+A pair whose files cannot be read is skipped with one line naming the file and its manifest row; the report
+says how many were.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from crappify.errors import ConfigError, CrappifyError
-from crappify.imageio import decode, save_image_atomic, write_atomic
+from crappify.imageio import ImageError, save_image_atomic, write_atomic
 
 PSNR_CAP = 100.0
 METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "psnr_occ", "lpips")
@@ -214,9 +216,10 @@ def lpips_model(net: str = "alex", device: torch.device | str = "cpu") -> tuple[
     """(LPIPS network, None) when the backbone's ImageNet weights are in torchvision's cache, else (None, reason).
 
     The linear heads ship inside torchmetrics; the backbone (AlexNet by default) comes from the local cache
-    only — nothing is downloaded.
+    only — nothing is downloaded. Both are read with `weights_only=True` (`srgan.weights.read_state_dict`): a
+    cached file holding pickled code is refused, and the reason names it.
     """
-    from srgan.weights import torchvision_cache_path, torchvision_state_dict
+    from srgan.weights import WeightsError, read_state_dict, torchvision_cache_path, torchvision_state_dict
 
     tv_name, weights_name = LPIPS_WEIGHTS[net]
     path = torchvision_cache_path(weights_name)
@@ -224,15 +227,24 @@ def lpips_model(net: str = "alex", device: torch.device | str = "cpu") -> tuple[
         return None, (f"{weights_name} weights not found at {path} (put the file there to enable LPIPS; "
                       "nothing is downloaded)")
     try:
+        import torchmetrics.functional.image.lpips as tm_lpips
         import torchvision
-        from torchmetrics.functional.image.lpips import _LPIPS
 
-        model = _LPIPS(pretrained=True, net=net, pnet_rand=True)  # linear heads from torchmetrics, backbone random
         backbone = getattr(torchvision.models, tv_name)(weights=None)
         backbone.load_state_dict(torchvision_state_dict(weights_name))
-        for sl in model.net.children():
+        # linear heads: torchmetrics' own file, read here rather than by its unguarded torch.load
+        model = tm_lpips._LPIPS(pretrained=False, net=net, pnet_rand=True)
+        heads = Path(tm_lpips.__file__).parent / "lpips_models" / f"{net}.pth"
+        model.load_state_dict(read_state_dict(heads), strict=False)
+        # the backbone's `features` layers sit in slices, Sequentials keyed by their index there (slice1..5 for
+        # alex/vgg, a ModuleList of them for squeeze)
+        slices = [m for m in model.net.modules() if isinstance(m, torch.nn.Sequential) and len(m)
+                  and all(name.isdigit() for name, _ in m.named_children())]
+        for sl in slices:
             for idx, sub in sl.named_children():
                 sub.load_state_dict(backbone.features[int(idx)].state_dict())
+    except WeightsError as exc:
+        return None, str(exc)
     except Exception as exc:  # corrupt weights file, torchmetrics internals changed
         return None, f"LPIPS could not be built: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     return model.to(device).eval(), None
@@ -302,7 +314,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     from crappify.preview import grid
-    from srgan.data import read_dataset
+    from srgan.data import describe, read_dataset, read_image, warn
     from srgan.inference import load_inference
     from srgan.train import resolve_device
 
@@ -330,8 +342,14 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
     occluded, unknown = 0, 0
     abs_diff = dict.fromkeys(names[1:], 0.0)  # sum of |output - first model's output| per later model
     n_values = 0
-    for index, pair in enumerate(tqdm(pairs, unit="img", disable=not progress, dynamic_ncols=True)):
-        lr, hr = decode(pair.lr), decode(pair.hr)
+    skipped: list[str] = []  # ids of pairs that could not be read
+    for pair in tqdm(pairs, unit="img", disable=not progress, dynamic_ncols=True):
+        try:
+            lr, hr = read_image(pair.lr, describe(pair)), read_image(pair.hr, describe(pair))
+        except ImageError as exc:
+            warn(f"evaluate: {exc}: skipped")
+            skipped.append(pair.id)
+            continue
         h, w = hr.shape[:2]
         rects = occlusion_rects(params[pair.id], (w, h), (lr.shape[1], lr.shape[0])) if pair.id in params else None
         mask = _rects_mask(rects, (w, h))
@@ -359,31 +377,38 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
             row["psnr_occ"] = masked_psnr(pred, hr, mask) if mask is not None else float("nan")
             row["lpips"] = lpips_distance(lpips_net, pred, hr, device) if lpips_net is not None else float("nan")
             rows.append(row)
-        if index < cfg.grids:
+        if len(grid_files) < cfg.grids:
             tiles = [(f"LR {lr.shape[1]}x{lr.shape[0]}", lr), *results, (f"HR {w}x{h}", hr)]
             name = pair.id.replace("/", "__") + ".png"  # ids of nested source folders hold '/'; grids stay flat
             save_image_atomic(out / "grids" / name, grid(tiles, height=min(256, max(64, h)), columns=len(tiles)))
             grid_files.append(name)
+    if not rows:
+        raise CrappifyError(f"none of the {len(pairs)} pairs of split {split!r} in {cfg.data} could be read")
     _write_csv(out / "metrics.csv", rows)
     baseline = "bicubic" if "bicubic" in baseline_names else sorted(baseline_names)[0]
     differences = {name: total / n_values for name, total in abs_diff.items()} if n_values else {}
     occlusions = {"images": occluded, "unknown": unknown}
-    write_atomic(out / "summary.json", summary_json(rows, baseline, split, names, differences, occlusions))
+    write_atomic(out / "summary.json", summary_json(rows, baseline, split, names, differences, occlusions, skipped))
     report = out / "report.md"
-    write_atomic(report, _report_md(cfg, split, pairs, names, paths, engines, rows, sorted(borders),
-                                    sorted(baseline_names), lpips_reason, grid_files, differences, occlusions))
+    unread = set(skipped)
+    evaluated = [p for p in pairs if p.id not in unread]
+    write_atomic(report, _report_md(cfg, split, evaluated, names, paths, engines, rows, sorted(borders),
+                                    sorted(baseline_names), lpips_reason, grid_files, differences, occlusions,
+                                    skipped))
     return report
 
 
 def summary_json(rows: list[dict[str, Any]], baseline: str, split: str, names: list[str],
-                 differences: dict[str, float], occlusions: dict[str, int]) -> str:
-    """REPORT/summary.json: per method the mean of each metric (NaN ones left out), the occlusion counts and,
-    with several models, each later model's mean |output − first model's output| in grey levels (0-255)."""
+                 differences: dict[str, float], occlusions: dict[str, int], skipped: list[str] | None = None) -> str:
+    """REPORT/summary.json: per method the mean of each metric (NaN ones left out), the occlusion counts, the
+    pairs skipped as unreadable and, with several models, each later model's mean |output − first model's
+    output| in grey levels (0-255)."""
     summary, _ = summarise(rows, baseline)
     data: dict[str, Any] = {
         "split": split, "images": len({r["id"] for r in rows}), "baseline": baseline, "models": names,
         "means": {m: {k: round(v[0], 6) for k, v in stats.items()} for m, stats in summary.items()},
-        "occluded_images": occlusions["images"], "occlusions_unknown": occlusions["unknown"]}
+        "occluded_images": occlusions["images"], "occlusions_unknown": occlusions["unknown"],
+        "skipped": len(skipped or []), "skipped_ids": list(skipped or [])}
     if differences:
         data["output_difference"] = {"reference": names[0],
                                      "mean_abs_diff": {k: round(v, 6) for k, v in differences.items()}}
@@ -435,12 +460,14 @@ def _fmt(k: str, v: tuple[float, float] | None, signed: bool = False) -> str:
 def _report_md(cfg: EvaluateConfig, split: str, pairs: list, names: list[str], paths: list[Path], engines: list,
                rows: list[dict[str, Any]], borders: list[int], baselines: list[str], lpips_reason: str | None,
                grids: list[str], differences: dict[str, float] | None = None,
-               occlusions: dict[str, int] | None = None) -> str:
+               occlusions: dict[str, int] | None = None, skipped: list[str] | None = None) -> str:
     baseline = "bicubic" if "bicubic" in baselines else baselines[0]
     summary, gains = summarise(rows, baseline)
     crop = ", ".join(str(b) for b in borders)
     lines = [f"# Evaluation of {', '.join(names)} on {cfg.data}", "",
-             f"- split: `{split}`, {len(pairs)} image pairs",
+             f"- split: `{split}`, {len(pairs)} image pairs"
+             + (f"; **{len(skipped)} skipped**, could not be read: {', '.join(skipped[:5])}"
+                + (", …" if len(skipped) > 5 else "") if skipped else ""),
              f"- metrics on 8-bit images, border of **{crop} px** (the scale) cropped on every side; "
              "**Y** = ITU-R BT.601 luma (16–235, MATLAB `rgb2ycbcr`), **RGB** = mean over the 3 channels; "
              f"SSIM with an 11×11 Gaussian window (σ 1.5); PSNR capped at {PSNR_CAP:.0f} dB",

@@ -19,6 +19,7 @@ from torch import nn
 
 from crappify.errors import CrappifyError
 from crappify.imageio import replacing
+from crappify.runlock import clean_stale_temps
 from srgan.checkpoint import load_generator, read_generator_meta
 from srgan.inference import model_multiple, model_scale
 
@@ -80,6 +81,7 @@ def export_onnx(path: str | Path, out: str | Path, opset: int = ONNX_OPSET) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     sample = _sample(wrapper)
     batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
+    clean_stale_temps(out.parent, recursive=False, of=out.name)  # left by a killed export
     with replacing(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, (sample,), input_names=["image"], output_names=["output"],
@@ -103,6 +105,7 @@ def export_torchscript(path: str | Path, out: str | Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, _sample(wrapper), check_trace=False)
+    clean_stale_temps(out.parent, recursive=False, of=out.name)  # left by a killed export
     with replacing(out) as tmp:
         traced.save(tmp, _extra_files={"crappify.json": json.dumps(read_generator_meta(path))})
     return out

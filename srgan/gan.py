@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import math
 import time
 import warnings
@@ -34,12 +35,22 @@ from pydantic import Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import save_image_atomic, write_atomic
-from srgan.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_generator
+from srgan.checkpoint import (
+    config_key,
+    file_digest,
+    load_optimizer_state,
+    resume_state,
+    save_checkpoint,
+    save_generator,
+)
 from srgan.train import RunOptions
 
 # (w_content, w_adv): the course's GANLearner(weights_gen=(1., 50.)) puts 1 on the adversarial term and 50 on
 # the content loss; the SRGAN paper adds 1e-3 × adversarial to its content loss.
 WEIGHTINGS: dict[str, tuple[float, float]] = {"course": (50.0, 1.0), "srgan": (1.0, 1e-3)}
+# how to run and how long, not what is trained (see srgan.train.RUN_KEYS)
+RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "iters", "epochs", "checkpoint_every",
+                      "preview_items"})
 HISTORY_COLUMNS = ["step", "epoch", "trained", "loss", "gen_loss", "crit_loss", "content_loss", "adv_loss", "lr",
                    "gen_steps", "crit_steps", "to_gen", "to_crit", "seconds"]
 
@@ -96,38 +107,38 @@ class GanRun:
         self.switcher_state: dict[str, int] = {}
         self.gen_mode: bool | None = None
         self.ema: torch.nn.Module | None = None
+        self.rows: list[dict[str, Any]] = []  # one per step; written out with each checkpoint
+        self.key = ""
 
     @property
     def last(self) -> Path:
         return self.dir / "checkpoints" / "last.pt"
 
-    def append_history(self, row: dict[str, Any], fresh: bool = False) -> None:
-        path = self.dir / "history.csv"
-        new = fresh or not path.is_file()
-        with open(path, "w" if new else "a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-            if new:
-                writer.writeheader()
-            if row:
-                writer.writerow(row)
-
-    def truncate_history(self, step: int) -> None:
-        """On resume: keep the rows up to the checkpoint's step (later ones were never checkpointed)."""
-        path = self.dir / "history.csv"
-        rows = []
-        if path.is_file():
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
-        self.append_history({}, fresh=True)
-        with open(path, "a", newline="", encoding="utf-8") as fh:
-            csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, lineterminator="\n").writerows(rows)
+    def write_history(self) -> None:
+        """history.csv from the rows so far, atomically. Called after each checkpoint (whose state carries the
+        same rows), so the file is never ahead of the checkpoint; a resume rewrites it from the checkpoint."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomic(self.dir / "history.csv", buf.getvalue())
 
 
 def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, cbs: list | None = None) -> Path:
     """Run the GAN phase of RUN (see the module docstring); returns RUN/gan/generator.safetensors.
 
-    `cbs`: extra fastai callbacks (tests use them to watch each step).
+    `resume` continues from RUN/gan/checkpoints/last.pt when it belongs to this config and these start files;
+    a checkpoint at the last step only writes the final files. `cbs`: extra fastai callbacks (tests use them
+    to watch each step).
     """
+    from srgan.distributed import refuse_distributed, run_folder
+
+    refuse_distributed("train-gan")
+    with run_folder(cfg.out, "train-gan run"):
+        return _train_gan(cfg, resume, progress, cbs)
+
+
+def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | None) -> Path:
     from fastai.learner import Learner
     from fastai.optimizer import Adam
     from fastai.torch_core import params
@@ -135,9 +146,6 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
 
     from srgan.adversarial import build_adversarial
     from srgan.checkpoint import load_critic, load_generator, read_critic_meta, read_generator_meta
-    from srgan.distributed import refuse_distributed
-
-    refuse_distributed("train-gan")
     from srgan.critic import patch_bce
     from srgan.critics import min_input_size
     from srgan.data import Normalizer, make_dataloaders
@@ -155,7 +163,8 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
     if cfg.size < min_input_size(crit_spec["arch"], **crit_spec["options"]):
         raise ConfigError(f"size {cfg.size} is too small for the critic {crit_spec['arch']!r} "
                           f"(at least {min_input_size(crit_spec['arch'], **crit_spec['options'])} px)")
-    state = load_checkpoint(run / "gan" / "checkpoints" / "last.pt") if resume else None
+    key = config_key(cfg, RUN_KEYS) + file_digest(gen_path) + file_digest(crit_path)
+    state = resume_state(run / "gan" / "checkpoints" / "last.pt", key, resume, "train-gan")
     torch.manual_seed(cfg.seed)  # dropout in the critic; data order and the penalty's ε are seeded separately
     generator, critic = load_generator(gen_path, device).train(), load_critic(crit_path, device).train()
     if state is not None:
@@ -173,11 +182,11 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
     n_batches = len(dls.train)
     total = cfg.iters or max(1, math.ceil(cfg.epochs * n_batches))
     gan = GanRun(cfg, total, normalizer)
+    gan.key = key
     if state is not None:
         gan.step, gan.counts = int(state["step"]), dict(state["counts"])
         gan.gen_mode, gan.switcher_state = bool(state["gen_mode"]), dict(state["switcher"])
-        if gan.step >= total:
-            raise CrappifyError(f"{run / 'gan'} already finished all {total} GAN steps")
+        gan.rows = list(state["history"])
     if cfg.channels_last:
         generator = generator.to(memory_format=torch.channels_last)
         critic = critic.to(memory_format=torch.channels_last)
@@ -187,10 +196,9 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
             gan.ema.load_state_dict(state["ema"])
     gan.dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run / "train-gan.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    if state is not None:
-        gan.truncate_history(gan.step)
-    else:
-        gan.append_history({}, fresh=True)
+    gan.write_history()  # in step with the checkpoint: rows past it (a kill between the two) are dropped
+    if gan.step >= total:  # the checkpoint is at the end: only the final files are missing
+        return _save_final(cfg, gan, generator)
 
     switcher = (AdaptiveGANSwitcher(gen_thresh=cfg.gen_thresh, critic_thresh=cfg.critic_thresh)
                 if cfg.switching == "adaptive" else _parts().resumable_fixed_switcher(cfg.n_crit, cfg.n_gen))
@@ -223,9 +231,14 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
         learn.fit(math.ceil((total - gan.step) / n_batches) + 1, lr=cfg.lr)
     if gan.step < total:  # fit ended early without an error (should not happen): leave no misleading result
         raise CrappifyError(f"the GAN phase stopped at step {gan.step} of {total}")
+    return _save_final(cfg, gan, learn.model.generator)
+
+
+def _save_final(cfg: TrainGanConfig, gan: GanRun, generator: torch.nn.Module) -> Path:
+    """RUN/gan/generator.safetensors (and the EMA's), from the generator at the last step."""
     final = gan.dir / "generator.safetensors"
     extra = {"gan_steps": gan.step, "dataset": str(Path(cfg.data).resolve()), "adv_loss": cfg.adv_loss}
-    save_generator(learn.model.generator, final, extra=extra)
+    save_generator(generator, final, extra=extra)
     if gan.ema is not None:
         save_generator(gan.ema, gan.dir / "generator-ema.safetensors", extra={**extra, "ema_decay": cfg.ema_decay})
     return final
@@ -247,7 +260,9 @@ def save_state(learn: Any, gan: GanRun) -> None:
         "generator": generator.state_dict(), "critic": learn.model.critic.state_dict(),
         "opt": learn.opt.state_dict(), "step": step, "gen_mode": bool(learn.gan_trainer.gen_mode),
         "switcher": {"n_c": switcher.n_c, "n_g": switcher.n_g} if switcher is not None else {},
-        "counts": gan.counts, "ema": gan.ema.state_dict() if gan.ema is not None else None})
+        "counts": gan.counts, "ema": gan.ema.state_dict() if gan.ema is not None else None,
+        "history": gan.rows, "config_key": gan.key})
+    gan.write_history()
 
 
 @torch.no_grad()
@@ -401,6 +416,8 @@ def _parts() -> SimpleNamespace:
 
         def before_batch(self):
             self.t0, self.was_gen = time.perf_counter(), bool(self.learn.gan_trainer.gen_mode)
+            lf = self.learn.loss_func  # a row shows this step's losses only, never an earlier step's
+            lf.gen_loss = lf.crit_loss = lf.content_loss = lf.adv_loss = None
 
         def before_step(self):
             self.step_lr = self.opt.hypers[0]["lr"]
@@ -424,7 +441,7 @@ def _parts() -> SimpleNamespace:
             now_gen = bool(self.learn.gan_trainer.gen_mode)
             if now_gen != self.was_gen:
                 gan.counts["to_gen" if now_gen else "to_crit"] += 1
-            gan.append_history({
+            gan.rows.append({
                 "step": gan.step, "epoch": (gan.step - 1) // max(1, len(self.dls.train)),
                 "trained": "generator" if self.was_gen else "critic", "loss": _num(self.loss),
                 "gen_loss": _num(lf.gen_loss), "crit_loss": _num(lf.crit_loss),

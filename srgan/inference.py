@@ -9,9 +9,13 @@ device about one row of tiles high; rows no later tile touches are rounded into 
 the model on one batch of tiles plus one strip of output — not the image's pixel count squared, which
 is what the U-Net's self-attention layer would need on a whole large photo.
 
-Out of memory → the batch, then the tile, is halved and the image redone. Reduced precision (bf16/fp16
-autocast) falls back to fp32 where the device does not support it, and a batch whose output holds NaN or
-inf is recomputed in fp32 (and fp32 is kept from then on).
+A U-Net's input is the photo upscaled (bicubic, `srgan.upsample`) to the output size. With `upscale` the engine
+does that itself, tile by tile, each tile from just the photo pixels its bicubic taps reach: the same pixels as
+resizing the whole photo first (to rounding: within 1 grey level), without ever holding the upscaled photo.
+
+Out of memory (torch's, or numpy's MemoryError) → the batch, then the tile, is halved and the image redone.
+Reduced precision (bf16/fp16 autocast) falls back to fp32 where the device does not support it, and a batch
+whose output holds NaN or inf is recomputed in fp32 (and fp32 is kept from then on).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import nn
 from crappify.errors import ConfigError, CrappifyError
 from srgan.data import Normalizer
 from srgan.models import is_unet
+from srgan.upsample import resize_image
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_TILE = 512  # output pixels per tile side; SR models take tile // scale input pixels
@@ -53,8 +58,8 @@ def model_multiple(model: nn.Module) -> int:
 
 
 def is_oom(exc: BaseException) -> bool:
-    """Whether an exception is an out-of-memory error (CUDA, CPU allocator, MPS)."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    """Whether an exception is an out-of-memory error (CUDA, CPU allocator, MPS, numpy's MemoryError)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
@@ -186,19 +191,27 @@ class TiledInference:
         ov = _round_up(ov, self.multiple)
         return min(ov, tile - self.multiple) if tile > self.multiple else 0
 
-    def __call__(self, img: np.ndarray, progress: Progress | None = None) -> np.ndarray:
-        """HWC uint8 RGB → HWC uint8 RGB, `scale` times larger; retries with smaller batches/tiles on OOM."""
+    def __call__(self, img: np.ndarray, progress: Progress | None = None, upscale: int = 1) -> np.ndarray:
+        """HWC uint8 RGB → HWC uint8 RGB, `upscale` × `scale` times larger; retries with smaller batches/tiles on OOM.
+
+        `upscale`: the model's input is `img` resized by this integer factor (bicubic, as `srgan.upsample.resize_image`
+        would), computed tile by tile. The output array is allocated first: a MemoryError there is not retried.
+        """
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"expected an HWC uint8 RGB array, got shape {img.shape} dtype {img.dtype}")
+        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+            raise ConfigError(f"upscale must be a positive integer, got {upscale!r}")
+        src = Upscaled(img, upscale)
+        out = np.empty((src.height * self.scale, src.width * self.scale, 3), np.uint8)
         while True:
             try:
-                return self._run(img, progress)
+                return self._run(src, out, progress)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                self._shrink(img)
+                self._shrink(src)
 
-    def _shrink(self, img: np.ndarray) -> None:
+    def _shrink(self, src: Upscaled) -> None:
         """After an out-of-memory error: halve the batch, else the tile; give up below the smallest tile."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -206,7 +219,7 @@ class TiledInference:
             self.batch //= 2
             self._note(f"out of memory: retrying with {self.batch} tile(s) per batch")
             return
-        current = self.tile or max(img.shape[:2])
+        current = self.tile or max(src.height, src.width)
         smaller = max(_round_up(current // 2, self.multiple), 2 * self.multiple, MIN_TILE)
         if smaller >= current:
             raise CrappifyError(f"out of memory on {self.device} even with {current} px tiles; "
@@ -215,18 +228,18 @@ class TiledInference:
         self._note(f"out of memory: retrying with {smaller} px tiles")
 
     @torch.inference_mode()
-    def _run(self, img: np.ndarray, progress: Progress | None) -> np.ndarray:
-        h, w = img.shape[:2]
+    def _run(self, src: Upscaled, out: np.ndarray, progress: Progress | None) -> np.ndarray:
+        h, w = src.height, src.width
         s, m = self.scale, self.multiple
         hp, wp = _round_up(h, m), _round_up(w, m)
-        padded = _pad_reflect(img, hp - h, wp - w)
+        # the input padded by reflection to (hp, wp), as source indices: tiles are cut from it without a copy
+        rows, cols = _pad_index(h, hp - h), _pad_index(w, wp - w)
         ov = self._overlap(min(self.tile, hp, wp)) if self.tile else 0
         th, tw = (fit_tile(hp, self.tile, ov, m), fit_tile(wp, self.tile, ov, m)) if self.tile else (hp, wp)
         stride_h, stride_w = max(th - ov, m), max(tw - ov, m)
         ys, xs = tile_origins(hp, th, stride_h), tile_origins(wp, tw, stride_w)
         wy = [t.to(self.device) for t in axis_weights([y * s for y in ys], th * s, hp * s, ov * s)]
         wx = [t.to(self.device) for t in axis_weights([x * s for x in xs], tw * s, wp * s, ov * s)]
-        out = np.empty((h * s, w * s, 3), np.uint8)
         # Tiles go in row-major order, `batch` at a time, a batch may span rows. The strip holds the output rows
         # from `top` down to the bottom of the last tile added; rows above the next tile's origin are final and
         # are rounded into `out` and dropped, so the strip is about one row of tiles high (more only when a
@@ -236,7 +249,8 @@ class TiledInference:
         top = 0
         for start in range(0, len(order), self.batch):
             chunk = order[start:start + self.batch]
-            pred = self._forward(np.stack([padded[ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk]))
+            pred = self._forward(np.stack([src.take(rows[ys[i]:ys[i] + th], cols[xs[j]:xs[j] + tw])
+                                           for i, j in chunk]))
             bottom = ys[chunk[-1][0]] * s + th * s
             if bottom - top > strip.shape[1]:
                 grow = torch.zeros(3, bottom - top - strip.shape[1], wp * s, device=self.device)
@@ -297,13 +311,44 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _pad_reflect(img: np.ndarray, ph: int, pw: int) -> np.ndarray:
-    """Pad bottom/right by reflection (edge replication for 1-px sides, where reflection is undefined)."""
-    if not ph and not pw:
-        return img
-    h, w = img.shape[:2]
-    mode_h = "reflect" if h > 1 else "edge"
-    mode_w = "reflect" if w > 1 else "edge"
-    if mode_h == mode_w:
-        return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode=mode_h)
-    return np.pad(np.pad(img, ((0, ph), (0, 0), (0, 0)), mode=mode_h), ((0, 0), (0, pw), (0, 0)), mode=mode_w)
+def _pad_index(n: int, pad: int) -> np.ndarray:
+    """Indices 0..n-1 padded at the end by reflection (edge replication for a 1-px side, where reflection is
+    undefined): padding an image along an axis is indexing it with these."""
+    return np.pad(np.arange(n), (0, pad), mode="reflect" if n > 1 else "edge")
+
+
+class Upscaled:
+    """An HWC uint8 image resized by an integer `factor` (bicubic, `srgan.upsample.resize_image`), read one region
+    at a time: each region is resized from just the pixels its taps reach, so the whole upscaled image is never
+    held. The cubic kernel reaches 2 px from a pixel's centre; with `MARGIN` px more on each side (clipped at the
+    image's edges, where the resize mirrors the image itself) a region equals the same region of the whole image
+    resized at once, up to float rounding (within 1 grey level)."""
+
+    MARGIN = 3
+
+    def __init__(self, img: np.ndarray, factor: int = 1) -> None:
+        self.img, self.factor = img, int(factor)
+        self.height, self.width = img.shape[0] * self.factor, img.shape[1] * self.factor
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Rows y0..y1-1 and columns x0..x1-1 of the upscaled image."""
+        f = self.factor
+        if f == 1:
+            return self.img[y0:y1, x0:x1]
+        h, w = self.img.shape[:2]
+        ly0, ly1 = max(0, y0 // f - self.MARGIN), min(h, -(-y1 // f) + self.MARGIN)
+        lx0, lx1 = max(0, x0 // f - self.MARGIN), min(w, -(-x1 // f) + self.MARGIN)
+        up = resize_image(self.img[ly0:ly1, lx0:lx1], ((lx1 - lx0) * f, (ly1 - ly0) * f))
+        return up[y0 - ly0 * f:y1 - ly0 * f, x0 - lx0 * f:x1 - lx0 * f]
+
+    def take(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The upscaled image at these row and column indices (e.g. a tile of the reflection-padded image)."""
+        r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        block = self.region(r0, r1, c0, c1)
+        if r1 - r0 == len(rows) and c1 - c0 == len(cols) and (np.diff(rows) == 1).all() and (np.diff(cols) == 1).all():
+            return block
+        return block[np.ix_(rows - r0, cols - c0)]
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        """Whole rows y0..y1-1 of the upscaled image."""
+        return self.region(y0, y1, 0, self.width)

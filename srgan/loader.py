@@ -6,6 +6,10 @@ orders (a critic test that was meant to be deterministic passed or failed by luc
 order is drawn from (seed, the dataset's epoch), which the trainers set before every epoch: the same
 seed gives the same batches, and a run resumed at epoch k sees the order the uninterrupted run saw.
 Kept in its own module (importing fastai) so that loader worker processes can unpickle the class.
+
+A `CrappifyError` raised in a worker process (too many unreadable pairs, say) reaches the main process as
+torch's re-raise: the same class with "Caught ... in DataLoader worker process N" and the whole worker traceback
+as its message. The loader gives back the original one-line message, as when it is raised without workers.
 """
 
 from __future__ import annotations
@@ -14,6 +18,23 @@ import random
 from typing import Any
 
 from fastai.data.load import DataLoader
+
+from crappify.errors import CrappifyError
+
+
+def worker_error(exc: BaseException) -> BaseException:
+    """The error a DataLoader worker raised, with its own one-line message, when `exc` is torch's re-raise of a
+    `CrappifyError` from a worker; else `exc` itself (a bug keeps its whole traceback)."""
+    text = str(exc)
+    if not isinstance(exc, CrappifyError) or not text.startswith("Caught ") or "DataLoader worker" not in text:
+        return exc
+    cls = type(exc)
+    prefix = f"{cls.__module__}.{cls.__qualname__}: "
+    at = text.rfind("\n" + prefix)
+    if at < 0:  # not the formatted traceback expected: keep its last line, never the whole traceback
+        lines = [line for line in text.splitlines() if line.strip()]
+        return cls(lines[-1].strip() if lines else text)
+    return cls(text[at + 1 + len(prefix):].strip())
 
 
 class SeededDataLoader(DataLoader):
@@ -29,6 +50,15 @@ class SeededDataLoader(DataLoader):
 
     def randomize(self) -> None:
         self.rng = random.Random(f"crappify-order:{self.order_seed}:{getattr(self.dataset, 'epoch', 0)}")
+
+    def __iter__(self) -> Any:
+        try:
+            yield from super().__iter__()
+        except CrappifyError as exc:
+            err = worker_error(exc)
+            if err is exc:
+                raise
+            raise err from None
 
     def get_idxs(self) -> Any:
         # fastai calls this once per pass, in the process that owns the loader (workers get the result), and

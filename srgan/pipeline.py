@@ -306,10 +306,18 @@ def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None,
                  overrides: dict[str, Any] | None = None,
                  on_stage: Callable[[Step], None] | None = None) -> list[Step]:
     """Run the planned stages in order; returns the plan that was carried out."""
+    from crappify.runlock import folder_lock
+
     steps = plan(p, start, stop, overrides)
     paths = paths_of(p)
     check_data(p, steps)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    with folder_lock(paths.root, "pipeline run"):  # a second `crappify run` on OUT fails with one line
+        _run_steps(p, steps, paths, progress, on_stage)
+    return steps
+
+
+def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
+               on_stage: Callable[[Step], None] | None) -> None:
     write_atomic(paths.root / "pipeline.yaml", yaml.safe_dump(p.model_dump(by_alias=True), sort_keys=False))
     for step in steps:
         if on_stage is not None:
@@ -324,7 +332,6 @@ def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None,
         _write_state(paths, step.stage, {"hash": step.hash, "status": "done", "config": config,
                                          "seconds": round(time.perf_counter() - t0, 2),
                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    return steps
 
 
 def check_data(p: Pipeline, steps: list[Step]) -> None:

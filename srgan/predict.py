@@ -3,7 +3,8 @@
 Critic pretraining needs the generator's outputs for the whole dataset; they are written once, at full
 image size, and a re-run skips images already written. Images go through `srgan.inference`'s tiled
 inference (padded to a multiple of 32 for U-Nets and cropped back; an image smaller than a tile is one
-piece), so large photos need no more memory than small ones.
+piece), so large photos need no more memory than small ones. A pair whose files cannot be read is skipped
+with one line naming the file and its manifest row (the critic skips it too).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from crappify.imageio import decode, save_image_atomic
+from crappify.imageio import ImageError, Photo, save_image_atomic
 from srgan.checkpoint import load_generator
-from srgan.data import Normalizer, read_dataset
+from srgan.data import Normalizer, describe, read_dataset, read_image, warn
 from srgan.inference import TiledInference
 from srgan.models import is_unet
 from srgan.upsample import resize_image
@@ -45,7 +46,9 @@ def predict(model: nn.Module, lr: np.ndarray, hr_size: tuple[int, int] | None = 
 
 def save_preds(run: str | Path, data: str | Path, device: str | torch.device = "cpu",
                splits: tuple[str, ...] = ("train", "valid", "test")) -> int:
-    """Write `RUN/preds/<split>/<id>.png` for every pair of DATA; returns how many were written now."""
+    """Write `RUN/preds/<split>/<id>.png` for every readable pair of DATA; returns how many were written now.
+
+    Paths come from `read_dataset`, which refuses ids that would lead outside RUN/preds/<split>/."""
     run = Path(run)
     model = load_generator(run / "generator.safetensors", device)
     pairs_by_split, _ = read_dataset(data)
@@ -57,8 +60,12 @@ def save_preds(run: str | Path, data: str | Path, device: str | torch.device = "
             dst = run / "preds" / split / f"{pair.id}.png"
             if dst.is_file():
                 continue
-            lr = decode(pair.lr)
-            hr_w, hr_h = _image_size(pair.hr)
+            try:
+                lr = read_image(pair.lr, describe(pair))
+                hr_w, hr_h = _image_size(pair.hr, describe(pair))
+            except ImageError as exc:
+                warn(f"save-preds: {exc}: skipped")
+                continue
             if is_unet(model) and (lr.shape[1], lr.shape[0]) != (hr_w, hr_h):
                 lr = resize_image(lr, (hr_w, hr_h))
             out = engine(np.ascontiguousarray(lr))
@@ -68,8 +75,10 @@ def save_preds(run: str | Path, data: str | Path, device: str | torch.device = "
     return written
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.size
+def _image_size(path: Path, where: str = "") -> tuple[int, int]:
+    """(width, height) of an image as `decode` gives it (upright), from its header; `ImageError` naming the file."""
+    try:
+        with Photo(path) as photo:
+            return photo.size
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}" + (f" ({where})" if where else "")) from None

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import save_image_atomic, write_atomic
 from crappify.preview import grid
-from srgan.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint, save_generator
+from srgan.checkpoint import config_key, load_optimizer_state, resume_state, save_checkpoint, save_generator
 from srgan.data import Normalizer, make_dataloaders, read_dataset
 from srgan.distributed import (
     distributed_callback,
@@ -37,6 +37,7 @@ from srgan.distributed import (
     is_main,
     local_device,
     rank,
+    run_folder,
     unwrap,
     world_size,
 )
@@ -53,6 +54,9 @@ PERCEPTUAL_LOSSES = ("feature", "vgg19")
 PRETRAINED_DEFAULTS: dict[str, Any] = {"size": 128, "bs": 8, "lr": 1e-3}
 SCRATCH_DEFAULTS: dict[str, Any] = {"size": 64, "bs": 16, "lr": 2e-3}
 NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small")  # archs whose `pretrained` can only mean a --weights file
+# Options that say how to run, or how long (a resume may extend a run), not what is trained: a checkpoint
+# written under other values of these is still this config's (`srgan.checkpoint.config_key`).
+RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs", "preview_items"})
 
 
 class Stage(BaseModel):
@@ -297,6 +301,11 @@ class Trainer:
 
     # -- run -------------------------------------------------------------------------------------------
     def fit(self) -> Path:
+        """Train (or continue, or finish from a final checkpoint) and write RUN/generator.safetensors."""
+        with run_folder(self.run, "train-gen run"):
+            return self._fit()
+
+    def _fit(self) -> Path:
         from srgan.losses import build_loss
 
         cfg = self.cfg
@@ -317,14 +326,15 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         start = 0
-        state = None
-        if self.resume:
-            state = load_checkpoint(self.run / "checkpoints" / "last.pt")
+        self.key = config_key(cfg, RUN_KEYS)
+        state = resume_state(self.run / "checkpoints" / "last.pt", self.key, self.resume, "train-gen",
+                             move=is_main())
+        if state is not None:
             model.load_state_dict(state["model"])
             start, self.history = int(state["epoch"]), list(state["history"])
-            if start >= total:
-                raise CrappifyError(f"{self.run} already finished all {total} epochs")
-        learn = None
+        if is_main():  # history.csv follows the checkpoint: rows past it (a kill between the two) are dropped
+            self.write_history()
+        learn = None  # stays None when the checkpoint is at the end: the stage only writes its final file
         done = 0
         for phase in phases:
             if done + phase.epochs <= start:
@@ -337,13 +347,13 @@ class Trainer:
                 learn = self._learner(model, loss.to(self.device), dls)
                 learn.model.to(self.device)
                 learn.create_opt()
-                if state is not None and "opt" in state:
-                    load_optimizer_state(learn.opt, state["opt"])
                 # every rank seeds its epoch's crops; only rank 0 writes history, previews and checkpoints
                 learn.add_cb(_epoch_end_callback(self, phases, write=is_main()))
             else:
                 learn.dls = dls
-            learn.freeze() if phase.frozen else learn.unfreeze()
+            learn.freeze() if phase.frozen else learn.unfreeze()  # fastai clears the optimiser state here
+            if state is not None and "opt" in state:  # so the checkpoint's state goes in after it, once
+                load_optimizer_state(learn.opt, state.pop("opt"))
             lr = (phase.lr if phase.frozen or not (unet and cfg.encoder_pretrained())
                   else slice(phase.lr / 100, phase.lr))
             learn.crappify_phase = phase
@@ -404,14 +414,20 @@ def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = Tru
     from fastai.callback.core import Callback
 
     class EpochEnd(Callback):
-        """After each epoch: history row, preview grid, checkpoint (in that order: the checkpoint last)."""
+        """After each epoch: preview grid, checkpoint (with the history), then history.csv from it — so the
+        history file is never ahead of the checkpoint, and a resume rewrites it from the checkpoint."""
 
         order = 90  # after the Recorder has the epoch's values
 
         def before_epoch(self):  # not reached for epochs fastai's SkipToEpoch cancels on resume
             self._t0 = time.perf_counter()
+            self._loss = EpochLoss()
             for dl in (self.dls.train, self.dls.valid):
                 dl.dataset.set_epoch(self.learn.crappify_offset + self.epoch)
+
+        def after_batch(self):
+            if self.training and self._t0 is not None:
+                self._loss.add(self.learn.loss, self.learn.yb)
 
         def after_epoch(self):
             if self._t0 is None or not write:  # a skipped epoch (nothing trained), or not rank 0
@@ -423,7 +439,7 @@ def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = Tru
             psnr, base = _num(values.get("psnr")), _num(values.get("bicubic_psnr"))
             below = isinstance(psnr, float) and isinstance(base, float) and psnr < base
             row = {"epoch": global_epoch, "stage": phase.stage, "phase": "frozen" if phase.frozen else "unfrozen",
-                   "size": phase.size, "bs": phase.bs, "train_loss": _num(values.get("train_loss")),
+                   "size": phase.size, "bs": phase.bs, "train_loss": _num(self._loss.mean),
                    "valid_loss": _num(values.get("valid_loss")), "psnr": psnr, "bicubic_psnr": base,
                    "ssim": _num(values.get("ssim")), "below_bicubic": below,
                    "seconds": round(time.perf_counter() - self._t0, 3)}
@@ -431,16 +447,34 @@ def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = Tru
                 print(f"epoch {global_epoch}: validation PSNR {psnr:.2f} dB is BELOW bicubic's {base:.2f} dB",
                       file=sys.stderr, flush=True)
             trainer.history.append(row)
-            trainer.write_history()
             trainer.previews(self.learn, global_epoch)
             save_checkpoint(trainer.run / "checkpoints" / "last.pt",
                             {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
-                             "epoch": global_epoch, "history": trainer.history})
+                             "epoch": global_epoch, "history": trainer.history, "config_key": trainer.key})
+            trainer.write_history()
             self._t0 = None
 
     cb = EpochEnd()
     cb._t0 = None
     return cb
+
+
+class EpochLoss:
+    """The mean training loss over an epoch's batches, weighted by batch size. fastai's Recorder reports an
+    exponentially smoothed loss that carries over from earlier epochs, so a resumed run would log another
+    value for the same epoch; this one depends on the epoch alone."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss: torch.Tensor, yb: tuple) -> None:
+        n = int(yb[0].shape[0]) if yb else 1
+        self.total += float(loss.detach()) * n
+        self.count += n
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
 
 
 def _batch_counter(trainer: Trainer):

@@ -5,11 +5,18 @@ ImageNet weights for encoders and loss networks come through the libraries' weig
 machine — and many users' — has no network, so instead of letting a download hang or time out, we
 look in the cache first and fail at once with a message that names the file, where to put it, and
 the `--no-pretrained` / `--weights` alternatives.
+
+Every weights file — a local `--weights` file, torchvision's cache (where the offline message tells users to
+drop a downloaded file), the Hugging Face cache — is read by `read_state_dict`: safetensors, or
+`torch.load(weights_only=True)`, never torchvision's / torch.hub's loader, which unpickles with
+`weights_only=False`. A file holding pickled objects other than tensors (which could run code when
+unpickled) is refused with a one-line WeightsError naming it.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -21,24 +28,45 @@ class WeightsError(CrappifyError):
     """Pretrained weights are needed but not available locally."""
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a local weights file (.safetensors, or a torch file loaded with weights_only=True)."""
+def read_state_dict(path: str | Path, hint: str = "") -> dict[str, torch.Tensor]:
+    """Tensors from a local weights file: safetensors, or a torch file loaded with weights_only=True.
+
+    No pickled code ever runs: a file that holds other Python objects is refused with one line naming it
+    (`hint` is added to the message, e.g. where the genuine file comes from).
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or _is_safetensors(path):
             from safetensors.torch import load_file
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():  # a corrupt pickle, not a refused one
+            raise WeightsError(f"cannot read weights from {path}: {_first_line(exc)}" + hint) from None
+        raise WeightsError(f"refusing to load {path}: it holds pickled Python objects, not only tensors (they could "
+                           "run code when unpickled); use a plain state dict or a .safetensors file" + hint) from None
     except Exception as exc:  # corrupt or foreign file: one line for the user
-        raise WeightsError(f"cannot read weights from {path}: {str(exc).splitlines()[0]}") from None
+        raise WeightsError(f"cannot read weights from {path}: {_first_line(exc)}" + hint) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise WeightsError(f"{path} does not hold a state dict")
+        raise WeightsError(f"{path} does not hold a state dict" + hint)
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether a file starts like safetensors (an 8-byte header length, then a JSON object), whatever its name."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def torchvision_cache_path(weights_name: str) -> Path:
@@ -61,7 +89,8 @@ def torchvision_state_dict(weights_name: str, local: str | Path | None = None) -
         raise WeightsError(
             f"pretrained weights {weights_name} are not in the local cache: download {weights.url} and put it at "
             f"{cached} (or set TORCH_HOME), pass --weights PATH, or use --no-pretrained")
-    return weights.get_state_dict(progress=False, check_hash=False)
+    # not weights.get_state_dict(): torch.hub's loader unpickles with weights_only=False
+    return read_state_dict(cached, hint=f" (delete it; the genuine file is {weights.url})")
 
 
 def timm_pretrained_file(model_name: str) -> Path:

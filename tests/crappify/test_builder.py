@@ -23,6 +23,7 @@ import crappify.functional as F
 from crappify.builder import (
     JOURNAL,
     MANIFEST_COLUMNS,
+    MARKER,
     BuildConfig,
     build_dataset,
     effective_scale,
@@ -150,7 +151,8 @@ def test_layout_and_manifest(srgan_out, photo_dir):
     n = len(list(photo_dir.rglob("*.*")))
     assert res.built == n and res.skipped == 0 and res.reused == 0
     assert sum(res.per_split.values()) == n
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "hr", "lr", "manifest.csv", "skipped.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.yaml", "hr", "lr", "manifest.csv",
+                                                     "skipped.csv"]
     assert MANIFEST_COLUMNS == EXPECTED_COLUMNS
     rows = manifest(out)
     assert len(rows) == n
@@ -168,7 +170,7 @@ def test_layout_and_manifest(srgan_out, photo_dir):
         assert set(params) == {"vars", "steps"}
         assert params["steps"][0]["op"] == "resize" and params["steps"][0]["interpolation"] == "bicubic"
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert files == sorted(["config.yaml", "manifest.csv", "skipped.csv"] + [r["hr"] for r in rows]
+    assert files == sorted([MARKER, "config.yaml", "manifest.csv", "skipped.csv"] + [r["hr"] for r in rows]
                            + [r["lr"] for r in rows])
     assert skipped(out) == {}
 

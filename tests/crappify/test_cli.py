@@ -52,7 +52,7 @@ def test_help(cli, command):
         for name in ("build-dataset", "preview", "presets", "ops", "demo"):
             assert name in proc.stdout
     if command == ["build-dataset"]:
-        for option in ("--preset", "--size", "--scale", "--workers", "--seed", "--split", "--max-pixels",
+        for option in ("--preset", "--size", "--scale", "--workers", "--seed", "--split", "--max-pixels", "--max-bytes",
                        "--overwrite", "--config", "--source", "--limit", "--hr-format"):
             assert option in proc.stdout
 

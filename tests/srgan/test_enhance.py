@@ -158,3 +158,69 @@ def test_cli_error_in_a_subprocess_is_one_line(cli, tmp_path):
     res = cli("enhance", tmp_path / "missing.jpg", "-m", tmp_path / "nope.safetensors", "-o", tmp_path / "o")
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("crappify: error: model file")
     assert "Traceback" not in res.stderr
+
+
+def test_max_pixels_skips_photos_whose_output_would_be_too_large(sr_file, tmp_path, photo_maker):
+    Image.fromarray(photo_maker(0, 40)).save(tmp_path / "small.png")
+    Image.fromarray(photo_maker(1, 100)).save(tmp_path / "large.png")
+    with Image.open(tmp_path / "small.png") as a, Image.open(tmp_path / "large.png") as b:
+        small, large = a.size[0] * a.size[1] * 4, b.size[0] * b.size[1] * 4  # output pixels at x2
+    limit = (small + large) // 2
+    code, out, err = run_main("enhance", tmp_path / "small.png", tmp_path / "large.png", "-m", sr_file, "-o",
+                              tmp_path / "out", "--max-pixels", limit, "--quiet")
+    assert code == 0 and (tmp_path / "out" / "small.png").is_file() and not (tmp_path / "out" / "large.png").exists()
+    skipped = [ln for ln in err.splitlines() if "large.png" in ln]
+    assert len(skipped) == 1 and f"over the limit of {limit} (--max-pixels)" in skipped[0], err
+    assert "1 skipped" in out
+    code, _, err = run_main("enhance", tmp_path / "large.png", "-m", sr_file, "-o", tmp_path / "o2",
+                            "--max-pixels", limit, "--quiet")
+    lines = [ln for ln in err.splitlines() if ln.startswith("crappify: error:")]
+    assert code != 0 and len(lines) == 1 and "no image could be enhanced" in lines[0] and "Traceback" not in err
+    code, _, err = run_main("enhance", tmp_path / "large.png", "-m", sr_file, "-o", tmp_path / "o3",
+                            "--max-pixels", 0, "--quiet")
+    assert code != 0 and "Traceback" not in err
+
+
+def test_running_out_of_memory_on_one_photo_skips_it(engine, photo_dir, tmp_path, monkeypatch):
+    """numpy's MemoryError outside the tiles (the output array, the alpha, encoding) skips that photo only."""
+    import srgan.enhance
+
+    real = srgan.enhance.encode_output
+    calls = []
+
+    def encode(img, *args, **kwargs):
+        calls.append(img.shape)
+        if len(calls) == 1:
+            raise MemoryError("Unable to allocate 1.2 TiB for an array")
+        return real(img, *args, **kwargs)
+
+    monkeypatch.setattr(srgan.enhance, "encode_output", encode)
+    items = collect_inputs([photo_dir], tmp_path / "out")[:2]
+    messages: list[str] = []
+    res = enhance_files(engine, items, tmp_path / "out", 2, progress=False, report=messages.append)
+    assert len(res.written) == 1 and len(res.failed) == 1 and "out of memory" in res.failed[0][1]
+    assert str(items[0][0]) in messages[0] and "out of memory" in messages[0]
+
+
+def test_unet_photos_are_upscaled_tile_by_tile(tmp_path, photo_maker, monkeypatch):
+    """enhance never resizes the whole photo to the output size before a U-Net: tiles resize their own input, with
+    the same result (within 1 grey level) as resizing first."""
+    import srgan.upsample
+    from srgan.enhance import Loaded, enhance_image
+    from srgan.upsample import resize_image
+
+    torch.manual_seed(0)
+    model = build_generator("unet-small", residual=True).eval()
+    with torch.no_grad():
+        model.layers[-1].gain.fill_(0.5)
+    engine = TiledInference(model, tile=64, overlap=16)
+    img = photo_maker(3, 80)
+    h, w = img.shape[:2]
+    want = engine(resize_image(img, (w * 2, h * 2)))
+    sizes: list[int] = []
+    real = srgan.upsample.resize_tensor
+    monkeypatch.setattr(srgan.upsample, "resize_tensor",
+                        lambda x, size: sizes.append(size[0] * size[1]) or real(x, size))
+    got, _ = enhance_image(engine, Loaded(img), 2)
+    assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert sizes and max(sizes) < h * 2 * w * 2 / 2

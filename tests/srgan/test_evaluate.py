@@ -106,6 +106,33 @@ def test_evaluate_errors(sr_dataset, tmp_path):
                  progress=False)
 
 
+def test_evaluate_skips_an_unreadable_pair_with_one_line_and_reports_it(sr_dataset, tmp_path, capfd):
+    import shutil
+
+    data = shutil.copytree(sr_dataset, tmp_path / "data")
+    with open(data / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    bad_line, bad = next((n, r) for n, r in enumerate(rows, start=2) if r["split"] == "test")
+    (data / bad["lr"]).write_bytes(b"GIF89a truncated")
+    torch.manual_seed(0)
+    model = tmp_path / "sr.safetensors"
+    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), model)
+    out = tmp_path / "report"
+    evaluate(EvaluateConfig(data=str(data), models=[str(model)], out=str(out), grids=1, device="cpu", lpips=False),
+             progress=False)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("crappify: warning: evaluate: "), err
+    assert str(data / bad["lr"]) in err[0] and f"manifest.csv line {bad_line}" in err[0]
+    n_test = sum(r["split"] == "test" for r in rows)
+    with open(out / "metrics.csv", newline="") as fh:
+        ids = {r["id"] for r in csv.DictReader(fh)}
+    assert len(ids) == n_test - 1 and bad["id"] not in ids
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == 1 and summary["skipped_ids"] == [bad["id"]] and summary["images"] == n_test - 1
+    assert f"{n_test - 1} image pairs; **1 skipped**, could not be read: {bad['id']}" in (out / "report.md").read_text()
+    assert len(list((out / "grids").glob("*.png"))) == 1
+
+
 def test_evaluate_command_names_missing_flags(cli, sr_dataset, tmp_path):
     res = cli("evaluate", sr_dataset)
     assert res.returncode == 2

@@ -12,6 +12,7 @@ from srgan.checkpoint import save_generator
 from srgan.inference import TiledInference, axis_weights, load_inference, resolve_inference_precision, tile_origins
 from srgan.models import build_generator
 from srgan.predict import predict
+from srgan.upsample import resize_image
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,57 @@ def test_load_inference_from_file(srnet, tmp_path):
     assert engine.scale == 4 and engine.multiple == 1
     img = np.zeros((10, 12, 3), np.uint8)
     assert engine(img).shape == (40, 48, 3)
+
+
+def test_numpy_memory_error_is_out_of_memory_too(srnet, photo_maker, monkeypatch):
+    """A CPU allocation that fails in numpy (MemoryError) shrinks the tiles as torch's OOM does."""
+    engine = TiledInference(srnet, tile=64, overlap=16, on_note=lambda _t: None)
+    real = engine._model
+
+    def flaky(x, precision):
+        if x.shape[-1] > 32:
+            raise MemoryError("Unable to allocate 3.1 GiB for an array")
+        return real(x, precision)
+
+    monkeypatch.setattr(engine, "_model", flaky)
+    img = photo_maker(1, 80)
+    assert engine(img).shape == (img.shape[0] * 4, img.shape[1] * 4, 3)
+    assert engine.tile == 32 and any("out of memory" in n for n in engine.notes)
+
+
+@pytest.fixture(scope="module")
+def small_unet():
+    torch.manual_seed(0)
+    model = build_generator("unet-small", residual=True).eval()
+    with torch.no_grad():  # a correction that is not zero, so the output is not just the bicubic input
+        model.layers[-1].gain.fill_(0.5)
+    return model
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_unet_upscales_tile_by_tile_like_resizing_the_whole_photo_first(small_unet, photo_maker, monkeypatch, factor):
+    """`upscale`: each tile resizes its own photo pixels; the result is that of resizing the whole photo first
+    (within 1 grey level), and nothing the size of the whole upscaled photo is ever resized."""
+    import srgan.upsample
+    from srgan.inference import Upscaled
+
+    img = photo_maker(2, 80)
+    h, w = img.shape[:2]
+    want = TiledInference(small_unet, tile=64, overlap=16)(resize_image(img, (w * factor, h * factor)))
+    sizes: list[int] = []
+    real = srgan.upsample.resize_tensor
+
+    def recording(x, size):
+        sizes.append(size[0] * size[1])
+        return real(x, size)
+
+    monkeypatch.setattr(srgan.upsample, "resize_tensor", recording)
+    got = TiledInference(small_unet, tile=64, overlap=16)(img, upscale=factor)
+    assert got.shape == want.shape == (h * factor, w * factor, 3)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert sizes and max(sizes) < h * factor * w * factor / 2  # tile-sized pieces only
+    up = Upscaled(img, factor)  # any region, at the edges or inside, is that region of the whole resize
+    whole = real(torch.from_numpy(img).permute(2, 0, 1), (h * factor, w * factor)).round().clamp(0, 255)
+    whole = whole.to(torch.uint8).permute(1, 2, 0).numpy()
+    for y0, y1, x0, x1 in [(0, 7, 0, 9), (5, 40, 11, 60), (h * factor - 13, h * factor, 3, w * factor)]:
+        assert np.abs(up.region(y0, y1, x0, x1).astype(int) - whole[y0:y1, x0:x1].astype(int)).max() <= 1
