@@ -1,4 +1,5 @@
-"""Generator models by name: fastai U-Nets on torchvision or timm encoders, and the SRGAN paper's SRResNet.
+"""Generator models by name: fastai U-Nets on torchvision or timm encoders, the SRGAN paper's SRResNet and
+ESRGAN's RRDBNet.
 
 `build_generator(arch, ...)` is the one entry point. Every model it returns carries `crappify_spec`, a
 JSON-serialisable dict (arch, scale, img_size, resolved options) from which `build_generator` rebuilds the
@@ -44,6 +45,8 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 UNET_DEFAULTS: dict[str, Any] = {"blur": True, "blur_final": True, "self_attention": True, "norm_type": "weight",
                                  "y_range": (-3.0, 3.0), "last_cross": True, "bottle": False, "residual": False}
 SRRESNET_DEFAULTS: dict[str, Any] = {"n_blocks": 16, "n_feats": 64, "residual": False}
+# RRDBNet (ESRGAN, Wang et al. 2018; Real-ESRGAN's generator): 23 blocks, 64 features, growth 32 (16.7 M at x4).
+RRDB_DEFAULTS: dict[str, Any] = {"n_blocks": 23, "n_feats": 64, "growth": 32, "residual": False}
 # unet-small: a narrow ResNet encoder (timm's ResNet class, BasicBlocks) whose widths the fastai decoder follows,
 # sized to train on a laptop CPU (benchmarks/README.md has its step time beside the ResNet U-Nets').
 # Measured on the demo's data (x2 restore, 600 steps, MSE): its half-resolution first stage (no stem max-pool)
@@ -149,7 +152,7 @@ def _canonical_options(options: dict[str, Any]) -> dict[str, Any]:
     for key in ("blur", "blur_final", "self_attention", "last_cross", "bottle", "residual", "stem_pool"):
         if key in out and not isinstance(out[key], bool):
             raise ConfigError(f"U-Net option {key} must be true or false, got {out[key]!r}")
-    for key in ("n_blocks", "n_feats", "width"):
+    for key in ("n_blocks", "n_feats", "width", "growth"):
         if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
             raise ConfigError(f"generator option {key} must be a positive integer, got {out[key]!r}")
     if "depths" in out:
@@ -453,3 +456,84 @@ def _build_srresnet(*, scale: int, img_size: int, pretrained: bool, weights: str
 
 
 _with_options(_build_srresnet, **SRRESNET_DEFAULTS)
+
+
+# --------------------------------------------------------------------------------------------------------
+# RRDBNet (ESRGAN, Wang et al. 2018), written from the paper's description
+
+
+class _DenseBlock(nn.Module):
+    """Five 3x3 convs, each seeing the block input and every earlier conv's output (growth channels each), LeakyReLU
+    0.2 between them; the result is scaled by 0.2 and added to the input (residual scaling, no BatchNorm)."""
+
+    def __init__(self, n_feats: int, growth: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(n_feats + i * growth, growth if i < 4 else n_feats, 3, padding=1)
+                                   for i in range(5))
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+        for conv in self.convs:  # ESRGAN's initialisation: Kaiming, scaled down so deep trunks start near identity
+            nn.init.kaiming_normal_(conv.weight)
+            conv.weight.data.mul_(0.1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [x]
+        for conv in self.convs[:-1]:
+            feats.append(self.act(conv(torch.cat(feats, 1))))
+        return x + 0.2 * self.convs[-1](torch.cat(feats, 1))
+
+
+class _RRDB(nn.Module):
+    """Residual in residual dense block: three dense blocks, their result scaled by 0.2 and added to the input."""
+
+    def __init__(self, n_feats: int, growth: int) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(_DenseBlock(n_feats, growth) for _ in range(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.2 * self.blocks(x)
+
+
+class RRDBNet(nn.Module):
+    """ESRGAN's generator: conv, a trunk of RRDBs with a long skip, x2 stages of nearest-neighbour upsampling +
+    conv + LeakyReLU, then two convs to RGB. Linear output (targets are ImageNet-normalised), no BatchNorm."""
+
+    def __init__(self, scale: int = 4, n_blocks: int = 23, n_feats: int = 64, growth: int = 32,
+                 residual: bool = False) -> None:
+        super().__init__()
+        from srgan.upsample import BicubicUpsample
+
+        if scale not in (2, 4):
+            raise ConfigError(f"rrdb upsamples by 2 or 4 (x2 nearest-neighbour stages), got scale {scale}")
+        self.head = nn.Conv2d(3, n_feats, 3, padding=1)
+        self.body = nn.Sequential(*(_RRDB(n_feats, growth) for _ in range(n_blocks)))
+        self.body_tail = nn.Conv2d(n_feats, n_feats, 3, padding=1)
+        self.up = nn.ModuleList(nn.Conv2d(n_feats, n_feats, 3, padding=1) for _ in range(int(math.log2(scale))))
+        self.hr = nn.Conv2d(n_feats, n_feats, 3, padding=1)
+        self.tail = nn.Conv2d(n_feats, 3, 3, padding=1)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+        self.skip = BicubicUpsample(scale) if residual else None  # as SRResNet's: bicubic + gain · network
+        self.gain = nn.Parameter(torch.zeros(1, 3, 1, 1)) if residual else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        h = self.head(x)
+        h = h + self.body_tail(self.body(h))
+        for conv in self.up:
+            h = self.act(conv(F.interpolate(h, scale_factor=2, mode="nearest")))
+        out = self.tail(self.act(self.hr(h)))
+        return out if self.skip is None else self.skip(x) + self.gain * out
+
+
+@GENERATORS.register("rrdb")
+def _build_rrdb(*, scale: int, img_size: int, pretrained: bool, weights: str | Path | None, n_blocks: int,
+                n_feats: int, growth: int, residual: bool) -> nn.Module:
+    """RRDBNet upsampling by `scale`; no ImageNet weights exist for it, `weights` may hold a trained RRDBNet."""
+    model = RRDBNet(scale=scale, n_blocks=n_blocks, n_feats=n_feats, growth=growth, residual=residual)
+    if pretrained and weights is not None:
+        _load_strict(model, read_state_dict(weights), str(weights))
+    return model
+
+
+_with_options(_build_rrdb, **RRDB_DEFAULTS)

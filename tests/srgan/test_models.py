@@ -40,7 +40,8 @@ def unet18() -> nn.Module:
 
 
 def test_registry_names():
-    assert set(GENERATORS.names()) == {"srresnet", "unet-small", *(f"unet-resnet{d}" for d in (18, 34, 50, 101, 152))}
+    assert set(GENERATORS.names()) == {"rrdb", "srresnet", "unet-small",
+                                       *(f"unet-resnet{d}" for d in (18, 34, 50, 101, 152))}
 
 
 @pytest.mark.parametrize("arch", [*GENERATORS.names(), "unet-timm:test_resnet", "unet-timm:test_convnext"])
@@ -49,7 +50,7 @@ def test_output_shape(arch, request):
     if arch in BIG_UNETS:
         pytest.skip("340M+ parameter U-Net, 10-30 s to build on CPU; the same code path as unet-resnet18/34, and "
                     "its encoder is checked in test_big_resnet_encoders")
-    if arch == "srresnet":
+    if arch in ("srresnet", "rrdb"):
         model = build_generator(arch, scale=4, img_size=64)
         x = torch.randn(1, 3, 12, 20)
         assert _out(model, x).shape == (1, 3, 48, 80)
@@ -88,6 +89,41 @@ def test_srresnet_paper_layout():
     assert [s[0].out_channels for s in model.upsample] == [256, 256]
     assert model.crappify_spec == {"arch": "srresnet", "scale": 4, "img_size": 128,
                                    "options": {"n_blocks": 16, "n_feats": 64, "residual": False}}
+
+
+def test_paper_parameter_counts():
+    # SRGAN's SRResNet (16 blocks, 64 features) ≈ 1.5 M; ESRGAN's RRDBNet x4 (23 RRDBs, 64, growth 32) ≈ 16.7 M
+    # (16,697,987 in the ESRGAN/Real-ESRGAN release); the x2 model has one upsampling conv fewer.
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    assert 1.5e6 <= count(build_generator("srresnet", scale=4)) <= 1.6e6
+    assert count(build_generator("rrdb", scale=4)) == 16_697_987
+    assert count(build_generator("rrdb", scale=2)) == 16_697_987 - (64 * 64 * 9 + 64)
+
+
+def test_rrdb_layout():
+    model = build_generator("rrdb", scale=4, n_blocks=2, n_feats=16, growth=8)
+    assert len(model.body) == 2 and len(model.up) == 2
+    block = model.body[0].blocks[0]
+    assert [c.in_channels for c in block.convs] == [16, 24, 32, 40, 48]
+    assert [c.out_channels for c in block.convs] == [8, 8, 8, 8, 16]
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.Tanh, nn.PixelShuffle)) for m in model.modules())
+    assert _out(model, torch.randn(1, 3, 7, 5)).shape == (1, 3, 28, 20)
+    assert model.crappify_spec["options"] == {"n_blocks": 2, "n_feats": 16, "growth": 8, "residual": False}
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_untrained_residual_rrdb_is_the_bicubic_baseline(scale):
+    torch.manual_seed(0)
+    model = build_generator("rrdb", scale=scale, residual=True, n_blocks=1, n_feats=8, growth=4).eval()
+    norm = Normalizer()
+    lr = _lr_image(13, 17)
+    base = torch.from_numpy(resize_image(lr, (17 * scale, 13 * scale))).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        out = norm.to_uint8(model(norm.normalize(torch.from_numpy(lr).permute(2, 0, 1)[None])))
+    diff = (out.int() - base.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3  # float rounding at .5 ties at most
 
 
 def _icnr_ok(weight: torch.Tensor) -> bool:
@@ -191,6 +227,7 @@ def test_unet_options_change_the_model():
     ("unet-resnet18", {}),
     ("unet-timm:test_resnet", {"norm_type": "spectral", "y_range": None, "bottle": True, "blur": False}),
     ("srresnet", {"scale": 2, "n_blocks": 3, "n_feats": 16}),
+    ("rrdb", {"scale": 2, "n_blocks": 1, "n_feats": 8, "growth": 4}),
 ])
 def test_rebuild_from_spec(arch, kwargs, request):
     torch.manual_seed(1)
@@ -198,7 +235,7 @@ def test_rebuild_from_spec(arch, kwargs, request):
         model, x = request.getfixturevalue("unet18"), torch.randn(1, 3, 64, 64)
     else:
         model = build_generator(arch, img_size=64, **kwargs)
-        x = torch.randn(1, 3, 16, 16) if arch == "srresnet" else torch.randn(1, 3, 64, 96)
+        x = torch.randn(1, 3, 16, 16) if arch in ("srresnet", "rrdb") else torch.randn(1, 3, 64, 96)
         model.train()(x)  # move BatchNorm running stats and spectral-norm vectors away from their init
     spec = json.loads(json.dumps(model.crappify_spec))  # as stored in a safetensors file's metadata
     again = build_generator(spec["arch"], scale=spec["scale"], img_size=spec["img_size"], pretrained=False,
@@ -306,7 +343,7 @@ def test_srresnet_weights_file(tmp_path):
     ("unet-resnet34", {"scale": 4}, "scale must be 1"),
     ("unet-timm:test_resnet", {"scale": 2}, "scale must be 1"),
     ("unet-resnet34", {"img_size": 16}, "at least 32"),
-    ("resnet34", {}, "valid: srresnet, unet-resnet101.*unet-resnet34.*unet-timm:"),
+    ("resnet34", {}, "valid: rrdb, srresnet, unet-resnet101.*unet-resnet34.*unet-timm:"),
     ("unet-timm:not_a_timm_model", {}, "timm model name is expected"),
     ("unet-timm:resnt18", {}, "close matches: resnet18"),
     ("unet-timm:", {}, "timm model name"),
@@ -320,6 +357,8 @@ def test_srresnet_weights_file(tmp_path):
     ("unet-resnet18", {"y_range": 3}, "y_range"),
     ("unet-resnet18", {"blur": "yes"}, "true or false"),
     ("srresnet", {"scale": 2, "n_blocks": 0}, "n_blocks"),
+    ("rrdb", {"scale": 3}, "2 or 4"),
+    ("rrdb", {"scale": 4, "growth": 0}, "growth"),
 ])
 def test_config_errors(arch, kwargs, match):
     t0 = time.perf_counter()
