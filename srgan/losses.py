@@ -11,6 +11,8 @@ weighted sum of its parts.
   + Σ w²·5e3·L1(gram) on the ReLU outputs just before the max-pools of blocks 2–4 (indices 22, 32, 42 of
   torchvision's ``vgg16_bn().features``), layer weights [5, 15, 2].
 - ``vgg19``: the SRGAN content loss (Ledig et al. 2017) on VGG19 φ5,4 (``vgg19().features[:36]``).
+- ``vgg``: any VGG (vgg16, vgg16_bn, vgg19), layers by name before (`conv5_4`) or after (`relu5_4`) the
+  activation, layer weights, L1/MSE, feature scale, Gram term: the recipes' perceptual losses as options.
 - ``tv``: total variation of the prediction.
 
 Loss networks are frozen (no parameter requires grad), stay in eval mode whatever ``.train()`` is
@@ -43,11 +45,13 @@ register = LOSSES.register
 
 # torchvision's VGG layouts ("D" = VGG16, "E" = VGG19): channel counts, "M" for a max-pool; and BatchNorm.
 _VGG_CFGS: dict[str, tuple[list[int | str], bool]] = {
+    "vgg16": ([64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"], False),
     "vgg16_bn": ([64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"], True),
     "vgg19": ([64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
                512, 512, 512, 512, "M"], False),
 }
 VGG_WEIGHTS: dict[str, str] = {
+    "vgg16": "VGG16_Weights.IMAGENET1K_V1",
     "vgg16_bn": "VGG16_BN_Weights.IMAGENET1K_V1",
     "vgg19": "VGG19_Weights.IMAGENET1K_V1",
 }
@@ -86,6 +90,45 @@ def vgg_depth(arch: str) -> int:
     """Number of layers in the full ``.features`` stack of torchvision's `arch` ('vgg16_bn', 'vgg19')."""
     cfg, batch_norm = _VGG_CFGS[arch]
     return sum(1 if v == "M" else 3 if batch_norm else 2 for v in cfg)
+
+
+def vgg_layer_names(arch: str) -> dict[str, int]:
+    """Layer names of torchvision's `arch` `.features`, to index: `convB_K` is the K-th conv of block B, its
+    output *before* the activation (and before BatchNorm in vgg16_bn) — the layers Real-ESRGAN/BasicSR name
+    (`conv5_4`); `reluB_K` is the same layer *after* its ReLU — what Keras' `blockB_convK` outputs (its convs
+    carry their ReLU) and the SRGAN paper's φB,K; `poolB` is block B's max-pool."""
+    cfg, batch_norm = _VGG_CFGS[arch]
+    names: dict[str, int] = {}
+    index, block, conv = 0, 1, 0
+    for v in cfg:
+        if v == "M":
+            names[f"pool{block}"] = index
+            index, block, conv = index + 1, block + 1, 0
+            continue
+        conv += 1
+        names[f"conv{block}_{conv}"] = index
+        names[f"relu{block}_{conv}"] = index + (2 if batch_norm else 1)
+        index += 3 if batch_norm else 2
+    return names
+
+
+def vgg_layer_index(arch: str, layer: int | str) -> int:
+    """The `.features` index of `layer` (a name from `vgg_layer_names` or an index), or a ConfigError listing
+    the valid names."""
+    if arch not in _VGG_CFGS:
+        raise ConfigError(f"unknown loss network {arch!r}; valid: {', '.join(sorted(_VGG_CFGS))}")
+    depth = vgg_depth(arch)
+    if isinstance(layer, bool) or not isinstance(layer, (int, str)):
+        raise ConfigError(f"a {arch} layer is a name (conv2_2, relu5_4, ...) or an index, not {layer!r}")
+    if isinstance(layer, int):
+        if not 0 <= layer < depth:
+            raise ConfigError(f"{arch} layer index {layer} out of range 0..{depth - 1}")
+        return layer
+    names = vgg_layer_names(arch)
+    if layer not in names:
+        raise ConfigError(f"unknown {arch} layer {layer!r}; valid: convB_K (before the activation), reluB_K "
+                          f"(after it), poolB: {', '.join(names)}")
+    return names[layer]
 
 
 def _features_state(state: Mapping[str, Tensor], depth: int) -> dict[str, Tensor]:
@@ -300,6 +343,61 @@ class FeatureLoss(_NetworkLoss):
         return total
 
 
+@LOSSES.register("vgg")
+class VGGLoss(_NetworkLoss):
+    """A perceptual loss on any VGG's layers, every choice an option (what recipes differ in):
+
+    ``Σ_i w_i·criterion(s·φ_i(pred), s·φ_i(target)) + gram_weight·Σ_i w_i·criterion(G(s·φ_i(pred)), G(s·φ_i(target)))``
+
+    `net` vgg16 | vgg16_bn | vgg19; `layers` names (`conv5_4` before the activation, `relu5_4` after it, see
+    `vgg_layer_names`) or indices of ``.features``; `layer_weights` (default 1 each); `criterion` l1 | mse;
+    `feature_scale` s (the SRGAN paper's 1/12.75); `gram_weight` for a style term (0: none). Defaults: VGG19
+    conv5_4 (vgg16: conv5_3) before the activation, L1 (Real-ESRGAN's perceptual loss uses conv1_2 … conv5_4 with weights
+    0.1, 0.1, 1, 1, 1).
+    """
+
+    def __init__(self, *, pretrained: bool = True, weights: str | Path | None = None, net: str = "vgg19",
+                 layers: Sequence[int | str] | None = None, layer_weights: Sequence[float] | None = None,
+                 criterion: str = "l1", feature_scale: float = 1.0, gram_weight: float = 0.0) -> None:
+        super().__init__()
+        if net not in _VGG_CFGS:
+            raise ConfigError(f"vgg loss: unknown net {net!r}; valid: {', '.join(sorted(_VGG_CFGS))}")
+        if criterion not in ("l1", "mse"):
+            raise ConfigError(f"vgg loss: criterion must be 'l1' or 'mse', not {criterion!r}")
+        if layers is None:  # the last conv before the last max-pool, before its activation
+            layers = ["conv5_4" if net == "vgg19" else "conv5_3"]
+        ids = [vgg_layer_index(net, layer) for layer in _as_seq("layers", layers)]
+        if not ids or len(set(ids)) != len(ids):
+            raise ConfigError(f"vgg loss: layers must be distinct and at least one, got {list(layers)!r}")
+        lw = [1.0] * len(ids) if layer_weights is None else [
+            _as_weight("layer_weights", w) for w in _as_seq("layer_weights", layer_weights)]
+        if len(lw) != len(ids):
+            raise ConfigError(f"vgg loss: {len(lw)} layer_weights for {len(ids)} layers")
+        self.arch, self.layer_ids, self.layer_weights = net, tuple(ids), tuple(lw)
+        self.criterion = criterion
+        self.feature_scale = _as_weight("feature_scale", feature_scale)
+        self.gram_weight = _as_weight("gram_weight", gram_weight)
+        self.net = vgg_features(net, max(ids), pretrained=pretrained, weights=weights)
+        for i in ids:  # an in-place ReLU right after a tapped layer would overwrite the tapped activation
+            if i + 1 < len(self.net) and isinstance(self.net[i + 1], nn.ReLU):
+                self.net[i + 1] = nn.ReLU(inplace=False)
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The perceptual loss of `pred` against `target` (float32 scalar)."""
+        pred, target = self._prepare(pred, target)
+        in_feats = self._features(pred, self.layer_ids)
+        out_feats = self._target_features(target, self.layer_ids)
+        loss = F.mse_loss if self.criterion == "mse" else F.l1_loss
+        with _float32(pred.device):
+            total = pred.new_zeros((), dtype=torch.float32 if pred.dtype != torch.float64 else pred.dtype)
+            for fi, fo, w in zip(in_feats, out_feats, self.layer_weights, strict=True):
+                fi, fo = _wide(fi) * self.feature_scale, _wide(fo) * self.feature_scale
+                total = total + w * loss(fi, fo)
+                if self.gram_weight:
+                    total = total + self.gram_weight * w * loss(gram_matrix(fi), gram_matrix(fo))
+            return total
+
+
 @LOSSES.register("vgg19")
 class VGG19ContentLoss(_NetworkLoss):
     """The SRGAN content loss: `criterion` ('mse', as in the paper, or 'l1') on VGG19 φ5,4 features.
@@ -387,21 +485,28 @@ class CombinedLoss(nn.Module):
         return dict(self.weights)
 
 
-def _parse_spec(spec: object) -> dict[str, float]:
+def _parse_spec(spec: object) -> tuple[dict[str, float], dict[str, dict[str, object]]]:
+    """({name: weight}, {name: options}) from a loss name, {name: weight} or {name: {weight: w, option: ...}}."""
     if isinstance(spec, str):
         if not spec.strip():
             raise ConfigError(f"empty loss name; valid: {', '.join(LOSSES.names())}")
-        return {spec.strip(): 1.0}
+        return {spec.strip(): 1.0}, {}
     if isinstance(spec, Mapping):
         if not spec:
             raise ConfigError(f"empty loss mapping; give at least one of: {', '.join(LOSSES.names())}")
-        out = {}
-        for name, weight in spec.items():
+        out, options = {}, {}
+        for name, value in spec.items():
             if not isinstance(name, str):
                 raise ConfigError(f"loss names must be strings, not {name!r}")
-            out[name] = _as_weight(f"weight of loss {name!r}", weight)
-        return out
-    raise ConfigError(f"a loss spec is a name or a {{name: weight}} mapping, not {spec!r}")
+            if isinstance(value, Mapping):  # {vgg: {weight: 1, net: vgg16, layers: [relu2_2]}}
+                value = dict(value)
+                out[name] = _as_weight(f"weight of loss {name!r}", value.pop("weight", 1.0))
+                options[name] = value
+            else:
+                out[name] = _as_weight(f"weight of loss {name!r}", value)
+        return out, options
+    raise ConfigError(f"a loss spec is a name, a {{name: weight}} mapping or {{name: {{weight: w, option: value}}}}, "
+                      f"not {spec!r}")
 
 
 def _options_of(factory: LossFactory) -> list[str]:
@@ -421,7 +526,8 @@ def _weights_file(name: str, factory: LossFactory, weights: Mapping[str, str] | 
 
 def build_loss(spec: str | Mapping[str, float], *, pretrained: bool = True,
                weights: Mapping[str, str] | None = None, **options: object) -> CombinedLoss:
-    """Build the `CombinedLoss` for `spec`: a loss name ("feature") or {name: weight} ({"l1": 1, "tv": 1e-4}).
+    """Build the `CombinedLoss` for `spec`: a loss name ("feature"), {name: weight} ({"l1": 1, "tv": 1e-4}) or
+    {name: {weight: w, option: value}} ({"vgg": {"weight": 1, "net": "vgg16", "layers": ["relu2_2"]}}).
 
     `pretrained`: ImageNet weights for loss networks from torchvision's cache (WeightsError naming
     --no-pretrained when absent) or random ones when False. `weights`: local weight files keyed by loss
@@ -430,11 +536,13 @@ def build_loss(spec: str | Mapping[str, float], *, pretrained: bool = True,
     `options` go to every part that takes them (e.g. gram_weight=0 to 'feature'), or to one part as
     ``feature={"gram_weight": 0}``; an option no part takes is a ConfigError.
     """
-    parts = _parse_spec(spec)
+    parts, spec_options = _parse_spec(spec)
     factories = {name: LOSSES.get(name) for name in parts}  # unknown names fail here, listing the valid ones
     accepted = {name: _options_of(f) for name, f in factories.items()}
     kwargs: dict[str, dict[str, object]] = {name: {} for name in parts}
     nested = {k: v for k, v in options.items() if k in parts and isinstance(v, Mapping)}
+    for name, sub in spec_options.items():  # options written in the spec itself
+        nested[name] = {**sub, **nested.get(name, {})}
     for key, value in options.items():
         if key in nested:
             continue

@@ -30,7 +30,7 @@ from srgan.losses import (
 )
 from srgan.weights import WeightsError
 
-NETWORK_LOSSES = ("feature", "vgg19")
+NETWORK_LOSSES = ("feature", "vgg19", "vgg")
 
 
 def images(seed: int = 0, size: int = 32, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
