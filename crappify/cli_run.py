@@ -48,15 +48,18 @@ def _print_plan(steps) -> None:
 @click.option("--dry-run", is_flag=True, help="Print what would run, skip or resume, and stop.")
 @click.option("--device", help="auto, cpu, cuda, cuda:N for every training/evaluation stage.")
 @precision_option
+@click.option("--no-pretrained", "no_pretrained", is_flag=True,
+              help="Random encoder and loss-network weights in every stage (no ImageNet weights needed).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None, dry_run: bool,
-            device: str | None, precision: str | None, quiet: bool) -> None:
+            device: str | None, precision: str | None, no_pretrained: bool, quiet: bool) -> None:
     """Run PIPELINE (a YAML file, or a shipped name such as 'demo'): build-dataset → train-gen →
     train-critic → train-gan → evaluate, skipping stages already done with the same config and resuming
     an interrupted one. Run the same command again after an interruption."""
     from srgan.pipeline import find_pipeline, load_pipeline, plan, run_pipeline
 
-    overrides = {"device": device, "precision": precision_override(precision)}
+    overrides = {"device": device, "precision": precision_override(precision),
+                 "pretrained": False if no_pretrained else None}
     path = find_pipeline(pipeline)
     p = load_pipeline(path, out)
     if dry_run:
