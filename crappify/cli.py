@@ -1,11 +1,13 @@
 """The `crappify` command-line app.
 
 User errors (bad paths, bad config, unusable data) end with one line on stderr and a non-zero exit;
-a traceback means a bug.
+a traceback means a bug. A training stage stopped by SIGTERM (after saving where it was) says so in one
+line and exits with 143, as a process ended by SIGTERM does.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any
 import click
 
 from crappify.cli_run import precision_option, precision_override
-from crappify.errors import ConfigError, CrappifyError
+from crappify.errors import ConfigError, CrappifyError, Interrupted
 
 DEMO_OUT = Path("runs") / "demo"
 
@@ -102,7 +104,9 @@ def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str |
               help="Mixed precision (default auto).")
 @click.option("--workers", "num_workers", type=int, help="Data-loading processes (default: 8 on CUDA, 0 on CPU).")
 @click.option("--seed", type=int, help="Seed for weights init and data order (default 0).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last completed epoch.")
+@click.option("--checkpoint-every", type=int,
+              help="Also checkpoint every N batches of an epoch (default: at epoch ends only).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--save-preds", is_flag=True, help="Then write the generator's outputs to RUN/preds/<split>/.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: bool | None, resume: bool,
@@ -269,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except ConfigError as exc:
         _fail(str(exc), 2)
+    except Interrupted as exc:
+        click.echo(f"crappify: {exc}", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except CrappifyError as exc:
         _fail(str(exc), 1)
     except KeyboardInterrupt:

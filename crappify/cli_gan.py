@@ -27,7 +27,9 @@ _PRECISION = click.Choice(["auto", "fp32", "bf16", "fp16"])
 @click.option("--precision", type=_PRECISION, help="Mixed precision (default auto).")
 @click.option("--workers", "num_workers", type=int, help="Data-loading processes (default: 8 on CUDA, 0 on CPU).")
 @click.option("--seed", type=int, help="Seed for weights init and crops (default 0).")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last completed epoch.")
+@click.option("--checkpoint-every", type=int,
+              help="Also checkpoint every N batches of an epoch (default: at epoch ends only).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool, quiet: bool, **flags: Any) -> None:
     """Pretrain a critic to tell DATA's real HR images from RUN's generator outputs (RUN/preds, made if missing)."""

@@ -13,3 +13,14 @@ class CrappifyError(Exception):
 
 class ConfigError(CrappifyError, ValueError):
     """A configuration value, preset or option is invalid."""
+
+
+class Interrupted(CrappifyError):
+    """A run stopped on request (SIGTERM) after saving where it was: shown as one line, exit status 143.
+
+    `where` says where it stopped and what was kept; `how` how to continue (the stage's `--resume`; a pipeline
+    says to run the same command again)."""
+
+    def __init__(self, where: str, how: str = "run it again with --resume to continue") -> None:
+        super().__init__(f"{where}; {how}")
+        self.where, self.how = where, how

@@ -5,8 +5,9 @@ Reads the dataset's HR images (label 1, real) and the run's saved generator outp
 (train) or centre (valid) crop of `size` px, flipped at random in training. The critic is trained through a
 fastai Learner with BCE-with-logits on its patch (or per-pixel) output and a one-cycle schedule; accuracy is
 the share of output cells on the right side of 0.5. Every epoch ends with a row in `RUN/critic-history.csv` and
-a checkpoint `RUN/critic-checkpoints/last.pt` (model + optimiser + epoch); `resume` continues after the last
-completed epoch. The result is `RUN/critic.safetensors` (self-describing, like the generator file).
+a checkpoint `RUN/critic-checkpoints/last.pt` (model + optimiser + position); `checkpoint_every` N adds one every
+N batches of an epoch, and SIGTERM writes one at the next batch boundary and stops. `resume` continues from the
+checkpoint's position. The result is `RUN/critic.safetensors` (self-describing, like the generator file).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from srgan.distributed import unwrap
 from srgan.train import RunOptions
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"]
-RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs"})  # see srgan.train
+RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs",  # see srgan.train
+                      "checkpoint_every"})
 
 
 class TrainCriticConfig(RunOptions):
@@ -47,6 +49,7 @@ class TrainCriticConfig(RunOptions):
     lr: float = Field(1e-3, gt=0)
     wd: float = Field(1e-3, ge=0)
     pct_start: float = Field(0.3, gt=0, lt=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N batches of an epoch")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -174,14 +177,16 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
     """Pretrain a critic on RUN's saved generator outputs vs the real HR images; returns RUN/critic.safetensors.
 
     `resume` continues from RUN/critic-checkpoints/last.pt when it belongs to this config (and this generator,
-    whose predictions it learned from); a checkpoint at the last epoch only writes the final file."""
+    whose predictions it learned from); a checkpoint at the last epoch only writes the final file. SIGTERM: a
+    checkpoint at the next batch boundary, then `Interrupted`."""
     from srgan.distributed import run_folder
+    from srgan.train import sigterm_stops
 
-    with run_folder(cfg.out, "train-critic run"):
-        return _train_critic(cfg, resume, progress)
+    with run_folder(cfg.out, "train-critic run"), sigterm_stops("train-critic") as stop:
+        return _train_critic(cfg, resume, progress, stop)
 
 
-def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool) -> Path:
+def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: Any = None) -> Path:
     import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.learner import Learner
     from fastai.metrics import AvgMetric
@@ -223,7 +228,8 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool) -> Path:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         DeviceMixedPrecision, StopOnNonFinite = _callbacks()
-        cbs = [StopOnNonFinite(), _critic_epoch_end(run, history, key, write=is_main())]
+        cbs = [StopOnNonFinite(), _critic_epoch_end(run, history, key, write=is_main(), state=state,
+                                                    every=cfg.checkpoint_every, stop=stop)]
         if ddp is not None:
             cbs.append(ddp)
         if precision in ("bf16", "fp16"):
@@ -254,28 +260,25 @@ def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
     write_atomic(run / "critic-history.csv", buf.getvalue())
 
 
-def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write: bool = True):
+def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write: bool = True,
+                      state: dict[str, Any] | None = None, every: int | None = None, stop: Any = None):
     """After each epoch: the checkpoint (with the history), then critic-history.csv from it (fastai imported on
-    use); `write` False on the ranks other than 0, which only set the epoch's crops."""
-    from fastai.callback.core import Callback
+    use); checkpoints inside an epoch, SIGTERM and a resume from one as `srgan.train._position_callback` does.
+    `write` False on the ranks other than 0, which only set the epoch's crops; `state`: the checkpoint resumed."""
+    from srgan.train import _position_callback
 
-    from srgan.train import EpochLoss
-
-    class CriticEpochEnd(Callback):
-        order = 90  # after the Recorder has the epoch's values
-
-        def before_epoch(self):  # not reached for the epochs fastai skips on resume
-            self._t0 = time.perf_counter()
-            self._loss = EpochLoss()
-            for dl in (self.dls.train, self.dls.valid):
-                dl.dataset.set_epoch(self.epoch)
-
-        def after_batch(self):
-            if self.training and getattr(self, "_t0", None) is not None:
-                self._loss.add(self.learn.loss, self.learn.yb)
+    class CriticEpochEnd(_position_callback()):
+        def checkpoint(self, position: dict[str, Any]) -> None:
+            save_checkpoint(run / "critic-checkpoints" / "last.pt",
+                            {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
+                             **position, "history": history, "config_key": key})
 
         def after_epoch(self):
-            if getattr(self, "_t0", None) is None or not write:
+            if self._t0 is None:  # an epoch fastai skipped on resume
+                return
+            if not write:  # not rank 0: it only keeps the position
+                self.save(self.epoch + 1)
+                self._t0 = None
                 return
             names = self.recorder.metric_names[1:-1]
             values = dict(zip(names, self.recorder.log[1:-1], strict=False))
@@ -283,13 +286,11 @@ def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write:
                             "valid_loss": _num(values.get("valid_loss")),
                             "accuracy": _num(values.get("patch_accuracy")),
                             "seconds": round(time.perf_counter() - self._t0, 3)})
-            save_checkpoint(run / "critic-checkpoints" / "last.pt",
-                            {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
-                             "epoch": self.epoch + 1, "history": history, "config_key": key})
+            self.save(self.epoch + 1)
             _write_history(run, history)
             self._t0 = None
 
-    return CriticEpochEnd()
+    return CriticEpochEnd("train-critic", run / "critic-checkpoints" / "last.pt", every, stop, write, state)
 
 
 def _num(v: Any) -> float | str:

@@ -11,8 +11,9 @@ the non-trained network's weights truly fixed, and the per-step history/checkpoi
 The phase runs `iters` steps (or `epochs` × the batches of an epoch; one step trains one of the two networks).
 Every `checkpoint_every` steps: `RUN/gan/checkpoints/generator_NNNNNN.safetensors` (+ `generator-ema_…` with
 EMA), a fixed-crop preview grid `RUN/gan/previews/step_NNNNNN.png`, and the resumable state
-`RUN/gan/checkpoints/last.pt` (generator, critic, the optimiser state of both, switcher, EMA, step). Every step
-appends a row to `RUN/gan/history.csv`. The result is `RUN/gan/generator.safetensors` (and
+`RUN/gan/checkpoints/last.pt` (generator, critic, the optimiser state of both, switcher, EMA, step); SIGTERM
+writes them at the next step boundary and stops (`Interrupted`). Every step appends a row to
+`RUN/gan/history.csv`. The result is `RUN/gan/generator.safetensors` (and
 `generator-ema.safetensors`), in the self-describing format `srgan.checkpoint.load_generator` reads.
 """
 
@@ -33,7 +34,7 @@ import torch
 import yaml
 from pydantic import Field
 
-from crappify.errors import ConfigError, CrappifyError
+from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import save_image_atomic, write_atomic
 from srgan.checkpoint import (
     config_key,
@@ -62,7 +63,8 @@ class TrainGanConfig(RunOptions):
     out: str
     generator: str | None = Field(None, description="start generator; default RUN/generator.safetensors")
     critic: str | None = Field(None, description="start critic; default RUN/critic.safetensors")
-    loss: str | dict[str, float] | None = Field(None, description="content loss; default: the generator's own")
+    loss: str | dict[str, float | dict[str, Any]] | None = Field(
+        None, description="content loss; default: the generator's own; {name: weight} or {name: {weight: w, ...}}")
     pretrained: bool = True
     loss_weights: dict[str, str] | None = None
     adv_loss: Literal["bce", "lsgan", "hinge", "wgan-gp"] = "bce"
@@ -109,6 +111,8 @@ class GanRun:
         self.ema: torch.nn.Module | None = None
         self.rows: list[dict[str, Any]] = []  # one per step; written out with each checkpoint
         self.key = ""
+        self.saved_step: int | None = None  # the step of the checkpoint on disk (None: none of this run's yet)
+        self.stop: Any = None  # srgan.train.StopRequest, set by SIGTERM
 
     @property
     def last(self) -> Path:
@@ -128,17 +132,18 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
     """Run the GAN phase of RUN (see the module docstring); returns RUN/gan/generator.safetensors.
 
     `resume` continues from RUN/gan/checkpoints/last.pt when it belongs to this config and these start files;
-    a checkpoint at the last step only writes the final files. `cbs`: extra fastai callbacks (tests use them
-    to watch each step).
+    a checkpoint at the last step only writes the final files. SIGTERM: the state at the next step boundary,
+    then `Interrupted`. `cbs`: extra fastai callbacks (tests use them to watch each step).
     """
     from srgan.distributed import refuse_distributed, run_folder
+    from srgan.train import sigterm_stops
 
     refuse_distributed("train-gan")
-    with run_folder(cfg.out, "train-gan run"):
-        return _train_gan(cfg, resume, progress, cbs)
+    with run_folder(cfg.out, "train-gan run"), sigterm_stops("train-gan") as stop:
+        return _train_gan(cfg, resume, progress, cbs, stop)
 
 
-def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | None) -> Path:
+def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | None, stop: Any = None) -> Path:
     from fastai.learner import Learner
     from fastai.optimizer import Adam
     from fastai.torch_core import params
@@ -182,9 +187,10 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     n_batches = len(dls.train)
     total = cfg.iters or max(1, math.ceil(cfg.epochs * n_batches))
     gan = GanRun(cfg, total, normalizer)
-    gan.key = key
+    gan.key, gan.stop = key, stop
     if state is not None:
         gan.step, gan.counts = int(state["step"]), dict(state["counts"])
+        gan.saved_step = gan.step
         gan.gen_mode, gan.switcher_state = bool(state["gen_mode"]), dict(state["switcher"])
         gan.rows = list(state["history"])
     if cfg.channels_last:
@@ -262,6 +268,7 @@ def save_state(learn: Any, gan: GanRun) -> None:
         "switcher": {"n_c": switcher.n_c, "n_g": switcher.n_g} if switcher is not None else {},
         "counts": gan.counts, "ema": gan.ema.state_dict() if gan.ema is not None else None,
         "history": gan.rows, "config_key": gan.key})
+    gan.saved_step = step
     gan.write_history()
 
 
@@ -415,6 +422,7 @@ def _parts() -> SimpleNamespace:
             self.dls.train.dataset.set_epoch(self.first_epoch + self.epoch)
 
         def before_batch(self):
+            self.check_stop()
             self.t0, self.was_gen = time.perf_counter(), bool(self.learn.gan_trainer.gen_mode)
             lf = self.learn.loss_func  # a row shows this step's losses only, never an earlier step's
             lf.gen_loss = lf.crit_loss = lf.content_loss = lf.adv_loss = None
@@ -451,6 +459,21 @@ def _parts() -> SimpleNamespace:
                 save_state(self.learn, gan)
             if gan.step >= gan.total:
                 raise CancelFitException()
+            self.check_stop()
+
+        def check_stop(self):
+            """After a SIGTERM: the resumable state at this step (unless it is on disk already), then stop."""
+            gan = self.gan
+            if gan.stop is None or not gan.stop.requested:
+                return
+            gan.stop.acted = True
+            where = f"train-gan stopped by SIGTERM at step {gan.step} of {gan.total}"
+            if gan.step == 0:
+                raise Interrupted(f"{where}: nothing trained yet, nothing saved")
+            if gan.step != gan.saved_step:
+                save_state(self.learn, gan)
+                raise Interrupted(f"{where}; saved {gan.last}")
+            raise Interrupted(f"{where}; {gan.last} is at that point")
 
     return SimpleNamespace(gan_loss=CrappifyGANLoss, resumable_fixed_switcher=ResumableFixedSwitcher,
                            guard=Guard, stop_on_non_finite=StopOnNonFinite, progress=Progress)

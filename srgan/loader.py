@@ -65,3 +65,21 @@ class SeededDataLoader(DataLoader):
         # so does its DistributedDL for the loader it wraps: the skip is used up here, for one pass only.
         idxs, skip, self.skip_next = super().get_idxs(), self.skip_next, 0
         return list(idxs)[skip:] if skip else idxs
+
+
+def skip_samples(dl: Any, n: int) -> None:
+    """Drop the first `n` samples of `dl`'s next pass: through `skip_next` on a `SeededDataLoader`; on a loader
+    that hands this process its share of each pass (fastai's `DistributedDL` under torchrun), of that share, so
+    every rank goes on with the batches it would have seen next."""
+    if not n:
+        return
+    if isinstance(dl, SeededDataLoader):
+        dl.skip_next = n
+        return
+    get_idxs = dl.get_idxs
+
+    def once() -> list:
+        del dl.get_idxs  # the class's own again from the next pass on
+        return list(get_idxs())[n:]
+
+    dl.get_idxs = once

@@ -31,7 +31,8 @@ from crappify.imageio import write_atomic
 from crappify.yamlfile import read_mapping
 
 STAGES = ("sample-crops", "build-dataset", "train-gen", "train-critic", "train-gan", "evaluate")
-RUN_ONLY_KEYS = frozenset({"workers", "num_workers", "device", "batch"})  # how to run, not what to compute
+# how to run, not what to compute (a checkpoint's frequency: a resume from any checkpoint ends the same)
+RUN_ONLY_KEYS = frozenset({"workers", "num_workers", "device", "batch", "checkpoint_every"})
 
 
 def _shipped_pipelines() -> Path:

@@ -4,19 +4,25 @@ Schedule: a list of stages (progressive resizing), each `{size, bs, epochs, lr}`
 encoder each stage runs `epochs` with the encoder frozen at `lr`, then `epochs` unfrozen with
 discriminative rates `slice(lr / 100, lr)` — the fastai course's sequence; from random weights, only
 the unfrozen half runs. Every epoch ends with a checkpoint (model + optimiser + position in the
-schedule), a row in `history.csv` and a preview grid; `resume` continues after the last completed epoch
-and stops at the same total. The finished generator is `RUN/generator.safetensors`.
+schedule), a row in `history.csv` and a preview grid; `checkpoint_every` N adds one every N batches of an
+epoch, and SIGTERM writes one at the next batch boundary and stops (`Interrupted`). `resume` continues from
+the checkpoint's position, an epoch end or inside an epoch, and stops at the same total. The finished
+generator is `RUN/generator.safetensors`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +31,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from crappify.errors import ConfigError, CrappifyError
+from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import save_image_atomic, write_atomic
 from crappify.preview import grid
 from srgan.checkpoint import config_key, load_optimizer_state, resume_state, save_checkpoint, save_generator
@@ -45,7 +51,7 @@ from srgan.models import is_unet
 
 HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "bicubic_psnr",
                    "ssim", "below_bicubic", "seconds"]
-PERCEPTUAL_LOSSES = ("feature", "vgg19")
+PERCEPTUAL_LOSSES = ("feature", "vgg19", "vgg")
 
 # Defaults that depend on where training starts. A pretrained encoder: the fastai course's settings. From random
 # weights (the demo, unet-small, srresnet, --no-pretrained): a residual generator (it starts as the bicubic
@@ -56,7 +62,8 @@ SCRATCH_DEFAULTS: dict[str, Any] = {"size": 64, "bs": 16, "lr": 2e-3}
 NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small")  # archs whose `pretrained` can only mean a --weights file
 # Options that say how to run, or how long (a resume may extend a run), not what is trained: a checkpoint
 # written under other values of these is still this config's (`srgan.checkpoint.config_key`).
-RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs", "preview_items"})
+RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs", "preview_items",
+                      "checkpoint_every"})
 
 
 class Stage(BaseModel):
@@ -86,7 +93,8 @@ class TrainGenConfig(RunOptions):
     out: str
     arch: str = "unet-resnet34"
     options: dict[str, Any] = Field(default_factory=dict, description="generator options (blur, self_attention...)")
-    loss: str | dict[str, float] | None = Field(None, description="default: feature when pretrained, else l1")
+    loss: str | dict[str, float | dict[str, Any]] | None = Field(
+        None, description="default: feature when pretrained, else l1; {name: weight} or {name: {weight: w, option: v}}")
     size: int | None = Field(None, ge=8, description="default: 128 when pretrained, else 64")
     bs: int | None = Field(None, ge=1, description="default: 8 when pretrained, else 16")
     epochs: int = Field(1, ge=1)
@@ -98,6 +106,7 @@ class TrainGenConfig(RunOptions):
     weights: str | None = None
     loss_weights: dict[str, str] | None = None
     preview_items: int = Field(4, ge=0)
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N batches of an epoch")
 
     def encoder_pretrained(self) -> bool:
         """Whether training starts from ImageNet weights (a U-Net's encoder) rather than random weights."""
@@ -168,6 +177,128 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native else "fp32"
 
 
+class StopRequest:
+    """Set by SIGTERM (a preempted cloud machine, a cluster scheduler). A training loop reads it at each batch
+    boundary, writes a checkpoint where it is and stops with `Interrupted`, so `--resume` loses nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.acted = False  # the stage stopped on it (else it came after the last batch)
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+@contextlib.contextmanager
+def sigterm_stops(what: str) -> Iterator[StopRequest]:
+    """For the body of a training stage: SIGTERM sets the returned `StopRequest` instead of ending the process.
+
+    Installed in the main thread only (Python runs signal handlers there), each process its own under torchrun;
+    the previous handler comes back afterwards. A SIGTERM that came after the last batch, which no batch boundary
+    saw, stops the run once the body has finished, so that a pipeline does not go on to its next stage."""
+    stop = StopRequest()
+    installed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if installed else None
+    try:
+        yield stop
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if stop.requested and not stop.acted:
+        raise Interrupted(f"{what} had finished when SIGTERM arrived; stopped there", "nothing is lost")
+
+
+def _position_callback():
+    """The base of train-gen's and train-critic's epoch callbacks (fastai imported on first use).
+
+    It knows where training is inside an epoch (batches done, the partial `EpochLoss`), so that a checkpoint can
+    be written in the middle of one — every `every` batches, or at the batch boundary after a SIGTERM — and a
+    resume continues from exactly there: the loader skips the batches done (`srgan.loader.skip_samples`), and
+    fastai's one-cycle position (`pct_train`, which `TrainEvalCallback` resets at each epoch start) advances as
+    if they had run. Subclasses write the checkpoint (`checkpoint`), and may number epochs otherwise."""
+    from fastai.callback.core import Callback
+
+    from srgan.loader import skip_samples
+
+    class Positioned(Callback):
+        order = 90  # after the Recorder has the epoch's values
+
+        def __init__(self, what: str, path: Path, every: int | None, stop: StopRequest | None, write: bool,
+                     state: dict[str, Any] | None) -> None:
+            self._what, self._path, self._every, self._stop, self._write = what, path, every, stop, write
+            # the position a resume starts from: (completed epochs, batches of the next one done)
+            self._saved = (int(state["epoch"]), int(state.get("batch") or 0)) if state is not None else None
+            self._resume_at = ({k: state.get(k) for k in ("epoch", "batch", "epoch_loss", "epoch_seconds")}
+                               if state is not None and state.get("batch") else None)
+            self._t0: float | None = None
+            self._done = 0
+
+        def global_epoch(self) -> int:
+            return self.epoch
+
+        def checkpoint(self, position: dict[str, Any]) -> None:
+            """Write the stage's checkpoint (model, optimiser, history, key) with `position` in it."""
+            raise NotImplementedError
+
+        def save(self, epoch: int, batch: int = 0) -> None:
+            """The checkpoint at (`epoch` completed epochs, `batch` batches of the next one done)."""
+            if self._write:
+                position: dict[str, Any] = {"epoch": epoch}
+                if batch:
+                    position.update(batch=batch, epoch_loss=[self._loss.total, self._loss.count],
+                                    epoch_seconds=time.perf_counter() - self._t0)
+                self.checkpoint(position)
+            self._saved = (epoch, batch)
+
+        def before_epoch(self):  # not reached for the epochs fastai's SkipToEpoch cancels on resume
+            self._t0, self._loss, self._done = time.perf_counter(), EpochLoss(), 0
+            epoch = self.global_epoch()
+            for dl in (self.dls.train, self.dls.valid):
+                dl.dataset.set_epoch(epoch)
+            at = self._resume_at
+            if at is not None and int(at["epoch"]) == epoch:  # resumed inside this epoch
+                self._resume_at = None
+                self._done = int(at["batch"])
+                self._loss.total, self._loss.count = float(at["epoch_loss"][0]), int(at["epoch_loss"][1])
+                self._t0 -= float(at.get("epoch_seconds") or 0.0)
+                skip_samples(self.dls.train, self._done * self.dls.train.bs)
+
+        def before_train(self):
+            if self._done:  # the schedule goes on where the interrupted run was, added up as fastai adds it
+                step = 1.0 / (len(self.dls.train) * self.n_epoch)
+                for _ in range(self._done):
+                    self.learn.pct_train += step
+                self.learn.train_iter += self._done
+
+        def before_batch(self):
+            self._check_stop()
+
+        def after_batch(self):
+            if self.training and self._t0 is not None:
+                self._loss.add(self.learn.loss, self.learn.yb)
+                self._done += 1
+                if self._every and self._done % self._every == 0 and self._done < len(self.dls.train):
+                    self.save(self.global_epoch(), self._done)
+            self._check_stop()
+
+        def _check_stop(self):
+            if self._stop is None or not self._stop.requested or self._t0 is None:
+                return
+            self._stop.acted = True
+            epoch, n = self.global_epoch(), len(self.dls.train)
+            where = f"{self._what} stopped by SIGTERM in epoch {epoch + 1} after batch {self._done} of {n}"
+            if not self.training:
+                where += " (during validation)"
+            if (epoch, self._done) == (0, 0) and self._saved is None:
+                raise Interrupted(f"{where}: nothing trained yet, nothing saved")
+            if (epoch, self._done) != self._saved:
+                self.save(epoch, self._done)
+                raise Interrupted(f"{where}; saved {self._path}")
+            raise Interrupted(f"{where}; {self._path} is at that point")
+
+    return Positioned
+
+
 def _callbacks():
     """fastai callbacks, defined on first use so importing this module stays light."""
     from fastai.callback.core import Callback
@@ -199,12 +330,12 @@ def _callbacks():
     return DeviceMixedPrecision, StopOnNonFinite
 
 
-def _perceptual(loss: str | dict[str, float]) -> bool:
+def _perceptual(loss: str | dict[str, Any]) -> bool:
     names = [loss] if isinstance(loss, str) else list(loss)
     return any(n in PERCEPTUAL_LOSSES for n in names)
 
 
-def _loss_name(loss: str | dict[str, float]) -> str:
+def _loss_name(loss: str | dict[str, Any]) -> str:
     return loss if isinstance(loss, str) else "+".join(loss)
 
 
@@ -263,6 +394,7 @@ class Trainer:
         self.scale = int(self.data_config.get("scale") or 1)
         self.history: list[dict[str, Any]] = []
         self.batches = 0  # training batches this process ran (reported per rank under torchrun)
+        self.stop: StopRequest | None = None  # set while `fit` runs
 
     # -- building blocks -------------------------------------------------------------------------------
     def _model(self):
@@ -301,8 +433,9 @@ class Trainer:
 
     # -- run -------------------------------------------------------------------------------------------
     def fit(self) -> Path:
-        """Train (or continue, or finish from a final checkpoint) and write RUN/generator.safetensors."""
-        with run_folder(self.run, "train-gen run"):
+        """Train (or continue, or finish from a final checkpoint) and write RUN/generator.safetensors.
+        SIGTERM: a checkpoint at the next batch boundary, then `Interrupted`."""
+        with run_folder(self.run, "train-gen run"), sigterm_stops("train-gen") as self.stop:
             return self._fit()
 
     def _fit(self) -> Path:
@@ -348,7 +481,7 @@ class Trainer:
                 learn.model.to(self.device)
                 learn.create_opt()
                 # every rank seeds its epoch's crops; only rank 0 writes history, previews and checkpoints
-                learn.add_cb(_epoch_end_callback(self, phases, write=is_main()))
+                learn.add_cb(_epoch_end_callback(self, phases, write=is_main(), state=state))
             else:
                 learn.dls = dls
             learn.freeze() if phase.frozen else learn.unfreeze()  # fastai clears the optimiser state here
@@ -410,30 +543,32 @@ class Trainer:
         write_atomic(self.run / "history.csv", buf.getvalue())
 
 
-def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = True):
-    from fastai.callback.core import Callback
+def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = True,
+                        state: dict[str, Any] | None = None):
+    """The epoch callback of train-gen (see `_position_callback` for checkpoints inside an epoch); `state` is
+    the checkpoint the run resumed from, if any."""
 
-    class EpochEnd(Callback):
+    class EpochEnd(_position_callback()):
         """After each epoch: preview grid, checkpoint (with the history), then history.csv from it — so the
         history file is never ahead of the checkpoint, and a resume rewrites it from the checkpoint."""
 
-        order = 90  # after the Recorder has the epoch's values
+        def global_epoch(self) -> int:
+            return self.learn.crappify_offset + self.epoch
 
-        def before_epoch(self):  # not reached for epochs fastai's SkipToEpoch cancels on resume
-            self._t0 = time.perf_counter()
-            self._loss = EpochLoss()
-            for dl in (self.dls.train, self.dls.valid):
-                dl.dataset.set_epoch(self.learn.crappify_offset + self.epoch)
-
-        def after_batch(self):
-            if self.training and self._t0 is not None:
-                self._loss.add(self.learn.loss, self.learn.yb)
+        def checkpoint(self, position: dict[str, Any]) -> None:
+            save_checkpoint(trainer.run / "checkpoints" / "last.pt",
+                            {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
+                             **position, "history": trainer.history, "config_key": trainer.key})
 
         def after_epoch(self):
-            if self._t0 is None or not write:  # a skipped epoch (nothing trained), or not rank 0
+            if self._t0 is None:  # an epoch fastai skipped on resume (nothing trained)
+                return
+            if not write:  # not rank 0: it only keeps the position
+                self.save(self.global_epoch() + 1)
+                self._t0 = None
                 return
             phase = self.learn.crappify_phase
-            global_epoch = self.learn.crappify_offset + self.epoch + 1
+            global_epoch = self.global_epoch() + 1
             names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
             values = dict(zip(names, self.recorder.log[1:-1], strict=False))
             psnr, base = _num(values.get("psnr")), _num(values.get("bicubic_psnr"))
@@ -448,15 +583,12 @@ def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = Tru
                       file=sys.stderr, flush=True)
             trainer.history.append(row)
             trainer.previews(self.learn, global_epoch)
-            save_checkpoint(trainer.run / "checkpoints" / "last.pt",
-                            {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
-                             "epoch": global_epoch, "history": trainer.history, "config_key": trainer.key})
+            self.save(global_epoch)
             trainer.write_history()
             self._t0 = None
 
-    cb = EpochEnd()
-    cb._t0 = None
-    return cb
+    return EpochEnd("train-gen", trainer.run / "checkpoints" / "last.pt", trainer.cfg.checkpoint_every,
+                    trainer.stop, write, state)
 
 
 class EpochLoss:
