@@ -286,3 +286,20 @@ def test_critic_config_rejects_unknown_keys_and_small_sizes(dataset, tmp_path):
     with pytest.raises(ConfigError, match="too small"):
         train_critic(TrainCriticConfig(data=str(dataset), out=str(tmp_path / "r"), size=8,
                                        options={"nf": 8, "n_blocks": 1}), progress=False)
+
+
+def test_critic_parameter_counts_at_their_defaults():
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    # SRGAN's discriminator for 96 px crops, from its layout: a biased 3→64 conv, seven more 3x3 convs without
+    # bias each followed by BN (64, 128, 128, 256, 256, 512, 512), dense 512·6·6 → 1024 → 1
+    widths = [64, 64, 128, 128, 256, 256, 512, 512]
+    convs = 3 * 64 * 9 + 64 + sum(a * b * 9 + 2 * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    assert count(build_critic("srgan")) == convs + 512 * 36 * 1024 + 1024 + 1024 + 1
+    # Real-ESRGAN's UNetDiscriminatorSN (num_feat 64): 4,376,897 parameters
+    assert count(build_critic("unet-sn")) == 4_376_897
+    # the course's critic is fastai's gan_critic as it is
+    from fastai.vision.gan import gan_critic
+
+    assert count(build_critic("gan-critic")) == count(gan_critic(n_channels=3, nf=128, n_blocks=3, p=0.15))
