@@ -352,8 +352,8 @@ class VGGLoss(_NetworkLoss):
     `net` vgg16 | vgg16_bn | vgg19; `layers` names (`conv5_4` before the activation, `relu5_4` after it, see
     `vgg_layer_names`) or indices of ``.features``; `layer_weights` (default 1 each); `criterion` l1 | mse;
     `feature_scale` s (the SRGAN paper's 1/12.75); `gram_weight` for a style term (0: none). Defaults: VGG19
-    conv5_4 (vgg16: conv5_3) before the activation, L1 (Real-ESRGAN's perceptual loss uses conv1_2 … conv5_4 with weights
-    0.1, 0.1, 1, 1, 1).
+    conv5_4 (vgg16: conv5_3) before the activation, L1 (Real-ESRGAN's perceptual loss uses conv1_2 … conv5_4
+    with weights 0.1, 0.1, 1, 1, 1).
     """
 
     def __init__(self, *, pretrained: bool = True, weights: str | Path | None = None, net: str = "vgg19",

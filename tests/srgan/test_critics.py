@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from pathlib import Path
 
@@ -295,7 +296,7 @@ def test_critic_parameter_counts_at_their_defaults():
     # SRGAN's discriminator for 96 px crops, from its layout: a biased 3→64 conv, seven more 3x3 convs without
     # bias each followed by BN (64, 128, 128, 256, 256, 512, 512), dense 512·6·6 → 1024 → 1
     widths = [64, 64, 128, 128, 256, 256, 512, 512]
-    convs = 3 * 64 * 9 + 64 + sum(a * b * 9 + 2 * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    convs = 3 * 64 * 9 + 64 + sum(a * b * 9 + 2 * b for a, b in itertools.pairwise(widths))
     assert count(build_critic("srgan")) == convs + 512 * 36 * 1024 + 1024 + 1024 + 1
     # Real-ESRGAN's UNetDiscriminatorSN (num_feat 64): 4,376,897 parameters
     assert count(build_critic("unet-sn")) == 4_376_897

@@ -378,9 +378,8 @@ def test_a_second_run_on_the_same_folder_fails_with_one_line(sr_dataset, tmp_pat
     from crappify.runlock import folder_lock
 
     run = tmp_path / "run"
-    with held_elsewhere(run) as pid:
-        with pytest.raises(CrappifyError, match=rf"in use by another train-gen run \(pid {pid}\)"):
-            Trainer(gen_cfg(sr_dataset, run), progress=False).fit()
+    with held_elsewhere(run) as pid, pytest.raises(CrappifyError, match=rf"another train-gen run \(pid {pid}\)"):
+        Trainer(gen_cfg(sr_dataset, run), progress=False).fit()
     with folder_lock(run):  # released when its process died, however it died
         pass
     assert not (run / ".lock").exists()  # a run that ends removes its lock file
@@ -401,9 +400,8 @@ def test_enhance_locks_its_output_folder_and_clears_stale_temporaries(tmp_path, 
 
     save_image_atomic(src / "a.png", photo_maker(0, long_side=24))
     items = collect_inputs([src], out)
-    with held_elsewhere(out) as pid:
-        with pytest.raises(CrappifyError, match=rf"in use by another enhance run \(pid {pid}\)"):
-            enhance_files(engine, items, out, 2, progress=False)
+    with held_elsewhere(out) as pid, pytest.raises(CrappifyError, match=rf"another enhance run \(pid {pid}\)"):
+        enhance_files(engine, items, out, 2, progress=False)
     stale = out / f".a.png.tmp-{DEAD_PID}"
     stale.write_bytes(b"half")
     assert [p.name for p in enhance_files(engine, items, out, 2, progress=False).written] == ["a.png"]
