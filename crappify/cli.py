@@ -90,7 +90,8 @@ def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str |
 @click.argument("data")
 @click.option("-o", "--out", "out", required=True, help="Run directory (shared by later stages).")
 @click.option("--config", "config_file", type=click.Path(), help="YAML file of options (flags override it).")
-@click.option("--arch", help="Generator: unet-resnet34 (default), unet-resnet18/50/101/152, unet-timm:NAME, srresnet.")
+@click.option("--arch", help="Generator: unet-resnet34 (default), unet-resnet18/50/101/152, unet-small, "
+                             "unet-timm:NAME, srresnet, rrdb.")
 @click.option("--loss", help="Loss: feature (default), l1, mse, vgg19, tv; combine in --config as {name: weight}.")
 @click.option("--size", type=int, help="HR crop size in px (default 128).")
 @click.option("--bs", type=int, help="Batch size (default 8).")

@@ -24,3 +24,6 @@ class Interrupted(CrappifyError):
     def __init__(self, where: str, how: str = "run it again with --resume to continue") -> None:
         super().__init__(f"{where}; {how}")
         self.where, self.how = where, how
+
+    def __str__(self) -> str:  # fastai prefixes the args of an exception raised in a callback; not this one's text
+        return f"{self.where}; {self.how}"

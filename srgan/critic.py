@@ -29,7 +29,7 @@ from crappify.imageio import write_atomic
 from srgan.checkpoint import config_key, file_digest, load_optimizer_state, resume_state, save_checkpoint, save_critic
 from srgan.data import Normalizer, Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
 from srgan.distributed import unwrap
-from srgan.train import RunOptions
+from srgan.train import RunOptions, StopRequest
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"]
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs",  # see srgan.train
@@ -173,20 +173,22 @@ def patch_accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # training
 
 
-def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = True) -> Path:
+def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = True,
+                 cbs: list | None = None) -> Path:
     """Pretrain a critic on RUN's saved generator outputs vs the real HR images; returns RUN/critic.safetensors.
 
     `resume` continues from RUN/critic-checkpoints/last.pt when it belongs to this config (and this generator,
     whose predictions it learned from); a checkpoint at the last epoch only writes the final file. SIGTERM: a
-    checkpoint at the next batch boundary, then `Interrupted`."""
+    checkpoint at the next batch boundary, then `Interrupted`. `cbs`: extra fastai callbacks (tests use them)."""
     from srgan.distributed import run_folder
     from srgan.train import sigterm_stops
 
     with run_folder(cfg.out, "train-critic run"), sigterm_stops("train-critic") as stop:
-        return _train_critic(cfg, resume, progress, stop)
+        return _train_critic(cfg, resume, progress, stop, cbs)
 
 
-def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: Any = None) -> Path:
+def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: StopRequest | None = None,
+                  extra_cbs: list | None = None) -> Path:
     import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.learner import Learner
     from fastai.metrics import AvgMetric
@@ -229,7 +231,7 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: An
             model = model.to(memory_format=torch.channels_last)
         DeviceMixedPrecision, StopOnNonFinite = _callbacks()
         cbs = [StopOnNonFinite(), _critic_epoch_end(run, history, key, write=is_main(), state=state,
-                                                    every=cfg.checkpoint_every, stop=stop)]
+                                                    every=cfg.checkpoint_every, stop=stop), *(extra_cbs or [])]
         if ddp is not None:
             cbs.append(ddp)
         if precision in ("bf16", "fp16"):
@@ -261,7 +263,8 @@ def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write: bool = True,
-                      state: dict[str, Any] | None = None, every: int | None = None, stop: Any = None):
+                      state: dict[str, Any] | None = None, every: int | None = None,
+                      stop: StopRequest | None = None):
     """After each epoch: the checkpoint (with the history), then critic-history.csv from it (fastai imported on
     use); checkpoints inside an epoch, SIGTERM and a resume from one as `srgan.train._position_callback` does.
     `write` False on the ranks other than 0, which only set the epoch's crops; `state`: the checkpoint resumed."""

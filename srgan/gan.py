@@ -44,7 +44,7 @@ from srgan.checkpoint import (
     save_checkpoint,
     save_generator,
 )
-from srgan.train import RunOptions
+from srgan.train import RunOptions, StopRequest
 
 # (w_content, w_adv): the course's GANLearner(weights_gen=(1., 50.)) puts 1 on the adversarial term and 50 on
 # the content loss; the SRGAN paper adds 1e-3 × adversarial to its content loss.
@@ -112,7 +112,7 @@ class GanRun:
         self.rows: list[dict[str, Any]] = []  # one per step; written out with each checkpoint
         self.key = ""
         self.saved_step: int | None = None  # the step of the checkpoint on disk (None: none of this run's yet)
-        self.stop: Any = None  # srgan.train.StopRequest, set by SIGTERM
+        self.stop: StopRequest | None = None  # set by SIGTERM
 
     @property
     def last(self) -> Path:
@@ -143,7 +143,8 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
         return _train_gan(cfg, resume, progress, cbs, stop)
 
 
-def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | None, stop: Any = None) -> Path:
+def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | None,
+               stop: StopRequest | None = None) -> Path:
     from fastai.learner import Learner
     from fastai.optimizer import Adam
     from fastai.torch_core import params

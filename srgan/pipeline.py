@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from crappify.config import describe
-from crappify.errors import ConfigError, CrappifyError
+from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import write_atomic
 from crappify.yamlfile import read_mapping
 
@@ -329,7 +329,10 @@ def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
         _write_state(paths, step.stage, {"hash": step.hash, "status": "running", "config": config,
                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         t0 = time.perf_counter()
-        _run_stage(step, paths, progress)
+        try:
+            _run_stage(step, paths, progress)
+        except Interrupted as exc:  # SIGTERM: the stage saved where it was and stays "running", to be resumed
+            raise Interrupted(f"pipeline {p.name}: {exc.where}", "run the same command again to continue") from None
         _write_state(paths, step.stage, {"hash": step.hash, "status": "done", "config": config,
                                          "seconds": round(time.perf_counter() - t0, 2),
                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})

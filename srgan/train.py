@@ -59,7 +59,7 @@ PERCEPTUAL_LOSSES = ("feature", "vgg19", "vgg")
 # demo converges with on a 2-core CPU (benchmarks/README.md).
 PRETRAINED_DEFAULTS: dict[str, Any] = {"size": 128, "bs": 8, "lr": 1e-3}
 SCRATCH_DEFAULTS: dict[str, Any] = {"size": 64, "bs": 16, "lr": 2e-3}
-NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small")  # archs whose `pretrained` can only mean a --weights file
+NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small", "rrdb")  # archs whose `pretrained` can only mean a --weights file
 # Options that say how to run, or how long (a resume may extend a run), not what is trained: a checkpoint
 # written under other values of these is still this config's (`srgan.checkpoint.config_key`).
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs", "preview_items",

@@ -291,3 +291,15 @@ def test_perceptual_loss_on_random_weights_warns(dataset, tmp_path, capfd):
     Trainer(cfg.model_copy(update={"loss": "feature"}), progress=False).fit()
     err = capfd.readouterr().err
     assert "warning: loss feature runs on a VGG with random weights" in err
+
+
+def test_rrdb_trains_from_scratch_as_a_residual_sr_model(sr_dataset, tmp_path):
+    run = tmp_path / "rrdb"
+    cfg = TrainGenConfig(data=str(sr_dataset), out=str(run), arch="rrdb", options={"n_blocks": 1, "n_feats": 8,
+                                                                                   "growth": 4},
+                         pretrained=False, size=32, bs=2, epochs=1, preview_items=0, precision="fp32")
+    assert cfg.resolved().options["residual"] is True  # random weights: starts as the bicubic baseline
+    Trainer(cfg, progress=False).fit()
+    model = load_generator(run / "generator.safetensors")
+    assert model.crappify_spec["arch"] == "rrdb" and model.crappify_spec["scale"] == 4
+    assert model(torch.randn(1, 3, 8, 8)).shape == (1, 3, 32, 32)
