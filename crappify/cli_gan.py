@@ -50,6 +50,9 @@ def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool,
 @click.option("--config", "config_file", type=click.Path(), help="YAML file of options (flags override it).")
 @click.option("--generator", help="Start generator file (default RUN/generator.safetensors).")
 @click.option("--critic", help="Start critic file (default RUN/critic.safetensors).")
+@click.option("--generator-arch", help="Start from a new generator of this arch instead (joint GAN from scratch; "
+                                       "its options as generator_options in --config).")
+@click.option("--critic-arch", help="Start from a new critic of this arch instead (critic_options in --config).")
 @click.option("--loss", help="Content loss (default: the generator's train-gen loss); {name: weight} in --config.")
 @click.option("--adv-loss", type=click.Choice(["bce", "lsgan", "hinge", "wgan-gp"]),
               help="Adversarial loss (default bce).")

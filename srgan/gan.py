@@ -63,6 +63,11 @@ class TrainGanConfig(RunOptions):
     out: str
     generator: str | None = Field(None, description="start generator; default RUN/generator.safetensors")
     critic: str | None = Field(None, description="start critic; default RUN/critic.safetensors")
+    generator_arch: str | None = Field(None, description="start from a new generator of this arch (random "
+                                                         "weights) instead of a file: a joint GAN from scratch")
+    generator_options: dict[str, Any] = Field(default_factory=dict, description="its options (n_blocks, ...)")
+    critic_arch: str | None = Field(None, description="start from a new critic of this arch instead of a file")
+    critic_options: dict[str, Any] = Field(default_factory=dict, description="its options (nf, ...)")
     loss: str | dict[str, float | dict[str, Any]] | None = Field(
         None, description="content loss; default: the generator's own; {name: weight} or {name: {weight: w, ...}}")
     pretrained: bool = True
@@ -164,19 +169,25 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     precision = resolve_precision(cfg.precision, device)
     gen_path = Path(cfg.generator) if cfg.generator else run / "generator.safetensors"
     crit_path = Path(cfg.critic) if cfg.critic else run / "critic.safetensors"
-    gen_meta, crit_meta = read_generator_meta(gen_path), read_critic_meta(crit_path)
-    crit_spec = crit_meta["spec"]
+    if (cfg.generator_arch and cfg.generator) or (cfg.critic_arch and cfg.critic):
+        raise ConfigError("give a start file (generator/critic) or an arch to build a new one, not both")
+    gen_meta = {"extra": {}} if cfg.generator_arch else read_generator_meta(gen_path)
+    crit_spec = ({"arch": cfg.critic_arch, "options": cfg.critic_options} if cfg.critic_arch
+                 else read_critic_meta(crit_path)["spec"])
     if cfg.size < min_input_size(crit_spec["arch"], **crit_spec["options"]):
         raise ConfigError(f"size {cfg.size} is too small for the critic {crit_spec['arch']!r} "
                           f"(at least {min_input_size(crit_spec['arch'], **crit_spec['options'])} px)")
-    key = config_key(cfg, RUN_KEYS) + file_digest(gen_path) + file_digest(crit_path)
+    key = (config_key(cfg, RUN_KEYS) + ("new" if cfg.generator_arch else file_digest(gen_path))
+           + ("new" if cfg.critic_arch else file_digest(crit_path)))
     state = resume_state(run / "gan" / "checkpoints" / "last.pt", key, resume, "train-gan")
-    torch.manual_seed(cfg.seed)  # dropout in the critic; data order and the penalty's ε are seeded separately
-    generator, critic = load_generator(gen_path, device).train(), load_critic(crit_path, device).train()
+    torch.manual_seed(cfg.seed)  # new networks' weights, dropout in the critic (data order and ε: seeded apart)
+    generator = (_new_generator(cfg) if cfg.generator_arch else load_generator(gen_path, device)).to(device).train()
+    critic = (_new_critic(cfg) if cfg.critic_arch else load_critic(crit_path, device)).to(device).train()
     if state is not None:
         generator.load_state_dict(state["generator"])
         critic.load_state_dict(state["critic"])
-    content = build_loss(cfg.loss or gen_meta["extra"].get("loss") or "feature", pretrained=cfg.pretrained,
+    default_loss = "l1" if cfg.generator_arch else "feature"  # a new generator has no train-gen loss to reuse
+    content = build_loss(cfg.loss or gen_meta["extra"].get("loss") or default_loss, pretrained=cfg.pretrained,
                          weights=cfg.loss_weights).to(device)
     adversarial = build_adversarial(cfg.adv_loss, cfg.gp_weight)
     w_content, w_adv = cfg.loss_weights_pair()
@@ -239,6 +250,27 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     if gan.step < total:  # fit ended early without an error (should not happen): leave no misleading result
         raise CrappifyError(f"the GAN phase stopped at step {gan.step} of {total}")
     return _save_final(cfg, gan, learn.model.generator)
+
+
+def _new_generator(cfg: TrainGanConfig) -> torch.nn.Module:
+    """A generator of `generator_arch` with random weights (an ImageNet encoder for U-Nets when `pretrained`),
+    at the dataset's scale (U-Nets: 1, their input is resized)."""
+    from srgan.data import read_dataset
+    from srgan.models import build_generator
+    from srgan.train import NO_IMAGENET_WEIGHTS
+
+    arch = cfg.generator_arch
+    assert arch is not None
+    scale = 1 if arch.startswith("unet") else int(read_dataset(cfg.data)[1].get("scale") or 1)
+    return build_generator(arch, scale=scale, img_size=cfg.size,
+                           pretrained=cfg.pretrained and arch not in NO_IMAGENET_WEIGHTS, **cfg.generator_options)
+
+
+def _new_critic(cfg: TrainGanConfig) -> torch.nn.Module:
+    from srgan.critics import build_critic
+
+    assert cfg.critic_arch is not None
+    return build_critic(cfg.critic_arch, **cfg.critic_options)
 
 
 def _save_final(cfg: TrainGanConfig, gan: GanRun, generator: torch.nn.Module) -> Path:

@@ -331,3 +331,24 @@ def test_fp16_gan_steps_on_cuda(dataset, run, adv_loss):
     for name in ("generator.safetensors", "generator-ema.safetensors"):
         out = load_generator(run / "gan" / name)(torch.randn(1, 3, 8, 8))
         assert torch.isfinite(out).all()
+
+
+def test_joint_gan_from_scratch_builds_both_networks(dataset, tmp_path):
+    run = tmp_path / "scratch"  # no generator.safetensors, no critic.safetensors
+    cfg = TrainGanConfig(data=str(dataset), out=str(run), generator_arch="srresnet",
+                         generator_options={"n_blocks": 1, "n_feats": 8}, critic_arch="patch",
+                         critic_options={"nf": 8, "n_blocks": 2}, switching="fixed", iters=4, checkpoint_every=2,
+                         size=32, bs=2, preview_items=1, precision="fp32", pretrained=False,
+                         adv_loss="lsgan", betas=(0.5, 0.999), lr=2e-4)
+    final = train_gan(cfg, progress=False)
+    model = load_generator(final)
+    assert model.crappify_spec["arch"] == "srresnet" and model.crappify_spec["scale"] == 4  # the data's scale
+    assert model.crappify_spec["options"]["n_blocks"] == 1
+    rows = history(run)
+    assert len(rows) == 4 and {r["trained"] for r in rows} == {"generator", "critic"}
+    assert float(rows[-1]["content_loss"] or rows[-2]["content_loss"]) > 0  # l1 by default for a new generator
+    # resuming it rebuilds the same networks from the config, not from files
+    train_gan(cfg.model_copy(update={"iters": 6}), resume=True, progress=False)
+    assert [int(r["step"]) for r in history(run)] == list(range(1, 7))
+    with pytest.raises(CrappifyError, match="not both"):
+        train_gan(cfg.model_copy(update={"generator": str(final)}), progress=False)
