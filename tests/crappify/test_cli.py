@@ -12,7 +12,7 @@ from PIL import Image
 
 from crappify.chain import PRESETS, Chain, load_preset
 
-PRESET_NAMES = ["flickr30k-restore", "lesson7", "realistic", "srgan-x4"]
+PRESET_NAMES = ["bicubic-x2", "flickr30k-restore", "lesson7", "realistic", "srgan-x4"]
 
 
 def assert_one_line_error(proc, *fragments: str, code: int | None = None) -> str:
@@ -77,7 +77,7 @@ def test_version(cli):
     assert "0.1.0" in proc.stdout
 
 
-def test_presets_lists_the_four_presets(cli):
+def test_presets_lists_every_preset(cli):
     proc = cli("presets")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
