@@ -29,7 +29,6 @@ import contextlib
 import csv
 import functools
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -59,6 +58,7 @@ from crappify.imageio import (
     is_temp_name,
     link_or_copy_atomic,
     write_atomic,
+    write_csv_atomic,
 )
 from crappify.parallel import parallel_map
 from crappify.sources import SPLITS, Item, list_source
@@ -454,14 +454,6 @@ def _progress(total: int, initial: int, show: bool) -> Any:
     return tqdm(total=total, initial=initial, unit="img", desc="build-dataset", file=sys.stderr, smoothing=0.1)
 
 
-def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buf.getvalue())
-
-
 def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildResult:
     """Build (or resume) the dataset described by `cfg`; see the module docstring for the layout."""
     start = time.perf_counter()
@@ -515,9 +507,9 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
     rows = [results[it.id] for it in listing.items if "skip" not in results[it.id]]
     skipped = listing.skipped + [(it.source, results[it.id]["skip"]) for it in listing.items
                                  if "skip" in results[it.id]]
-    _write_csv(out / "manifest.csv", MANIFEST_COLUMNS, rows)
-    _write_csv(out / "skipped.csv", ["source", "reason"],
-               [{"source": s, "reason": r} for s, r in sorted(skipped)])
+    write_csv_atomic(out / "manifest.csv", MANIFEST_COLUMNS, rows, ignore_extra=True)
+    write_csv_atomic(out / "skipped.csv", ["source", "reason"],
+                     [{"source": s, "reason": r} for s, r in sorted(skipped)], ignore_extra=True)
     (out / JOURNAL).unlink(missing_ok=True)
     per_split = {s: sum(1 for r in rows if r["split"] == s) for s in SPLITS}
     return BuildResult(out, len(rows), len(skipped), len(listing.items) - len(todo),

@@ -18,6 +18,7 @@ problem, not the photo's, so a build stops instead of skipping it for good. Out 
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import io
 import os
@@ -25,8 +26,9 @@ import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -513,6 +515,18 @@ def write_atomic(path: str | Path, data: bytes | str, durable: bool = False) -> 
     """Write `data` to `path` atomically (see `replacing`)."""
     with replacing(path, durable) as tmp, open(tmp, "wb") as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
+
+
+def write_csv_atomic(path: str | Path, columns: list[str], rows: Iterable[Mapping[str, Any]],
+                     ignore_extra: bool = False) -> None:
+    """Write `rows` under a header of `columns` as CSV (\n line ends), atomically (see `replacing`).
+    `ignore_extra`: keys of a row outside `columns` are dropped instead of being an error."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n",
+                            extrasaction="ignore" if ignore_extra else "raise")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buf.getvalue())
 
 
 def link_or_copy_atomic(src: str | Path, dst: str | Path, data: bytes | None = None) -> bool:

@@ -12,8 +12,6 @@ checkpoint's position. The result is `RUN/critic.safetensors` (self-describing, 
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ import yaml
 from pydantic import Field
 
 from crappify.errors import ConfigError, CrappifyError
-from crappify.imageio import write_atomic
+from crappify.imageio import write_atomic, write_csv_atomic
 from srgan.checkpoint import config_key, file_digest, load_optimizer_state, resume_state, save_checkpoint, save_critic
 from srgan.data import Normalizer, Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
 from srgan.distributed import unwrap
@@ -255,11 +253,7 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
 
 
 def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_atomic(run / "critic-history.csv", buf.getvalue())
+    write_csv_atomic(run / "critic-history.csv", HISTORY_COLUMNS, history)
 
 
 def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write: bool = True,

@@ -21,7 +21,6 @@ says how many were.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from crappify.errors import ConfigError, CrappifyError
-from crappify.imageio import ImageError, save_image_atomic, write_atomic
+from crappify.imageio import ImageError, save_image_atomic, write_atomic, write_csv_atomic
 
 PSNR_CAP = 100.0
 METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "psnr_occ", "lpips")
@@ -416,13 +415,9 @@ def summary_json(rows: list[dict[str, Any]], baseline: str, split: str, names: l
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["id", "method", *METRICS], lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
-                             round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
-    write_atomic(path, buf.getvalue())
+    write_csv_atomic(path, ["id", "method", *METRICS],
+                     ({k: ("" if isinstance(v, float) and math.isnan(v) else round(v, 6) if isinstance(v, float)
+                           else v) for k, v in row.items()} for row in rows))
 
 
 def summarise(rows: list[dict[str, Any]], baseline: str) -> tuple[dict[str, dict[str, tuple[float, float]]],

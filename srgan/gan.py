@@ -19,9 +19,7 @@ writes them at the next step boundary and stops (`Interrupted`). Every step appe
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import math
 import time
 import warnings
@@ -35,7 +33,7 @@ import yaml
 from pydantic import Field
 
 from crappify.errors import ConfigError, CrappifyError, Interrupted
-from crappify.imageio import save_image_atomic, write_atomic
+from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
 from srgan.checkpoint import (
     config_key,
     file_digest,
@@ -126,11 +124,7 @@ class GanRun:
     def write_history(self) -> None:
         """history.csv from the rows so far, atomically. Called after each checkpoint (whose state carries the
         same rows), so the file is never ahead of the checkpoint; a resume rewrites it from the checkpoint."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        write_atomic(self.dir / "history.csv", buf.getvalue())
+        write_csv_atomic(self.dir / "history.csv", HISTORY_COLUMNS, self.rows)
 
 
 def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, cbs: list | None = None) -> Path:

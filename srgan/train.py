@@ -13,8 +13,6 @@ generator is `RUN/generator.safetensors`.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import shutil
 import signal
@@ -32,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from crappify.errors import ConfigError, CrappifyError, Interrupted
-from crappify.imageio import save_image_atomic, write_atomic
+from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
 from crappify.preview import grid
 from srgan.checkpoint import config_key, load_optimizer_state, resume_state, save_checkpoint, save_generator
 from srgan.data import Normalizer, make_dataloaders, read_dataset
@@ -536,11 +534,7 @@ class Trainer:
         save_image_atomic(path, grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=3))
 
     def write_history(self) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.history)
-        write_atomic(self.run / "history.csv", buf.getvalue())
+        write_csv_atomic(self.run / "history.csv", HISTORY_COLUMNS, self.history)
 
 
 def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = True,

@@ -98,6 +98,23 @@ def big_photo_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def gan_base(tmp_path_factory) -> Path:
+    """A run folder as train-gen and train-critic leave it: a tiny SRResNet (x4, l1) and a tiny patch critic."""
+    import torch
+
+    from srgan.checkpoint import save_critic, save_generator
+    from srgan.critics import build_critic
+    from srgan.models import build_generator
+
+    run = tmp_path_factory.mktemp("gan-base")
+    torch.manual_seed(0)
+    save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=8), run / "generator.safetensors",
+                   extra={"loss": "l1"})
+    save_critic(build_critic("patch", nf=8, n_blocks=2), run / "critic.safetensors")
+    return run
+
+
 @pytest.fixture(scope="session")
 def sr_dataset(tmp_path_factory) -> Path:
     """A built `srgan-x4` dataset of the sample photos (HR 64 px, split 0.6/0.2/0.2), read-only for the tests."""

@@ -22,9 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from srgan.checkpoint import load_checkpoint, save_critic, save_generator
+from srgan.checkpoint import load_checkpoint, save_generator
 from srgan.critic import TrainCriticConfig, train_critic
-from srgan.critics import build_critic
 from srgan.gan import TrainGanConfig, train_gan
 from srgan.models import build_generator
 from srgan.train import Trainer, TrainGenConfig
@@ -169,18 +168,13 @@ def crit_base(sr_dataset, gen_reference, tmp_path_factory) -> Path:
     return run
 
 
-def crit_run(base: Path, dst: Path) -> Path:
-    shutil.copytree(base, dst)
-    return dst
-
-
 def crit_cfg(data: Path, run: Path, **kw) -> TrainCriticConfig:
     return TrainCriticConfig(data=str(data), out=str(run), **{**CRIT, **kw})
 
 
 @pytest.fixture(scope="module")
 def crit_reference(sr_dataset, crit_base, tmp_path_factory) -> Path:
-    run = crit_run(crit_base, tmp_path_factory.mktemp("crit-ref") / "run")
+    run = shutil.copytree(crit_base, tmp_path_factory.mktemp("crit-ref") / "run")
     train_critic(crit_cfg(sr_dataset, run), progress=False)
     return run
 
@@ -195,7 +189,7 @@ def test_critic_killed_at_a_write_point_resumes_to_the_same_result(point, sr_dat
                                                                     tmp_path, monkeypatch):
     import srgan.critic
 
-    run = crit_run(crit_base, tmp_path / "run")
+    run = shutil.copytree(crit_base, tmp_path / "run")
     with monkeypatch.context() as m:
         if point == "after-last-checkpoint":
             kill_on_call(m, srgan.critic, "save_critic")
@@ -211,7 +205,7 @@ def test_critic_killed_at_a_write_point_resumes_to_the_same_result(point, sr_dat
 def test_critic_config_change_then_kill_starts_the_new_config_over(sr_dataset, crit_base, tmp_path, monkeypatch):
     import srgan.critic
 
-    run, ref = crit_run(crit_base, tmp_path / "run"), crit_run(crit_base, tmp_path / "ref")
+    run, ref = shutil.copytree(crit_base, tmp_path / "run"), shutil.copytree(crit_base, tmp_path / "ref")
     train_critic(crit_cfg(sr_dataset, run), progress=False)
     with monkeypatch.context() as m:
         kill_on_call(m, srgan.critic, "save_checkpoint")
@@ -223,7 +217,7 @@ def test_critic_config_change_then_kill_starts_the_new_config_over(sr_dataset, c
 
 
 def test_critic_checkpoint_of_another_generator_is_not_resumed(sr_dataset, crit_base, tmp_path, capfd):
-    run = crit_run(crit_base, tmp_path / "run")
+    run = shutil.copytree(crit_base, tmp_path / "run")
     train_critic(crit_cfg(sr_dataset, run, epochs=1), progress=False)
     torch.manual_seed(5)  # train-gen ran again: another generator (and other predictions) in the same folder
     save_generator(build_generator("unet-small", scale=1, img_size=32, pretrained=False, residual=True),
@@ -239,23 +233,13 @@ GAN = {"size": 32, "bs": 2, "loss": "l1", "preview_items": 1, "precision": "fp32
        "iters": 4, "checkpoint_every": 2, "pretrained": False}
 
 
-@pytest.fixture(scope="module")
-def gan_base(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("gan-base")
-    torch.manual_seed(0)
-    save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=8), run / "generator.safetensors",
-                   extra={"loss": "l1"})
-    save_critic(build_critic("patch", nf=8, n_blocks=2), run / "critic.safetensors")
-    return run
-
-
 def gan_cfg(data: Path, run: Path, **kw) -> TrainGanConfig:
     return TrainGanConfig(data=str(data), out=str(run), **{**GAN, **kw})
 
 
 @pytest.fixture(scope="module")
 def gan_reference(sr_dataset, gan_base, tmp_path_factory) -> Path:
-    run = crit_run(gan_base, tmp_path_factory.mktemp("gan-ref") / "run")
+    run = shutil.copytree(gan_base, tmp_path_factory.mktemp("gan-ref") / "run")
     train_gan(gan_cfg(sr_dataset, run), progress=False)
     return run
 
@@ -270,7 +254,7 @@ def test_gan_killed_at_a_write_point_resumes_to_the_same_result(point, sr_datase
                                                                  tmp_path, monkeypatch):
     import srgan.gan
 
-    run = crit_run(gan_base, tmp_path / "run")
+    run = shutil.copytree(gan_base, tmp_path / "run")
     with monkeypatch.context() as m:
         if point == "after-last-checkpoint":
             kill_on_call(m, srgan.gan, "_save_final")
@@ -288,7 +272,7 @@ def test_gan_killed_at_a_write_point_resumes_to_the_same_result(point, sr_datase
 def test_gan_config_change_then_kill_starts_the_new_config_over(sr_dataset, gan_base, tmp_path, monkeypatch):
     import srgan.gan
 
-    run, ref = crit_run(gan_base, tmp_path / "run"), crit_run(gan_base, tmp_path / "ref")
+    run, ref = shutil.copytree(gan_base, tmp_path / "run"), shutil.copytree(gan_base, tmp_path / "ref")
     train_gan(gan_cfg(sr_dataset, run), progress=False)
     with monkeypatch.context() as m:
         kill_on_call(m, srgan.gan, "save_checkpoint")

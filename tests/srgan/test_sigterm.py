@@ -20,14 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import Killed, kill_on_call, rows, same_weights
+from test_resume import Killed, assert_same_critic, assert_same_gan, assert_same_gen, kill_on_call, rows
 
 from crappify.errors import Interrupted
-from srgan.checkpoint import load_checkpoint, save_critic, save_generator
+from srgan.checkpoint import load_checkpoint
 from srgan.critic import TrainCriticConfig, ensure_preds, train_critic
-from srgan.critics import build_critic
 from srgan.gan import TrainGanConfig, train_gan
-from srgan.models import build_generator
 from srgan.train import Trainer, TrainGenConfig
 
 # 7 training pairs: 3 batches an epoch for each stage (train-critic: 14 real/fake items in batches of 4)
@@ -74,11 +72,6 @@ def gen_reference(sr_dataset, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("gen-ref")
     Trainer(gen_cfg(sr_dataset, run), progress=False).fit()
     return run
-
-
-def assert_same_gen(run: Path, ref: Path) -> None:
-    assert same_weights(run / "generator.safetensors", ref / "generator.safetensors")
-    assert rows(run / "history.csv") == rows(ref / "history.csv")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["mid-epoch", "during-validation"])
@@ -150,11 +143,6 @@ def crit_reference(sr_dataset, crit_base, tmp_path_factory) -> Path:
     return run
 
 
-def assert_same_critic(run: Path, ref: Path) -> None:
-    assert same_weights(run / "critic.safetensors", ref / "critic.safetensors")
-    assert rows(run / "critic-history.csv") == rows(ref / "critic-history.csv")
-
-
 def test_critic_sigterm_mid_epoch_then_resume_loses_nothing(sr_dataset, crit_base, crit_reference, tmp_path):
     run = shutil.copytree(crit_base, tmp_path / "run")
     with pytest.raises(Interrupted) as exc:
@@ -185,16 +173,6 @@ def test_critic_checkpoint_every_then_killed_resumes_from_inside_the_epoch(sr_da
 # train-gan
 
 
-@pytest.fixture(scope="module")
-def gan_base(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("gan-base")
-    torch.manual_seed(0)
-    save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=8), run / "generator.safetensors",
-                   extra={"loss": "l1"})
-    save_critic(build_critic("patch", nf=8, n_blocks=2), run / "critic.safetensors")
-    return run
-
-
 def test_gan_sigterm_mid_epoch_saves_the_step_and_resume_loses_nothing(sr_dataset, gan_base, tmp_path):
     run, ref = shutil.copytree(gan_base, tmp_path / "run"), shutil.copytree(gan_base, tmp_path / "ref")
     cfg = TrainGanConfig(data=str(sr_dataset), out=str(run), **GAN)
@@ -205,8 +183,7 @@ def test_gan_sigterm_mid_epoch_saves_the_step_and_resume_loses_nothing(sr_datase
     assert len(rows(run / "gan" / "history.csv")) == 5
     train_gan(cfg, resume=True, progress=False)
     train_gan(TrainGanConfig(data=str(sr_dataset), out=str(ref), **GAN), progress=False)
-    assert same_weights(run / "gan" / "generator.safetensors", ref / "gan" / "generator.safetensors")
-    assert rows(run / "gan" / "history.csv") == rows(ref / "gan" / "history.csv")
+    assert_same_gan(run, ref)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_enhance import run_main
 
 from crappify.errors import CrappifyError
 from srgan.checkpoint import load_critic, load_generator, read_generator_meta, save_critic, save_generator
@@ -33,23 +34,6 @@ class _Payload:
 
     def __reduce__(self):
         return open, (self.marker, "w")
-
-
-def run_main(*args) -> tuple[int, str, str]:
-    """`crappify ARGS` in this process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from crappify.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def hostile_weights(path: Path, marker: Path) -> Path:
