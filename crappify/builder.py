@@ -55,12 +55,12 @@ from crappify.imageio import (
     ReadError,
     encode,
     file_intact,
-    is_temp_name,
     link_or_copy_atomic,
     write_atomic,
     write_csv_atomic,
 )
 from crappify.parallel import parallel_map
+from crappify.runlock import clean_stale_temps, folder_lock
 from crappify.sources import SPLITS, Item, list_source
 
 DEFAULT_SCALE = 4
@@ -434,17 +434,6 @@ def _open_journal(path: Path) -> TextIO:
     return journal
 
 
-def _remove_temp_files(out: Path) -> None:
-    for name in OUTPUT_DIRS:
-        for dirpath, _, filenames in os.walk(out / name):
-            for fn in filenames:
-                if is_temp_name(fn):
-                    os.unlink(os.path.join(dirpath, fn))
-    for fn in os.listdir(out):
-        if is_temp_name(fn):
-            os.unlink(out / fn)
-
-
 def _progress(total: int, initial: int, show: bool) -> Any:
     """A tqdm bar on stderr, or None (tqdm is imported only when a bar is shown: 30 ms of start-up)."""
     if not show:
@@ -455,7 +444,13 @@ def _progress(total: int, initial: int, show: bool) -> Any:
 
 
 def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildResult:
-    """Build (or resume) the dataset described by `cfg`; see the module docstring for the layout."""
+    """Build (or resume) the dataset described by `cfg`; see the module docstring for the layout. OUT is locked
+    for the whole build: a second build into it fails at once with one line naming this one's pid."""
+    with folder_lock(cfg.out, "build-dataset run"):
+        return _build_dataset(cfg, overwrite, progress)
+
+
+def _build_dataset(cfg: BuildConfig, overwrite: bool, progress: bool) -> BuildResult:
     start = time.perf_counter()
     _MADE_DIRS.clear()  # folders may have been removed since an earlier build in this process
     chain = load_preset(cfg.preset)
@@ -470,7 +465,7 @@ def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = Tr
     if not resuming:
         write_atomic(out / "config.yaml", yaml.safe_dump({**identity, "versions": versions()}, sort_keys=False))
     else:
-        _remove_temp_files(out)
+        clean_stale_temps(out)  # left by a killed build (the lock says no other build is writing here)
     done = _load_done(out, listing.items) if resuming else {}
     todo = [it for it in listing.items if it.id not in done]
     job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr, cfg.max_bytes)

@@ -40,6 +40,8 @@ def folder_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
     The lock file is removed when the body ends (so a user's output folder is left as it was), and so is a
     folder made here that holds nothing else (the run was refused)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CrappifyError(f"{folder} exists and is not a folder")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())

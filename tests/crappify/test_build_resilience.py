@@ -195,3 +195,27 @@ def test_resume_rebuilds_a_file_whose_size_differs_from_its_row(src, tmp_path, r
     res = build(src, out)
     assert res.reused == len(listed) - 1
     assert read_tree(out) == read_tree(ref)
+
+
+def test_a_second_build_into_the_same_out_fails_with_one_line_and_stale_temporaries_go(photo_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from crappify.runlock import folder_lock\n"
+        f"with folder_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CrappifyError, match=rf"in use by another build-dataset run \(pid {holder.pid}\)"):
+            build(photo_dir, out)
+    finally:
+        holder.kill()
+        holder.wait()
+    build(photo_dir, out)  # the lock went with its process
+    dead = out / "hr" / f".photo.png.tmp-{2 ** 22 + 12345}"  # left by a killed build (no such pid)
+    dead.write_bytes(b"half")
+    (out / JOURNAL).write_text("")  # an interrupted build resumes (and cleans up first)
+    build(photo_dir, out)
+    assert not dead.exists() and not (out / ".lock").exists()
