@@ -60,8 +60,9 @@ def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool,
               help="course: content x50 + adversarial x1 (default); srgan: content + 1e-3 x adversarial.")
 @click.option("--w-content", type=float, help="Content-loss weight (overrides --weighting).")
 @click.option("--w-adv", type=float, help="Adversarial weight (overrides --weighting).")
-@click.option("--switching", type=click.Choice(["adaptive", "fixed"]),
-              help="adaptive: train the critic until its loss < --critic-thresh (default); fixed: --n-crit/--n-gen.")
+@click.option("--switching", type=click.Choice(["adaptive", "fixed", "per-batch"]),
+              help="adaptive: train the critic until its loss < --critic-thresh (default); fixed: --n-crit/--n-gen; "
+                   "per-batch: a generator step, then a critic step on the same batch and fakes, every batch.")
 @click.option("--critic-thresh", type=float, help="Adaptive switching threshold (default 0.65).")
 @click.option("--n-crit", type=int, help="Fixed switching: critic steps per round (default 1).")
 @click.option("--n-gen", type=int, help="Fixed switching: generator steps per round (default 1).")

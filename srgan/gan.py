@@ -19,6 +19,7 @@ writes them at the next step boundary and stops (`Interrupted`). Every step appe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -75,7 +76,10 @@ class TrainGanConfig(RunOptions):
     weighting: Literal["course", "srgan"] = "course"
     w_content: float | None = Field(None, ge=0, description="overrides the weighting preset")
     w_adv: float | None = Field(None, ge=0, description="overrides the weighting preset")
-    switching: Literal["adaptive", "fixed"] = "adaptive"
+    switching: Literal["adaptive", "fixed", "per-batch"] = Field(
+        "adaptive", description="adaptive (the course's, on the critic's loss), fixed (n_crit critic steps, then "
+                                "n_gen generator steps; each step one batch), or per-batch (on every batch one "
+                                "generator step, then one critic step on the same batch and the same fakes)")
     critic_thresh: float = 0.65
     gen_thresh: float | None = None
     n_crit: int = Field(1, ge=1)
@@ -212,8 +216,13 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     if gan.step >= total:  # the checkpoint is at the end: only the final files are missing
         return _save_final(cfg, gan, generator)
 
-    switcher = (AdaptiveGANSwitcher(gen_thresh=cfg.gen_thresh, critic_thresh=cfg.critic_thresh)
-                if cfg.switching == "adaptive" else _parts().resumable_fixed_switcher(cfg.n_crit, cfg.n_gen))
+    per_batch = cfg.switching == "per-batch"
+    if per_batch:  # fastai's switchers give each batch to one network: the critic's step is ours (PerBatchCritic)
+        switcher = _parts().per_batch_critic(cfg.critic_lr_mult, gan)
+    elif cfg.switching == "adaptive":
+        switcher = AdaptiveGANSwitcher(gen_thresh=cfg.gen_thresh, critic_thresh=cfg.critic_thresh)
+    else:
+        switcher = _parts().resumable_fixed_switcher(cfg.n_crit, cfg.n_gen)
     DeviceMixedPrecision, _ = _callbacks()
     # Callbacks passed here sit before GANTrainer and the switcher among equal `order`s: GANDiscriminativeLR's
     # after_batch must divide the rate back before the switcher leaves critic mode, or the × 5 would stick.
@@ -224,12 +233,15 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     gen_learn = Learner(dls, generator, loss_func=content)
     crit_learn = Learner(dls, critic, loss_func=patch_bce)
     learn = GANLearner.from_learners(
-        gen_learn, crit_learn, switcher=switcher, weights_gen=(w_adv, w_content), gen_first=cfg.gen_first,
+        gen_learn, crit_learn, switcher=switcher, weights_gen=(w_adv, w_content),
+        gen_first=cfg.gen_first or per_batch,
         show_img=False, opt_func=partial(Adam, mom=cfg.betas[0], sqr_mom=cfg.betas[1]), wd=cfg.wd,
         splitter=lambda m: [params(m.generator), params(m.critic)], cbs=cbs, path=gan.dir, model_dir="checkpoints")
     # from_learners' loss (fastai's gan_loss_from_func) only knows `loss(pred, labels)`, which cannot express
     # hinge's or WGAN's generator term nor a gradient penalty on images: the GANLoss is replaced by our subclass.
     learn.loss_func = _parts().gan_loss(content, adversarial, w_content, w_adv, learn.model, seed=cfg.seed)
+    if state is not None and state.get("penalty_rng") is not None:  # the gradient penalty's ε go on, not restart
+        learn.loss_func.rng.set_state(state["penalty_rng"])
     learn.recorder.valid_metrics = False
     if not progress:
         learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
@@ -294,7 +306,7 @@ def save_state(learn: Any, gan: GanRun) -> None:
         "opt": learn.opt.state_dict(), "step": step, "gen_mode": bool(learn.gan_trainer.gen_mode),
         "switcher": {"n_c": switcher.n_c, "n_g": switcher.n_g} if switcher is not None else {},
         "counts": gan.counts, "ema": gan.ema.state_dict() if gan.ema is not None else None,
-        "history": gan.rows, "config_key": gan.key})
+        "history": gan.rows, "config_key": gan.key, "penalty_rng": learn.loss_func.rng.get_state()})
     gan.saved_step = step
     gan.write_history()
 
@@ -337,6 +349,7 @@ def preview(learn: Any, gan: GanRun) -> None:
 @functools.cache
 def _parts() -> SimpleNamespace:
     from fastai.callback.core import Callback, CancelFitException, CancelValidException
+    from fastai.callback.fp16 import MixedPrecision
     from fastai.vision.gan import FixedGANSwitcher, GANLoss
 
     class CrappifyGANLoss(GANLoss):
@@ -380,6 +393,63 @@ def _parts() -> SimpleNamespace:
 
         def before_train(self):
             pass
+
+    class PerBatchCritic(Callback):
+        """`per-batch` switching (PyTorch-GAN's SRGAN loop, Real-ESRGAN's): the GANTrainer stays in generator mode,
+        and after each generator step this callback takes one critic step on the same batch — the real HR
+        images and the very fakes the generator step made, before its update — with the critic's learning
+        rate (× mult_lr) and the same optimiser. It also stands in for fastai's switcher (never switching).
+
+        Order 20: after MixedPrecision's after_step (10) has updated its scaler, before Progress (55) counts the
+        step, so a checkpoint holds both updates.
+        """
+
+        order = 20
+
+        def __init__(self, mult_lr, gan):
+            self.mult_lr, self.gan = mult_lr, gan
+
+        def after_step(self):
+            if not self.training:
+                return
+            learn, lf = self.learn, self.learn.loss_func
+            gen, critic = learn.gan_trainer.generator, learn.gan_trainer.critic
+            for p in gen.parameters():  # its step is done: this step must move the critic only
+                p.grad = None
+            real, fake = learn.yb[0], learn.pred.detach()
+            was_training = critic.training
+            gen.requires_grad_(False)
+            critic.requires_grad_(True).train()
+            try:
+                mp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
+                with mp.autocast if mp is not None else contextlib.nullcontext():
+                    loss = lf.adversarial.critic(critic(real), critic(fake))
+                if lf.adversarial.needs_images:
+                    loss = loss + lf.adversarial.penalty(critic, real, fake, lf.rng)
+                if not torch.isfinite(loss).all():
+                    kept = f"the last good checkpoint ({self.gan.last}) is kept" if self.gan.last.is_file() \
+                        else "no checkpoint was written yet"
+                    raise CrappifyError(f"critic loss became {loss.item()} at GAN step {self.gan.step + 1}; "
+                                        f"{kept} (lower --lr, or use --precision fp32)")
+                lf.crit_loss = loss.detach()
+                scaler = getattr(learn, "scaler", None) if mp is not None else None
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                lrs = [h["lr"] for h in learn.opt.hypers]
+                learn.opt.set_hyper("lr", [lr * self.mult_lr for lr in lrs])
+                if scaler is not None and scaler.is_enabled():  # fp16: skip the step on overflow, as fastai does
+                    mp.skipped = True
+                    scaler.step(mp)  # MixedPrecision poses as the optimiser; its step() only clears `skipped`
+                    if not mp.skipped:
+                        learn.opt.step()
+                    scaler.update()
+                else:
+                    learn.opt.step()
+                learn.opt.set_hyper("lr", lrs)
+            finally:
+                for p in critic.parameters():
+                    p.grad = None
+                critic.requires_grad_(False).train(was_training)
+                gen.requires_grad_(True)
 
     class Guard(Callback):
         """Fixes to fastai's GAN loop (order -5: before GANTrainer and MixedPrecision)."""
@@ -472,13 +542,18 @@ def _parts() -> SimpleNamespace:
                 return
             gan, lf = self.gan, self.learn.loss_func
             gan.step += 1
-            gan.counts["gen_steps" if self.was_gen else "crit_steps"] += 1
+            both = gan.cfg.switching == "per-batch"  # this step trained the generator, then the critic
+            if both:
+                gan.counts["gen_steps"] += 1
+                gan.counts["crit_steps"] += 1
+            else:
+                gan.counts["gen_steps" if self.was_gen else "crit_steps"] += 1
             now_gen = bool(self.learn.gan_trainer.gen_mode)
             if now_gen != self.was_gen:
                 gan.counts["to_gen" if now_gen else "to_crit"] += 1
             gan.rows.append({
                 "step": gan.step, "epoch": (gan.step - 1) // max(1, len(self.dls.train)),
-                "trained": "generator" if self.was_gen else "critic", "loss": _num(self.loss),
+                "trained": "both" if both else "generator" if self.was_gen else "critic", "loss": _num(self.loss),
                 "gen_loss": _num(lf.gen_loss), "crit_loss": _num(lf.crit_loss),
                 "content_loss": _num(lf.content_loss), "adv_loss": _num(lf.adv_loss),
                 "lr": getattr(self, "step_lr", ""), **gan.counts, "seconds": round(time.perf_counter() - self.t0, 4)})
@@ -503,7 +578,7 @@ def _parts() -> SimpleNamespace:
             raise Interrupted(f"{where}; {gan.last} is at that point")
 
     return SimpleNamespace(gan_loss=CrappifyGANLoss, resumable_fixed_switcher=ResumableFixedSwitcher,
-                           guard=Guard, stop_on_non_finite=StopOnNonFinite, progress=Progress)
+                           guard=Guard, per_batch_critic=PerBatchCritic, stop_on_non_finite=StopOnNonFinite, progress=Progress)
 
 
 def _num(v: Any) -> float | str:

@@ -352,3 +352,72 @@ def test_joint_gan_from_scratch_builds_both_networks(dataset, tmp_path):
     assert [int(r["step"]) for r in history(run)] == list(range(1, 7))
     with pytest.raises(CrappifyError, match="not both"):
         train_gan(cfg.model_copy(update={"generator": str(final)}), progress=False)
+
+
+def test_per_batch_switching_matches_a_hand_written_loop(dataset, gan_base, tmp_path):
+    """`per-batch`: on every batch one generator step, then one critic step on the same batch and the same fakes
+    (PyTorch-GAN's SRGAN loop) — checked against that loop written out with the same optimiser settings."""
+    from fastai.optimizer import Adam
+
+    from srgan.adversarial import build_adversarial
+    from srgan.checkpoint import load_critic
+    from srgan.data import Normalizer, make_dataloaders
+    from srgan.losses import build_loss
+
+    run = tmp_path / "run"
+    shutil.copytree(gan_base, run)
+    lr, mult, betas, wd, w_adv = 2e-4, 3.0, (0.5, 0.999), 1e-3, 0.1
+    cfg = TrainGanConfig(data=str(dataset), out=str(run), switching="per-batch", adv_loss="lsgan", iters=3,
+                         checkpoint_every=3, lr=lr, critic_lr_mult=mult, betas=betas, wd=wd, w_content=1.0,
+                         w_adv=w_adv, **TINY)
+    train_gan(cfg, progress=False)
+    rows = history(run)
+    assert [r["trained"] for r in rows] == ["both"] * 3
+    assert (rows[-1]["gen_steps"], rows[-1]["crit_steps"], rows[-1]["to_gen"], rows[-1]["to_crit"]) == \
+        ("3", "3", "0", "0")
+    assert all(r["gen_loss"] and r["crit_loss"] for r in rows)
+    state = load_checkpoint(run / "gan" / "checkpoints" / "last.pt")
+
+    # the same three batches, by hand
+    gen, critic = load_generator(gan_base / "generator.safetensors").train(), load_critic(gan_base / "critic.safetensors")
+    opt_g = Adam(list(gen.parameters()), lr=lr, mom=betas[0], sqr_mom=betas[1], wd=wd)
+    opt_d = Adam(list(critic.parameters()), lr=lr * mult, mom=betas[0], sqr_mom=betas[1], wd=wd)
+    content, adv = build_loss("l1"), build_adversarial("lsgan", 10.0)
+    dls = make_dataloaders(dataset, cfg.size, cfg.bs, resize_lr=False, scale=4, seed=cfg.seed, normalizer=Normalizer())
+    dls.train.dataset.set_epoch(0)
+    crit_losses = []
+    for _, (lr_img, hr_img) in zip(range(3), dls.train, strict=False):
+        critic.eval().requires_grad_(False)
+        fake = gen(lr_img)
+        loss_g = content(fake, hr_img) + w_adv * adv.generator(critic(fake))
+        loss_g.backward()
+        opt_g.step()
+        opt_g.zero_grad()
+        critic.train().requires_grad_(True)
+        loss_d = adv.critic(critic(hr_img), critic(fake.detach()))  # the fakes made before the generator's step
+        loss_d.backward()
+        opt_d.step()
+        opt_d.zero_grad()
+        crit_losses.append(loss_d.item())
+    for name, model in (("generator", gen), ("critic", critic)):
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(state[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name}.{key}")
+    assert [float(r["crit_loss"]) for r in rows] == pytest.approx(crit_losses, rel=1e-4)
+
+
+def test_per_batch_wgan_gp_in_bf16_resumes_to_the_same_weights(dataset, gan_base, tmp_path):
+    runs = {}
+    for name, lengths in (("straight", [4]), ("resumed", [2, 4])):
+        run = tmp_path / name
+        shutil.copytree(gan_base, run)
+        for i, iters in enumerate(lengths):
+            cfg = TrainGanConfig(data=str(dataset), out=str(run), switching="per-batch", adv_loss="wgan-gp",
+                                 iters=iters, checkpoint_every=2, **{**TINY, "precision": "bf16"})
+            train_gan(cfg, progress=False, resume=i > 0)
+        runs[name] = load_checkpoint(run / "gan" / "checkpoints" / "last.pt")
+        assert [r["trained"] for r in history(run)] == ["both"] * 4
+        assert all(torch.isfinite(torch.tensor(float(r["crit_loss"]))) for r in history(run))
+    for name in ("generator", "critic"):
+        for key, value in runs["straight"][name].items():
+            torch.testing.assert_close(runs["resumed"][name][key], value, msg=f"{name}.{key}")
+    assert not torch.is_autocast_enabled("cpu")
