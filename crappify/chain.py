@@ -12,7 +12,8 @@ A preset is a mapping:
       - {op: text, text: $q}
       - {op: jpeg, quality: $q}
 
-The `repeat` op runs a nested list of steps several times ("second-order" degradation).
+The `repeat` op runs a nested list of steps several times ("second-order" degradation);
+`random_order` runs its nested steps (or lists of steps, kept together) once each in a drawn order.
 
 `shrink_on_decode: true` trades exactness for speed, for presets whose first step is a fixed resize:
 when the builder keeps the HR byte-for-byte, it decodes a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT
@@ -179,12 +180,66 @@ class Repeat(Op):
         return image if image is not None else F.jpeg_decode(encoded)
 
 
+@register("random_order")
+class RandomOrder(Op):
+    """Run each item of `steps` once, in an order drawn per image (Real-ESRGAN's last stage).
+
+    An item may be a list of steps kept together: Real-ESRGAN writes [resize + sinc] and JPEG, either first.
+    The record holds the order and each item's records, so `replay` needs no random draws.
+    """
+
+    name = "random_order"
+    params = {}
+
+    def __init__(self, steps: Any = None, **raw: Any) -> None:
+        super().__init__(**raw)
+        if not isinstance(steps, list) or not steps:
+            raise ConfigError("random_order.steps: expected a non-empty list of steps or lists of steps")
+        self.groups = [build_steps(g if isinstance(g, list) else [g], f"random_order.steps[{i}]")
+                       for i, g in enumerate(steps)]
+        self.steps = [s for g in self.groups for s in g]  # flat, for variable checks and lookups
+
+    def variables(self) -> set[str]:
+        return super().variables().union(*(s.op.variables() for s in self.steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        items = [[s.to_dict() for s in g] if len(g) > 1 else g[0].to_dict() for g in self.groups]
+        return {**self.raw, "steps": items}
+
+    def forward(self, img, rng, ctx):
+        order = [int(i) for i in rng.permutation(len(self.groups))]
+        rounds = []
+        image, encoded = img, None
+        for i in order:
+            if image is None:
+                image = F.jpeg_decode(encoded)
+            image, encoded, records = run_steps(self.groups[i], image, rng, ctx)
+            rounds.append(records)
+        return image, encoded, {"order": order, "rounds": rounds}
+
+    def replay(self, img, params):
+        order, rounds = params.get("order"), params.get("rounds")
+        if (not isinstance(order, list) or sorted(order) != list(range(len(self.groups)))
+                or not isinstance(rounds, list) or len(rounds) != len(order)):
+            raise ConfigError("the record does not match this preset's steps (random_order)")
+        image, encoded = img, None
+        for i, records in zip(order, rounds, strict=True):
+            if image is None:
+                image = F.jpeg_decode(encoded)
+            image, encoded = replay_steps(self.groups[i], image, records)
+        return image, encoded
+
+    def apply(self, img, order, rounds):
+        image, encoded = self.replay(img, {"order": order, "rounds": rounds})
+        return image if image is not None else F.jpeg_decode(encoded)
+
+
 def _all_ops(steps: list[Step]) -> list[Op]:
-    """Every op in `steps`, nested `repeat` steps included."""
+    """Every op in `steps`, nested `repeat` / `random_order` steps included."""
     out: list[Op] = []
     for s in steps:
         out.append(s.op)
-        if isinstance(s.op, Repeat):
+        if isinstance(s.op, (Repeat, RandomOrder)):
             out += _all_ops(s.op.steps)
     return out
 
@@ -240,7 +295,7 @@ class Chain:
     @property
     def uses_lr_size(self) -> bool:
         """Whether some resize targets the dataset's LR size (so the dataset has an integer scale)."""
-        return any(isinstance(op, Resize) and op.to_lr for op in _all_ops(self.steps))
+        return any(isinstance(op, Resize) and op.needs_lr_size for op in _all_ops(self.steps))
 
     def leading_size(self, width: int, height: int, lr_size: tuple[int, int] | None) -> tuple[int, int] | None:
         """Output size of the first step when it is a certain, non-random resize; else None.

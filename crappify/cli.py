@@ -7,6 +7,8 @@ line and exits with 143, as a process ended by SIGTERM does.
 
 from __future__ import annotations
 
+import inspect
+
 import signal
 import sys
 import warnings
@@ -197,7 +199,7 @@ def presets_cmd(name: str | None) -> None:
 @app.command("ops")
 def ops_cmd() -> None:
     """List the degradation ops and their parameters (with defaults)."""
-    import crappify.chain  # noqa: F401  (registers `repeat`)
+    import crappify.chain  # noqa: F401  (registers the meta-ops `repeat` and `random_order`)
     from crappify.ops import OPS
 
     for name in OPS:
@@ -205,7 +207,7 @@ def ops_cmd() -> None:
         click.echo(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
         for pname, p in cls.params.items():
             click.echo(f"    {pname} ({p.kind}) = {p.default!r}" + (f"  {p.doc}" if p.doc else ""))
-        if name == "repeat":
+        if "steps" in inspect.signature(cls).parameters:  # a meta-op: its nested steps
             click.echo("    steps (list of steps) — required")
 
 

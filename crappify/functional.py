@@ -76,6 +76,95 @@ def gaussian_kernel(sigma_x: float, sigma_y: float, angle: float, size: int) -> 
     return (k / k.sum()).astype(np.float32)
 
 
+def _kernel_distance(sigma_x: float, sigma_y: float, angle: float, size: int) -> np.ndarray:
+    """Mahalanobis distance of each tap from the centre for a rotated (σx, σy) ellipse (angle in degrees)."""
+    half = size // 2
+    ys, xs = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float64)
+    theta = math.radians(angle)
+    c, s = math.cos(theta), math.sin(theta)
+    u = (c * xs + s * ys) / sigma_x
+    v = (-s * xs + c * ys) / sigma_y
+    return np.sqrt(u * u + v * v)
+
+
+def generalized_gaussian_kernel(sigma_x: float, sigma_y: float, angle: float, beta: float,
+                                size: int) -> np.ndarray:
+    """Normalised exp(-½·d^β) kernel (d: the rotated ellipse's distance); β=2 is the Gaussian.
+
+    Real-ESRGAN's shape: β<2 has heavier tails, β>2 a flatter top. BasicSR raises d² to its `betag`,
+    so its betag is our β/2. Hand-written: neither OpenCV nor albumentations has this kernel.
+    """
+    k = np.exp(-0.5 * _kernel_distance(sigma_x, sigma_y, angle, size) ** beta)
+    return (k / k.sum()).astype(np.float32)
+
+
+def plateau_kernel(sigma_x: float, sigma_y: float, angle: float, beta: float, size: int) -> np.ndarray:
+    """Normalised plateau-shaped kernel 1/(1+d^β) (Real-ESRGAN's; BasicSR's betap is our β/2).
+
+    Hand-written: neither OpenCV nor albumentations has it.
+    """
+    k = 1.0 / (1.0 + _kernel_distance(sigma_x, sigma_y, angle, size) ** beta)
+    return (k / k.sum()).astype(np.float32)
+
+
+def bessel_j1(x: np.ndarray) -> np.ndarray:
+    """Bessel function J1 by Bessel's integral, J1(x) = mean over τ∈[0, 2π) of cos(τ - x·sin τ).
+
+    The trapezoid rule on a periodic integrand converges geometrically once the point count exceeds
+    |x|; 256 points give ~1e-15 for the |x| ≤ 50 a 21-tap sinc kernel needs. Written here so the
+    package needs no SciPy.
+    """
+    tau = np.linspace(0.0, 2 * np.pi, 256, endpoint=False)
+    x = np.asarray(x, np.float64)
+    return np.cos(tau - x[..., None] * np.sin(tau)).mean(axis=-1)
+
+
+def sinc_kernel(omega_c: float, size: int) -> np.ndarray:
+    """Normalised circularly symmetric low-pass (2-D "sinc", an Airy/jinc pattern) with cutoff `omega_c`.
+
+    The ideal disc-shaped frequency response of radius `omega_c` (radians, π = Nyquist) has impulse
+    response ω·J1(ω·r)/(2π·r), ω²/(4π) at r = 0; cut to `size`×`size` taps and normalised to DC gain 1,
+    as BasicSR's `circular_lowpass_kernel`. It adds ringing and overshoot. Hand-written (OpenCV lacks it).
+    """
+    half = size // 2
+    ys, xs = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float64)
+    r = np.hypot(xs, ys)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = omega_c * bessel_j1(omega_c * r) / (2 * np.pi * r)
+    k[half, half] = omega_c ** 2 / (4 * np.pi)
+    return (k / k.sum()).astype(np.float32)
+
+
+BLUR_KERNELS = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+
+
+def blur_kernel(kernel: str, size: int, sigma_x: float = 1.0, sigma_y: float | None = None,
+                angle: float = 0.0, beta: float = 2.0, omega_c: float | None = None) -> np.ndarray:
+    """The `size`×`size` kernel Real-ESRGAN's names describe (BLUR_KERNELS, or `sinc` with `omega_c`).
+
+    `*_iso` kernels ignore `sigma_y` and `angle`; plain `iso`/`aniso` are Gaussians.
+    """
+    if kernel == "sinc":
+        if omega_c is None:
+            raise ValueError("the sinc kernel needs omega_c")
+        return sinc_kernel(omega_c, size)
+    if kernel not in BLUR_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; valid: {', '.join(BLUR_KERNELS)}, sinc")
+    if kernel.endswith("_iso") or kernel == "iso":
+        sigma_y, angle = sigma_x, 0.0
+    sigma_y = sigma_x if sigma_y is None else sigma_y
+    if kernel.startswith("generalized"):
+        return generalized_gaussian_kernel(sigma_x, sigma_y, angle, beta, size)
+    if kernel.startswith("plateau"):
+        return plateau_kernel(sigma_x, sigma_y, angle, beta, size)
+    return gaussian_kernel(sigma_x, sigma_y, angle, size)
+
+
+def filter_kernel(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Convolve with a (symmetric) kernel: OpenCV's `filter2D`, mirrored borders (torch's 'reflect')."""
+    return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+
+
 def kernel_size_for(sigma: float, max_size: int = 21) -> int:
     """Odd kernel size covering ±3σ, capped at `max_size`."""
     size = 2 * math.ceil(3 * sigma) + 1
@@ -93,6 +182,27 @@ def gaussian_blur(img: np.ndarray, sigma_x: float, sigma_y: float | None = None,
                                 borderType=cv2.BORDER_REFLECT_101)
     kernel = gaussian_kernel(sigma_x, sigma_y, angle, size)
     return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+
+
+def usm_sharpen(img: np.ndarray, weight: float = 0.5, radius: int = 50, threshold: float = 10) -> np.ndarray:
+    """Unsharp masking as Real-ESRGAN sharpens its ground truth (BasicSR's `usm_sharp`).
+
+    residual = img - GaussianBlur(img); only where |residual| (0-255 scale) exceeds `threshold`,
+    softened by the same blur, is `img + weight * residual` blended in, so flat areas and fine noise
+    stay untouched. The kernel is `radius` px made odd (BasicSR's convention), sigma from OpenCV's
+    size rule. Hand-written: OpenCV has the blur but no thresholded, soft-masked USM.
+    """
+    size = int(radius) | 1
+    x = img.astype(np.float32)
+    blur = cv2.GaussianBlur(x, (size, size), 0, borderType=cv2.BORDER_REFLECT_101)
+    residual = x - blur
+    mask = (np.abs(residual) > threshold).astype(np.float32)
+    soft = cv2.GaussianBlur(mask, (size, size), 0, borderType=cv2.BORDER_REFLECT_101)
+    if soft.ndim == 2:
+        soft = soft[..., None]
+    sharp = np.clip(x + weight * residual, 0, 255)
+    out = soft * sharp + (1 - soft) * x
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def motion_blur(img: np.ndarray, length: int, angle: float) -> np.ndarray:

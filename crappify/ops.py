@@ -8,14 +8,17 @@ Each op is registered by name in `OPS`. An op is built from the parameters a pre
 The recorded parameters alone reproduce the output (`replay`), which is what the manifest stores.
 
 Where each op comes from: `resize` — Pillow (antialiased shrinking) / OpenCV; `gaussian_blur` —
-OpenCV (`GaussianBlur`, `filter2D` with a rotated kernel written here); `motion_blur` — albumentations'
-kernel + OpenCV; `noise` — written here (seeded Gaussian / Poisson); `jpeg` — OpenCV codec; `occlude`
-— written here; `text` — OpenCV `putText`; `color_jitter`, `desaturate` — albumentations' functions;
-`repeat` — chain composition (see `crappify.chain`).
+OpenCV (`GaussianBlur`, `filter2D` with a rotated kernel written here); `blur`, `sinc` — OpenCV
+`filter2D` with Real-ESRGAN's kernels (generalized Gaussian, plateau, circular low-pass) written
+here; `motion_blur` — albumentations' kernel + OpenCV; `noise` — written here (seeded Gaussian /
+Poisson); `jpeg` — OpenCV codec; `occlude` — written here; `text` — OpenCV `putText`;
+`color_jitter`, `desaturate` — albumentations' functions; `repeat`, `random_order` — chain
+composition (see `crappify.chain`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -96,9 +99,52 @@ def _random_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(0, 2**63 - 1))
 
 
+def _weights(where: str, raw: Any, names: tuple[str, ...]) -> dict[str, float]:
+    """Parse `{name: weight, ...}` (or a list of names, equally likely) into normalised probabilities."""
+    if isinstance(raw, list) and raw and all(isinstance(n, str) for n in raw):
+        raw = dict.fromkeys(raw, 1.0)
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: expected a mapping of name: weight with names from {', '.join(names)} "
+                          f"(got {raw!r})")
+    bad = sorted(str(k) for k in raw if k not in names)
+    if bad:
+        raise ConfigError(f"{where}: unknown name(s) {', '.join(bad)}; valid: {', '.join(names)}")
+    for k, w in raw.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            raise ConfigError(f"{where}: weight of {k!r} must be a number >= 0 (got {w!r})")
+    total = float(sum(raw.values()))
+    if total <= 0:
+        raise ConfigError(f"{where}: the weights must not all be zero (got {raw!r})")
+    return {k: float(w) / total for k, w in raw.items()}
+
+
+def _pick(weights: dict[str, float], rng: np.random.Generator) -> str:
+    """One name drawn with the given probabilities (one uniform draw, so records replay exactly)."""
+    u, acc = float(rng.random()), 0.0
+    for name, w in weights.items():
+        acc += w
+        if u < acc:
+            return name
+    return next(n for n, w in reversed(weights.items()) if w > 0)
+
+
+def _odd_size(spec: Spec, rng: np.random.Generator, ctx: Context) -> int:
+    """An odd kernel size: uniform over the odd values of a range, else the value made odd."""
+    if spec.mode == "range":
+        lo, hi = spec.value
+        odd = list(range(lo | 1, hi + 1, 2)) or [lo | 1]
+        return odd[int(rng.integers(len(odd)))]
+    return int(spec.draw(rng, ctx.variables)) | 1
+
+
 @register("resize")
 class Resize(Op):
-    """Resize to the dataset's LR size (`size: lr`, the default), to a short side in px, or by a factor."""
+    """Resize to the dataset's LR size (`size: lr`, the default), to a short side in px, or by a factor.
+
+    `updown` (Real-ESRGAN's resize_prob) weighs `up`/`down`/`keep`: up draws the factor from [1, hi]
+    of the `factor` range, down from [lo, 1], keep uses 1. `relative_to: lr` applies the factor to the
+    dataset's LR size instead of the input (Real-ESRGAN's second-stage resize).
+    """
 
     name = "resize"
     params = {
@@ -106,28 +152,57 @@ class Resize(Op):
         "factor": Param("float", None, lo=0.01, hi=8.0, nullable=True, doc="scale factor (instead of size)"),
         "interpolation": Param("str", "bicubic", choices=F.INTERPOLATIONS),
         "antialias": Param("bool", True),
+        "relative_to": Param("str", "input", choices=("input", "lr"), doc="what `factor` scales"),
+        "updown": Param("str", None, nullable=True, doc="{up: w, down: w, keep: w} weights (factor a range)"),
     }
+    UPDOWN = ("up", "down", "keep")
 
     def __init__(self, **raw: Any) -> None:
         if raw.get("size") is not None and raw.get("factor") is not None:
             raise ConfigError("op 'resize': give either size or factor, not both")
         self.to_lr = raw.get("size") == "lr" or (raw.get("size") is None and raw.get("factor") is None)
-        super().__init__(**{**raw, "size": None} if self.to_lr else raw)
+        updown = raw.get("updown")  # a mapping, parsed here rather than by Spec
+        super().__init__(**{**raw, "size": None if self.to_lr else raw.get("size"), "updown": None})
         self.raw = dict(raw)
+        if self.specs["relative_to"].mode != "fixed":
+            raise ConfigError(f"op 'resize', parameter 'relative_to': must be input or lr (got {raw['relative_to']!r})")
         self._by = self.specs["size"] if raw.get("size") is not None else self.specs["factor"]
+        self.updown = None if updown is None else _weights("op 'resize', parameter 'updown'", updown, self.UPDOWN)
+        by_factor = self._by is self.specs["factor"] and not self.to_lr
+        if (self.updown is not None or (self.needs_lr_size and not self.to_lr)) and not by_factor:
+            raise ConfigError("op 'resize': updown and relative_to: lr need a factor")
+        if self.updown is not None and (self._by.mode != "range"
+                                        or not self._by.value[0] <= 1.0 <= self._by.value[1]):
+            raise ConfigError("op 'resize', parameter 'updown': needs factor as a range [low, high] "
+                              f"with low <= 1 <= high (got {raw.get('factor')!r})")
+
+    @property
+    def needs_lr_size(self) -> bool:
+        """Whether this resize needs the dataset's LR size (`size: lr` or `relative_to: lr`)."""
+        return self.to_lr or self.specs["relative_to"].value == "lr"
+
+    def _factor(self, rng: np.random.Generator, ctx: Context) -> float:
+        if self.updown is None:
+            return self._by.draw(rng, ctx.variables)
+        lo, hi = self._by.value
+        way = _pick(self.updown, rng)
+        return float(rng.uniform(1.0, hi)) if way == "up" else float(rng.uniform(lo, 1.0)) if way == "down" else 1.0
 
     def target(self, w: int, h: int, rng: np.random.Generator | None,
                ctx: Context) -> tuple[int, int] | None:
         """Output (width, height) for a w×h input; None when it needs a random draw and `rng` is None."""
+        if self.needs_lr_size and ctx.lr_size is None:
+            raise ConfigError("op 'resize' with size: lr or relative_to: lr needs the dataset's scale")
         if self.to_lr:
-            if ctx.lr_size is None:
-                raise ConfigError("op 'resize' with size: lr needs the dataset's scale")
             return ctx.lr_size
-        if rng is None and self._by.mode != "fixed":
+        if rng is None and (self._by.mode != "fixed" or self.updown is not None):
             return None
-        value = self._by.draw(rng, ctx.variables)
         if self._by is self.specs["factor"]:
+            value = self._factor(rng, ctx)
+            if self.needs_lr_size:
+                w, h = ctx.lr_size
             return max(1, round(w * value)), max(1, round(h * value))
+        value = self._by.draw(rng, ctx.variables)
         if w <= h:
             return value, max(1, round(h * value / w))
         return max(1, round(w * value / h)), value
@@ -165,6 +240,87 @@ class GaussianBlur(Op):
 
     def apply(self, img, sigma_x, sigma_y, angle, kernel_size):
         return F.gaussian_blur(img, sigma_x, sigma_y, angle, kernel_size)
+
+
+@register("blur")
+class Blur(Op):
+    """Real-ESRGAN's blur: a kernel type drawn from `kernels` (weights), or with probability `sinc_p` a sinc.
+
+    Types: iso/aniso Gaussian, generalized Gaussian and plateau (β from `betag`/`betap`; β = 2 is the
+    Gaussian's shape, twice BasicSR's betag/betap). Anisotropic types draw σx, σy from `sigma` and an
+    angle; the size is odd, uniform over `kernel_size`. `omega_c: null` is BasicSR's sinc cutoff rule
+    (U[π/3, π] below 13 taps, else U[π/5, π]). The record names the kernel's parameters, not its taps.
+    """
+
+    name = "blur"
+    params = {
+        "sigma": Param("float", [0.2, 3.0], lo=0.05, hi=20.0),
+        "betag": Param("float", [1.0, 8.0], lo=0.1, hi=20.0, doc="generalized Gaussian exponent β (2 = Gaussian)"),
+        "betap": Param("float", [2.0, 4.0], lo=0.1, hi=20.0, doc="plateau exponent β"),
+        "kernel_size": Param("int", [7, 21], lo=3, hi=51, doc="odd sizes in this range, equally likely"),
+        "sinc_p": Param("float", 0.0, lo=0.0, hi=1.0, doc="probability of a sinc kernel instead"),
+        "omega_c": Param("float", None, lo=0.01, hi=math.pi, nullable=True, doc="sinc cutoff (radians)"),
+        "kernels": Param("str", None, nullable=True, doc="{type: weight} (default Real-ESRGAN's kernel_prob)"),
+    }
+    # Real-ESRGAN's kernel_list / kernel_prob
+    DEFAULT_KERNELS = {"iso": 0.45, "aniso": 0.25, "generalized_iso": 0.12, "generalized_aniso": 0.03,
+                       "plateau_iso": 0.12, "plateau_aniso": 0.03}
+
+    def __init__(self, **raw: Any) -> None:
+        kernels = raw.get("kernels")  # a mapping, parsed here rather than by Spec
+        super().__init__(**{**raw, "kernels": None})
+        self.raw = dict(raw)
+        self.kernels = _weights("op 'blur', parameter 'kernels'", self.DEFAULT_KERNELS if kernels is None else kernels,
+                                F.BLUR_KERNELS)
+
+    def _beta(self, key: str, rng: np.random.Generator, ctx: Context) -> float:
+        spec = self.specs[key]
+        if spec.mode == "range" and spec.value[0] < 2.0 < spec.value[1]:
+            # as BasicSR: below and above the Gaussian's shape equally often, whatever the range's split
+            lo, hi = spec.value
+            return float(rng.uniform(lo, 2.0)) if rng.random() < 0.5 else float(rng.uniform(2.0, hi))
+        return float(spec.draw(rng, ctx.variables))
+
+    def sample(self, img, rng, ctx):
+        size = _odd_size(self.specs["kernel_size"], rng, ctx)
+        sinc_p = self.draw("sinc_p", rng, ctx)
+        if sinc_p > 0 and rng.random() < sinc_p:
+            omega_c = self.draw("omega_c", rng, ctx)
+            if omega_c is None:
+                omega_c = float(rng.uniform(math.pi / 3 if size < 13 else math.pi / 5, math.pi))
+            return {"kernel": "sinc", "size": size, "omega_c": omega_c}
+        kernel = _pick(self.kernels, rng)
+        sx = self.draw("sigma", rng, ctx)
+        out: dict[str, Any] = {"kernel": kernel, "size": size, "sigma_x": sx}
+        if kernel == "aniso" or kernel.endswith("_aniso"):
+            out["sigma_y"] = self.draw("sigma", rng, ctx)
+            out["angle"] = float(rng.uniform(0.0, 180.0))
+        if kernel.startswith("generalized"):
+            out["beta"] = self._beta("betag", rng, ctx)
+        elif kernel.startswith("plateau"):
+            out["beta"] = self._beta("betap", rng, ctx)
+        return out
+
+    def apply(self, img, kernel, size, sigma_x=1.0, sigma_y=None, angle=0.0, beta=2.0, omega_c=None):
+        return F.filter_kernel(img, F.blur_kernel(kernel, size, sigma_x, sigma_y, angle, beta, omega_c))
+
+
+@register("sinc")
+class Sinc(Op):
+    """Circular low-pass ("sinc") filter, Real-ESRGAN's final ringing/overshoot step (give it `p`)."""
+
+    name = "sinc"
+    params = {
+        "omega_c": Param("float", [math.pi / 3, math.pi], lo=0.01, hi=math.pi, doc="cutoff (radians, π = Nyquist)"),
+        "kernel_size": Param("int", [7, 21], lo=3, hi=51, doc="odd sizes in this range, equally likely"),
+    }
+
+    def sample(self, img, rng, ctx):
+        size = _odd_size(self.specs["kernel_size"], rng, ctx)
+        return {"omega_c": self.draw("omega_c", rng, ctx), "size": size}
+
+    def apply(self, img, omega_c, size):
+        return F.filter_kernel(img, F.sinc_kernel(omega_c, size))
 
 
 @register("motion_blur")

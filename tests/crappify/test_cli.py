@@ -12,7 +12,7 @@ from PIL import Image
 
 from crappify.chain import PRESETS, Chain, load_preset
 
-PRESET_NAMES = ["bicubic-x2", "flickr30k-restore", "lesson7", "realistic", "srgan-x4"]
+PRESET_NAMES = ["bicubic-x2", "flickr30k-restore", "lesson7", "realesrgan", "realistic", "srgan-x4"]
 
 
 def assert_one_line_error(proc, *fragments: str, code: int | None = None) -> str:

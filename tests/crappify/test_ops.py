@@ -56,6 +56,8 @@ PHOTO_NAMES = ["astronaut-64x48", "chelsea-37x53"]
 def make_op(name: str, **params):
     if name == "repeat" and "steps" not in params:
         params["steps"] = [{"op": "jpeg"}]
+    if name == "random_order" and "steps" not in params:
+        params["steps"] = [{"op": "jpeg"}, {"op": "desaturate"}]
     return OPS.get(name)(**params)
 
 
@@ -79,7 +81,7 @@ ALL_OPS = OPS.names()
 
 def test_registry_holds_the_documented_ops():
     assert set(ALL_OPS) == {"resize", "gaussian_blur", "motion_blur", "noise", "jpeg", "occlude", "text",
-                            "color_jitter", "desaturate", "repeat"}
+                            "color_jitter", "desaturate", "repeat", "blur", "sinc", "random_order"}
     assert crappify.OPS is OPS
 
 
@@ -98,7 +100,7 @@ def test_op_output_format_and_input_untouched(name, photo, photos):
     assert not np.shares_memory(out, img)
     assert isinstance(params, dict) and params
     if encoded is not None and image is None:
-        assert name in ("jpeg", "repeat")
+        assert name in ("jpeg", "repeat", "random_order")
 
 
 @pytest.mark.parametrize("photo", PHOTO_NAMES)
@@ -216,7 +218,7 @@ def test_registry_basics():
 @pytest.mark.parametrize("name, bad, valid", [
     ("jpeg", "qualty", ["quality"]),
     ("gaussian_blur", "radius", ["anisotropic", "max_kernel", "sigma"]),
-    ("resize", "scale", ["antialias", "factor", "interpolation", "size"]),
+    ("resize", "scale", ["antialias", "factor", "interpolation", "relative_to", "size", "updown"]),
     ("noise", "std", ["gray_p", "kind", "scale", "sigma"]),
     ("repeat", "count", ["times"]),
 ])
