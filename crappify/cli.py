@@ -8,7 +8,6 @@ line and exits with 143, as a process ended by SIGTERM does.
 from __future__ import annotations
 
 import inspect
-
 import signal
 import sys
 import warnings
