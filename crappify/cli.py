@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from crappify.cli_gan import degrade_options
 from crappify.cli_run import precision_option, precision_override
 from crappify.errors import ConfigError, CrappifyError, Interrupted
 
@@ -108,6 +109,7 @@ def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str |
 @click.option("--seed", type=int, help="Seed for weights init and data order (default 0).")
 @click.option("--checkpoint-every", type=int,
               help="Also checkpoint every N batches of an epoch (default: at epoch ends only).")
+@degrade_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--save-preds", is_flag=True, help="Then write the generator's outputs to RUN/preds/<split>/.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

@@ -14,6 +14,17 @@ COMMANDS: list[click.Command] = []
 _PRECISION = click.Choice(["auto", "fp32", "bf16", "fp16"])
 
 
+def degrade_options(fn):
+    """train-gen's and train-gan's data options: degradations made on the fly (Real-ESRGAN) and sharpened targets."""
+    fn = click.option("--sharpen-gt/--no-sharpen-gt", default=None,
+                      help="Train towards USM-sharpened HR crops (and degrade those online), as Real-ESRGAN.")(fn)
+    fn = click.option("--degrade-preset", help="With --degrade online: a preset name or YAML file "
+                                               "(default: the dataset's own).")(fn)
+    return click.option("--degrade", type=click.Choice(["offline", "online"]),
+                        help="offline (default): the dataset's LR files; online: degrade each HR crop in the "
+                             "data loader, anew every epoch, seeded by (seed, epoch, item).")(fn)
+
+
 @click.command("train-critic")
 @click.argument("data")
 @click.option("-o", "--out", "out", required=True, help="Run directory holding generator.safetensors (or preds/).")
@@ -73,6 +84,7 @@ def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool,
 @click.option("--epochs", type=float, help="Length in epochs when --iters is not given (default 0.03).")
 @click.option("--checkpoint-every", type=int, help="Generator checkpoint + preview every N steps (default 100).")
 @click.option("--ema/--no-ema", default=None, help="Also keep an EMA of the generator's weights (decay 0.999).")
+@degrade_options
 @click.option("--no-pretrained", "no_pretrained", is_flag=True, default=None,
               help="Random loss-network weights (no ImageNet weights needed).")
 @click.option("--device", help="auto (default), cpu, cuda, cuda:N.")

@@ -50,9 +50,13 @@ def _print_plan(steps) -> None:
 @precision_option
 @click.option("--no-pretrained", "no_pretrained", is_flag=True,
               help="Random encoder and loss-network weights in every stage (no ImageNet weights needed).")
+@click.option("--smoke", is_flag=True,
+              help="Every stage at toy size on the sample photos installed packages ship (same architectures, "
+                   "losses and options; no pretrained weights; fp32 unless --precision), into OUT-smoke "
+                   "(or -o): checks that the recipe runs end to end.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None, dry_run: bool,
-            device: str | None, precision: str | None, no_pretrained: bool, quiet: bool) -> None:
+            device: str | None, precision: str | None, no_pretrained: bool, smoke: bool, quiet: bool) -> None:
     """Run PIPELINE (a YAML file, or a shipped name such as 'demo'): build-dataset → train-gen →
     train-critic → train-gan → evaluate, skipping stages already done with the same config and resuming
     an interrupted one. Run the same command again after an interruption."""
@@ -61,12 +65,12 @@ def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None,
     overrides = {"device": device, "precision": precision_override(precision),
                  "pretrained": False if no_pretrained else None}
     path = find_pipeline(pipeline)
-    p = load_pipeline(path, out)
+    p = load_pipeline(path, out, smoke=smoke)
     if dry_run:
         from crappify.errors import CrappifyError
         from srgan.pipeline import check_data
 
-        click.echo(f"pipeline {p.name} ({path}) -> {p.out}")
+        click.echo(f"pipeline {p.name}{' (smoke)' if p.smoke else ''} ({path}) -> {p.out}")
         steps = plan(p, start, stop, overrides)
         _print_plan(steps)
         try:
@@ -74,7 +78,7 @@ def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None,
         except CrappifyError as exc:
             click.echo(f"  data: {exc}")
         return
-    click.echo(f"pipeline {p.name} ({path}) -> {p.out}")
+    click.echo(f"pipeline {p.name}{' (smoke)' if p.smoke else ''} ({path}) -> {p.out}")
     run_pipeline(p, start, stop, progress=not quiet, overrides=overrides,
                  on_stage=lambda s: click.echo(f"[{s.stage}] {s.action}: {s.reason}"))
     click.echo(f"pipeline {p.name}: done -> {p.out}")

@@ -7,6 +7,13 @@ for U-Net generators the LR is first resized to the HR size (`srgan.upsample.res
 bicubic), as in the fastai course; for super-resolution generators it stays small and its crop is the HR
 crop divided by the dataset's scale. Augmentation draws from a generator seeded by (seed, epoch, index):
 the same run sees the same crops.
+
+`degrade="online"` (Real-ESRGAN's way) reads only the HR of each training pair and degrades its crop in the
+loader with a degradation chain (the dataset's own preset, or `degrade_preset`), from a generator seeded by
+(seed, epoch, index, DEGRADE_TAG): every epoch sees fresh degradations, the same ones for the same run, with
+any number of loader workers, and a run resumed at epoch E sees what the uninterrupted run saw. Validation
+always reads the offline LR files. `sharpen_gt` trains towards USM-sharpened HR crops (the LR still comes
+from the plain crop), as Real-ESRGAN does.
 """
 
 from __future__ import annotations
@@ -18,23 +25,30 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import cv2
 import numpy as np
 import torch
 import yaml
 
-from crappify.errors import CrappifyError
+from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, ReadError, decode
 from srgan.checkpoint import IMAGENET_STATS
 from srgan.upsample import resize_image
+
+if TYPE_CHECKING:
+    from crappify.chain import Chain
 
 T = TypeVar("T")
 # A training stage goes on past unreadable items (each replaced by another) until more than this many, and more
 # than this share of its items, have failed: a few bad files in a big dataset cost nothing, a broken one stops.
 MAX_UNREADABLE = 10
 MAX_UNREADABLE_SHARE = 0.01
+# Mixed into the seed of an item's online degradation, so it is drawn independently of its crop ([seed, epoch, i])
+# and of its substitute ([seed, epoch, i, 7]).
+DEGRADE_TAG = 0x64656772  # "degr"
+DEGRADE_MODES = ("offline", "online")
 
 
 @dataclass(frozen=True)
@@ -253,13 +267,14 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, pairs: list[Pair], size: int, scale: int = 1, resize_lr: bool = True, train: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, sharpen_gt: bool = False) -> None:
         if resize_lr:
             scale = 1
         if size % scale:
             raise CrappifyError(f"crop size {size} must be a multiple of the scale {scale}")
         self.pairs, self.size, self.scale, self.resize_lr = pairs, size, scale, resize_lr
         self.train, self.seed, self.epoch = train, seed, 0
+        self.sharpen_gt = sharpen_gt and train  # validation scores against the plain HR
         self.unreadable = Unreadable(len(pairs), f"{'training' if train else 'validation'} pairs")
 
     def __len__(self) -> int:
@@ -296,8 +311,107 @@ class PairDataset(torch.utils.data.Dataset):
         lr = lr[y // s:(y + size) // s, x // s:(x + size) // s]
         if rng is not None and rng.random() < 0.5:
             hr, lr = hr[:, ::-1], lr[:, ::-1]
-        return (torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1),
-                torch.from_numpy(np.ascontiguousarray(hr)).permute(2, 0, 1))
+        return _chw(lr), _chw(sharpen(hr) if self.sharpen_gt else hr)
+
+
+def _chw(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+
+
+def sharpen(img: np.ndarray) -> np.ndarray:
+    """Real-ESRGAN's training target: the HR crop through unsharp masking (weight 0.5, radius 50, threshold 10)."""
+    from crappify.functional import usm_sharpen
+
+    return usm_sharpen(np.ascontiguousarray(img), weight=0.5, radius=50, threshold=10)
+
+
+def degradation_chain(config: dict, preset: str | None = None, data_scale: int | None = None,
+                      root: str | Path = "the dataset") -> Chain:
+    """The chain that online degradation runs: `preset` (a built-in name or a YAML file) when given, else the
+    preset the dataset was built with (`preset` in its config.yaml). One-line `ConfigError` when there is none,
+    the name is unknown (listing the valid ones) or its fixed scale is not the dataset's (`data_scale`)."""
+    from crappify.chain import Chain, load_preset
+
+    if preset is not None:
+        chain = load_preset(preset)
+    else:
+        recorded = config.get("preset")
+        if not isinstance(recorded, dict):
+            raise ConfigError(f"{root}/config.yaml records no preset to degrade with online; give degrade_preset "
+                              "(a built-in preset name or a YAML file)")
+        chain = Chain.from_dict(recorded)
+    if chain.scale is not None and data_scale is not None and chain.scale != data_scale:
+        raise ConfigError(f"preset {chain.name!r} fixes scale {chain.scale}, but {root} has scale {data_scale}; "
+                          "degrade online with a preset of the dataset's scale (or scale: null)")
+    return chain
+
+
+def degrade_rng(seed: int, epoch: int, i: int) -> np.random.Generator:
+    """The generator item i's online degradation draws from in `epoch`: from the run's seed, the epoch and the
+    item only, so any number of loader workers or ranks, and a resumed run, draw the same."""
+    return np.random.default_rng([seed, epoch, i, DEGRADE_TAG])
+
+
+class OnlinePairDataset(PairDataset):
+    """Training (LR, HR) uint8 CHW crops degraded on the fly: only the HR file of each pair is read; its random
+    crop (and flip: the same ones `PairDataset` takes, with the same seed) goes through `chain` with a generator
+    seeded by (seed, epoch, i, DEGRADE_TAG), whose last `resize size: lr` targets crop / `data_scale`. For U-Nets
+    (`resize_lr`) the LR is then resized to the crop size (`srgan.upsample.resize_image`, as offline). The chain
+    is built once per dataset and pickled into the workers. (OpenCV's thread count is left alone: changing it in a
+    worker forked after the parent used OpenCV's thread pool deadlocks.)"""
+
+    def __init__(self, pairs: list[Pair], size: int, chain: Chain, data_scale: int | None, resize_lr: bool = True,
+                 seed: int = 0, sharpen_gt: bool = False) -> None:
+        super().__init__(pairs, size, data_scale or 1, resize_lr, True, seed, sharpen_gt)
+        self.chain = chain
+        s = data_scale or chain.scale
+        if not resize_lr and not chain.uses_lr_size:
+            raise ConfigError(f"preset {chain.name!r} has no `resize size: lr` step, so its LR cannot be the crop "
+                              f"/ {self.scale} a super-resolution generator needs; degrade online with another")
+        if chain.uses_lr_size and not s:
+            raise ConfigError(f"preset {chain.name!r} resizes to the LR size, but the dataset has no scale (it was "
+                              "built with a fixed-size preset); degrade online with a preset that fixes its scale")
+        self.lr_size = (max(1, size // s), max(1, size // s)) if s else None
+        self.degrade(np.zeros((size, size, 3), np.uint8), np.random.default_rng(0), "a test crop")  # fail here
+
+    def read_pair(self, i: int) -> np.ndarray:
+        """Pair i's HR pixels (the LR file is never read); `ImageError` naming the file and row."""
+        pair = self.pairs[i]
+        return read_image(pair.hr, describe(pair))
+
+    def degrade(self, hr: np.ndarray, rng: np.random.Generator, what: str) -> np.ndarray:
+        """The LR of an HR crop: the chain's output, at crop / scale (resized to the crop for U-Nets)."""
+        try:
+            lr = self.chain.run(hr, rng, lr_size=self.lr_size).image
+        except CrappifyError as exc:
+            kind = ConfigError if isinstance(exc, ConfigError) else CrappifyError
+            raise kind(f"online degradation with preset {self.chain.name!r} failed on {what}: {exc}") from None
+        size = self.size
+        if self.resize_lr:
+            return lr if lr.shape[:2] == (size, size) else resize_image(lr, (size, size))
+        if self.lr_size is not None and (lr.shape[1], lr.shape[0]) != self.lr_size:
+            raise ConfigError(f"preset {self.chain.name!r} gave a {lr.shape[1]}x{lr.shape[0]} LR for {what}, not "
+                              f"{self.lr_size[0]}x{self.lr_size[1]} (crop {size} / scale {self.scale}); its last "
+                              "resize must be `size: lr`")
+        return lr
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j, hr = read_or_substitute(i, self.read_pair, self.unreadable, self.seed, self.epoch)
+        h, w = hr.shape[:2]
+        size = self.size
+        if min(h, w) < size:  # crops larger than the image: reflect-pad to the crop size
+            hr = cv2.copyMakeBorder(hr, 0, max(0, size - h), 0, max(0, size - w), cv2.BORDER_REFLECT_101)
+            h, w = hr.shape[:2]
+        rng = np.random.default_rng([self.seed, self.epoch, i])  # the crop and flip `PairDataset` takes
+        y, x = _crop_box(h, w, size, rng, self.scale)
+        hr = hr[y:y + size, x:x + size]
+        if rng.random() < 0.5:
+            hr = hr[:, ::-1]
+        hr = np.ascontiguousarray(hr)
+        if self.sharpen_gt:  # Real-ESRGAN degrades the sharpened crop too (RealESRGANModel.feed_data)
+            hr = sharpen(hr)
+        lr = self.degrade(hr, degrade_rng(self.seed, self.epoch, i), f"a crop of {describe(self.pairs[j])}")
+        return _chw(lr), _chw(hr)
 
 
 class NormalizeBatch:
@@ -321,21 +435,36 @@ def default_workers(device: torch.device | str, num_workers: int | None = None) 
 
 def make_dataloaders(root: str | Path, size: int, bs: int, *, resize_lr: bool, scale: int = 1,
                      device: torch.device | str = "cpu", num_workers: int | None = None, seed: int = 0,
-                     channels_last: bool = False, normalizer: Normalizer | None = None):
-    """fastai DataLoaders (train shuffled, valid in order) over a built dataset's train/valid splits."""
+                     channels_last: bool = False, normalizer: Normalizer | None = None, degrade: str = "offline",
+                     degrade_preset: str | None = None, sharpen_gt: bool = False):
+    """fastai DataLoaders (train shuffled, valid in order) over a built dataset's train/valid splits.
+
+    `degrade="online"`: the training pairs' LR is made from each HR crop by a degradation chain (`degrade_preset`,
+    a built-in name or a YAML file; default: the dataset's own preset), afresh every epoch (`OnlinePairDataset`);
+    validation reads the LR files as always. `sharpen_gt`: training targets are USM-sharpened HR crops."""
     from fastai.data.core import DataLoaders
 
     from srgan.loader import SeededDataLoader
 
-    splits, _ = read_dataset(root)
+    if degrade not in DEGRADE_MODES:
+        raise ConfigError(f"degrade must be one of {', '.join(DEGRADE_MODES)}, got {degrade!r}")
+    if degrade_preset is not None and degrade != "online":
+        raise ConfigError("degrade_preset applies to degrade: online only (offline training reads the LR files)")
+    splits, config = read_dataset(root)
     train = splits.get("train", [])
     valid = splits.get("valid") or splits.get("test") or []
     if not train or not valid:
         raise CrappifyError(f"{root} needs both a train and a valid (or test) split; has {sorted(splits)}")
     norm = NormalizeBatch(normalizer or Normalizer(), channels_last)
     common = {"num_workers": default_workers(device, num_workers), "after_batch": norm, "device": torch.device(device)}
-    train_dl = SeededDataLoader(PairDataset(train, size, scale, resize_lr, True, seed), bs=bs, shuffle=True,
-                                drop_last=len(train) >= bs, order_seed=seed, **common)
+    if degrade == "online":
+        data_scale = config.get("scale") or (None if resize_lr else scale)
+        chain = degradation_chain(config, degrade_preset, data_scale, root)
+        train_ds: PairDataset = OnlinePairDataset(train, size, chain, data_scale, resize_lr, seed, sharpen_gt)
+    else:
+        train_ds = PairDataset(train, size, scale, resize_lr, True, seed, sharpen_gt)
+    train_dl = SeededDataLoader(train_ds, bs=bs, shuffle=True, drop_last=len(train) >= bs, order_seed=seed,
+                                **common)
     valid_dl = SeededDataLoader(PairDataset(valid, size, scale, resize_lr, False, seed), bs=bs, shuffle=False,
                                 **common)
     return DataLoaders(train_dl, valid_dl, device=torch.device(device))

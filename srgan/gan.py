@@ -97,6 +97,12 @@ class TrainGanConfig(RunOptions):
     preview_items: int = Field(4, ge=0)
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0, lt=1)
+    degrade: Literal["offline", "online"] = Field(
+        "offline", description="offline: the dataset's LR files; online: degrade each HR crop in the data loader "
+                               "anew every epoch (Real-ESRGAN), seeded by (seed, epoch, item)")
+    degrade_preset: str | None = Field(None, description="degrade: online only: a preset name or YAML file; "
+                                                         "default: the dataset's own")
+    sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN)")
 
     def loss_weights_pair(self) -> tuple[float, float]:
         """(w_content, w_adv): the preset's, with explicit values taking precedence."""
@@ -193,7 +199,8 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     spec = generator.crappify_spec
     dls = make_dataloaders(cfg.data, cfg.size, cfg.bs, resize_lr=is_unet(generator), scale=spec["scale"],
                            device=device, num_workers=cfg.num_workers, seed=cfg.seed,
-                           channels_last=cfg.channels_last, normalizer=normalizer)
+                           channels_last=cfg.channels_last, normalizer=normalizer, degrade=cfg.degrade,
+                           degrade_preset=cfg.degrade_preset, sharpen_gt=cfg.sharpen_gt)
     n_batches = len(dls.train)
     total = cfg.iters or max(1, math.ceil(cfg.epochs * n_batches))
     gan = GanRun(cfg, total, normalizer)
@@ -578,7 +585,8 @@ def _parts() -> SimpleNamespace:
             raise Interrupted(f"{where}; {gan.last} is at that point")
 
     return SimpleNamespace(gan_loss=CrappifyGANLoss, resumable_fixed_switcher=ResumableFixedSwitcher,
-                           guard=Guard, per_batch_critic=PerBatchCritic, stop_on_non_finite=StopOnNonFinite, progress=Progress)
+                           guard=Guard, per_batch_critic=PerBatchCritic, stop_on_non_finite=StopOnNonFinite,
+                           progress=Progress)
 
 
 def _num(v: Any) -> float | str:

@@ -10,6 +10,9 @@ option invalidates that stage and every later one, and nothing earlier. `OUT/.pi
 records the hash and whether the stage finished: a finished stage with the same hash is skipped; one
 that was interrupted (killed) with the same hash is resumed from its own checkpoints; anything else
 runs from the start. Keys that only say how to run (devices, worker counts) are left out of the hash.
+
+`--smoke` (`load_pipeline(..., smoke=True)`) runs every stage of the recipe at toy size on the sample photos
+that installed packages ship, into OUT-smoke: see `srgan.smoke.smoke_overrides` for what it changes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from crappify.config import describe
 from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import write_atomic
 from crappify.yamlfile import read_mapping
+from srgan.smoke import critic_min_size, smoke_overrides
 
 STAGES = ("sample-crops", "build-dataset", "train-gen", "train-critic", "train-gan", "evaluate")
 # how to run, not what to compute (a checkpoint's frequency: a resume from any checkpoint ends the same)
@@ -68,10 +72,11 @@ class Pipeline(BaseModel):
     data: str | None = Field(None, description="what the source must look like (shown when it is missing)")
     sample_crops: dict[str, Any] | None = Field(None, alias="sample-crops")
     build_dataset: dict[str, Any] = Field(alias="build-dataset")
-    train_gen: dict[str, Any] = Field(alias="train-gen")
+    train_gen: dict[str, Any] | None = Field(None, alias="train-gen")  # none: train-gan builds new networks
     train_critic: dict[str, Any] | None = Field(None, alias="train-critic")
     train_gan: dict[str, Any] | None = Field(None, alias="train-gan")
     evaluate: dict[str, Any] | None = None
+    smoke: bool = Field(False, description="run every stage at toy size on the sample photos (srgan.smoke)")
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,8 @@ class Paths:
 
 def paths_of(p: Pipeline) -> Paths:
     root = Path(p.out)
-    dataset = Path(p.build_dataset.get("out") or root / "dataset")
+    # a smoke run builds its dataset inside its own output root, never where the recipe's goes (data/...)
+    dataset = root / "dataset" if p.smoke else Path(p.build_dataset.get("out") or root / "dataset")
     return Paths(root, dataset, root / "run", root / "eval", root / "crops", root / ".pipeline")
 
 
@@ -113,9 +119,14 @@ def find_pipeline(name: str | Path) -> Path:
     raise ConfigError(f"pipeline not found: {name} (a YAML file, or one of: {', '.join(names) or 'none shipped'})")
 
 
-def load_pipeline(path: str | Path, out: str | None = None) -> Pipeline:
-    """Read and validate a pipeline file (unknown keys are errors); `out` overrides its output root."""
+def load_pipeline(path: str | Path, out: str | None = None, smoke: bool = False) -> Pipeline:
+    """Read and validate a pipeline file (unknown keys are errors); `out` overrides its output root.
+    `smoke`: the toy-size run of it (srgan.smoke), into `out` when given, else into the file's out + '-smoke'."""
     raw = dict(read_mapping(Path(path), "pipeline file"))
+    if smoke:
+        raw["smoke"] = True
+        if out is None and isinstance(raw.get("out"), str):
+            out = smoke_out(raw["out"])
     if out is not None:
         raw["out"] = out
     try:
@@ -128,6 +139,16 @@ def load_pipeline(path: str | Path, out: str | None = None) -> Pipeline:
         if beside.is_file():
             p.build_dataset["preset"] = str(beside)
     return p
+
+
+def smoke_out(out: str) -> str:
+    """Where a smoke run of a pipeline whose output root is `out` goes by default: beside it, never in it."""
+    return f"{out.rstrip('/')}-smoke"
+
+
+def as_smoke(p: Pipeline) -> Pipeline:
+    """`p` as a smoke run (into its out + '-smoke'); `p` itself when it already is one."""
+    return p if p.smoke else p.model_copy(update={"smoke": True, "out": smoke_out(p.out)})
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -149,7 +170,8 @@ def _reject(stage: str, section: dict[str, Any], keys: tuple[str, ...]) -> None:
 
 def stage_configs(p: Pipeline, overrides: dict[str, Any] | None = None) -> dict[str, BaseModel]:
     """Each present stage's validated config, in order. `overrides` (e.g. device) apply to every stage
-    that has the key."""
+    that has the key. A smoke pipeline's configs are shrunk by `srgan.smoke.smoke_overrides` (overrides
+    still win)."""
     from crappify.builder import BuildConfig
     from srgan.critic import TrainCriticConfig
     from srgan.evaluate import EvaluateConfig
@@ -179,16 +201,36 @@ def stage_configs(p: Pipeline, overrides: dict[str, Any] | None = None) -> dict[
         _reject(stage, values, ("data", "out"))
         cfgs[stage] = _validate(stage, cls, section(cls, {**values, "data": str(paths.dataset),
                                                           "out": str(paths.run)}))
+    _check_inputs(cfgs)
     if p.evaluate is not None:
         _reject("evaluate", p.evaluate, ("data", "out", "models"))
-        models = [str(paths.run / "generator.safetensors")]
-        if "train-gan" in cfgs:
-            models.append(str(paths.run / "gan" / "generator.safetensors"))
-        names = ["train-gen", "train-gan"][: len(models)]
+        names = [stage for stage in ("train-gen", "train-gan") if stage in cfgs]
+        models = [str(paths.run / ("generator.safetensors" if stage == "train-gen" else "gan/generator.safetensors"))
+                  for stage in names]
         values = {"names": names, **p.evaluate, "data": str(paths.dataset), "models": models,
                   "out": str(paths.eval)}
         cfgs["evaluate"] = _validate("evaluate", EvaluateConfig, section(EvaluateConfig, values))
+    if p.smoke:  # toy sizes (the run-wide overrides applied again on top: they win)
+        critic = cfgs.get("train-critic")
+        critic_min = critic_min_size(critic.arch, critic.options) if critic is not None else 0
+        for stage, cfg in cfgs.items():
+            small = smoke_overrides(stage, cfg, critic_min=critic_min, crops="sample-crops" in cfgs)
+            cfgs[stage] = _validate(stage, type(cfg), section(type(cfg), small.model_dump()))
     return cfgs
+
+
+def _check_inputs(cfgs: dict[str, BaseModel]) -> None:
+    """Each training stage's networks come from an earlier stage, a file named in its config, or its arch
+    options (a joint GAN from scratch): a pipeline that leaves one without is refused before anything runs."""
+    gen, gan = "train-gen" in cfgs, cfgs.get("train-gan")
+    if "train-critic" in cfgs and not gen:
+        raise ConfigError("stage train-critic needs a train-gen stage (it learns from the generator's outputs)")
+    if gan is not None and not gen and not (gan.generator_arch or gan.generator):
+        raise ConfigError("stage train-gan has no generator: add a train-gen stage, or generator_arch "
+                          "(a new generator) or generator (a file) to train-gan")
+    if gan is not None and "train-critic" not in cfgs and not (gan.critic_arch or gan.critic):
+        raise ConfigError("stage train-gan has no critic: add a train-critic stage, or critic_arch "
+                          "(a new critic) or critic (a file) to train-gan")
 
 
 def stage_hash(stage: str, cfg: BaseModel, upstream: str) -> str:
@@ -305,10 +347,13 @@ def _run_stage(step: Step, paths: Paths, progress: bool) -> None:
 
 def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None, progress: bool = True,
                  overrides: dict[str, Any] | None = None,
-                 on_stage: Callable[[Step], None] | None = None) -> list[Step]:
-    """Run the planned stages in order; returns the plan that was carried out."""
+                 on_stage: Callable[[Step], None] | None = None, smoke: bool = False) -> list[Step]:
+    """Run the planned stages in order; returns the plan that was carried out. `smoke`: run `as_smoke(p)`
+    (toy sizes, into p.out + '-smoke'; load the pipeline with `smoke=True` to choose the folder)."""
     from crappify.runlock import folder_lock
 
+    if smoke:
+        p = as_smoke(p)
     steps = plan(p, start, stop, overrides)
     paths = paths_of(p)
     check_data(p, steps)
@@ -319,7 +364,11 @@ def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None,
 
 def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
                on_stage: Callable[[Step], None] | None) -> None:
-    write_atomic(paths.root / "pipeline.yaml", yaml.safe_dump(p.model_dump(by_alias=True), sort_keys=False))
+    recipe = p.model_dump(by_alias=True)
+    if not p.smoke:
+        recipe.pop("smoke")  # unchanged for ordinary runs; a smoke run records `smoke: true`
+    write_atomic(paths.root / "pipeline.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    smoke = {"smoke": True} if p.smoke else {}
     for step in steps:
         if on_stage is not None:
             on_stage(step)
@@ -327,7 +376,7 @@ def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
             continue
         config = step.config.model_dump(mode="json")
         _write_state(paths, step.stage, {"hash": step.hash, "status": "running", "config": config,
-                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **smoke})
         t0 = time.perf_counter()
         try:
             _run_stage(step, paths, progress)
@@ -335,7 +384,7 @@ def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
             raise Interrupted(f"pipeline {p.name}: {exc.where}", "run the same command again to continue") from None
         _write_state(paths, step.stage, {"hash": step.hash, "status": "done", "config": config,
                                          "seconds": round(time.perf_counter() - t0, 2),
-                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **smoke})
 
 
 def check_data(p: Pipeline, steps: list[Step]) -> None:

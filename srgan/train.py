@@ -105,6 +105,13 @@ class TrainGenConfig(RunOptions):
     loss_weights: dict[str, str] | None = None
     preview_items: int = Field(4, ge=0)
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N batches of an epoch")
+    degrade: Literal["offline", "online"] = Field(
+        "offline", description="offline: train on the dataset's LR files; online: degrade each HR crop in the "
+        "loader, afresh every epoch (Real-ESRGAN); validation reads the LR files either way")
+    degrade_preset: str | None = Field(
+        None, description="degrade: online only: a built-in preset name or a YAML file; default: the dataset's own")
+    sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN); the LR still "
+                             "comes from the plain crop, validation scores against the plain HR")
 
     def encoder_pretrained(self) -> bool:
         """Whether training starts from ImageNet weights (a U-Net's encoder) rather than random weights."""
@@ -473,7 +480,8 @@ class Trainer:
                 continue
             dls = make_dataloaders(cfg.data, phase.size, phase.bs, resize_lr=unet, scale=self.scale,
                                    device=self.device, num_workers=cfg.num_workers, seed=cfg.seed,
-                                   channels_last=cfg.channels_last, normalizer=self.normalizer)
+                                   channels_last=cfg.channels_last, normalizer=self.normalizer,
+                                   degrade=cfg.degrade, degrade_preset=cfg.degrade_preset, sharpen_gt=cfg.sharpen_gt)
             if learn is None:
                 learn = self._learner(model, loss.to(self.device), dls)
                 learn.model.to(self.device)

@@ -379,7 +379,8 @@ def test_per_batch_switching_matches_a_hand_written_loop(dataset, gan_base, tmp_
     state = load_checkpoint(run / "gan" / "checkpoints" / "last.pt")
 
     # the same three batches, by hand
-    gen, critic = load_generator(gan_base / "generator.safetensors").train(), load_critic(gan_base / "critic.safetensors")
+    gen = load_generator(gan_base / "generator.safetensors").train()
+    critic = load_critic(gan_base / "critic.safetensors")
     opt_g = Adam(list(gen.parameters()), lr=lr, mom=betas[0], sqr_mom=betas[1], wd=wd)
     opt_d = Adam(list(critic.parameters()), lr=lr * mult, mom=betas[0], sqr_mom=betas[1], wd=wd)
     content, adv = build_loss("l1"), build_adversarial("lsgan", 10.0)
@@ -421,3 +422,21 @@ def test_per_batch_wgan_gp_in_bf16_resumes_to_the_same_weights(dataset, gan_base
         for key, value in runs["straight"][name].items():
             torch.testing.assert_close(runs["resumed"][name][key], value, msg=f"{name}.{key}")
     assert not torch.is_autocast_enabled("cpu")
+
+
+def test_train_gan_degrades_online_through_the_cli(dataset, gan_base, tmp_path, capsys):
+    """The Real-ESRGAN GAN stage: online degradations of sharpened crops, per-batch steps, from the CLI."""
+    run = tmp_path / "run"
+    shutil.copytree(gan_base, run)
+    from crappify.cli import main
+
+    args = ["train-gan", dataset, "-o", run, "--degrade", "online", "--degrade-preset", "realesrgan", "--sharpen-gt",
+            "--switching", "per-batch", "--iters", "2", "--size", "32", "--bs", "2", "--loss", "l1", "--precision",
+            "fp32", "--quiet"]
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    saved = yaml.safe_load((run / "train-gan.yaml").read_text())
+    assert (saved["degrade"], saved["degrade_preset"], saved["sharpen_gt"]) == ("online", "realesrgan", True)
+    assert [r["trained"] for r in history(run)] == ["both", "both"]

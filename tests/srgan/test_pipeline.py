@@ -50,7 +50,8 @@ def actions(steps) -> dict[str, str]:
 def test_every_shipped_pipeline_validates(path):
     p = load_pipeline(path)
     cfgs = stage_configs(p)
-    assert next(iter(cfgs)) in ("sample-crops", "build-dataset") and "train-gen" in cfgs and "evaluate" in cfgs
+    assert next(iter(cfgs)) in ("sample-crops", "build-dataset") and "evaluate" in cfgs
+    assert "train-gen" in cfgs or cfgs["train-gan"].generator_arch  # a joint GAN from scratch needs no train-gen
     assert [s for s in STAGES if s in cfgs] == list(cfgs)  # in pipeline order
     if p.sample_crops is None:
         assert p.data, "a real-size pipeline documents the data layout it expects"
@@ -58,6 +59,29 @@ def test_every_shipped_pipeline_validates(path):
     preset = cfgs["build-dataset"].preset
     if preset.endswith(".yaml"):
         assert Path(preset).is_file()
+
+
+@pytest.mark.parametrize("drop, gan, match", [
+    (["train-gen"], {}, "train-critic needs a train-gen stage"),
+    (["train-gen", "train-critic"], {}, "train-gan has no generator"),
+    (["train-critic"], {}, "train-gan has no critic"),
+    (["train-gen", "train-critic"], {"generator_arch": "srresnet"}, "train-gan has no critic"),
+])
+def test_a_training_stage_without_its_networks_is_refused(tmp_path, drop, gan, match):
+    path = write_pipeline(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data.setdefault("train-critic", {"epochs": 1})
+    data.setdefault("train-gan", {"iters": 2})
+    data["train-gan"].update(gan)
+    for stage in drop:
+        data.pop(stage)
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=match):
+        stage_configs(load_pipeline(path))
+    data["train-gan"].update({"generator_arch": "srresnet", "critic_arch": "patch"})
+    data.pop("train-critic", None)
+    path.write_text(yaml.safe_dump(data))
+    assert "train-gan" in stage_configs(load_pipeline(path))
 
 
 def test_unknown_keys_and_fixed_paths_are_errors(tmp_path):

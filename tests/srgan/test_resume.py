@@ -420,3 +420,25 @@ def test_checkpoints_record_their_config_key(sr_dataset, gen_reference):
     state = load_checkpoint(gen_reference / "checkpoints" / "last.pt")
     assert isinstance(state["config_key"], str) and len(state["config_key"]) == 16
     assert json.loads(json.dumps(state["history"]))  # plain data: loads with weights_only
+
+
+def test_config_key_ignores_options_at_their_defaults_and_reads_preset_files(tmp_path):
+    """A later version's new option (default = the old behaviour) keeps old checkpoints resumable; editing a
+    preset file that online degradation reads makes them stale."""
+    from pydantic import BaseModel
+
+    from srgan.checkpoint import config_key
+
+    class Old(BaseModel):
+        lr: float = 1e-3
+        degrade_preset: str | None = None
+
+    class New(Old):
+        added: bool = False
+
+    assert config_key(Old(lr=2e-3)) == config_key(New(lr=2e-3)) != config_key(New(lr=2e-3, added=True))
+    preset = tmp_path / "p.yaml"
+    preset.write_text("steps: []\n")
+    before = config_key(Old(degrade_preset=str(preset)))
+    preset.write_text("steps: [{op: jpeg}]\n")
+    assert config_key(Old(degrade_preset=str(preset))) != before
