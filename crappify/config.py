@@ -29,7 +29,7 @@ def describe(exc: ValidationError, model: type[BaseModel]) -> str:
     if err["type"] == "extra_forbidden":
         valid = ", ".join(sorted(model.model_fields))
         return f"unknown option {where!r}; valid: {valid}"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")  # a validator's own message says what is wrong already
     if err["type"] == "missing":
         return f"option {where!r} is required"
     return f"option {where!r}: {msg} (got {err.get('input')!r})"

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
@@ -103,6 +103,15 @@ class TrainGanConfig(RunOptions):
     degrade_preset: str | None = Field(None, description="degrade: online only: a preset name or YAML file; "
                                                          "default: the dataset's own")
     sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN)")
+
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, spec: Any) -> Any:
+        """Loss names, options and VGG layers are checked here, at the config's edge (one line, valid names)."""
+        from srgan.losses import check_loss_spec
+
+        return check_loss_spec(spec)
 
     def loss_weights_pair(self) -> tuple[float, float]:
         """(w_content, w_adv): the preset's, with explicit values taking precedence."""

@@ -29,6 +29,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -522,6 +523,16 @@ def _weights_file(name: str, factory: LossFactory, weights: Mapping[str, str] | 
         if key and weights.get(key):
             return weights[key]
     return None
+
+
+def check_loss_spec(spec: str | Mapping[str, Any] | None) -> str | Mapping[str, Any] | None:
+    """`spec` unchanged if `build_loss` would accept it; else the ConfigError it would raise (unknown loss, option
+    or layer, listing the valid ones). The networks are built on PyTorch's meta device without weights, so a
+    config is checked at its edge, before any stage runs, in milliseconds."""
+    if spec is not None:
+        with torch.device("meta"):
+            build_loss(spec, pretrained=False)
+    return spec
 
 
 def build_loss(spec: str | Mapping[str, float], *, pretrained: bool = True,

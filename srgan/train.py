@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
@@ -112,6 +112,15 @@ class TrainGenConfig(RunOptions):
         None, description="degrade: online only: a built-in preset name or a YAML file; default: the dataset's own")
     sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN); the LR still "
                              "comes from the plain crop, validation scores against the plain HR")
+
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, spec: Any) -> Any:
+        """Loss names, options and VGG layers are checked here, at the config's edge (one line, valid names)."""
+        from srgan.losses import check_loss_spec
+
+        return check_loss_spec(spec)
 
     def encoder_pretrained(self) -> bool:
         """Whether training starts from ImageNet weights (a U-Net's encoder) rather than random weights."""

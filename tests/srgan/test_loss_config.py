@@ -105,3 +105,28 @@ def test_nested_loss_from_a_config_file_trains_and_is_saved_resolved(sr_dataset,
     with pytest.raises(ConfigError, match="unknown vgg19 layer 'conv2_9'"):
         Trainer(resolve(TrainGenConfig, bad, data=str(sr_dataset), out=str(tmp_path / "r2"), pretrained=False),
                 progress=False).fit()
+
+
+@pytest.mark.parametrize("loss, match", [
+    ({"vgg": {"net": "vgg16", "layers": ["conv5_4"]}}, "unknown vgg16 layer 'conv5_4'; valid: .*conv5_3"),
+    ({"vgg": {"weight": 1.0, "crit": "l1"}}, "unknown option 'crit' for loss 'vgg'; valid: net, layers"),
+    ({"perceptual": 1.0}, "unknown loss 'perceptual'; valid: .*vgg"),
+])
+def test_a_pipeline_with_a_bad_loss_is_refused_before_anything_runs(tmp_path, loss, match):
+    """Loss specs are validated at the config's edge (train-gen, train-gan, a pipeline's stages), not when the
+    stage that uses them starts hours later."""
+    import yaml
+
+    from srgan.gan import TrainGanConfig
+    from srgan.pipeline import load_pipeline, stage_configs
+    from srgan.train import TrainGenConfig
+
+    for cls in (TrainGenConfig, TrainGanConfig):
+        with pytest.raises(ValueError, match=match):
+            cls(data="d", out="o", loss=loss)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "out": str(tmp_path / "out"), "build-dataset": {"src": "samples",
+                                    "source": "samples", "preset": "srgan-x4"}, "train-gen": {"arch": "srresnet"},
+                                    "train-gan": {"critic_arch": "patch", "loss": loss}}))
+    with pytest.raises(ConfigError, match=f"stage train-gan: .*{match}"):
+        stage_configs(load_pipeline(path))
