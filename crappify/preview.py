@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
 
 from crappify.builder import effective_scale, hr_geometry, item_seed, make_hr
-from crappify.chain import Chain
+from crappify.chain import Chain, load_preset
+from crappify.errors import ConfigError, CrappifyError
+from crappify.imageio import ImageError, decode, save_image_atomic
 
 LABEL_HEIGHT = 18
 PAD = 4
@@ -62,3 +65,23 @@ def preview(img: np.ndarray, chain: Chain, seed: int = 0, size: int | None = Non
     tiles += [(f"{i + 1}. {label}", step_img) for i, (label, step_img) in enumerate(trace)]
     tiles.append((f"final LR {lr.shape[1]}x{lr.shape[0]}", lr))
     return grid(tiles, height=min(height, hr.shape[0]), columns=columns)
+
+
+def preview_file(image: str | Path, preset: str, output: str | Path, seed: int = 0, size: int | None = None,
+                 scale: int | None = None, item_id: str = "preview", height: int = 256) -> Path:
+    """`crappify preview`: read `image`, write its preview grid for `preset` to `output` (.png or .jpg)."""
+    if not Path(image).is_file():
+        raise CrappifyError(f"image not found: {image}")
+    chain = load_preset(preset)
+    try:
+        img = decode(image)
+    except ImageError as exc:
+        raise CrappifyError(f"cannot read {image}: {exc}") from None
+    if size is not None and min(img.shape[:2]) < size:
+        raise CrappifyError(f"{image} is smaller than --size {size} ({img.shape[1]}x{img.shape[0]})")
+    out = Path(output)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise ConfigError(f"--output must end in .png or .jpg, got {output}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image_atomic(out, preview(img, chain, seed, size, scale, item_id, height))
+    return out

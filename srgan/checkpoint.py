@@ -25,9 +25,9 @@ from torch import nn
 
 from crappify.errors import CrappifyError
 from crappify.imageio import replacing
+from srgan.normalize import IMAGENET_STATS  # also its old import path (re-export)
 
 FORMAT = "crappify-generator/1"
-IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
 def _save_model(model: nn.Module, path: str | Path, fmt: str, builder: str,
@@ -208,6 +208,16 @@ def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
 def save_generator(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write weights + rebuild recipe (`model.crappify_spec`) as one safetensors file, atomically."""
     _save_model(model, path, FORMAT, "srgan.models.build_generator", extra)
+
+
+def model_file(path: str | Path) -> Path:
+    """A generator file, or a run folder holding `generator.safetensors`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "generator.safetensors"
+    if not path.is_file():
+        raise CrappifyError(f"model file not found: {path}")
+    return path
 
 
 def read_generator_meta(path: str | Path) -> dict[str, Any]:

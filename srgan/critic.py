@@ -25,9 +25,10 @@ from pydantic import Field
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import write_atomic, write_csv_atomic
 from srgan.checkpoint import config_key, file_digest, load_optimizer_state, resume_state, save_checkpoint, save_critic
-from srgan.data import Normalizer, Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
+from srgan.data import Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
 from srgan.distributed import unwrap
-from srgan.train import RunOptions, StopRequest
+from srgan.normalize import NormalizeBatch, Normalizer
+from srgan.runtime import RunOptions, StopRequest, resolve_device, resolve_precision, sigterm_stops
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"]
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs",  # see srgan.train
@@ -93,18 +94,6 @@ class RealFakeDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1), torch.tensor(label)
 
 
-class _NormalizeImages:
-    """fastai `after_batch`: normalise the images (not the labels) on the device, optionally channels-last."""
-
-    def __init__(self, normalizer: Normalizer, channels_last: bool) -> None:
-        self.normalizer, self.channels_last = normalizer, channels_last
-
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = batch
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return self.normalizer.normalize(x).contiguous(memory_format=fmt), y.float()
-
-
 def real_fake_items(data: str | Path, run: str | Path, split: str) -> list[tuple[Path, float, str]]:
     """(path, label, where) for every pair of `split`: its HR (real) and `RUN/preds/<split>/<id>.png` (fake);
     `where` names the pair and its manifest row for messages."""
@@ -140,7 +129,7 @@ def make_critic_dataloaders(data: str | Path, run: str | Path, size: int, bs: in
     if not train or not valid:
         raise CrappifyError(f"{data} needs both a train and a valid (or test) split; has {sorted(splits)}")
     common = {"num_workers": default_workers(device, num_workers), "device": torch.device(device),
-              "after_batch": _NormalizeImages(normalizer or Normalizer(), channels_last)}
+              "after_batch": NormalizeBatch(normalizer or Normalizer(), channels_last, labels=True)}
     train_dl = SeededDataLoader(RealFakeDataset(train, size, True, seed), bs=bs, shuffle=True,
                                 drop_last=len(train) >= bs, order_seed=seed, **common)
     valid_dl = SeededDataLoader(RealFakeDataset(valid, size, False, seed), bs=bs, shuffle=False, **common)
@@ -179,7 +168,6 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
     whose predictions it learned from); a checkpoint at the last epoch only writes the final file. SIGTERM: a
     checkpoint at the next batch boundary, then `Interrupted`. `cbs`: extra fastai callbacks (tests use them)."""
     from srgan.distributed import run_folder
-    from srgan.train import sigterm_stops
 
     with run_folder(cfg.out, "train-critic run"), sigterm_stops("train-critic") as stop:
         return _train_critic(cfg, resume, progress, stop, cbs)
@@ -192,9 +180,9 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
     from fastai.metrics import AvgMetric
     from fastai.optimizer import Adam
 
+    from srgan.callbacks import DeviceMixedPrecision, StopOnNonFinite, quiet
     from srgan.critics import build_critic, min_input_size
     from srgan.distributed import barrier, distributed_callback, finish, is_distributed, is_main, local_device
-    from srgan.train import _callbacks, resolve_device, resolve_precision
 
     run = Path(cfg.out)
     device = local_device(resolve_device(cfg.device))
@@ -227,7 +215,6 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
                                       seed=cfg.seed, channels_last=cfg.channels_last)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        DeviceMixedPrecision, StopOnNonFinite = _callbacks()
         cbs = [StopOnNonFinite(), _critic_epoch_end(run, history, key, write=is_main(), state=state,
                                                     every=cfg.checkpoint_every, stop=stop), *(extra_cbs or [])]
         if ddp is not None:
@@ -237,8 +224,7 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
         learn = Learner(dls, model.to(device), loss_func=patch_bce, opt_func=Adam, wd=cfg.wd,
                         metrics=[AvgMetric(patch_accuracy)], cbs=cbs, path=run, model_dir="critic-checkpoints")
         if not progress or not is_main():
-            learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
-            learn.logger = lambda *_: None
+            quiet(learn)
         learn.create_opt()
         if state is not None:
             load_optimizer_state(learn.opt, state["opt"])
@@ -259,38 +245,19 @@ def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
 def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write: bool = True,
                       state: dict[str, Any] | None = None, every: int | None = None,
                       stop: StopRequest | None = None):
-    """After each epoch: the checkpoint (with the history), then critic-history.csv from it (fastai imported on
-    use); checkpoints inside an epoch, SIGTERM and a resume from one as `srgan.train._position_callback` does.
-    `write` False on the ranks other than 0, which only set the epoch's crops; `state`: the checkpoint resumed."""
-    from srgan.train import _position_callback
+    """train-critic's `srgan.callbacks.EpochEnd` (fastai imported on use): after each epoch the checkpoint (with
+    the history), then critic-history.csv from it; checkpoints inside an epoch, SIGTERM and a resume from one as
+    `srgan.callbacks.Positioned` does. `write` False on the ranks other than 0, which only set the epoch's crops;
+    `state`: the checkpoint resumed."""
+    from srgan.callbacks import EpochEnd, history_value
 
-    class CriticEpochEnd(_position_callback()):
-        def checkpoint(self, position: dict[str, Any]) -> None:
-            save_checkpoint(run / "critic-checkpoints" / "last.pt",
-                            {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
-                             **position, "history": history, "config_key": key})
+    class CriticEpochEnd(EpochEnd):
+        def row(self, epoch: int, values: dict[str, Any]) -> dict[str, Any]:
+            return {"epoch": epoch, "train_loss": history_value(self._loss.mean),
+                    "valid_loss": history_value(values.get("valid_loss")),
+                    "accuracy": history_value(values.get("patch_accuracy")),
+                    "seconds": round(time.perf_counter() - self._t0, 3)}
 
-        def after_epoch(self):
-            if self._t0 is None:  # an epoch fastai skipped on resume
-                return
-            if not write:  # not rank 0: it only keeps the position
-                self.save(self.epoch + 1)
-                self._t0 = None
-                return
-            names = self.recorder.metric_names[1:-1]
-            values = dict(zip(names, self.recorder.log[1:-1], strict=False))
-            history.append({"epoch": self.epoch + 1, "train_loss": _num(self._loss.mean),
-                            "valid_loss": _num(values.get("valid_loss")),
-                            "accuracy": _num(values.get("patch_accuracy")),
-                            "seconds": round(time.perf_counter() - self._t0, 3)})
-            self.save(self.epoch + 1)
-            _write_history(run, history)
-            self._t0 = None
-
-    return CriticEpochEnd("train-critic", run / "critic-checkpoints" / "last.pt", every, stop, write, state)
-
-
-def _num(v: Any) -> float | str:
-    from srgan.train import _num as num
-
-    return num(v)
+    return CriticEpochEnd("train-critic", run / "critic-checkpoints" / "last.pt", every, stop, write, state,
+                          history=history, key=key, save_checkpoint=save_checkpoint,
+                          write_history=lambda: _write_history(run, history))

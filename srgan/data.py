@@ -34,8 +34,8 @@ import yaml
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, ReadError, decode
-from srgan.checkpoint import IMAGENET_STATS
-from srgan.upsample import resize_image
+from srgan.models import model_input
+from srgan.normalize import IMAGENET_STATS, NormalizeBatch, Normalizer  # noqa: F401  (re-exports: old paths)
 
 if TYPE_CHECKING:
     from crappify.chain import Chain
@@ -57,31 +57,6 @@ class Pair:
     lr: Path
     hr: Path
     row: str = ""  # where the manifest lists it ("DATA/manifest.csv line N"), for messages
-
-
-class Normalizer:
-    """ImageNet normalisation of uint8 batches and its exact inverse; the one pair every stage uses."""
-
-    def __init__(self, stats: tuple[list[float], list[float]] = IMAGENET_STATS) -> None:
-        self.mean = torch.tensor(stats[0]).view(1, 3, 1, 1)
-        self.std = torch.tensor(stats[1]).view(1, 3, 1, 1)
-
-    def _on(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean.to(x.device), self.std.to(x.device)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N,3,H,W) in 0..255 → float32, ImageNet-normalised."""
-        mean, std = self._on(x)
-        return (x.float() / 255.0 - mean) / std
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float → float32 in [0, 1] (clamped)."""
-        mean, std = self._on(x)
-        return (x.float() * std + mean).clamp_(0.0, 1.0)
-
-    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float → uint8 0..255 (rounded)."""
-        return (self.denormalize(x) * 255.0).round_().to(torch.uint8)
 
 
 def read_dataset(root: str | Path) -> tuple[dict[str, list[Pair]], dict]:
@@ -290,9 +265,9 @@ class PairDataset(torch.utils.data.Dataset):
         where = describe(pair)
         hr, lr = read_image(pair.hr, where), read_image(pair.lr, where)
         h, w = hr.shape[:2]
-        if self.resize_lr and lr.shape[:2] != (h, w):
-            lr = resize_image(lr, (w, h))
-        elif not self.resize_lr and lr.shape[:2] != (h // self.scale, w // self.scale):
+        if self.resize_lr:
+            lr = model_input(lr, (w, h), True)
+        elif lr.shape[:2] != (h // self.scale, w // self.scale):
             raise ImageError(f"{pair.lr}: LR {lr.shape[1]}x{lr.shape[0]} is not HR {w}x{h} / {self.scale} ({where})")
         return lr, hr
 
@@ -388,7 +363,7 @@ class OnlinePairDataset(PairDataset):
             raise kind(f"online degradation with preset {self.chain.name!r} failed on {what}: {exc}") from None
         size = self.size
         if self.resize_lr:
-            return lr if lr.shape[:2] == (size, size) else resize_image(lr, (size, size))
+            return model_input(lr, (size, size), True)
         if self.lr_size is not None and (lr.shape[1], lr.shape[0]) != self.lr_size:
             raise ConfigError(f"preset {self.chain.name!r} gave a {lr.shape[1]}x{lr.shape[0]} LR for {what}, not "
                               f"{self.lr_size[0]}x{self.lr_size[1]} (crop {size} / scale {self.scale}); its last "
@@ -412,17 +387,6 @@ class OnlinePairDataset(PairDataset):
             hr = sharpen(hr)
         lr = self.degrade(hr, degrade_rng(self.seed, self.epoch, i), f"a crop of {describe(self.pairs[j])}")
         return _chw(lr), _chw(hr)
-
-
-class NormalizeBatch:
-    """fastai `after_batch` step: uint8 → normalised float on the device, optionally channels-last."""
-
-    def __init__(self, normalizer: Normalizer, channels_last: bool = False) -> None:
-        self.normalizer, self.channels_last = normalizer, channels_last
-
-    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return tuple(self.normalizer.normalize(t).contiguous(memory_format=fmt) for t in batch)
 
 
 def default_workers(device: torch.device | str, num_workers: int | None = None) -> int:

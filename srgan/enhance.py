@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, decode, is_temp_name, write_atomic
 from srgan.inference import TiledInference, Upscaled, is_oom
+from srgan.models import takes_upscaled_input
 
 WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
             ".tiff": "TIFF"}
@@ -51,7 +52,6 @@ class EnhanceResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)  # output already there
     failed: list[tuple[Path, str]] = field(default_factory=list)  # input, reason
-    notes: list[str] = field(default_factory=list)
 
 
 def check_output_size(width: int, height: int, scale: int, max_pixels: int) -> None:
@@ -164,7 +164,7 @@ def enhance_image(engine: TiledInference, loaded: Loaded, scale: int,
     A U-Net (scale 1 inside the model) gets the image resized by `scale` (bicubic), as in training — by the
     engine, tile by tile, not as one whole upscaled photo; an SR model's own scale must be `scale`.
     """
-    out = engine(loaded.rgb, progress, upscale=scale if engine.scale == 1 else 1)
+    out = engine(loaded.rgb, progress, upscale=scale if takes_upscaled_input(engine.model) else 1)
     alpha = loaded.alpha
     if alpha is not None and scale != 1:
         alpha = upscale_plane(alpha, scale)
@@ -261,5 +261,4 @@ def _enhance_files(engine: TiledInference, items: list[tuple[Path, Path]], out_d
         write_atomic(dst, data)
         result.written.append(dst)
     bar.close()
-    result.notes = list(engine.notes)
     return result

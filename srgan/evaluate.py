@@ -11,9 +11,10 @@ Where the dataset's preset occluded rectangles (the `occlude` op, recorded in ma
 `psnr_occ` is the RGB PSNR over just those pixels (mapped to HR coordinates): what inpainting achieved,
 which the whole-image metrics dilute. Images without occlusions leave it empty and out of its mean.
 
-Writes REPORT/metrics.csv (one row per image and method), REPORT/report.md (mean ± std per metric and
-method, the gain over the baseline, and with several models how far their outputs lie from the first's),
-REPORT/summary.json (the same means, machine-readable) and REPORT/grids/<id>.png (LR | baseline | model(s) | HR).
+Writes REPORT/evaluate.yaml (the config that ran, its split resolved), REPORT/metrics.csv (one row per image
+and method), REPORT/report.md (mean ± std per metric and method, the gain over the baseline, and with several
+models how far their outputs lie from the first's), REPORT/summary.json (the same means, machine-readable) and
+REPORT/grids/<id>.png (LR | baseline | model(s) | HR).
 A pair whose files cannot be read is skipped with one line naming the file and its manifest row; the report
 says how many were.
 """
@@ -28,10 +29,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, save_image_atomic, write_atomic, write_csv_atomic
+from srgan.checkpoint import model_file  # also its old import path (re-export)
+from srgan.runtime import resolve_device
 
 PSNR_CAP = 100.0
 METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "psnr_occ", "lpips")
@@ -262,16 +266,6 @@ def lpips_distance(model: Any, a: np.ndarray, b: np.ndarray, device: torch.devic
 # the command
 
 
-def model_file(path: str | Path) -> Path:
-    """A generator file, or a run folder holding `generator.safetensors`."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "generator.safetensors"
-    if not path.is_file():
-        raise CrappifyError(f"model file not found: {path}")
-    return path
-
-
 def model_names(paths: list[Path], names: list[str] | None) -> list[str]:
     """Labels for models: given names, else the run folder's name (or the file's stem), made unique."""
     if names is not None:
@@ -296,13 +290,6 @@ def bicubic(lr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resize_image(lr, size)
 
 
-def _model_input(engine: Any, lr: np.ndarray, hr_size: tuple[int, int]) -> np.ndarray:
-    """A U-Net gets the LR resized to the HR size by the baseline's own bicubic; an SR model the LR."""
-    if engine.scale == 1 and (lr.shape[1], lr.shape[0]) != hr_size:
-        return bicubic(lr, hr_size)
-    return lr
-
-
 def _stats(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=np.float64)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
@@ -315,7 +302,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
     from crappify.preview import grid
     from srgan.data import describe, read_dataset, read_image, warn
     from srgan.inference import load_inference
-    from srgan.train import resolve_device
+    from srgan.models import model_input
 
     device = resolve_device(cfg.device)
     pairs_by_split, data_cfg = read_dataset(cfg.data)
@@ -332,6 +319,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
                                else (None, "switched off (--no-lpips)"))
     out = Path(cfg.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
+    # the config that ran, its split resolved, as every stage leaves it beside its results
+    write_atomic(out / "evaluate.yaml", yaml.safe_dump(cfg.model_copy(update={"split": split}).model_dump(mode="json"),
+                                                       sort_keys=False))
     data_scale = data_cfg.get("scale")
     params = manifest_params(cfg.data, split)
     rows: list[dict[str, Any]] = []
@@ -361,7 +351,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
         baseline_names.add(base_name)
         results = [(base_name, lr if same else bicubic(lr, (w, h)))]
         for name, engine, path in zip(names, engines, paths, strict=True):
-            pred = engine(_model_input(engine, lr, (w, h)))
+            pred = engine(model_input(lr, (w, h), engine.model))
             if pred.shape != hr.shape:
                 raise CrappifyError(f"{path}: output {pred.shape[1]}x{pred.shape[0]} for {pair.id} does not match the "
                                     f"HR {w}x{h} (the model upsamples by {engine.scale}; is it for this dataset?)")

@@ -43,7 +43,7 @@ from srgan.checkpoint import (
     save_checkpoint,
     save_generator,
 )
-from srgan.train import RunOptions, StopRequest
+from srgan.runtime import RunOptions, StopRequest, resolve_device, resolve_precision, sigterm_stops
 
 # (w_content, w_adv): the course's GANLearner(weights_gen=(1., 50.)) puts 1 on the adversarial term and 50 on
 # the content loss; the SRGAN paper adds 1e-3 × adversarial to its content loss.
@@ -154,7 +154,6 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
     then `Interrupted`. `cbs`: extra fastai callbacks (tests use them to watch each step).
     """
     from srgan.distributed import refuse_distributed, run_folder
-    from srgan.train import sigterm_stops
 
     refuse_distributed("train-gan")
     with run_folder(cfg.out, "train-gan run"), sigterm_stops("train-gan") as stop:
@@ -169,13 +168,14 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     from fastai.vision.gan import AdaptiveGANSwitcher, GANDiscriminativeLR, GANLearner
 
     from srgan.adversarial import build_adversarial
+    from srgan.callbacks import DeviceMixedPrecision, quiet
     from srgan.checkpoint import load_critic, load_generator, read_critic_meta, read_generator_meta
     from srgan.critic import patch_bce
     from srgan.critics import min_input_size
-    from srgan.data import Normalizer, make_dataloaders
+    from srgan.data import make_dataloaders
     from srgan.losses import build_loss
     from srgan.models import clone_generator, is_unet
-    from srgan.train import _callbacks, resolve_device, resolve_precision
+    from srgan.normalize import Normalizer
 
     run = Path(cfg.out)
     device = resolve_device(cfg.device)
@@ -239,7 +239,6 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
         switcher = AdaptiveGANSwitcher(gen_thresh=cfg.gen_thresh, critic_thresh=cfg.critic_thresh)
     else:
         switcher = _parts().resumable_fixed_switcher(cfg.n_crit, cfg.n_gen)
-    DeviceMixedPrecision, _ = _callbacks()
     # Callbacks passed here sit before GANTrainer and the switcher among equal `order`s: GANDiscriminativeLR's
     # after_batch must divide the rate back before the switcher leaves critic mode, or the × 5 would stick.
     cbs = [GANDiscriminativeLR(mult_lr=cfg.critic_lr_mult), _parts().guard(), _parts().stop_on_non_finite(gan),
@@ -260,8 +259,7 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
         learn.loss_func.rng.set_state(state["penalty_rng"])
     learn.recorder.valid_metrics = False
     if not progress:
-        learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
-        learn.logger = lambda *_: None
+        quiet(learn)
     learn.create_opt()
     if state is not None:
         load_optimizer_state(learn.opt, state["opt"])
@@ -278,8 +276,7 @@ def _new_generator(cfg: TrainGanConfig) -> torch.nn.Module:
     """A generator of `generator_arch` with random weights (an ImageNet encoder for U-Nets when `pretrained`),
     at the dataset's scale (U-Nets: 1, their input is resized)."""
     from srgan.data import read_dataset
-    from srgan.models import build_generator
-    from srgan.train import NO_IMAGENET_WEIGHTS
+    from srgan.models import NO_IMAGENET_WEIGHTS, build_generator
 
     arch = cfg.generator_arch
     assert arch is not None
@@ -367,6 +364,8 @@ def _parts() -> SimpleNamespace:
     from fastai.callback.core import Callback, CancelFitException, CancelValidException
     from fastai.callback.fp16 import MixedPrecision
     from fastai.vision.gan import FixedGANSwitcher, GANLoss
+
+    from srgan.callbacks import history_value as _num
 
     class CrappifyGANLoss(GANLoss):
         """fastai's GANLoss with our generator and critic terms (see `srgan.adversarial`).
@@ -596,10 +595,3 @@ def _parts() -> SimpleNamespace:
     return SimpleNamespace(gan_loss=CrappifyGANLoss, resumable_fixed_switcher=ResumableFixedSwitcher,
                            guard=Guard, per_batch_critic=PerBatchCritic, stop_on_non_finite=StopOnNonFinite,
                            progress=Progress)
-
-
-def _num(v: Any) -> float | str:
-    if v is None:
-        return ""
-    v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-    return round(v, 6) if math.isfinite(v) else v

@@ -31,30 +31,19 @@ import torch
 from torch import nn
 
 from crappify.errors import ConfigError, CrappifyError
-from srgan.data import Normalizer
-from srgan.models import is_unet
+from srgan.models import UNET_MULTIPLE, model_multiple, model_scale  # noqa: F401  (UNET_MULTIPLE: re-export)
+from srgan.normalize import Normalizer
+from srgan.runtime import PRECISIONS, resolve_inference_precision  # noqa: F401  (PRECISIONS: re-export)
 from srgan.upsample import resize_image
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_TILE = 512  # output pixels per tile side; SR models take tile // scale input pixels
 # On a GPU, 512 px tiles leave it idle between small forward passes and pay for their overlaps: a 1024² photo
 # became 9 tiles and ran at 0.56× the untiled speed on an H100 (benchmarks/README.md). 1024 px tiles fit
 # any recent GPU (2.5 GiB for a ResNet-34 U-Net in fp32) and keep memory bounded all the same.
 DEFAULT_TILE_CUDA = 1024
 MIN_TILE = 32
-UNET_MULTIPLE = 32
 
 Progress = Callable[[int, int], None]
-
-
-def model_scale(model: nn.Module) -> int:
-    """Output size / input size of a generator built here (1 for U-Nets)."""
-    return 1 if is_unet(model) else int(getattr(model, "crappify_spec", {}).get("scale", 1))
-
-
-def model_multiple(model: nn.Module) -> int:
-    """What the input's height and width must be a multiple of (32 for U-Nets, 1 otherwise)."""
-    return UNET_MULTIPLE if is_unet(model) else 1
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -63,29 +52,6 @@ def is_oom(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def resolve_inference_precision(requested: str, device: torch.device) -> tuple[str, str | None]:
-    """(precision to use, a note when the request could not be honoured).
-
-    auto: bf16 on GPUs that have it (fp16 on older ones), bf16 on CPUs with native bf16, else fp32.
-    fp16 needs CUDA and bf16 needs a GPU or CPU that supports it; otherwise fp32 with a note.
-    """
-    if requested not in PRECISIONS:
-        raise ConfigError(f"unknown precision {requested!r}; valid: {', '.join(PRECISIONS)}")
-    cuda = device.type == "cuda"
-    cpu_bf16 = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    if requested == "auto":
-        if cuda:
-            return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
-        return ("bf16" if cpu_bf16 else "fp32"), None
-    if requested == "fp16" and not cuda:
-        return "fp32", f"fp16 is not supported on {device.type}; using fp32"
-    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        return "fp32", "this GPU does not support bf16; using fp32"
-    if requested == "bf16" and device.type not in ("cpu", "cuda"):
-        return "fp32", f"bf16 is not supported on {device.type}; using fp32"
-    return requested, None
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:

@@ -136,9 +136,8 @@ def show_training_curves(root: str | Path):
         axes[2].plot([_float(r["epoch"]) for r in crit], [_float(r[key]) for r in crit], marker="o", label=key)
     axes[2].set_title("train-critic")
     gan = _rows(run / "gan" / "history.csv") if (run / "gan" / "history.csv").is_file() else []
-    step_key = "iter" if gan and "iter" in gan[0] else "step"
     for key in [k for k in (gan[0] if gan else {}) if "loss" in k]:
-        axes[3].plot([_float(r.get(step_key)) for r in gan], [_float(r[key]) for r in gan], label=key)
+        axes[3].plot([_float(r.get("step")) for r in gan], [_float(r[key]) for r in gan], label=key)
     axes[3].set_title("train-gan (per iteration)")
     for ax in axes:
         ax.set_xlabel("epoch" if ax is not axes[3] else "iteration")
@@ -195,7 +194,7 @@ def critic_scores(root: str | Path, n: int = 16, device: str = "cpu") -> dict[st
 
     from crappify.imageio import decode
     from srgan.checkpoint import load_critic, load_generator
-    from srgan.data import Normalizer
+    from srgan.normalize import Normalizer
     from srgan.predict import predict
 
     dataset, run, _ = _layout(root)

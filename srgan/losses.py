@@ -42,7 +42,6 @@ from srgan.weights import WeightsError, torchvision_state_dict
 LossFactory = Callable[..., nn.Module]
 
 LOSSES: Registry[LossFactory] = Registry("loss")
-register = LOSSES.register
 
 # torchvision's VGG layouts ("D" = VGG16, "E" = VGG19): channel counts, "M" for a max-pool; and BatchNorm.
 _VGG_CFGS: dict[str, tuple[list[int | str], bool]] = {

@@ -20,11 +20,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from crappify.errors import ConfigError
 from crappify.registry import Registry
+from srgan.upsample import BicubicUpsample, resize_image
 from srgan.weights import WeightsError, read_state_dict, timm_pretrained_file, torchvision_state_dict
 
 Builder = Callable[..., nn.Module]
@@ -54,6 +56,9 @@ RRDB_DEFAULTS: dict[str, Any] = {"n_blocks": 23, "n_feats": 64, "growth": 32, "r
 SMALL_DEFAULTS: dict[str, Any] = {**UNET_DEFAULTS, "width": 16, "depths": (1, 1, 1, 1), "stem_pool": False,
                                   "last_cross": False}
 NORM_TYPES = ("weight", "spectral", "batch", None)
+# Generators with no ImageNet weights anywhere: for them `pretrained` can only mean a --weights file.
+NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small", "rrdb")
+UNET_MULTIPLE = 32  # a U-Net's encoder downsamples 32x: its input's sides must be multiples of this
 
 
 def _with_options(builder: Builder, **defaults: Any) -> Builder:
@@ -113,6 +118,34 @@ def clone_generator(model: nn.Module) -> nn.Module:
 def is_unet(model: nn.Module) -> bool:
     """Whether a generator built here is a U-Net (input and output the same size; LR resized to HR first)."""
     return str(getattr(model, "crappify_spec", {}).get("arch", "")).startswith("unet")
+
+
+def model_scale(model: nn.Module) -> int:
+    """Output size / input size of a generator built here (1 for U-Nets)."""
+    return 1 if is_unet(model) else int(getattr(model, "crappify_spec", {}).get("scale", 1))
+
+
+def model_multiple(model: nn.Module) -> int:
+    """What the input's height and width must be a multiple of (32 for U-Nets, 1 otherwise)."""
+    return UNET_MULTIPLE if is_unet(model) else 1
+
+
+def takes_upscaled_input(model: nn.Module) -> bool:
+    """The input contract: a generator that keeps the size (a U-Net; `model_scale` 1) takes the LR resized up to
+    the output size, bicubic (`srgan.upsample`, the evaluation's baseline); one that upsamples takes the LR as it
+    is. `model_input` applies it to a whole image; `srgan.inference.TiledInference` tile by tile (`upscale`)."""
+    return model_scale(model) == 1
+
+
+def model_input(lr: np.ndarray, out_size: tuple[int, int] | None, model: nn.Module | bool) -> np.ndarray:
+    """The input a generator gets for the HWC uint8 image `lr` when its output is to be `out_size` (width,
+    height): `lr` resized to `out_size` by `srgan.upsample.resize_image` when the model takes an upscaled input
+    (`takes_upscaled_input`), else `lr` itself. `model`: the generator, or that answer already known (the data
+    layer knows only whether it feeds a U-Net). `out_size` None: `lr` as it is."""
+    upscaled = model if isinstance(model, bool) else takes_upscaled_input(model)
+    if upscaled and out_size is not None and (lr.shape[1], lr.shape[0]) != tuple(out_size):
+        return resize_image(lr, tuple(out_size))
+    return lr
 
 
 def generator_names() -> list[str]:
@@ -415,11 +448,9 @@ class SRResNet(nn.Module):
     """
 
     def __init__(self, scale: int = 4, n_blocks: int = 16, n_feats: int = 64, residual: bool = False) -> None:
-        super().__init__()
         from fastai.layers import icnr_init
 
-        from srgan.upsample import BicubicUpsample
-
+        super().__init__()
         if scale not in (2, 4, 8):
             raise ConfigError(f"srresnet upsamples by 2, 4 or 8 (x2 sub-pixel stages), got scale {scale}")
 
@@ -501,8 +532,6 @@ class RRDBNet(nn.Module):
     def __init__(self, scale: int = 4, n_blocks: int = 23, n_feats: int = 64, growth: int = 32,
                  residual: bool = False) -> None:
         super().__init__()
-        from srgan.upsample import BicubicUpsample
-
         if scale not in (2, 4):
             raise ConfigError(f"rrdb upsamples by 2 or 4 (x2 nearest-neighbour stages), got scale {scale}")
         self.head = nn.Conv2d(3, n_feats, 3, padding=1)

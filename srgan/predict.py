@@ -17,10 +17,10 @@ from torch import nn
 
 from crappify.imageio import ImageError, Photo, save_image_atomic
 from srgan.checkpoint import load_generator
-from srgan.data import Normalizer, describe, read_dataset, read_image, warn
+from srgan.data import describe, read_dataset, read_image, warn
 from srgan.inference import TiledInference
-from srgan.models import is_unet
-from srgan.upsample import resize_image
+from srgan.models import model_input
+from srgan.normalize import Normalizer
 
 
 def predict(model: nn.Module, lr: np.ndarray, hr_size: tuple[int, int] | None = None,
@@ -28,11 +28,11 @@ def predict(model: nn.Module, lr: np.ndarray, hr_size: tuple[int, int] | None = 
     """One LR image (HWC uint8) → the generator's output (HWC uint8), in fp32 on the model's device.
 
     U-Nets take the LR resized (bicubic) to `hr_size` (width, height), as in training; SR models take the
-    LR as it is. `tile` as in `TiledInference` (None: 512 output px; 0: the whole image in one piece).
+    LR as it is (`srgan.models.model_input`). `tile` as in `TiledInference` (None: 512 output px; 0: the whole
+    image in one piece).
     The model's train/eval mode is restored afterwards.
     """
-    if is_unet(model) and hr_size is not None and (lr.shape[1], lr.shape[0]) != hr_size:
-        lr = resize_image(lr, hr_size)
+    lr = model_input(lr, hr_size, model)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
@@ -66,9 +66,7 @@ def save_preds(run: str | Path, data: str | Path, device: str | torch.device = "
             except ImageError as exc:
                 warn(f"save-preds: {exc}: skipped")
                 continue
-            if is_unet(model) and (lr.shape[1], lr.shape[0]) != (hr_w, hr_h):
-                lr = resize_image(lr, (hr_w, hr_h))
-            out = engine(np.ascontiguousarray(lr))
+            out = engine(np.ascontiguousarray(model_input(lr, (hr_w, hr_h), model)))
             dst.parent.mkdir(parents=True, exist_ok=True)
             save_image_atomic(dst, out)
             written += 1

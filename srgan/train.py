@@ -12,15 +12,9 @@ generator is `RUN/generator.safetensors`.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import shutil
-import signal
 import sys
-import threading
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,11 +23,10 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
 from crappify.preview import grid
 from srgan.checkpoint import config_key, load_optimizer_state, resume_state, save_checkpoint, save_generator
-from srgan.data import Normalizer, make_dataloaders, read_dataset
+from srgan.data import make_dataloaders, read_dataset
 from srgan.distributed import (
     distributed_callback,
     finish,
@@ -45,7 +38,9 @@ from srgan.distributed import (
     unwrap,
     world_size,
 )
-from srgan.models import is_unet
+from srgan.models import NO_IMAGENET_WEIGHTS, is_unet  # NO_IMAGENET_WEIGHTS: also its old import path
+from srgan.normalize import Normalizer
+from srgan.runtime import RunOptions, StopRequest, resolve_device, resolve_precision, sigterm_stops
 
 HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "bicubic_psnr",
                    "ssim", "below_bicubic", "seconds"]
@@ -57,7 +52,6 @@ PERCEPTUAL_LOSSES = ("feature", "vgg19", "vgg")
 # demo converges with on a 2-core CPU (benchmarks/README.md).
 PRETRAINED_DEFAULTS: dict[str, Any] = {"size": 128, "bs": 8, "lr": 1e-3}
 SCRATCH_DEFAULTS: dict[str, Any] = {"size": 64, "bs": 16, "lr": 2e-3}
-NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small", "rrdb")  # archs whose `pretrained` can only mean a --weights file
 # Options that say how to run, or how long (a resume may extend a run), not what is trained: a checkpoint
 # written under other values of these is still this config's (`srgan.checkpoint.config_key`).
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs", "preview_items",
@@ -70,18 +64,6 @@ class Stage(BaseModel):
     bs: int = Field(ge=1)
     epochs: int = Field(ge=1)
     lr: float | None = Field(None, gt=0, description="default: the run's lr")
-
-
-class RunOptions(BaseModel):
-    """Where and how a training stage runs: the keys train-gen, train-critic and train-gan share."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
-    num_workers: int | None = Field(None, ge=0, description="data-loading processes; None: 8 on CUDA, 0 on CPU")
-    seed: int = Field(0, ge=0)
 
 
 class TrainGenConfig(RunOptions):
@@ -164,184 +146,6 @@ def plan(cfg: TrainGenConfig, encoder_pretrained: bool) -> list[Phase]:
             phases.append(Phase(i, True, st.size, st.bs, st.epochs, st.lr))
         phases.append(Phase(i, False, st.size, st.bs, st.epochs, st.lr))
     return phases
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → CUDA when present, else CPU; anything else as torch understands it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' → bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), fp16 on older GPUs, else fp32."""
-    if precision != "auto":
-        if precision == "fp16" and device.type != "cuda":
-            raise ConfigError("fp16 mixed precision needs a CUDA device; use bf16 or fp32 on the CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if native else "fp32"
-
-
-class StopRequest:
-    """Set by SIGTERM (a preempted cloud machine, a cluster scheduler). A training loop reads it at each batch
-    boundary, writes a checkpoint where it is and stops with `Interrupted`, so `--resume` loses nothing."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.acted = False  # the stage stopped on it (else it came after the last batch)
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-
-@contextlib.contextmanager
-def sigterm_stops(what: str) -> Iterator[StopRequest]:
-    """For the body of a training stage: SIGTERM sets the returned `StopRequest` instead of ending the process.
-
-    Installed in the main thread only (Python runs signal handlers there), each process its own under torchrun;
-    the previous handler comes back afterwards. A SIGTERM that came after the last batch, which no batch boundary
-    saw, stops the run once the body has finished, so that a pipeline does not go on to its next stage."""
-    stop = StopRequest()
-    installed = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, stop) if installed else None
-    try:
-        yield stop
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-    if stop.requested and not stop.acted:
-        raise Interrupted(f"{what} had finished when SIGTERM arrived; stopped there", "nothing is lost")
-
-
-def _position_callback():
-    """The base of train-gen's and train-critic's epoch callbacks (fastai imported on first use).
-
-    It knows where training is inside an epoch (batches done, the partial `EpochLoss`), so that a checkpoint can
-    be written in the middle of one — every `every` batches, or at the batch boundary after a SIGTERM — and a
-    resume continues from exactly there: the loader skips the batches done (`srgan.loader.skip_samples`), and
-    fastai's one-cycle position (`pct_train`, which `TrainEvalCallback` resets at each epoch start) advances as
-    if they had run. Subclasses write the checkpoint (`checkpoint`), and may number epochs otherwise."""
-    from fastai.callback.core import Callback
-
-    from srgan.loader import skip_samples
-
-    class Positioned(Callback):
-        order = 90  # after the Recorder has the epoch's values
-
-        def __init__(self, what: str, path: Path, every: int | None, stop: StopRequest | None, write: bool,
-                     state: dict[str, Any] | None) -> None:
-            self._what, self._path, self._every, self._stop, self._write = what, path, every, stop, write
-            # the position a resume starts from: (completed epochs, batches of the next one done)
-            self._saved = (int(state["epoch"]), int(state.get("batch") or 0)) if state is not None else None
-            self._resume_at = ({k: state.get(k) for k in ("epoch", "batch", "epoch_loss", "epoch_seconds")}
-                               if state is not None and state.get("batch") else None)
-            self._t0: float | None = None
-            self._done = 0
-
-        def global_epoch(self) -> int:
-            return self.epoch
-
-        def checkpoint(self, position: dict[str, Any]) -> None:
-            """Write the stage's checkpoint (model, optimiser, history, key) with `position` in it."""
-            raise NotImplementedError
-
-        def save(self, epoch: int, batch: int = 0) -> None:
-            """The checkpoint at (`epoch` completed epochs, `batch` batches of the next one done)."""
-            if self._write:
-                position: dict[str, Any] = {"epoch": epoch}
-                if batch:
-                    position.update(batch=batch, epoch_loss=[self._loss.total, self._loss.count],
-                                    epoch_seconds=time.perf_counter() - self._t0)
-                self.checkpoint(position)
-            self._saved = (epoch, batch)
-
-        def before_epoch(self):  # not reached for the epochs fastai's SkipToEpoch cancels on resume
-            self._t0, self._loss, self._done = time.perf_counter(), EpochLoss(), 0
-            epoch = self.global_epoch()
-            for dl in (self.dls.train, self.dls.valid):
-                dl.dataset.set_epoch(epoch)
-            at = self._resume_at
-            if at is not None and int(at["epoch"]) == epoch:  # resumed inside this epoch
-                self._resume_at = None
-                self._done = int(at["batch"])
-                self._loss.total, self._loss.count = float(at["epoch_loss"][0]), int(at["epoch_loss"][1])
-                self._t0 -= float(at.get("epoch_seconds") or 0.0)
-                skip_samples(self.dls.train, self._done * self.dls.train.bs)
-
-        def before_train(self):
-            if self._done:  # the schedule goes on where the interrupted run was, added up as fastai adds it
-                step = 1.0 / (len(self.dls.train) * self.n_epoch)
-                for _ in range(self._done):
-                    self.learn.pct_train += step
-                self.learn.train_iter += self._done
-
-        def before_batch(self):
-            self._check_stop()
-
-        def after_batch(self):
-            if self.training and self._t0 is not None:
-                self._loss.add(self.learn.loss, self.learn.yb)
-                self._done += 1
-                if self._every and self._done % self._every == 0 and self._done < len(self.dls.train):
-                    self.save(self.global_epoch(), self._done)
-            self._check_stop()
-
-        def _check_stop(self):
-            if self._stop is None or not self._stop.requested or self._t0 is None:
-                return
-            self._stop.acted = True
-            epoch, n = self.global_epoch(), len(self.dls.train)
-            where = f"{self._what} stopped by SIGTERM in epoch {epoch + 1} after batch {self._done} of {n}"
-            if not self.training:
-                where += " (during validation)"
-            if (epoch, self._done) == (0, 0) and self._saved is None:
-                raise Interrupted(f"{where}: nothing trained yet, nothing saved")
-            if (epoch, self._done) != self._saved:
-                self.save(epoch, self._done)
-                raise Interrupted(f"{where}; saved {self._path}")
-            raise Interrupted(f"{where}; {self._path} is at that point")
-
-    return Positioned
-
-
-def _callbacks():
-    """fastai callbacks, defined on first use so importing this module stays light."""
-    from fastai.callback.core import Callback
-    from fastai.callback.fp16 import MixedPrecision
-
-    class DeviceMixedPrecision(MixedPrecision):
-        """fastai's MixedPrecision hard-codes CUDA autocast; this one autocasts on the data's device."""
-
-        def before_fit(self):
-            with warnings.catch_warnings():  # fastai warns that CUDA autocast is off; ours replaces it below
-                warnings.filterwarnings("ignore", message="CUDA is not available")
-                super().before_fit()
-            dtype = torch.bfloat16 if str(self.amp_mode) in ("bf16", "AMPMode.BF16") else torch.float16
-            device_type = self.dls.device.type if self.dls.device is not None else "cpu"
-            self.autocast = torch.autocast(device_type, dtype=dtype)
-            if device_type != "cuda":
-                self.learn.scaler = torch.amp.GradScaler("cpu", enabled=False)
-
-    class StopOnNonFinite(Callback):
-        """A NaN or inf loss ends training with a clear message; the last checkpoint is left as it was."""
-
-        order = 15  # after MixedPrecision.after_loss (10) has left autocast, so raising here leaves it off
-
-        def after_loss(self):
-            if self.training and not torch.isfinite(self.loss).all():
-                raise CrappifyError(f"loss became {self.loss.item()} at epoch {self.epoch + 1}, iteration "
-                                    f"{self.iter + 1}; the last good checkpoint is kept (lower --lr or use fp32)")
-
-    return DeviceMixedPrecision, StopOnNonFinite
 
 
 def _perceptual(loss: str | dict[str, Any]) -> bool:
@@ -427,22 +231,22 @@ class Trainer:
         from fastai.optimizer import Adam
         from fastai.torch_core import params
 
+        from srgan.callbacks import CountBatches, DeviceMixedPrecision, StopOnNonFinite, quiet
+
         def splitter(m):  # encoder / decoder parameter groups, for freezing and discriminative rates
             return [params(m[0]), [p for mod in list(m)[1:] for p in mod.parameters()]] if is_unet(m) \
                 else [params(m)]
 
-        DeviceMixedPrecision, StopOnNonFinite = _callbacks()
         cbs = [StopOnNonFinite(), *self.extra_cbs]
         if self.precision in ("bf16", "fp16"):
             cbs.append(DeviceMixedPrecision(amp_mode=self.precision))
         if is_distributed():  # DDP through fastai + Accelerate; each rank trains on its share of a batch list
             cbs.append(distributed_callback(self.device))
-            cbs.append(_batch_counter(self))
+            cbs.append(CountBatches(self))
         learn = Learner(dls, model, loss_func=loss, opt_func=Adam, wd=self.cfg.wd, splitter=splitter,
                         metrics=_metrics(self.normalizer), cbs=cbs, path=self.run, model_dir="checkpoints")
         if not self.progress or not is_main():
-            learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
-            learn.logger = lambda *_: None  # the Recorder would print each epoch's values instead
+            quiet(learn)
         return learn
 
     # -- run -------------------------------------------------------------------------------------------
@@ -496,7 +300,7 @@ class Trainer:
                 learn.model.to(self.device)
                 learn.create_opt()
                 # every rank seeds its epoch's crops; only rank 0 writes history, previews and checkpoints
-                learn.add_cb(_epoch_end_callback(self, phases, write=is_main(), state=state))
+                learn.add_cb(_epoch_end_callback(self, write=is_main(), state=state))
             else:
                 learn.dls = dls
             learn.freeze() if phase.frozen else learn.unfreeze()  # fastai clears the optimiser state here
@@ -554,86 +358,40 @@ class Trainer:
         write_csv_atomic(self.run / "history.csv", HISTORY_COLUMNS, self.history)
 
 
-def _epoch_end_callback(trainer: Trainer, phases: list[Phase], write: bool = True,
-                        state: dict[str, Any] | None = None):
-    """The epoch callback of train-gen (see `_position_callback` for checkpoints inside an epoch); `state` is
-    the checkpoint the run resumed from, if any."""
+def _epoch_end_callback(trainer: Trainer, write: bool = True, state: dict[str, Any] | None = None):
+    """train-gen's `srgan.callbacks.EpochEnd` (fastai imported on use): a history row per epoch and a preview grid,
+    epochs numbered across the schedule's phases; `state` is the checkpoint the run resumed from, if any."""
+    from srgan.callbacks import EpochEnd, history_value
 
-    class EpochEnd(_position_callback()):
-        """After each epoch: preview grid, checkpoint (with the history), then history.csv from it — so the
-        history file is never ahead of the checkpoint, and a resume rewrites it from the checkpoint."""
-
+    class GenEpochEnd(EpochEnd):
         def global_epoch(self) -> int:
             return self.learn.crappify_offset + self.epoch
 
-        def checkpoint(self, position: dict[str, Any]) -> None:
-            save_checkpoint(trainer.run / "checkpoints" / "last.pt",
-                            {"model": unwrap(self.learn.model).state_dict(), "opt": self.learn.opt.state_dict(),
-                             **position, "history": trainer.history, "config_key": trainer.key})
-
-        def after_epoch(self):
-            if self._t0 is None:  # an epoch fastai skipped on resume (nothing trained)
-                return
-            if not write:  # not rank 0: it only keeps the position
-                self.save(self.global_epoch() + 1)
-                self._t0 = None
-                return
+        def row(self, epoch: int, values: dict[str, Any]) -> dict[str, Any]:
             phase = self.learn.crappify_phase
-            global_epoch = self.global_epoch() + 1
-            names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
-            values = dict(zip(names, self.recorder.log[1:-1], strict=False))
-            psnr, base = _num(values.get("psnr")), _num(values.get("bicubic_psnr"))
+            psnr, base = history_value(values.get("psnr")), history_value(values.get("bicubic_psnr"))
             below = isinstance(psnr, float) and isinstance(base, float) and psnr < base
-            row = {"epoch": global_epoch, "stage": phase.stage, "phase": "frozen" if phase.frozen else "unfrozen",
-                   "size": phase.size, "bs": phase.bs, "train_loss": _num(self._loss.mean),
-                   "valid_loss": _num(values.get("valid_loss")), "psnr": psnr, "bicubic_psnr": base,
-                   "ssim": _num(values.get("ssim")), "below_bicubic": below,
-                   "seconds": round(time.perf_counter() - self._t0, 3)}
             if below:
-                print(f"epoch {global_epoch}: validation PSNR {psnr:.2f} dB is BELOW bicubic's {base:.2f} dB",
+                print(f"epoch {epoch}: validation PSNR {psnr:.2f} dB is BELOW bicubic's {base:.2f} dB",
                       file=sys.stderr, flush=True)
-            trainer.history.append(row)
-            trainer.previews(self.learn, global_epoch)
-            self.save(global_epoch)
-            trainer.write_history()
-            self._t0 = None
+            return {"epoch": epoch, "stage": phase.stage, "phase": "frozen" if phase.frozen else "unfrozen",
+                    "size": phase.size, "bs": phase.bs, "train_loss": history_value(self._loss.mean),
+                    "valid_loss": history_value(values.get("valid_loss")), "psnr": psnr, "bicubic_psnr": base,
+                    "ssim": history_value(values.get("ssim")), "below_bicubic": below,
+                    "seconds": round(time.perf_counter() - self._t0, 3)}
 
-    return EpochEnd("train-gen", trainer.run / "checkpoints" / "last.pt", trainer.cfg.checkpoint_every,
-                    trainer.stop, write, state)
+        def outputs(self, epoch: int) -> None:
+            trainer.previews(self.learn, epoch)
 
-
-class EpochLoss:
-    """The mean training loss over an epoch's batches, weighted by batch size. fastai's Recorder reports an
-    exponentially smoothed loss that carries over from earlier epochs, so a resumed run would log another
-    value for the same epoch; this one depends on the epoch alone."""
-
-    def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
-
-    def add(self, loss: torch.Tensor, yb: tuple) -> None:
-        n = int(yb[0].shape[0]) if yb else 1
-        self.total += float(loss.detach()) * n
-        self.count += n
-
-    @property
-    def mean(self) -> float | None:
-        return self.total / self.count if self.count else None
+    return GenEpochEnd("train-gen", trainer.run / "checkpoints" / "last.pt", trainer.cfg.checkpoint_every,
+                       trainer.stop, write, state, history=trainer.history, key=trainer.key,
+                       save_checkpoint=save_checkpoint, write_history=trainer.write_history)
 
 
-def _batch_counter(trainer: Trainer):
-    from fastai.callback.core import Callback
+def __getattr__(name: str) -> Any:
+    """Old import path of `EpochLoss`, now in `srgan.callbacks` (which imports fastai): looked up on first use."""
+    if name == "EpochLoss":
+        from srgan.callbacks import EpochLoss
 
-    class BatchCounter(Callback):
-        def after_batch(self):
-            if self.training:
-                trainer.batches += 1
-
-    return BatchCounter()
-
-
-def _num(v: Any) -> float | str:
-    if v is None:
-        return ""
-    v = float(v)
-    return round(v, 6) if math.isfinite(v) else v
-
+        return EpochLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

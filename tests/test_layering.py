@@ -1,10 +1,13 @@
 """The import graph points one way, checked statically (imports inside functions included, which a runtime
 check of `sys.modules` cannot see):
 
-- `crappify`'s core (everything but its command modules) never imports `srgan`;
-- `srgan` never imports `crappify`'s command modules;
+- the command layer `crappify/cli/` is the top of the tree: no module of `crappify/` outside it imports
+  `srgan` or `crappify.cli` (except `crappify/__main__.py`, which runs the app, and the deprecated
+  `crappify.cli_gan`, `cli_infer`, `cli_run`, which only re-export from `crappify.cli`);
+- `srgan` never imports the command layer;
 - `srgan`'s lower layer (models, losses, data, checkpoints, runtime helpers) never imports a stage module
-  (train-gen, train-critic, train-gan, evaluate, enhance, export, pipeline, predict, inspection).
+  (train-gen, train-critic, train-gan, evaluate, enhance, export, pipeline, predict, inspection, demo);
+- the command layer imports `srgan`, torch and fastai only inside its command bodies (`crappify --help` stays fast).
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND_MODULES = {"crappify.cli", "crappify.cli_gan", "crappify.cli_infer", "crappify.cli_run", "crappify.__main__"}
+COMMAND_LAYER = "crappify.cli"  # a package: every crappify.cli.* module
+DEPRECATED_SHIMS = {"crappify.cli_gan", "crappify.cli_infer", "crappify.cli_run"}
+COMMAND_MODULES = {COMMAND_LAYER, *DEPRECATED_SHIMS}  # what srgan must never import (prefixes)
+ENTRY_POINTS = {"crappify.__main__"}  # runs the app: imports crappify.cli, nothing else
 SRGAN_STAGES = {"srgan.train", "srgan.critic", "srgan.gan", "srgan.evaluate", "srgan.enhance", "srgan.export",
-                "srgan.pipeline", "srgan.predict", "srgan.inspection"}
+                "srgan.pipeline", "srgan.predict", "srgan.inspection", "srgan.demo"}
 
 
 def module_name(path: Path) -> str:
@@ -54,12 +60,40 @@ def within(name: str, prefixes: set[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def is_command_layer(name: str) -> bool:
+    return within(name, {COMMAND_LAYER})
+
+
 @pytest.mark.parametrize("path", modules("crappify"), ids=lambda p: module_name(p))
 def test_crappify_core_never_imports_srgan(path):
-    if module_name(path) in COMMAND_MODULES:
+    name = module_name(path)
+    if is_command_layer(name):
         return
     bad = sorted(n for n in imports_of(path) if within(n, {"srgan"}))
-    assert not bad, f"{module_name(path)} imports {bad}"
+    assert not bad, f"{name} imports {bad}"
+
+
+@pytest.mark.parametrize("path", modules("crappify"), ids=lambda p: module_name(p))
+def test_crappify_core_never_imports_the_command_layer(path):
+    name = module_name(path)
+    if is_command_layer(name) or name in DEPRECATED_SHIMS | ENTRY_POINTS:
+        return
+    bad = sorted(n for n in imports_of(path) if within(n, COMMAND_MODULES))
+    assert not bad, f"{name} imports {bad}"
+
+
+@pytest.mark.parametrize("name", sorted(DEPRECATED_SHIMS | ENTRY_POINTS))
+def test_shims_and_entry_points_only_import_the_command_layer(name):
+    path = ROOT.joinpath(*name.split(".")).with_suffix(".py")
+    found = {n for n in imports_of(path) if n.split(".")[0] in {"crappify", "srgan"}}
+    assert found and all(is_command_layer(n) for n in found), f"{name} imports {sorted(found)}"
+
+
+def test_the_command_layer_is_a_package_of_stage_groups():
+    names = {module_name(p) for p in modules("crappify/cli")}
+    assert {"crappify.cli", "crappify.cli.data", "crappify.cli.train", "crappify.cli.infer", "crappify.cli.run",
+            "crappify.cli.options"} <= names
+    assert not (ROOT / "crappify" / "cli.py").exists()
 
 
 @pytest.mark.parametrize("path", modules("srgan"), ids=lambda p: module_name(p))
@@ -75,9 +109,31 @@ def test_srgan_lower_layer_never_imports_a_stage(path):
     assert not bad, f"{module_name(path)} imports {bad}"
 
 
+def top_level_imports(path: Path) -> set[str]:
+    """The modules `path` imports when it is imported (module level, `if`/`try` blocks included)."""
+    found: set[str] = set()
+    todo = list(ast.parse(path.read_text(encoding="utf-8")).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.add(node.module or "")
+        elif isinstance(node, (ast.If, ast.Try, ast.ExceptHandler, ast.With)):
+            todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+@pytest.mark.parametrize("path", modules("crappify/cli"), ids=lambda p: module_name(p))
+def test_the_command_layer_imports_heavy_modules_only_in_command_bodies(path):
+    bad = sorted(n for n in top_level_imports(path) if within(n, {"srgan", "torch", "torchvision", "fastai"}))
+    assert not bad, f"{module_name(path)} imports {bad} at module level"
+
+
 def test_the_scan_sees_imports_inside_functions():
-    sample = ROOT / "crappify" / "cli_run.py"  # imports srgan only inside its command functions
-    assert within_any(imports_of(sample), {"srgan.pipeline"})
+    sample = ROOT / "crappify" / "cli" / "run.py"  # imports srgan only inside its command functions
+    assert within_any(imports_of(sample), {"srgan.pipeline", "srgan.demo"})
+    assert not within_any(top_level_imports(sample), {"srgan"})  # ... so the scan found them inside functions
 
 
 def within_any(names: set[str], prefixes: set[str]) -> bool:

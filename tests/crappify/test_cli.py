@@ -319,3 +319,97 @@ def test_preview_errors(cli, one_photo, odd_files, tmp_path, case):
 
 
 # --- demo -----------------------------------------------------------------------------------------------
+
+
+# --- the command layer: choices from registries, old module paths --------------------------------------
+
+
+def _literal(config: type, field: str) -> tuple:
+    from typing import get_args
+
+    return get_args(config.model_fields[field].annotation)
+
+
+def test_choice_lists_match_their_registries_and_config_types():
+    """The CLI writes out the choices `srgan` owns (importing its registries would import torch and slow
+    `--help`); each list must equal the registry or the config field's Literal it stands for."""
+    from crappify.builder import BuildConfig
+    from crappify.cli import options
+    from crappify.cli import run as cli_run
+    from crappify.sources import SOURCES
+    from srgan.adversarial import ADVERSARIAL
+    from srgan.critic import TrainCriticConfig
+    from srgan.critics import CRITICS
+    from srgan.data import DEGRADE_MODES
+    from srgan.demo import DEMO_OUT
+    from srgan.evaluate import EvaluateConfig
+    from srgan.gan import TrainGanConfig
+    from srgan.inference import PRECISIONS
+    from srgan.train import TrainGenConfig
+
+    assert _literal(TrainGanConfig, "adv_loss") == options.ADV_LOSSES
+    assert sorted(options.ADV_LOSSES) == ADVERSARIAL.names()
+    assert _literal(TrainGanConfig, "weighting") == options.WEIGHTINGS
+    assert _literal(TrainGanConfig, "switching") == options.SWITCHINGS
+    for degrade in (DEGRADE_MODES, _literal(TrainGenConfig, "degrade"), _literal(TrainGanConfig, "degrade")):
+        assert degrade == options.DEGRADE_MODES
+    assert sorted(options.CRITIC_ARCHS) == CRITICS.names()
+    assert options.PRECISIONS == PRECISIONS
+    for config in (TrainGenConfig, TrainCriticConfig, TrainGanConfig, EvaluateConfig):
+        assert _literal(config, "precision") == options.PRECISIONS, config
+    assert Path(cli_run.DEMO_OUT) == DEMO_OUT
+    # sources come from the registry itself, lazily; the build config's Literal must agree with it
+    assert options.SOURCE_CHOICE.choices == ("auto", *SOURCES)
+    assert set(_literal(BuildConfig, "source")) == set(options.SOURCE_CHOICE.choices)
+
+
+def test_help_shows_the_registry_choices(cli):
+    from crappify.cli import options
+
+    proc = cli("build-dataset", "--help")
+    assert f"[{'|'.join(options.SOURCE_CHOICE.choices)}]" in proc.stdout
+    proc = cli("train-gan", "--help")
+    assert f"[{'|'.join(options.ADV_LOSSES)}]" in proc.stdout and f"[{'|'.join(options.SWITCHINGS)}]" in proc.stdout
+    proc = cli("train-critic", "--help")
+    assert all(name in " ".join(proc.stdout.split()) for name in options.CRITIC_ARCHS)
+
+
+def test_help_imports_neither_torch_nor_srgan():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom crappify.cli import main\n"
+            "for argv in ([], ['build-dataset'], ['train-gan'], ['enhance'], ['run'], ['demo']):\n"
+            "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastai', 'srgan')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(("old", "names"), [
+    ("crappify.cli_gan", {"train_critic_cmd": "train", "train_gan_cmd": "train", "degrade_options": "options"}),
+    ("crappify.cli_infer", {"enhance_cmd": "infer", "evaluate_cmd": "infer", "export_cmd": "infer"}),
+    ("crappify.cli_run", {"run_cmd": "run", "precision_option": "options", "precision_override": "options"}),
+])
+def test_old_command_modules_re_export_with_a_deprecation_warning(old, names):
+    import importlib
+    import sys
+
+    import crappify.cli
+
+    sys.modules.pop(old, None)
+    with pytest.deprecated_call(match=old):
+        module = importlib.import_module(old)
+    for name, home in names.items():
+        assert getattr(module, name) is getattr(importlib.import_module(f"crappify.cli.{home}"), name)
+    assert all(crappify.cli.app.commands[c.name] is c for c in module.COMMANDS)
+
+
+def test_importing_the_app_warns_about_nothing():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", "import crappify.cli"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

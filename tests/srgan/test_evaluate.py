@@ -92,6 +92,22 @@ def test_evaluate_end_to_end(sr_dataset, tmp_path, monkeypatch):
     assert len(list((out / "grids").glob("*.png"))) == min(2, n_test)
 
 
+def test_evaluate_saves_its_resolved_config_like_every_stage(sr_dataset, tmp_path):
+    import yaml
+
+    torch.manual_seed(0)
+    model = tmp_path / "sr.safetensors"
+    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), model)
+    out = tmp_path / "report"
+    cfg = EvaluateConfig(data=str(sr_dataset), models=[str(model)], out=str(out), limit=1, grids=0, device="cpu",
+                         lpips=False)
+    evaluate(cfg, progress=False)
+    saved = yaml.safe_load((out / "evaluate.yaml").read_text())
+    assert saved == {**cfg.model_dump(mode="json"), "split": "test"}  # the split it ran on, resolved
+    assert list(saved) == list(EvaluateConfig.model_fields)  # in the config's own order (sort_keys=False)
+    assert EvaluateConfig(**saved).split == "test"  # a valid config: `--config REPORT/evaluate.yaml` reruns it
+
+
 def test_evaluate_errors(sr_dataset, tmp_path):
     with pytest.raises(CrappifyError, match="model file not found"):
         evaluate(EvaluateConfig(data=str(sr_dataset), models=[str(tmp_path / "x")], out=str(tmp_path / "r")))

@@ -1,0 +1,149 @@
+"""Inference commands: `enhance`, `evaluate`, `export` and `save-preds` — use, measure and ship a generator.
+
+torch and `srgan` are imported inside the commands, so `crappify --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from crappify.cli.options import config_option, device_option, stage_precision_option
+from crappify.errors import ConfigError, CrappifyError
+
+
+@click.command("enhance")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-m", "--model", required=True, help="generator.safetensors, or a run folder holding one.")
+@click.option("-o", "--out", "out", required=True, help="Output folder (names and sub-folders are kept).")
+@click.option("--scale", type=int, help="U-Nets: upscale factor applied before the model (default: the scale of its "
+                                        "training data, recorded in the model file; 1 keeps the size); "
+                                        "SR models: must equal the model's own scale.")
+@click.option("--tile", type=int, help="Tile side in input px (default 512 output px, 1024 on CUDA; 0 = whole image).")
+@click.option("--overlap", type=int, help="Overlap of neighbouring tiles in input px (default tile/8).")
+@click.option("--batch", type=int, help="Tiles per forward pass (default 1).")
+@device_option("auto, cpu, cuda, cuda:N.", default="auto", show_default=True)
+@stage_precision_option("auto: bf16 on GPUs (fp16 on old ones), fp32 on most CPUs; falls back to fp32 where "
+                        "unsupported.", default="auto", show_default=True)
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True, help="JPEG/WebP quality.")
+@click.option("--max-pixels", "max_pixels", type=click.IntRange(min=1),
+              help="Skip a photo whose output (its size x the scale) would have more pixels than this "
+                   "(default: the decoding limit, 89,478,485).")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that already exist (default: skip them).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None, tile: int | None,
+                overlap: int | None, batch: int | None, device: str, precision: str, quality: int,
+                max_pixels: int | None, overwrite: bool, quiet: bool) -> None:
+    """Enhance photos (files and/or folders, recursive) with a trained generator, tile by tile."""
+    from crappify.imageio import DEFAULT_MAX_PIXELS
+    from srgan.checkpoint import model_file
+    from srgan.enhance import collect_inputs, enhance_files, resolve_scale
+    from srgan.inference import load_inference
+    from srgan.runtime import resolve_device
+
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    path = model_file(model)
+    items = collect_inputs(inputs, out)
+    if not items:
+        raise CrappifyError(f"no image files found in {', '.join(inputs)}")
+    engine = load_inference(path, resolve_device(device), precision=precision, tile=tile, overlap=overlap,
+                            batch=batch, on_note=lambda text: click.echo(f"crappify: note: {text}", err=True))
+    factor = resolve_scale(engine, scale)
+    if scale is None and engine.scale == 1 and factor != 1:
+        click.echo(f"crappify: note: upscaling x{factor} before the U-Net, the scale of the data it was trained on "
+                   "(--scale 1 keeps the size)", err=True)
+    res = enhance_files(engine, items, out, factor, overwrite=overwrite, progress=not quiet, jpeg_quality=quality,
+                        report=lambda text: click.echo(f"crappify: {text}", err=True), max_pixels=max_pixels)
+    text = f"enhanced {len(res.written)} image(s) (x{factor}) -> {out}"
+    if res.skipped:
+        text += f"; {len(res.skipped)} already there (--overwrite to redo)"
+    if res.failed:
+        text += f"; {len(res.failed)} skipped (could not be read, too large or out of memory)"
+    if not res.written and not res.skipped and res.failed:
+        raise CrappifyError(f"no image could be enhanced: {len(res.failed)} file(s) skipped (could not be read, "
+                            f"too large for --max-pixels {max_pixels}, or out of memory)")
+    click.echo(text)
+
+
+@click.command("evaluate")
+@click.argument("data")
+@click.option("-m", "--model", "models", multiple=True, help="Generator file or run folder; repeat to compare.")
+@click.option("-o", "--out", "out", help="Report folder (metrics.csv, report.md, grids/).")
+@config_option
+@click.option("--name", "names", multiple=True, help="Label for each -m, in order (default: run folder name).")
+@click.option("--split", help="Dataset split (default: test, else valid).")
+@click.option("--limit", type=int, help="Evaluate the first N pairs only.")
+@click.option("--grids", type=int, help="Comparison grids for the first N pairs (default 4).")
+@click.option("--tile", type=int, help="Tile side in input px (default 512 output px, 1024 on CUDA; 0 = whole image).")
+@click.option("--overlap", type=int, help="Overlap of neighbouring tiles in input px (default tile/8).")
+@click.option("--batch", type=int, help="Tiles per forward pass.")
+@device_option()
+@stage_precision_option("Default fp32 (metrics should not depend on the GPU).")
+@click.option("--no-lpips", "no_lpips", is_flag=True, default=None, help="Skip LPIPS even if its weights are there.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate_cmd(data: str, models: tuple[str, ...], out: str | None, config_file: str | None,
+                 names: tuple[str, ...], no_lpips: bool | None, quiet: bool, **flags: Any) -> None:
+    """PSNR/SSIM (RGB and Y) and LPIPS of generators on a built dataset, beside the bicubic baseline."""
+    from crappify.config import read_yaml, resolve
+    from srgan.evaluate import EvaluateConfig, evaluate
+
+    for key, flag in (("models", "-m MODEL"), ("out", "-o REPORT")):
+        given = models if key == "models" else out
+        if not given and not (config_file and read_yaml(config_file).get(key)):
+            raise ConfigError(f"evaluate needs {flag} (or `{key}:` in --config)")
+    cfg = resolve(EvaluateConfig, config_file, data=data, models=list(models) or None, out=out,
+                  names=list(names) or None, lpips=False if no_lpips else None, **flags)
+    report = evaluate(cfg, progress=not quiet)
+    click.echo(f"report: {report}")
+    click.echo(_summary_table(report))
+
+
+def _summary_table(report: Path) -> str:
+    """The report's first table, for the terminal."""
+    lines = report.read_text().splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("| method")), None)
+    if start is None:
+        return ""
+    table = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        table.append(ln)
+    return "\n".join(table)
+
+
+@click.command("export")
+@click.option("-m", "--model", required=True, help="generator.safetensors, or a run folder holding one.")
+@click.option("--onnx", "onnx_out", type=click.Path(dir_okay=False), help="Write ONNX (dynamic H and W) here.")
+@click.option("--torchscript", "ts_out", type=click.Path(dir_okay=False), help="Write TorchScript (traced) here.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
+def export_cmd(model: str, onnx_out: str | None, ts_out: str | None, opset: int) -> None:
+    """Export a generator for use elsewhere: float32 RGB in [0, 1] in, RGB in [0, 1] out (×scale)."""
+    from srgan.checkpoint import model_file
+    from srgan.export import export_onnx, export_torchscript
+
+    if not onnx_out and not ts_out:
+        raise ConfigError("nothing to export: give --onnx OUT.onnx and/or --torchscript OUT.pt")
+    path = model_file(model)
+    if onnx_out:
+        click.echo(f"onnx: {export_onnx(path, onnx_out, opset=opset)}")
+    if ts_out:
+        click.echo(f"torchscript: {export_torchscript(path, ts_out)}")
+
+
+@click.command("save-preds")
+@click.argument("data")
+@click.option("-o", "--out", "out", required=True, help="Run directory holding generator.safetensors.")
+@device_option("auto, cpu, cuda, cuda:N.", default="auto", show_default=True)
+def save_preds_cmd(data: str, out: str, device: str) -> None:
+    """Write a trained generator's outputs for every pair of DATA to RUN/preds/<split>/ (skips existing)."""
+    from srgan.predict import save_preds
+    from srgan.runtime import resolve_device
+
+    n = save_preds(out, data, resolve_device(device))
+    click.echo(f"predictions: {n} written to {Path(out) / 'preds'}")
+
+
+COMMANDS: list[click.Command] = [enhance_cmd, evaluate_cmd, export_cmd, save_preds_cmd]

@@ -1,0 +1,119 @@
+"""Click options and choices shared by the commands: precision, device, config file, quiet, the on-the-fly
+degradation options, and the choice lists that come from registries.
+
+Nothing here imports torch or `srgan`, so `crappify --help` stays fast. Choices whose registry is cheap to
+import (`crappify.sources.SOURCES`) are read from it lazily, on first use; the lists that `srgan` owns (its
+registries and its configs' `Literal` fields live in modules that import torch) are written out here, and
+`tests/crappify/test_cli.py` checks each against its registry or `Literal` type.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import click
+
+from crappify.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""`srgan.train.TrainGenConfig.precision`'s values (and every other stage's, and `srgan.inference.PRECISIONS`)."""
+PRECISION_ENV = "CRAPPIFY_PRECISION"
+ADV_LOSSES = ("bce", "lsgan", "hinge", "wgan-gp")
+"""`srgan.adversarial.ADVERSARIAL`'s names (`TrainGanConfig.adv_loss`)."""
+WEIGHTINGS = ("course", "srgan")
+"""`srgan.gan.TrainGanConfig.weighting`'s values."""
+SWITCHINGS = ("adaptive", "fixed", "per-batch")
+"""`srgan.gan.TrainGanConfig.switching`'s values."""
+DEGRADE_MODES = ("offline", "online")
+"""`TrainGenConfig.degrade`'s and `TrainGanConfig.degrade`'s values."""
+CRITIC_ARCHS = ("gan-critic", "patch", "srgan", "unet-sn")
+"""`srgan.critics.CRITICS`'s names. `--arch` stays free text: an unknown name is the config's one-line error."""
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class LazyChoice(click.Choice):
+    """A `click.Choice` whose choices come from `load()` on first use (parsing a value, or rendering --help),
+    so a registry is imported only by the command that needs it."""
+
+    def __init__(self, load: Callable[[], Iterable[str]], case_sensitive: bool = True) -> None:
+        self._load = load
+        self._loaded: tuple[str, ...] | None = None
+        super().__init__((), case_sensitive)
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._loaded is None:
+            self._loaded = tuple(self._load())
+        return self._loaded
+
+    @choices.setter
+    def choices(self, value: Iterable[str]) -> None:  # click.Choice.__init__ assigns (); the loader decides
+        pass
+
+
+def _source_names() -> list[str]:
+    from crappify.sources import SOURCES
+
+    return ["auto", *SOURCES]
+
+
+SOURCE_CHOICE = LazyChoice(_source_names)
+PRECISION_CHOICE = click.Choice(PRECISIONS)
+
+
+def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--config FILE`: options from YAML; flags given on the command line override it."""
+    return click.option("--config", "config_file", type=click.Path(),
+                        help="YAML file of options (flags override it).")(fn)
+
+
+def quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--quiet", is_flag=True, help="No progress bars.")(fn)
+
+
+def device_option(text: str = "auto (default), cpu, cuda, cuda:N.", **kwargs: Any) -> Decorator:
+    return click.option("--device", help=text, **kwargs)
+
+
+def workers_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--workers", "num_workers", type=int,
+                        help="Data-loading processes (default: 8 on CUDA, 0 on CPU).")(fn)
+
+
+def stage_precision_option(text: str = "Mixed precision (default auto).", **kwargs: Any) -> Decorator:
+    """`--precision` of one stage (train-gen, train-critic, train-gan, evaluate, enhance)."""
+    return click.option("--precision", type=PRECISION_CHOICE, help=text, **kwargs)
+
+
+def precision_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--precision` for every training/evaluation stage of a pipeline (`run` and `demo`)."""
+    return click.option("--precision", type=PRECISION_CHOICE,
+                        help=f"Precision of every training/evaluation stage (default: "
+                             f"${PRECISION_ENV} if set, else each stage's own).")(fn)
+
+
+def precision_override(flag: str | None) -> str | None:
+    """The precision override: the flag, else $CRAPPIFY_PRECISION (checked here, so a typo in it is one line
+    before anything runs), else None — each stage keeps its own default."""
+    if flag is not None:
+        return flag
+    value = os.environ.get(PRECISION_ENV, "").strip()
+    if not value:
+        return None
+    if value not in PRECISIONS:
+        raise ConfigError(f"{PRECISION_ENV}={value!r} is not a precision; valid: {', '.join(PRECISIONS)}")
+    return value
+
+
+def degrade_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """train-gen's and train-gan's data options: degradations made on the fly (Real-ESRGAN) and sharpened targets."""
+    fn = click.option("--sharpen-gt/--no-sharpen-gt", default=None,
+                      help="Train towards USM-sharpened HR crops (and degrade those online), as Real-ESRGAN.")(fn)
+    fn = click.option("--degrade-preset", help="With --degrade online: a preset name or YAML file "
+                                               "(default: the dataset's own).")(fn)
+    return click.option("--degrade", type=click.Choice(DEGRADE_MODES),
+                        help="offline (default): the dataset's LR files; online: degrade each HR crop in the "
+                             "data loader, anew every epoch, seeded by (seed, epoch, item).")(fn)
