@@ -5,7 +5,6 @@ they tap, not by how the YAML spells them."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -186,10 +185,3 @@ def test_course_weighting_puts_50_on_content():
     text = (PIPELINES_DIR / "flickr30k-lesson7.yaml").read_text()
     assert "content x 50" in text and "adversarial x 1" in text
 
-
-def test_recipe_sources_exist():
-    """The seeds the recipes cite are where the headers say (when the shared folder is present)."""
-    seeds = Path(__file__).resolve().parents[2] / "shared" / "seeds"
-    if not seeds.is_dir():
-        pytest.skip("../shared/seeds is not beside this checkout")
-    assert len(list(seeds.glob("00[0-4]_*.txt"))) == 5
