@@ -3,12 +3,14 @@
 Built on fastai's GAN machinery: `GANLearner.from_learners(generator learner, critic learner)` wires the
 `GANModule`, `GANTrainer` and a switcher (`AdaptiveGANSwitcher(critic_thresh=0.65)`, the course default, or
 `FixedGANSwitcher(n_crit, n_gen)`), with `GANDiscriminativeLR` giving the critic × 5 the learning rate and
-Adam with betas (0, 0.99). What fastai lacks or gets wrong for this use is added here, each marked where it
-is written: the loss (content × w_content + adversarial × w_adv with four adversarial losses, including the
-WGAN gradient penalty), EMA of the generator's weights, resumable switcher state, skipping validation, keeping
-the non-trained network's weights truly fixed, and the per-step history/checkpoints/previews.
+Adam with betas (0, 0.99); `per-batch` switching (one generator step, then one critic step, on every batch)
+is ours. What fastai lacks or gets wrong for this use is added in `srgan.gan_loop`, each class saying what it
+fixes: the loss (content × w_content + adversarial × w_adv with four adversarial losses, including the WGAN
+gradient penalty), EMA of the generator's weights, resumable switcher state, skipping validation, keeping the
+non-trained network's weights truly fixed, and the per-step history/checkpoints/previews.
 
-The phase runs `iters` steps (or `epochs` × the batches of an epoch; one step trains one of the two networks).
+The phase runs `iters` steps (or `epochs` × the batches of an epoch; one step trains one of the two networks,
+or both with `per-batch`).
 Every `checkpoint_every` steps: `RUN/gan/checkpoints/generator_NNNNNN.safetensors` (+ `generator-ema_…` with
 EMA), a fixed-crop preview grid `RUN/gan/previews/step_NNNNNN.png`, and the resumable state
 `RUN/gan/checkpoints/last.pt` (generator, critic, the optimiser state of both, switcher, EMA, step); SIGTERM
@@ -19,21 +21,17 @@ writes them at the next step boundary and stops (`Interrupted`). Every step appe
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import time
 import warnings
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
 import yaml
 from pydantic import Field, field_validator
 
-from crappify.errors import ConfigError, CrappifyError, Interrupted
+from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
 from srgan.checkpoint import (
     config_key,
@@ -167,6 +165,7 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     from fastai.torch_core import params
     from fastai.vision.gan import AdaptiveGANSwitcher, GANDiscriminativeLR, GANLearner
 
+    from srgan import gan_loop as loop
     from srgan.adversarial import build_adversarial
     from srgan.callbacks import DeviceMixedPrecision, quiet
     from srgan.checkpoint import load_critic, load_generator, read_critic_meta, read_generator_meta
@@ -234,15 +233,15 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
 
     per_batch = cfg.switching == "per-batch"
     if per_batch:  # fastai's switchers give each batch to one network: the critic's step is ours (PerBatchCritic)
-        switcher = _parts().per_batch_critic(cfg.critic_lr_mult, gan)
+        switcher = loop.PerBatchCritic(cfg.critic_lr_mult, gan)
     elif cfg.switching == "adaptive":
         switcher = AdaptiveGANSwitcher(gen_thresh=cfg.gen_thresh, critic_thresh=cfg.critic_thresh)
     else:
-        switcher = _parts().resumable_fixed_switcher(cfg.n_crit, cfg.n_gen)
+        switcher = loop.ResumableFixedSwitcher(cfg.n_crit, cfg.n_gen)
     # Callbacks passed here sit before GANTrainer and the switcher among equal `order`s: GANDiscriminativeLR's
     # after_batch must divide the rate back before the switcher leaves critic mode, or the × 5 would stick.
-    cbs = [GANDiscriminativeLR(mult_lr=cfg.critic_lr_mult), _parts().guard(), _parts().stop_on_non_finite(gan),
-           _parts().progress(gan), *(cbs or [])]
+    cbs = [GANDiscriminativeLR(mult_lr=cfg.critic_lr_mult), loop.Guard(), loop.StopOnNonFinite(gan),
+           loop.Progress(gan), *(cbs or [])]
     if precision in ("bf16", "fp16"):
         cbs.append(DeviceMixedPrecision(amp_mode=precision))
     gen_learn = Learner(dls, generator, loss_func=content)
@@ -254,7 +253,7 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
         splitter=lambda m: [params(m.generator), params(m.critic)], cbs=cbs, path=gan.dir, model_dir="checkpoints")
     # from_learners' loss (fastai's gan_loss_from_func) only knows `loss(pred, labels)`, which cannot express
     # hinge's or WGAN's generator term nor a gradient penalty on images: the GANLoss is replaced by our subclass.
-    learn.loss_func = _parts().gan_loss(content, adversarial, w_content, w_adv, learn.model, seed=cfg.seed)
+    learn.loss_func = loop.CrappifyGANLoss(content, adversarial, w_content, w_adv, learn.model, seed=cfg.seed)
     if state is not None and state.get("penalty_rng") is not None:  # the gradient penalty's ε go on, not restart
         learn.loss_func.rng.set_state(state["penalty_rng"])
     learn.recorder.valid_metrics = False
@@ -353,245 +352,3 @@ def preview(learn: Any, gan: GanRun) -> None:
     path = gan.dir / "previews" / f"step_{gan.step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image_atomic(path, grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=len(models) + 2))
-
-
-# --------------------------------------------------------------------------------------------------------
-# fastai pieces, defined on first use so importing this module (for TrainGanConfig) stays light
-
-
-@functools.cache
-def _parts() -> SimpleNamespace:
-    from fastai.callback.core import Callback, CancelFitException, CancelValidException
-    from fastai.callback.fp16 import MixedPrecision
-    from fastai.vision.gan import FixedGANSwitcher, GANLoss
-
-    from srgan.callbacks import history_value as _num
-
-    class CrappifyGANLoss(GANLoss):
-        """fastai's GANLoss with our generator and critic terms (see `srgan.adversarial`).
-
-        generator: w_content × content(output, target) + w_adv × adversarial.generator(critic(output)).
-        critic: adversarial.critic(critic(real), critic(generator(input))) (+ the gradient penalty for wgan-gp,
-        on the real batch the GANTrainer fed the critic, stored in `real` by the guard callback).
-        """
-
-        def __init__(self, content, adversarial, w_content, w_adv, gan_model, seed=0):
-            super().__init__(None, None, gan_model)
-            self.content, self.adversarial, self.w_content, self.w_adv = content, adversarial, w_content, w_adv
-            self.rng = torch.Generator().manual_seed(seed)  # the penalty's ε, not the global random state
-            self.real = None
-            self.gen_loss = self.crit_loss = self.content_loss = self.adv_loss = None
-
-        def generator(self, output, target):
-            fake_pred = self.gan_model.critic(output)
-            self.adv_loss = self.adversarial.generator(fake_pred)
-            self.content_loss = self.content(output, target).float()
-            self.gen_loss = self.w_content * self.content_loss + self.w_adv * self.adv_loss
-            return self.gen_loss
-
-        def critic(self, real_pred, input):
-            with torch.no_grad():  # the generator is not trained here: no graph needed (fastai keeps one)
-                fake = self.gan_model.generator(input)
-            loss = self.adversarial.critic(real_pred, self.gan_model.critic(fake))
-            if self.adversarial.needs_images:
-                loss = loss + self.adversarial.penalty(self.gan_model.critic, self.real, fake, self.rng)
-            self.crit_loss = loss
-            return loss
-
-    class ResumableFixedSwitcher(FixedGANSwitcher):
-        """fastai's FixedGANSwitcher, except that its counts carry over epochs (fastai resets them at every
-        epoch start) and can be restored on resume."""
-
-        def __init__(self, n_crit, n_gen):
-            super().__init__(n_crit, n_gen)
-            self.n_c = self.n_g = 0
-
-        def before_train(self):
-            pass
-
-    class PerBatchCritic(Callback):
-        """`per-batch` switching (PyTorch-GAN's SRGAN loop, Real-ESRGAN's): the GANTrainer stays in generator mode,
-        and after each generator step this callback takes one critic step on the same batch — the real HR
-        images and the very fakes the generator step made, before its update — with the critic's learning
-        rate (× mult_lr) and the same optimiser. It also stands in for fastai's switcher (never switching).
-
-        Order 20: after MixedPrecision's after_step (10) has updated its scaler, before Progress (55) counts the
-        step, so a checkpoint holds both updates.
-        """
-
-        order = 20
-
-        def __init__(self, mult_lr, gan):
-            self.mult_lr, self.gan = mult_lr, gan
-
-        def after_step(self):
-            if not self.training:
-                return
-            learn, lf = self.learn, self.learn.loss_func
-            gen, critic = learn.gan_trainer.generator, learn.gan_trainer.critic
-            for p in gen.parameters():  # its step is done: this step must move the critic only
-                p.grad = None
-            real, fake = learn.yb[0], learn.pred.detach()
-            was_training = critic.training
-            gen.requires_grad_(False)
-            critic.requires_grad_(True).train()
-            try:
-                mp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
-                with mp.autocast if mp is not None else contextlib.nullcontext():
-                    loss = lf.adversarial.critic(critic(real), critic(fake))
-                if lf.adversarial.needs_images:
-                    loss = loss + lf.adversarial.penalty(critic, real, fake, lf.rng)
-                if not torch.isfinite(loss).all():
-                    kept = f"the last good checkpoint ({self.gan.last}) is kept" if self.gan.last.is_file() \
-                        else "no checkpoint was written yet"
-                    raise CrappifyError(f"critic loss became {loss.item()} at GAN step {self.gan.step + 1}; "
-                                        f"{kept} (lower --lr, or use --precision fp32)")
-                lf.crit_loss = loss.detach()
-                scaler = getattr(learn, "scaler", None) if mp is not None else None
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                lrs = [h["lr"] for h in learn.opt.hypers]
-                learn.opt.set_hyper("lr", [lr * self.mult_lr for lr in lrs])
-                if scaler is not None and scaler.is_enabled():  # fp16: skip the step on overflow, as fastai does
-                    mp.skipped = True
-                    scaler.step(mp)  # MixedPrecision poses as the optimiser; its step() only clears `skipped`
-                    if not mp.skipped:
-                        learn.opt.step()
-                    scaler.update()
-                else:
-                    learn.opt.step()
-                learn.opt.set_hyper("lr", lrs)
-            finally:
-                for p in critic.parameters():
-                    p.grad = None
-                critic.requires_grad_(False).train(was_training)
-                gen.requires_grad_(True)
-
-    class Guard(Callback):
-        """Fixes to fastai's GAN loop (order -5: before GANTrainer and MixedPrecision)."""
-
-        order = -5
-
-        def before_train(self):
-            # TrainEvalCallback puts the whole GANModule in train mode at each epoch start, after GANTrainer
-            # chose which network trains: put the loss network back in eval mode (no dropout, no BN/SN updates).
-            self.learn.gan_trainer._set_trainable()
-
-        def before_validate(self):
-            # No validation in the GAN phase (checkpoints and previews judge it); GANTrainer.before_validate
-            # would also flip the switcher into generator mode.
-            raise CancelValidException()
-
-        def after_pred(self):
-            if not self.learn.gan_trainer.gen_mode:  # GANTrainer swapped xb/yb: the critic saw the real batch
-                self.learn.loss_func.real = self.learn.xb[0]
-
-        def before_step(self):
-            # fastai's zero_grad zeroes gradients instead of dropping them, so the frozen network's parameters
-            # still hold (zero) gradients and Adam's weight decay would move them: drop them.
-            trainer = self.learn.gan_trainer
-            frozen = trainer.critic if trainer.gen_mode else trainer.generator
-            for p in frozen.parameters():
-                p.grad = None
-
-    class StopOnNonFinite(Callback):
-        """A NaN/inf loss ends the phase with a clear message; the last checkpoint stays as it was.
-        Order 15: after MixedPrecision has left autocast (order 10), so no autocast state leaks out."""
-
-        order = 15
-
-        def __init__(self, gan):
-            self.gan = gan
-
-        def after_loss(self):
-            if self.training and not torch.isfinite(self.loss).all():
-                net = "generator" if self.learn.gan_trainer.gen_mode else "critic"
-                kept = f"the last good checkpoint ({self.gan.last}) is kept" if self.gan.last.is_file() \
-                    else "no checkpoint was written yet"
-                raise CrappifyError(f"{net} loss became {self.loss.item()} at GAN step {self.gan.step + 1}; {kept} "
-                                    "(lower --lr, or use --precision fp32)")
-
-    class Progress(Callback):
-        """Per step: counts, EMA update, history row; checkpoints every N steps; stop after `total` steps."""
-
-        order = 55  # after the switcher (0) and the Recorder (50)
-
-        def __init__(self, gan):
-            self.gan = gan
-
-        def before_fit(self):  # after GANTrainer.before_fit: restore the resumed mode and switcher counts
-            gan = self.gan
-            n = max(1, len(self.dls.train))
-            self.first_epoch = gan.step // n  # the epoch (crops and order) the checkpointed step was in
-            # resumed mid-epoch: go on with the batches the uninterrupted run would have seen next
-            self.dls.train.skip_next = (gan.step % n) * self.dls.train.bs
-            if gan.gen_mode is not None:
-                self.learn.gan_trainer.switch(gan.gen_mode)
-            for cb in self.learn.cbs:
-                if isinstance(cb, ResumableFixedSwitcher) and gan.switcher_state:
-                    cb.n_c, cb.n_g = gan.switcher_state["n_c"], gan.switcher_state["n_g"]
-
-        def before_epoch(self):
-            self.dls.train.dataset.set_epoch(self.first_epoch + self.epoch)
-
-        def before_batch(self):
-            self.check_stop()
-            self.t0, self.was_gen = time.perf_counter(), bool(self.learn.gan_trainer.gen_mode)
-            lf = self.learn.loss_func  # a row shows this step's losses only, never an earlier step's
-            lf.gen_loss = lf.crit_loss = lf.content_loss = lf.adv_loss = None
-
-        def before_step(self):
-            self.step_lr = self.opt.hypers[0]["lr"]
-
-        def after_step(self):
-            gan = self.gan
-            if gan.ema is not None and self.was_gen:
-                # EMA of the generator's weights (not in fastai): ema ← decay·ema + (1-decay)·w; buffers copied
-                with torch.no_grad():
-                    for e, p in zip(gan.ema.parameters(), self.learn.model.generator.parameters(), strict=True):
-                        e.lerp_(p.detach().to(e.dtype), 1 - gan.cfg.ema_decay)
-                    for e, b in zip(gan.ema.buffers(), self.learn.model.generator.buffers(), strict=True):
-                        e.copy_(b)
-
-        def after_batch(self):
-            if not self.training:
-                return
-            gan, lf = self.gan, self.learn.loss_func
-            gan.step += 1
-            both = gan.cfg.switching == "per-batch"  # this step trained the generator, then the critic
-            if both:
-                gan.counts["gen_steps"] += 1
-                gan.counts["crit_steps"] += 1
-            else:
-                gan.counts["gen_steps" if self.was_gen else "crit_steps"] += 1
-            now_gen = bool(self.learn.gan_trainer.gen_mode)
-            if now_gen != self.was_gen:
-                gan.counts["to_gen" if now_gen else "to_crit"] += 1
-            gan.rows.append({
-                "step": gan.step, "epoch": (gan.step - 1) // max(1, len(self.dls.train)),
-                "trained": "both" if both else "generator" if self.was_gen else "critic", "loss": _num(self.loss),
-                "gen_loss": _num(lf.gen_loss), "crit_loss": _num(lf.crit_loss),
-                "content_loss": _num(lf.content_loss), "adv_loss": _num(lf.adv_loss),
-                "lr": getattr(self, "step_lr", ""), **gan.counts, "seconds": round(time.perf_counter() - self.t0, 4)})
-            if gan.step % gan.cfg.checkpoint_every == 0 or gan.step >= gan.total:
-                save_state(self.learn, gan)
-            if gan.step >= gan.total:
-                raise CancelFitException()
-            self.check_stop()
-
-        def check_stop(self):
-            """After a SIGTERM: the resumable state at this step (unless it is on disk already), then stop."""
-            gan = self.gan
-            if gan.stop is None or not gan.stop.requested:
-                return
-            gan.stop.acted = True
-            where = f"train-gan stopped by SIGTERM at step {gan.step} of {gan.total}"
-            if gan.step == 0:
-                raise Interrupted(f"{where}: nothing trained yet, nothing saved")
-            if gan.step != gan.saved_step:
-                save_state(self.learn, gan)
-                raise Interrupted(f"{where}; saved {gan.last}")
-            raise Interrupted(f"{where}; {gan.last} is at that point")
-
-    return SimpleNamespace(gan_loss=CrappifyGANLoss, resumable_fixed_switcher=ResumableFixedSwitcher,
-                           guard=Guard, per_batch_critic=PerBatchCritic, stop_on_non_finite=StopOnNonFinite,
-                           progress=Progress)

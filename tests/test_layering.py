@@ -22,8 +22,8 @@ COMMAND_LAYER = "crappify.cli"  # a package: every crappify.cli.* module
 DEPRECATED_SHIMS = {"crappify.cli_gan", "crappify.cli_infer", "crappify.cli_run"}
 COMMAND_MODULES = {COMMAND_LAYER, *DEPRECATED_SHIMS}  # what srgan must never import (prefixes)
 ENTRY_POINTS = {"crappify.__main__"}  # runs the app: imports crappify.cli, nothing else
-SRGAN_STAGES = {"srgan.train", "srgan.critic", "srgan.gan", "srgan.evaluate", "srgan.enhance", "srgan.export",
-                "srgan.pipeline", "srgan.predict", "srgan.inspection", "srgan.demo"}
+SRGAN_STAGES = {"srgan.train", "srgan.critic", "srgan.gan", "srgan.gan_loop", "srgan.evaluate", "srgan.enhance",
+                "srgan.export", "srgan.pipeline", "srgan.predict", "srgan.inspection", "srgan.demo"}
 
 
 def module_name(path: Path) -> str:

@@ -24,8 +24,8 @@ MODELS = frozenset({"models", "critics", "losses", "adversarial"})
 DATA = frozenset({"data"})
 # Stages and what runs them: training (train, critic, gan), inference and its users (predict, enhance, evaluate,
 # export), and the pipeline with its helpers (smoke, inspection) and the demo that runs one.
-STAGES = frozenset({"train", "critic", "gan", "inference", "predict", "enhance", "evaluate", "export", "pipeline",
-                    "smoke", "inspection", "demo"})
+STAGES = frozenset({"train", "critic", "gan", "gan_loop", "inference", "predict", "enhance", "evaluate", "export",
+                    "pipeline", "smoke", "inspection", "demo"})
 
 
 def srgan_imports(path: Path) -> set[str]:
