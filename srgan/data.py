@@ -271,21 +271,31 @@ class PairDataset(torch.utils.data.Dataset):
             raise ImageError(f"{pair.lr}: LR {lr.shape[1]}x{lr.shape[0]} is not HR {w}x{h} / {self.scale} ({where})")
         return lr, hr
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        _, (lr, hr) = read_or_substitute(i, self.read_pair, self.unreadable, self.seed, self.epoch)
+    def crop(self, i: int, hr: np.ndarray, lr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Item i's crop of `hr` (and of `lr`, at 1/scale): both reflect-padded to the crop size when smaller;
+        in training a random crop and flip drawn from (seed, epoch, i), else the centre crop. The one rule for
+        offline and online items, so both see the same crops under the same seed."""
         h, w = hr.shape[:2]
         size, s = self.size, self.scale
-        if min(h, w) < size:  # crops larger than the image: reflect-pad both to the crop size
+        if min(h, w) < size:  # crops larger than the image: reflect-pad to the crop size
             ph, pw = max(0, size - h), max(0, size - w)
             hr = cv2.copyMakeBorder(hr, 0, ph, 0, pw, cv2.BORDER_REFLECT_101)
-            lr = cv2.copyMakeBorder(lr, 0, -(-ph // s), 0, -(-pw // s), cv2.BORDER_REFLECT_101)
+            if lr is not None:
+                lr = cv2.copyMakeBorder(lr, 0, -(-ph // s), 0, -(-pw // s), cv2.BORDER_REFLECT_101)
             h, w = hr.shape[:2]
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
         y, x = _crop_box(h, w, size, rng, s)
         hr = hr[y:y + size, x:x + size]
-        lr = lr[y // s:(y + size) // s, x // s:(x + size) // s]
+        if lr is not None:
+            lr = lr[y // s:(y + size) // s, x // s:(x + size) // s]
         if rng is not None and rng.random() < 0.5:
-            hr, lr = hr[:, ::-1], lr[:, ::-1]
+            hr = hr[:, ::-1]
+            lr = lr[:, ::-1] if lr is not None else None
+        return hr, lr
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _, (lr, hr) = read_or_substitute(i, self.read_pair, self.unreadable, self.seed, self.epoch)
+        hr, lr = self.crop(i, hr, lr)
         return _chw(lr), _chw(sharpen(hr) if self.sharpen_gt else hr)
 
 
@@ -372,17 +382,7 @@ class OnlinePairDataset(PairDataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         j, hr = read_or_substitute(i, self.read_pair, self.unreadable, self.seed, self.epoch)
-        h, w = hr.shape[:2]
-        size = self.size
-        if min(h, w) < size:  # crops larger than the image: reflect-pad to the crop size
-            hr = cv2.copyMakeBorder(hr, 0, max(0, size - h), 0, max(0, size - w), cv2.BORDER_REFLECT_101)
-            h, w = hr.shape[:2]
-        rng = np.random.default_rng([self.seed, self.epoch, i])  # the crop and flip `PairDataset` takes
-        y, x = _crop_box(h, w, size, rng, self.scale)
-        hr = hr[y:y + size, x:x + size]
-        if rng.random() < 0.5:
-            hr = hr[:, ::-1]
-        hr = np.ascontiguousarray(hr)
+        hr = np.ascontiguousarray(self.crop(i, hr)[0])
         if self.sharpen_gt:  # Real-ESRGAN degrades the sharpened crop too (RealESRGANModel.feed_data)
             hr = sharpen(hr)
         lr = self.degrade(hr, degrade_rng(self.seed, self.epoch, i), f"a crop of {describe(self.pairs[j])}")
