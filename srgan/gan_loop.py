@@ -19,6 +19,13 @@ from srgan.callbacks import history_value as _num
 from srgan.gan import save_state
 
 
+def non_finite(gan, net: str, loss: torch.Tensor) -> CrappifyError:
+    """The one-line error for a NaN/inf loss of `net` at the coming step, saying what checkpoint is left."""
+    kept = f"the last good checkpoint ({gan.last}) is kept" if gan.last.is_file() else "no checkpoint was written yet"
+    return CrappifyError(f"{net} loss became {loss.item()} at GAN step {gan.step + 1}; {kept} "
+                         "(lower --lr, or use --precision fp32)")
+
+
 class CrappifyGANLoss(GANLoss):
     """fastai's GANLoss with our generator and critic terms (see `srgan.adversarial`).
 
@@ -96,10 +103,7 @@ class PerBatchCritic(Callback):
             if lf.adversarial.needs_images:
                 loss = loss + lf.adversarial.penalty(critic, real, fake, lf.rng)
             if not torch.isfinite(loss).all():
-                kept = f"the last good checkpoint ({self.gan.last}) is kept" if self.gan.last.is_file() \
-                    else "no checkpoint was written yet"
-                raise CrappifyError(f"critic loss became {loss.item()} at GAN step {self.gan.step + 1}; "
-                                    f"{kept} (lower --lr, or use --precision fp32)")
+                raise non_finite(self.gan, "critic", loss)
             lf.crit_loss = loss.detach()
             scaler = getattr(learn, "scaler", None) if mp is not None else None
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -160,11 +164,7 @@ class StopOnNonFinite(Callback):
 
     def after_loss(self):
         if self.training and not torch.isfinite(self.loss).all():
-            net = "generator" if self.learn.gan_trainer.gen_mode else "critic"
-            kept = f"the last good checkpoint ({self.gan.last}) is kept" if self.gan.last.is_file() \
-                else "no checkpoint was written yet"
-            raise CrappifyError(f"{net} loss became {self.loss.item()} at GAN step {self.gan.step + 1}; {kept} "
-                                "(lower --lr, or use --precision fp32)")
+            raise non_finite(self.gan, "generator" if self.learn.gan_trainer.gen_mode else "critic", self.loss)
 
 
 class Progress(Callback):
