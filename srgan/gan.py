@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
@@ -41,6 +41,7 @@ from srgan.checkpoint import (
     save_checkpoint,
     save_generator,
 )
+from srgan.losses import LossSpec
 from srgan.runtime import RunOptions, StopRequest, resolve_device, resolve_precision, sigterm_stops
 
 # (w_content, w_adv): the course's GANLearner(weights_gen=(1., 50.)) puts 1 on the adversarial term and 50 on
@@ -65,7 +66,7 @@ class TrainGanConfig(RunOptions):
     generator_options: dict[str, Any] = Field(default_factory=dict, description="its options (n_blocks, ...)")
     critic_arch: str | None = Field(None, description="start from a new critic of this arch instead of a file")
     critic_options: dict[str, Any] = Field(default_factory=dict, description="its options (nf, ...)")
-    loss: str | dict[str, float | dict[str, Any]] | None = Field(
+    loss: LossSpec = Field(
         None, description="content loss; default: the generator's own; {name: weight} or {name: {weight: w, ...}}")
     pretrained: bool = True
     loss_weights: dict[str, str] | None = None
@@ -103,13 +104,6 @@ class TrainGanConfig(RunOptions):
     sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN)")
 
 
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, spec: Any) -> Any:
-        """Loss names, options and VGG layers are checked here, at the config's edge (one line, valid names)."""
-        from srgan.losses import check_loss_spec
-
-        return check_loss_spec(spec)
 
     def loss_weights_pair(self) -> tuple[float, float]:
         """(w_content, w_adv): the preset's, with explicit values taking precedence."""

@@ -29,10 +29,11 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator
 from torch import Tensor, nn
 
 from crappify.errors import ConfigError
@@ -532,6 +533,11 @@ def check_loss_spec(spec: str | Mapping[str, Any] | None) -> str | Mapping[str, 
         with torch.device("meta"):
             build_loss(spec, pretrained=False)
     return spec
+
+
+# A loss spec as stage configs take it: a name, {name: weight} or {name: {weight: w, option: value}}, checked when
+# the config is validated (train-gen, train-gan, every pipeline stage), not when the stage starts.
+LossSpec = Annotated[str | dict[str, float | dict[str, Any]] | None, AfterValidator(check_loss_spec)]
 
 
 def build_loss(spec: str | Mapping[str, float], *, pretrained: bool = True,

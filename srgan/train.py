@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
 from crappify.preview import grid
@@ -38,6 +38,7 @@ from srgan.distributed import (
     unwrap,
     world_size,
 )
+from srgan.losses import LossSpec
 from srgan.models import NO_IMAGENET_WEIGHTS, is_unet  # NO_IMAGENET_WEIGHTS: also its old import path
 from srgan.normalize import Normalizer
 from srgan.runtime import RunOptions, StopRequest, resolve_device, resolve_precision, sigterm_stops
@@ -73,7 +74,7 @@ class TrainGenConfig(RunOptions):
     out: str
     arch: str = "unet-resnet34"
     options: dict[str, Any] = Field(default_factory=dict, description="generator options (blur, self_attention...)")
-    loss: str | dict[str, float | dict[str, Any]] | None = Field(
+    loss: LossSpec = Field(
         None, description="default: feature when pretrained, else l1; {name: weight} or {name: {weight: w, option: v}}")
     size: int | None = Field(None, ge=8, description="default: 128 when pretrained, else 64")
     bs: int | None = Field(None, ge=1, description="default: 8 when pretrained, else 16")
@@ -96,13 +97,6 @@ class TrainGenConfig(RunOptions):
                              "comes from the plain crop, validation scores against the plain HR")
 
 
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, spec: Any) -> Any:
-        """Loss names, options and VGG layers are checked here, at the config's edge (one line, valid names)."""
-        from srgan.losses import check_loss_spec
-
-        return check_loss_spec(spec)
 
     def encoder_pretrained(self) -> bool:
         """Whether training starts from ImageNet weights (a U-Net's encoder) rather than random weights."""
