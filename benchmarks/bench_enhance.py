@@ -124,7 +124,7 @@ def main() -> None:
     import torch
 
     from srgan.checkpoint import save_generator
-    from srgan.models import build_generator
+    from srgan.generators import build_generator
 
     torch.manual_seed(0)
     kwargs = {"scale": 4} if args.arch == "srresnet" else {}

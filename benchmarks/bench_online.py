@@ -54,7 +54,7 @@ def time_loader(data: Path, crop: int, workers: int, **kw) -> dict[str, float]:
 
 def time_steps(arch: str, crop: int, bs: int, steps: int) -> float:
     """Seconds per training step at batch `bs`."""
-    from srgan.models import build_generator
+    from srgan.generators import build_generator
 
     torch.manual_seed(0)
     model = build_generator(arch, scale=4, img_size=crop)

@@ -1,6 +1,6 @@
 """Generator-training throughput: `train-gen` against a plain fastai course-style reference.
 
-Run:  python benchmarks/bench_train.py [--n 96] [--size 128] [--bs 8] [--device cpu]
+Run:  python benchmarks/bench_train.py [--n 96] [--size 128] [--bs 8] [--device cpu] [--compile]
 
 On the same built dataset (N Flickr-sized JPEGs cut from the sample photos, `lesson7` preset, HR short
 side size+32), both from random weights, one epoch each:
@@ -8,7 +8,8 @@ side size+32), both from random weights, one epoch each:
       course's FeatureLoss (forward hooks on VGG16-bn), fp32, default memory format, fastai's default
       image pipeline (DataBlock of two ImageBlocks, Resize, aug_transforms(max_zoom=2), Normalize do_y);
   (b) `train-gen` with the same model and loss (`feature`), size and batch size, and its defaults
-      (precision auto, channels-last, aligned uint8 crops normalised on the device).
+      (precision auto, channels-last, aligned uint8 crops normalised on the device); with `--compile`, compiled
+      (its compilation happens in the first, warm-up, step; `bench_compile.py` times it and compares).
 It prints images/s over the timed steps (the first 2 steps are warm-up) and, per step, how long the
 loop waited for data. Target: (b)/(a) >= 1.8 on the CPU.
 """
@@ -141,13 +142,13 @@ def reference(data: Path, size: int, bs: int, device: str):
 
 
 def ours(data: Path, run: Path, size: int, bs: int, device: str, precision: str = "auto",
-         workers: int | None = None, channels_last: bool = True):
-    from srgan.train import Trainer, TrainGenConfig
+         workers: int | None = None, channels_last: bool = True, compile: bool = False):
+    from srgan.train_gen import Trainer, TrainGenConfig
 
     timer = step_timer()
     cfg = TrainGenConfig(data=str(data), out=str(run), arch="unet-resnet34", loss="feature", pretrained=False,
                          size=size, bs=bs, epochs=1, device=device, preview_items=0, precision=precision,
-                         num_workers=workers, channels_last=channels_last)
+                         num_workers=workers, channels_last=channels_last, compile=compile)
     trainer = Trainer(cfg, progress=True, cbs=[timer])
     trainer.fit()
     return summary(timer, bs), trainer.precision
@@ -163,6 +164,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="train-gen data-loading workers for (b) (default: auto)")
     ap.add_argument("--no-channels-last", action="store_true", help="(b) in the default memory format")
     ap.add_argument("--skip-reference", action="store_true", help="time (b) only")
+    ap.add_argument("--compile", action="store_true", help="(b) with --compile (torch.compile)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     try:
@@ -175,13 +177,15 @@ def main() -> None:
                                            else reference(data, args.size, args.bs, args.device))
         torch.manual_seed(0)
         (our_rate, our_wait, our_parts), precision = ours(data, work / "run", args.size, args.bs, args.device,
-                                                          args.precision, args.workers, not args.no_channels_last)
+                                                          args.precision, args.workers, not args.no_channels_last,
+                                                          args.compile)
         print(f"device {args.device}, size {args.size}, bs {args.bs}, {args.n} training photos, 1 epoch, "
               "2 warm-up steps")
         print(f"(a) fastai course-style reference (fp32)  : {ref_rate:6.2f} img/s, "
               f"data wait {ref_wait * 1e3:7.1f} ms/step")
         workers = "auto" if args.workers is None else args.workers
         layout = "default layout" if args.no_channels_last else "channels-last"
+        layout += ", compiled" if args.compile else ""
         print(f"(b) train-gen (precision {precision:4s}, {layout}, workers {workers}): "
               f"{our_rate:6.2f} img/s, "
               f"data wait {our_wait * 1e3:7.1f} ms/step")

@@ -1,6 +1,7 @@
 """crappify: degrade clean photos on purpose to make paired low/high-quality training data.
 
-Public API: `load_preset`, `Chain`, the op registry `OPS`, and `build_dataset`.
+Public API: `load_preset`, `Chain`, the op and preset registries `OPS` and `PRESETS`, and the errors; datasets are
+built by `crappify.builder.build_dataset` (imported on use: it is not needed to degrade one image).
 """
 
 # First: sets OpenCV's decoder pixel cap, which OpenCV reads only when it loads (see crappify/opencv.py).

@@ -21,6 +21,15 @@ skipped and listed in skipped.csv; one the system could not read (permissions, I
 files, out of memory) stops the run with one line naming it, and is tried again when the run is resumed.
 
 OUT/.crappify-dataset marks a folder this tool built: only such a folder may be cleared by --overwrite.
+
+Datasets across machines: `--shard K/N` builds only part K of N. The rule: the whole build's listing (sorted by
+id, after --limit and the split) is dealt round-robin, the item at position i (0-based) going to part
+(i mod N) + 1, and so are the files skipped while listing (not images, outside the split folders), by their
+position in the sorted list of those. Ids, splits and seeds come from the whole listing, so each part holds
+exactly the files and rows the whole build has for its items; the N parts are disjoint and together hold
+everything. A part is an ordinary (resumable) dataset whose config.yaml adds `shard:` (K, N and a fingerprint
+of the whole listing, so that parts cut from different states of the source are not joined);
+`crappify.merge` joins the parts into the dataset one machine would have built, byte for byte.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -61,7 +71,7 @@ from crappify.imageio import (
 )
 from crappify.parallel import parallel_map
 from crappify.runlock import clean_stale_temps, folder_lock
-from crappify.sources import SPLITS, Item, list_source
+from crappify.sources import SPLITS, Item, Listing, SourceName, list_source
 
 DEFAULT_SCALE = 4
 JOURNAL = ".journal.jsonl"
@@ -80,6 +90,16 @@ LATER_KEYS = {"max_bytes": DEFAULT_MAX_BYTES}
 # Skip reasons that earlier versions recorded for what was not the file's fault (or a file that may be back):
 # tried again on resume.
 RETRIED_REASONS = ("file not found", "permission denied", "corrupt or truncated image: [Errno")
+PART_KEY = "shard"  # config.yaml key of a part built with --shard K/N; a whole build's config has none
+SKIPPED_COLUMNS = ["source", "reason"]
+
+
+def parse_shard(value: object) -> tuple[int, int]:
+    """(K, N) from a `--shard` value "K/N" with 1 <= K <= N; ValueError saying what is expected otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value, re.ASCII) if isinstance(value, str) else None
+    if match is None or not 1 <= int(match[1]) <= int(match[2]):
+        raise ValueError("expected K/N with 1 <= K <= N, e.g. 2/8 for the second of 8 parts")
+    return int(match[1]), int(match[2])
 
 
 class BuildConfig(BaseModel):
@@ -89,7 +109,7 @@ class BuildConfig(BaseModel):
 
     src: str = Field(description="source folder, or 'samples' for the photos installed packages ship")
     out: str
-    source: Literal["auto", "folder", "flickr30k", "celeba", "celeba-hq", "samples"] = "auto"
+    source: SourceName = Field("auto", description="the source's layout; auto: detected")
     preset: str = "flickr30k-restore"
     size: int | None = Field(None, ge=8, description="HR short side in px (never upscaled)")
     scale: int | None = Field(None, ge=1, le=16, description="HR/LR ratio where the preset does not fix it")
@@ -101,16 +121,29 @@ class BuildConfig(BaseModel):
     hr_format: Literal["png", "jpg"] = "png"
     link_hr: bool = Field(True, description="hard-link unchanged HR files to the source instead of copying")
     workers: int = Field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 16)), ge=1, le=256)
+    shard: str | None = Field(None, description="K/N: build only part K of N disjoint parts of the source "
+                                                "(joined by `crappify merge-datasets`)")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """Leave `max_bytes` out of dumps while it has its default: it came after datasets and pipelines were
         built, and `crappify run` hashes a stage's dump, so listing it would re-run every existing pipeline's
-        stages for an option nobody set."""
+        stages for an option nobody set. `shard` likewise while it is unset."""
         data = handler(self)
         if data.get("max_bytes") == DEFAULT_MAX_BYTES:
             del data["max_bytes"]
+        if data.get("shard", "") is None:
+            del data["shard"]
         return data
+
+    @field_validator("shard", mode="before")
+    @classmethod
+    def _shard_is_k_of_n(cls, v: Any) -> str | None:
+        """Checked once here, so a bad value is a one-line config error before anything is listed."""
+        if v is None:
+            return None
+        k, n = parse_shard(v)
+        return f"{k}/{n}"
 
     @field_validator("split")
     @classmethod
@@ -304,6 +337,36 @@ def resolved_config(cfg: BuildConfig, layout: str, chain: Chain, scale: int | No
             "max_bytes": cfg.max_bytes, "hr_format": cfg.hr_format}
 
 
+def config_text(config: dict[str, Any]) -> str:
+    """config.yaml's text for a resolved config (with its versions): what a build writes, and what
+    `crappify.merge` writes for joined parts, so the two agree byte for byte."""
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def listing_fingerprint(listing: Listing) -> str:
+    """A digest of a whole listing (ids, splits, sources, captions, listing-time skips): recorded by each part,
+    so that a merge refuses parts listed from different states of the source."""
+    entries = [[it.id, it.split, it.source, it.caption] for it in listing.items]
+    blob = json.dumps([entries, [list(s) for s in listing.skipped]], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def shard_listing(listing: Listing, shard: str) -> tuple[dict[str, Any], Listing]:
+    """Part K of N of a whole build's listing (see the module docstring for the rule), and the record its
+    config.yaml keeps under `shard:` (K, N and the whole listing's fingerprint)."""
+    k, n = parse_shard(shard)
+    record = {"index": k, "count": n, "listing": listing_fingerprint(listing)}
+    return record, Listing(listing.items[k - 1::n], listing.skipped[k - 1::n], listing.official_split)
+
+
+def write_tables(out: Path, rows: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> None:
+    """Write manifest.csv (rows in listing order) and skipped.csv (sorted): the last files a build writes, and
+    the ones `crappify.merge` writes the same way."""
+    write_csv_atomic(out / "manifest.csv", MANIFEST_COLUMNS, rows, ignore_extra=True)
+    write_csv_atomic(out / "skipped.csv", SKIPPED_COLUMNS,
+                     [{"source": s, "reason": r} for s, r in sorted(skipped)], ignore_extra=True)
+
+
 def _read_config(path: Path) -> dict[str, Any] | None:
     """A dataset's config.yaml as a mapping; None when it cannot be read as one (any file named so)."""
     try:
@@ -335,8 +398,10 @@ def _is_dataset(out: Path, config: dict[str, Any] | None) -> bool:
 
 
 def _changed_keys(previous: dict[str, Any], identity: dict[str, Any]) -> list[str]:
-    """The keys of `identity` whose value differs in an earlier config.yaml (keys added since default)."""
-    return [k for k in identity if previous.get(k, LATER_KEYS.get(k)) != identity[k]]
+    """The keys of `identity` whose value differs in an earlier config.yaml (keys added since default), and
+    `shard` when only the earlier one is a part."""
+    keys = [*identity, *([PART_KEY] if PART_KEY in previous and PART_KEY not in identity else [])]
+    return [k for k in keys if previous.get(k, LATER_KEYS.get(k)) != identity.get(k)]
 
 
 def _clear(out: Path) -> None:
@@ -458,12 +523,14 @@ def _build_dataset(cfg: BuildConfig, overwrite: bool, progress: bool) -> BuildRe
     layout, listing = list_source(Path(cfg.src), cfg.source, cfg.seed, cfg.split, cfg.limit)
     out = Path(cfg.out)
     identity = resolved_config(cfg, layout, chain, scale)
+    if cfg.shard is not None:  # only this part's items from here on; ids, splits and seeds are the whole build's
+        identity[PART_KEY], listing = shard_listing(listing, cfg.shard)
     resuming = _prepare_out(out, identity, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / MARKER).is_file():  # before anything else is written (also added to older datasets)
         write_atomic(out / MARKER, MARKER_TEXT)
     if not resuming:
-        write_atomic(out / "config.yaml", yaml.safe_dump({**identity, "versions": versions()}, sort_keys=False))
+        write_atomic(out / "config.yaml", config_text({**identity, "versions": versions()}))
     else:
         clean_stale_temps(out)  # left by a killed build (the lock says no other build is writing here)
     done = _load_done(out, listing.items) if resuming else {}
@@ -502,9 +569,7 @@ def _build_dataset(cfg: BuildConfig, overwrite: bool, progress: bool) -> BuildRe
     rows = [results[it.id] for it in listing.items if "skip" not in results[it.id]]
     skipped = listing.skipped + [(it.source, results[it.id]["skip"]) for it in listing.items
                                  if "skip" in results[it.id]]
-    write_csv_atomic(out / "manifest.csv", MANIFEST_COLUMNS, rows, ignore_extra=True)
-    write_csv_atomic(out / "skipped.csv", ["source", "reason"],
-                     [{"source": s, "reason": r} for s, r in sorted(skipped)], ignore_extra=True)
+    write_tables(out, rows, skipped)
     (out / JOURNAL).unlink(missing_ok=True)
     per_split = {s: sum(1 for r in rows if r["split"] == s) for s in SPLITS}
     return BuildResult(out, len(rows), len(skipped), len(listing.items) - len(todo),

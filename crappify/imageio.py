@@ -41,6 +41,8 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # larger than any photo a camera writes; 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                               ".pgm", ".pnm"})
 _COPYABLE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+GREY_MODES = frozenset({"L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "LA", "La"})
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -81,6 +83,10 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+
+
 def _from_16bit(arr: np.ndarray) -> np.ndarray:
     """16-bit BGR(A) from OpenCV to 8-bit RGB: values scaled by 1/257, alpha composited on white."""
     x = arr.astype(np.float32) / 257.0
@@ -88,7 +94,7 @@ def _from_16bit(arr: np.ndarray) -> np.ndarray:
     if arr.shape[2] == 4:
         alpha = x[..., 3:4] / 255.0
         rgb = rgb * alpha + 255.0 * (1.0 - alpha)
-    return np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+    return _to_uint8(rgb)
 
 
 def _image_error(exc: BaseException) -> ImageError:
@@ -330,10 +336,12 @@ class Photo:
             w, h, comps = head
             self.format, self.orientation, mode = "JPEG", 1, "RGB" if comps == 3 else "L"
             deep = transparent = False
+            self.mode = mode
         else:
             img = self._pil()
             w, h = img.size
             mode, self.format = img.mode, img.format or ""
+            self.mode = mode
             deep = any("16" in str(tile[3]) for tile in img.tile)  # e.g. a 48-bit PNG that Pillow reads as RGB
             transparent = "transparency" in img.info
             if w * h <= max_pixels:
@@ -347,6 +355,8 @@ class Photo:
             self.close()
             raise ImageError(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
         self.rotated = self.orientation in (5, 6, 7, 8)
+        self.grey = mode in GREY_MODES
+        self.transparent = mode in ALPHA_MODES or (transparent and mode in ("P", "L", "RGB"))
         self.size = (h, w) if self.rotated else (w, h)  # upright (width, height)
         self._stored = (w, h)
         plain = not deep and not transparent and self.orientation == 1
@@ -418,8 +428,34 @@ class Photo:
             raise _image_error(exc) from None
         return self._check_shape(rgb, reduced, upright=True), reduced
 
+    def pixels_and_alpha(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Upright 8-bit RGB and, for a photo with transparency, its alpha plane kept apart (not composited);
+        (rgb, None) otherwise. The same rules as `pixels` (16-bit scaled by 1/257, EXIF applied) — for tools that
+        put the alpha back after working on the RGB (enhance)."""
+        if not self.transparent:
+            return self.pixels()[0], None
+        if self._deep_png:
+            out = self._deep_png_decoded()
+            if out.shape[2] == 4:
+                x = out.astype(np.float32) / 257.0
+                return _to_uint8(x[..., 2::-1]), _to_uint8(x[..., 3])
+            return _from_16bit(out), None
+        img = self._pil()
+        try:
+            img.load()
+            if self.orientation != 1:
+                img = ImageOps.exif_transpose(img)
+            rgba = self._check_shape(np.asarray(img.convert("RGBA")), 1, upright=True)
+        except _DECODE_ERRORS as exc:
+            raise _image_error(exc) from None
+        return np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3])
+
     def _deep_png_pixels(self) -> np.ndarray:
-        """A 16-bit RGB(A) PNG decoded by OpenCV, scaled to 8 bits; ImageError if OpenCV cannot decode it."""
+        """A 16-bit RGB(A) PNG decoded by OpenCV, scaled to 8 bits (alpha composited on white)."""
+        return _from_16bit(self._deep_png_decoded())
+
+    def _deep_png_decoded(self) -> np.ndarray:
+        """A 16-bit RGB(A) PNG decoded by OpenCV (BGR(A), uint16); ImageError if OpenCV cannot decode it."""
         try:
             out = cv2.imdecode(np.frombuffer(self.data, np.uint8), cv2.IMREAD_UNCHANGED)
         except cv2.error:
@@ -432,7 +468,7 @@ class Photo:
             raise ImageError("corrupt or truncated image: OpenCV cannot decode this 16-bit PNG")
         if out.dtype != np.uint16 or out.ndim != 3 or out.shape[2] not in (3, 4):
             raise ImageError(f"corrupt image: 16-bit PNG decoded as {out.dtype} with shape {out.shape}")
-        return _from_16bit(self._check_shape(out, 1, upright=False))
+        return self._check_shape(out, 1, upright=False)
 
     def close(self) -> None:
         if self._img is not None:

@@ -19,6 +19,7 @@ composition (see `crappify.chain`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,8 +30,16 @@ from crappify.errors import ConfigError
 from crappify.registry import Registry
 from crappify.spec import Param, Spec
 
-OPS: Registry[type[Op]] = Registry("op")
-register = OPS.register
+OPS: Registry[type[Op]] = Registry("op", option_word="parameter")
+
+
+def register(name: str) -> Callable[[type[Op]], type[Op]]:
+    """Class decorator: op `name`, its options being its `params` declarations' defaults."""
+
+    def add(cls: type[Op]) -> type[Op]:
+        return OPS.register(name, options={k: p.default for k, p in cls.params.items()})(cls)
+
+    return add
 
 
 @dataclass
@@ -49,13 +58,9 @@ class Op:
     params: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, **raw: Any) -> None:
-        unknown = sorted(set(raw) - set(self.params))
-        if unknown:
-            raise ConfigError(f"op {self.name!r}: unknown parameter(s) {', '.join(unknown)}; "
-                              f"valid: {', '.join(sorted(self.params)) or '(none)'}")
+        values = OPS.resolve_options(self.name, raw, {k: p.default for k, p in self.params.items()})
         self.raw = dict(raw)
-        self.specs = {k: Spec(f"op {self.name!r}, parameter {k!r}", p, raw.get(k, p.default))
-                      for k, p in self.params.items()}
+        self.specs = {k: Spec(f"op {self.name!r}, parameter {k!r}", p, values[k]) for k, p in self.params.items()}
 
     def draw(self, key: str, rng: np.random.Generator, ctx: Context) -> Any:
         return self.specs[key].draw(rng, ctx.variables)

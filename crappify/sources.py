@@ -296,3 +296,7 @@ def list_source(src: Path, kind: str = "auto", seed: int = 0,
     listing.items = items
     listing.skipped.sort()
     return kind, listing
+
+
+SourceName = SOURCES.name_type("auto")
+"""A config field naming a source layout: a registered one, or "auto" (detected)."""

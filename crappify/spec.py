@@ -35,6 +35,10 @@ class Param:
     nullable: bool = False
     doc: str = ""
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:  # a typo in an op's declaration, caught when the op module loads
+            raise ValueError(f"parameter kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+
 
 class Spec:
     """A parsed parameter value; `draw` turns it into a concrete value for one image."""

@@ -127,3 +127,7 @@ def build_adversarial(name: str, gp_weight: float = 10.0) -> AdversarialLoss:
             raise ConfigError(f"gp_weight must be >= 0, got {gp_weight}")
         return WGANGPLoss(gp_weight)
     return cls()
+
+
+AdversarialName = ADVERSARIAL.name_type()
+"""A config field naming an adversarial loss, checked against `ADVERSARIAL`."""

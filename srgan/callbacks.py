@@ -5,7 +5,8 @@
 - `Positioned` and `EpochEnd`: where training is inside an epoch (checkpoints in the middle of one, SIGTERM, a
   resume from there), and after each epoch a history row, the checkpoint, then the history file — train-gen's
   and train-critic's epoch callbacks are subclasses naming their row;
-- `CountBatches`, `EpochLoss`, `quiet` (no progress bars or epoch lines), `history_value`.
+- `CountBatches`, `EpochLoss`, `quiet` (no progress bars or epoch lines), `history_value`;
+- `AnyBackendDL`: fastai's `DistributedDL` on the gloo backend too (data-parallel training on CPU processes).
 
 This module imports fastai (~2 s) at the top, as `srgan.loader` does: the stages import it inside the functions
 that train, so importing them (for their configs) stays light. Bottom layer: it imports no stage module.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
+from fastai.distributed import DistributedDL
 
 from crappify.errors import CrappifyError, Interrupted
 from srgan.distributed import unwrap
@@ -229,3 +231,15 @@ class EpochEnd(Positioned):
         self.save(epoch)
         self._write_history()
         self._t0 = None
+
+
+class AnyBackendDL(DistributedDL):
+    """fastai's `DistributedDL` (each rank its share of every pass, the order broadcast from rank 0) on any
+    backend: fastai's puts the order on CUDA to broadcast it, which the gloo (CPU) backend cannot take."""
+
+    def _broadcast(self, t: Any, rank: int) -> Any:
+        backend = torch.distributed.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        tensor = torch.tensor(t, dtype=torch.long, device=device)
+        torch.distributed.broadcast(tensor, rank)
+        return tensor.cpu().tolist()

@@ -207,7 +207,7 @@ def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
 
 def save_generator(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write weights + rebuild recipe (`model.crappify_spec`) as one safetensors file, atomically."""
-    _save_model(model, path, FORMAT, "srgan.models.build_generator", extra)
+    _save_model(model, path, FORMAT, "srgan.generators.build_generator", extra)
 
 
 def model_file(path: str | Path) -> Path:
@@ -227,7 +227,7 @@ def read_generator_meta(path: str | Path) -> dict[str, Any]:
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a generator from its file alone (no pretrained downloads, no loss network), in eval mode."""
-    from srgan.models import build_generator
+    from srgan.generators import build_generator
 
     meta = read_generator_meta(path)
     spec = meta["spec"]

@@ -36,23 +36,12 @@ CRITICS: Registry[CriticBuilder] = Registry("critic")
 """Critic builders by name; each is called with its options as keyword arguments."""
 
 DEFAULT_CRITIC = "gan-critic"
-CRITIC_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gan-critic": {"nf": 128, "n_blocks": 3, "p": 0.15},  # fastai's gan_critic defaults (the course's critic)
-    "srgan": {"nf": 64, "n_blocks": 4, "hidden": 1024, "pool": 6},
-    "patch": {"nf": 64, "n_blocks": 4},
-    "unet-sn": {"nf": 64, "skip": True},
-}
 
 
 def build_critic(arch: str = DEFAULT_CRITIC, **options: Any) -> nn.Module:
     """Build critic `arch` with its options (unknown options are a ConfigError); the result has `crappify_spec`."""
     builder = CRITICS.get(arch)  # unknown names fail here, listing the valid ones
-    defaults = CRITIC_DEFAULTS[arch]
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for critic {arch!r}; "
-                          f"valid: {', '.join(sorted(defaults))}")
-    resolved = {**defaults, **options}
+    resolved = CRITICS.resolve_options(arch, options)
     for key, value in resolved.items():
         if key == "p":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
@@ -71,7 +60,7 @@ def build_critic(arch: str = DEFAULT_CRITIC, **options: Any) -> nn.Module:
 def min_input_size(arch: str, **options: Any) -> int:
     """The smallest square input (px) critic `arch` accepts with these options (for `srgan`, which runs on any
     size thanks to padding and its adaptive pool, the size at which its features reach 1 px)."""
-    opts = {**CRITIC_DEFAULTS[arch], **options}
+    opts = CRITICS.resolve_options(arch, options)
     if arch == "gan-critic":  # 1 + n_blocks stride-2 convs, then a 4x4 valid conv
         return 4 * 2 ** (1 + opts["n_blocks"])
     if arch in ("srgan", "patch"):
@@ -80,8 +69,8 @@ def min_input_size(arch: str, **options: Any) -> int:
 
 
 @CRITICS.register("gan-critic")
-def _gan_critic(*, nf: int, n_blocks: int, p: float) -> nn.Module:
-    """fastai's `gan_critic` as is (the course's critic)."""
+def _gan_critic(*, nf: int = 128, n_blocks: int = 3, p: float = 0.15) -> nn.Module:
+    """fastai's `gan_critic` as is, with its defaults (the course's critic)."""
     import warnings
 
     from fastai.vision.gan import gan_critic
@@ -143,7 +132,7 @@ class PatchDiscriminator(nn.Module):
 
 
 @CRITICS.register("srgan")
-def _srgan_critic(*, nf: int, n_blocks: int, hidden: int, pool: int) -> nn.Module:
+def _srgan_critic(*, nf: int = 64, n_blocks: int = 4, hidden: int = 1024, pool: int = 6) -> nn.Module:
     return SRGANDiscriminator(nf=nf, n_blocks=n_blocks, hidden=hidden, pool=pool)
 
 
@@ -182,10 +171,10 @@ class UNetDiscriminatorSN(nn.Module):
 
 
 @CRITICS.register("patch")
-def _patch_critic(*, nf: int, n_blocks: int) -> nn.Module:
+def _patch_critic(*, nf: int = 64, n_blocks: int = 4) -> nn.Module:
     return PatchDiscriminator(nf=nf, n_blocks=n_blocks)
 
 
 @CRITICS.register("unet-sn")
-def _unet_sn(*, nf: int, skip: bool) -> nn.Module:
+def _unet_sn(*, nf: int = 64, skip: bool = True) -> nn.Module:
     return UNetDiscriminatorSN(nf=nf, skip=skip)

@@ -34,7 +34,7 @@ import yaml
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, ReadError, decode
-from srgan.models import model_input
+from srgan.generators import model_input
 from srgan.normalize import IMAGENET_STATS, NormalizeBatch, Normalizer  # noqa: F401  (re-exports: old paths)
 
 if TYPE_CHECKING:

@@ -10,13 +10,24 @@ rank its share of every epoch) does the work. Two things fastai lacks are added 
 `DistributedDL` broadcasts the epoch's sample order through a CUDA tensor, so it cannot run on the
 gloo (CPU) backend — ours broadcasts on the process group's own device; and only rank 0 may write
 run files (history, previews, checkpoints, the generator), which the trainers ask `is_main()` about.
+
+The GAN phase does not go through fastai's DistributedTrainer: DDP cannot take a critic whose parameters are
+frozen for one step and trained the next, nor the gradient penalty's double backward (`autograd.grad` through
+a DDP module is documented as unsupported). It keeps its two networks plain and does what DDP does by hand,
+with the helpers below: the same start weights on every rank (`broadcast_tensors`), the gradients of the network
+being trained averaged over the ranks before its optimiser step (`average_gradients`, DDP's arithmetic: a sum
+divided by the world size), and rank 0's buffers (batch-norm statistics, spectral-norm vectors) copied to the
+others after each step, as DDP's `broadcast_buffers` does before each forward.
+
+A pipeline (`crappify run` under torchrun) runs several stages in one process group: `hold_group` keeps
+`finish` from leaving it between stages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -66,17 +77,98 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def refuse_distributed(command: str) -> None:
-    """Stages that do not run data-parallel say so instead of training each rank alone."""
-    from crappify.errors import CrappifyError
+def joined() -> bool:
+    """Whether this process is in a process group (launched by torchrun and joined)."""
+    return is_distributed() and torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    if is_distributed():
-        raise CrappifyError(f"{command} runs in one process (its phase is short); launch it without torchrun")
+
+def join(device: torch.device) -> None:
+    """Join torchrun's process group if launched by it and not yet in it: nccl for CUDA, gloo for the CPU."""
+    if not is_distributed() or joined():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def _coalesced(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """`tensors` in groups of one dtype and device, so each group travels as one flat buffer."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    yield from groups.values()
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Each gradient becomes its mean over the ranks (what DDP does after backward), one all-reduce per dtype;
+    parameters without a gradient (a frozen network's) are left alone. Nothing happens outside a process group."""
+    if not joined():
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    for group in _coalesced(grads):
+        flat = _flatten_dense_tensors(group)
+        torch.distributed.all_reduce(flat)
+        flat /= world_size()
+        for g, avg in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
+            g.copy_(avg)
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Rank `src`'s values of `tensors` (parameters, buffers) copied into every rank's, in place."""
+    if not joined():
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    with torch.no_grad():
+        for group in _coalesced([t.data for t in tensors]):
+            flat = _flatten_dense_tensors(group)
+            torch.distributed.broadcast(flat, src)
+            for t, value in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
+                t.copy_(value)
+
+
+def rank_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over the ranks (a new tensor; `value` itself outside a process group). A NaN on one
+    rank makes every rank's mean NaN, so all ranks stop together on a non-finite loss."""
+    if not joined():
+        return value
+    out = value.detach().clone()
+    torch.distributed.all_reduce(out)
+    return out / world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (e.g. a SIGTERM one of them received), so all ranks act on it together."""
+    if not joined():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+_HELD = [0]  # > 0 while a pipeline runs its stages in one process group (see `hold_group`)
+
+
+@contextlib.contextmanager
+def hold_group() -> Iterator[None]:
+    """For a pipeline's run of stages: `finish` keeps the process group (the stages after need it) and the group
+    is left once, when the outermost `hold_group` ends."""
+    _HELD[0] += 1
+    try:
+        yield
+    finally:
+        _HELD[0] -= 1
+        if not _HELD[0]:
+            finish()
 
 
 def finish() -> None:
@@ -87,6 +179,8 @@ def finish() -> None:
     in five of train-critic on two CPU processes.
     """
     barrier()
+    if _HELD[0]:
+        return
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -96,13 +190,7 @@ def distributed_callback(device: torch.device):
     SyncBatchNorm only on GPUs, the only place PyTorch runs it)."""
     from fastai.distributed import DistributedDL, DistributedTrainer
 
-    class AnyBackendDL(DistributedDL):
-        def _broadcast(self, t, rank):  # fastai's puts `t` on CUDA, which gloo cannot broadcast
-            backend = torch.distributed.get_backend()
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            tensor = torch.tensor(t, dtype=torch.long, device=device)
-            torch.distributed.broadcast(tensor, rank)
-            return tensor.cpu().tolist()
+    from srgan.callbacks import AnyBackendDL
 
     class Trainer(DistributedTrainer):
         def _wrap_dl(self, dl):

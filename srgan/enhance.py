@@ -17,25 +17,22 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from crappify.errors import ConfigError, CrappifyError
-from crappify.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, decode, is_temp_name, write_atomic
+from crappify.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, Photo, is_temp_name, write_atomic
+from srgan.generators import takes_upscaled_input
 from srgan.inference import TiledInference, Upscaled, is_oom
-from srgan.models import takes_upscaled_input
 
 WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
             ".tiff": "TIFF"}
 ALPHA_WRITABLE = {".png", ".webp", ".tif", ".tiff"}
-GREY_MODES = {"L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "LA", "La"}
-ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 @dataclass
@@ -52,6 +49,7 @@ class EnhanceResult:
     written: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)  # output already there
     failed: list[tuple[Path, str]] = field(default_factory=list)  # input, reason
+    scale: int = 1  # output / input size
 
 
 def check_output_size(width: int, height: int, scale: int, max_pixels: int) -> None:
@@ -63,43 +61,13 @@ def check_output_size(width: int, height: int, scale: int, max_pixels: int) -> N
 
 
 def read_input(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, scale: int = 1) -> Loaded:
-    """Decode a photo for enhancement; raises ImageError with a short reason for unusable files.
-
-    A photo whose output (its size × `scale`) would exceed `max_pixels` is refused from its header, before decoding.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                mode, info, size = img.mode, dict(img.info), img.size
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
-    except Exception:
-        rgb = decode(path, max_pixels)  # decode gives the precise reason (or reads what Pillow can't)
-        check_output_size(rgb.shape[1], rgb.shape[0], scale, max_pixels)
-        return Loaded(rgb)
-    check_output_size(*size, scale, max_pixels)
-    grey = mode in GREY_MODES
-    transparent = mode in ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in info)
-    if not transparent:
-        rgb = decode(path, max_pixels)
-        return Loaded(rgb, None, grey)
-    return _read_with_alpha(Path(path), grey, max_pixels)
-
-
-def _read_with_alpha(path: Path, grey: bool, max_pixels: int) -> Loaded:
-    """RGB (not composited) + alpha, upright; 16-bit RGBA PNGs through OpenCV (Pillow keeps 8 bits)."""
-    decode(path, max_pixels)  # the same checks and error messages as every other input (bombs, truncation)
-    with Image.open(path) as img:
-        deep = any("16" in str(t[3]) for t in img.tile)
-        if deep and img.format == "PNG" and img.getexif().get(0x0112, 1) == 1:
-            arr = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
-            if arr is not None and arr.ndim == 3 and arr.shape[2] == 4:
-                x = np.clip(np.rint(arr.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)
-                return Loaded(np.ascontiguousarray(x[..., 2::-1]), np.ascontiguousarray(x[..., 3]), grey)
-        img = ImageOps.exif_transpose(img)
-        rgba = np.asarray(img.convert("RGBA"))
-    return Loaded(np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3]), grey)
+    """Decode a photo for enhancement through `crappify.imageio.Photo`, transparency kept apart; raises ImageError
+    with a short reason for unusable files. A photo whose output (its size × `scale`) would exceed `max_pixels` is
+    refused from its header, before decoding."""
+    with Photo(path, max_pixels) as photo:
+        check_output_size(*photo.size, scale, max_pixels)
+        rgb, alpha = photo.pixels_and_alpha()
+        return Loaded(rgb, alpha, photo.grey)
 
 
 def output_path(rel: Path, alpha: bool) -> Path:
@@ -193,6 +161,41 @@ def resolve_scale(engine: TiledInference, scale: int | None) -> int:
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ConfigError(f"--scale must be a positive integer, got {scale!r}")
     return scale
+
+
+def enhance(inputs: Iterable[str | Path], model: str | Path, out: str | Path, *, scale: int | None = None,
+            tile: int | None = None, overlap: int | None = None, batch: int | None = None, device: str = "auto",
+            precision: str = "auto", quality: int = 95, max_pixels: int | None = None, overwrite: bool = False,
+            progress: bool = True, note: Callable[[str], None] | None = None,
+            report: Callable[[str], None] | None = None, compile: bool = False) -> EnhanceResult:
+    """`crappify enhance` as one call: the generator file in `model` (a file or run folder) over every photo in
+    `inputs` (files and folders, recursive) into `out`, tile by tile. `note` hears remarks on the settings,
+    `report` each photo skipped. `compile`: torch.compile the generator, every tile then the full tile size
+    (`srgan.inference`), compiled once, in the first photo. CrappifyError when there is nothing to enhance or
+    nothing could be."""
+    from srgan.checkpoint import model_file
+    from srgan.inference import load_inference
+    from srgan.runtime import resolve_device
+
+    inputs = [str(i) for i in inputs]
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    path = model_file(model)
+    items = collect_inputs(inputs, out)
+    if not items:
+        raise CrappifyError(f"no image files found in {', '.join(inputs)}")
+    engine = load_inference(path, resolve_device(device), precision=precision, tile=tile, overlap=overlap,
+                            batch=batch, on_note=note, compile=compile)
+    factor = resolve_scale(engine, scale)
+    if scale is None and engine.scale == 1 and factor != 1 and note is not None:
+        note(f"upscaling x{factor} before the U-Net, the scale of the data it was trained on "
+             "(--scale 1 keeps the size)")
+    res = enhance_files(engine, items, out, factor, overwrite=overwrite, progress=progress, jpeg_quality=quality,
+                        report=report, max_pixels=max_pixels)
+    res.scale = factor
+    if not res.written and not res.skipped and res.failed:
+        raise CrappifyError(f"no image could be enhanced: {len(res.failed)} file(s) skipped (could not be read, "
+                            f"too large for --max-pixels {max_pixels}, or out of memory)")
+    return res
 
 
 def enhance_files(engine: TiledInference, items: list[tuple[Path, Path]], out_dir: str | Path, scale: int,

@@ -301,8 +301,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
 
     from crappify.preview import grid
     from srgan.data import describe, read_dataset, read_image, warn
+    from srgan.generators import model_input
     from srgan.inference import load_inference
-    from srgan.models import model_input
 
     device = resolve_device(cfg.device)
     pairs_by_split, data_cfg = read_dataset(cfg.data)

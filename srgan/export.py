@@ -21,7 +21,7 @@ from crappify.errors import CrappifyError
 from crappify.imageio import replacing
 from crappify.runlock import clean_stale_temps
 from srgan.checkpoint import load_generator, read_generator_meta
-from srgan.models import model_multiple, model_scale
+from srgan.generators import model_multiple, model_scale
 
 ONNX_OPSET = 18
 

@@ -1,6 +1,6 @@
 """The GAN phase's fastai pieces (train-gan's loop): its loss, switchers and callbacks, as top-level classes.
 
-Imported by `srgan.gan` when a phase starts, never at package import: this module imports fastai (~2 s) at its
+Imported by `srgan.train_gan` when a phase starts, never at package import: this module imports fastai (~2 s) at its
 top, the way `srgan.callbacks` does. What each class fixes or adds to fastai's GAN machinery is in its docstring.
 """
 
@@ -16,7 +16,9 @@ from fastai.vision.gan import FixedGANSwitcher, GANLoss
 
 from crappify.errors import CrappifyError, Interrupted
 from srgan.callbacks import history_value as _num
-from srgan.gan import save_state
+from srgan.distributed import any_rank, average_gradients, broadcast_tensors, joined, rank_mean
+from srgan.loader import skip_samples
+from srgan.train_gan import save_state
 
 
 def non_finite(gan, net: str, loss: torch.Tensor) -> CrappifyError:
@@ -24,6 +26,13 @@ def non_finite(gan, net: str, loss: torch.Tensor) -> CrappifyError:
     kept = f"the last good checkpoint ({gan.last}) is kept" if gan.last.is_file() else "no checkpoint was written yet"
     return CrappifyError(f"{net} loss became {loss.item()} at GAN step {gan.step + 1}; {kept} "
                          "(lower --lr, or use --precision fp32)")
+
+
+def penalty(adversarial, critic, real, fake, rng) -> torch.Tensor:
+    """The adversarial loss's gradient penalty (wgan-gp) with the critic run eagerly: its double backward is not
+    supported through a compiled forward (--compile)."""
+    with torch.compiler.set_stance("force_eager"):
+        return adversarial.penalty(critic, real, fake, rng)
 
 
 class CrappifyGANLoss(GANLoss):
@@ -53,7 +62,7 @@ class CrappifyGANLoss(GANLoss):
             fake = self.gan_model.generator(input)
         loss = self.adversarial.critic(real_pred, self.gan_model.critic(fake))
         if self.adversarial.needs_images:
-            loss = loss + self.adversarial.penalty(self.gan_model.critic, self.real, fake, self.rng)
+            loss = loss + penalty(self.adversarial, self.gan_model.critic, self.real, fake, self.rng)
         self.crit_loss = loss
         return loss
 
@@ -101,12 +110,14 @@ class PerBatchCritic(Callback):
             with mp.autocast if mp is not None else contextlib.nullcontext():
                 loss = lf.adversarial.critic(critic(real), critic(fake))
             if lf.adversarial.needs_images:
-                loss = loss + lf.adversarial.penalty(critic, real, fake, lf.rng)
-            if not torch.isfinite(loss).all():
-                raise non_finite(self.gan, "critic", loss)
-            lf.crit_loss = loss.detach()
+                loss = loss + penalty(lf.adversarial, critic, real, fake, lf.rng)
+            mean = rank_mean(loss)  # data-parallel: every rank checks (and records) the same value
+            if not torch.isfinite(mean).all():
+                raise non_finite(self.gan, "critic", mean)
+            lf.crit_loss = mean.detach()
             scaler = getattr(learn, "scaler", None) if mp is not None else None
             (scaler.scale(loss) if scaler is not None else loss).backward()
+            average_gradients(critic.parameters())
             lrs = [h["lr"] for h in learn.opt.hypers]
             learn.opt.set_hyper("lr", [lr * self.mult_lr for lr in lrs])
             if scaler is not None and scaler.is_enabled():  # fp16: skip the step on overflow, as fastai does
@@ -123,6 +134,30 @@ class PerBatchCritic(Callback):
                 p.grad = None
             critic.requires_grad_(False).train(was_training)
             gen.requires_grad_(True)
+
+
+class SyncRanks(Callback):
+    """Data-parallel GAN phase (torchrun): what DDP would do, by hand (see `srgan.distributed`). The loss each
+    rank computed becomes the mean over the ranks before anyone looks at it (order -4: before StopOnNonFinite
+    and the switchers), so every rank stops, switches and records alike; the gradients of the network being
+    trained are averaged before its step (after Guard has dropped the frozen one's, before MixedPrecision
+    steps); after each batch rank 0's buffers go to every rank. Added only when the phase runs on several ranks.
+    """
+
+    order = -4
+
+    def after_loss(self):
+        if self.training:
+            self.learn.loss = rank_mean(self.learn.loss)
+
+    def before_step(self):
+        trainer = self.learn.gan_trainer
+        average_gradients((trainer.generator if trainer.gen_mode else trainer.critic).parameters())
+
+    def after_batch(self):  # after the per-batch critic's step too (PerBatchCritic.after_step)
+        if self.training:
+            trainer = self.learn.gan_trainer
+            broadcast_tensors([*trainer.generator.buffers(), *trainer.critic.buffers()])
 
 
 class Guard(Callback):
@@ -179,8 +214,9 @@ class Progress(Callback):
         gan = self.gan
         n = max(1, len(self.dls.train))
         self.first_epoch = gan.step // n  # the epoch (crops and order) the checkpointed step was in
-        # resumed mid-epoch: go on with the batches the uninterrupted run would have seen next
-        self.dls.train.skip_next = (gan.step % n) * self.dls.train.bs
+        # resumed mid-epoch: go on with the batches the uninterrupted run would have seen next (on each rank,
+        # of its own share)
+        skip_samples(self.dls.train, (gan.step % n) * self.dls.train.bs)
         if gan.gen_mode is not None:
             self.learn.gan_trainer.switch(gan.gen_mode)
         for cb in self.learn.cbs:
@@ -223,6 +259,12 @@ class Progress(Callback):
         now_gen = bool(self.learn.gan_trainer.gen_mode)
         if now_gen != self.was_gen:
             gan.counts["to_gen" if now_gen else "to_crit"] += 1
+        if joined():  # the row holds the ranks' means (the loss itself already is one: SyncRanks)
+            names = [k for k in ("gen_loss", "crit_loss", "content_loss", "adv_loss") if getattr(lf, k) is not None]
+            if names:
+                means = rank_mean(torch.stack([getattr(lf, k).detach().float().reshape(()) for k in names]))
+                for k, v in zip(names, means, strict=True):
+                    setattr(lf, k, v)
         gan.rows.append({
             "step": gan.step, "epoch": (gan.step - 1) // max(1, len(self.dls.train)),
             "trained": "both" if both else "generator" if self.was_gen else "critic", "loss": _num(self.loss),
@@ -238,7 +280,7 @@ class Progress(Callback):
     def check_stop(self):
         """After a SIGTERM: the resumable state at this step (unless it is on disk already), then stop."""
         gan = self.gan
-        if gan.stop is None or not gan.stop.requested:
+        if gan.stop is None or not any_rank(gan.stop.requested):  # a SIGTERM to any rank stops them all here
             return
         gan.stop.acted = True
         where = f"train-gan stopped by SIGTERM at step {gan.step} of {gan.total}"

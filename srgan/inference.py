@@ -16,6 +16,14 @@ resizing the whole photo first (to rounding: within 1 grey level), without ever 
 Out of memory (torch's, or numpy's MemoryError) → the batch, then the tile, is halved and the image redone.
 Reduced precision (bf16/fp16 autocast) falls back to fp32 where the device does not support it, and a batch
 whose output holds NaN or inf is recomputed in fp32 (and fp32 is kept from then on).
+
+`compile`: the generator's forward compiled by torch.compile (`srgan.runtime.compile_module`, dynamic=False), which
+pays when one input shape runs many times. So the tiles then have one shape (`fixed_tiles`): every tile is `tile` px
+square (not shrunk to fit the photo), a photo smaller than a tile is padded by reflection up to one, and the last
+batch of a photo is filled up with copies of its last tile — one compilation for every photo of a run (another
+only after an out-of-memory retry or the fp32 fallback). Photos whose sides are not covered exactly by tiles then
+get other tile borders than without `compile`, so outputs differ by the tiling (as between two tile sizes), not
+by compilation.
 """
 
 from __future__ import annotations
@@ -31,9 +39,9 @@ import torch
 from torch import nn
 
 from crappify.errors import ConfigError, CrappifyError
-from srgan.models import UNET_MULTIPLE, model_multiple, model_scale  # noqa: F401  (UNET_MULTIPLE: re-export)
+from srgan.generators import UNET_MULTIPLE, model_multiple, model_scale  # noqa: F401  (UNET_MULTIPLE: re-export)
 from srgan.normalize import Normalizer
-from srgan.runtime import PRECISIONS, resolve_inference_precision  # noqa: F401  (PRECISIONS: re-export)
+from srgan.runtime import PRECISIONS, compile_module, resolve_inference_precision  # noqa: F401  (PRECISIONS: re-export)
 from srgan.upsample import resize_image
 
 DEFAULT_TILE = 512  # output pixels per tile side; SR models take tile // scale input pixels
@@ -108,6 +116,8 @@ class TiledInference:
     (so tiles may be smaller than `tile`, never larger). `batch`: tiles per forward pass (default 1: peak
     memory is then set by the tile alone). `data_scale`: HR/LR ratio of the data a U-Net was trained on (its
     inputs were LR photos resized back up by that much), read from the generator file by `load_inference`.
+    `compile`: torch.compile the generator (see the module docstring); `fixed_tiles` (default: as `compile`):
+    every forward pass the same shape — `batch` tiles of exactly `tile` px.
     """
 
     model: nn.Module
@@ -121,6 +131,8 @@ class TiledInference:
     data_scale: int = 1
     notes: list[str] = field(default_factory=list)
     on_note: Callable[[str], None] | None = None
+    compile: bool = False
+    fixed_tiles: bool | None = None
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
@@ -143,6 +155,11 @@ class TiledInference:
             self.batch = 1
         if self.batch < 1:
             raise ConfigError(f"tile batch must be >= 1, got {self.batch}")
+        if self.fixed_tiles is None:
+            self.fixed_tiles = self.compile
+        self.model = compile_module(self.model, self.compile, self.device)
+        if self.compile and not self.tile:
+            self._note("--compile with --tile 0 compiles the model again for every photo size")
 
     def _note(self, text: str) -> None:
         self.notes.append(text)
@@ -198,10 +215,16 @@ class TiledInference:
         h, w = src.height, src.width
         s, m = self.scale, self.multiple
         hp, wp = _round_up(h, m), _round_up(w, m)
+        fixed = bool(self.tile and self.fixed_tiles)
+        if fixed:  # every tile `tile` px square (one shape to compile): a smaller photo is padded up to one tile
+            hp, wp = max(hp, self.tile), max(wp, self.tile)
         # the input padded by reflection to (hp, wp), as source indices: tiles are cut from it without a copy
         rows, cols = _pad_index(h, hp - h), _pad_index(w, wp - w)
         ov = self._overlap(min(self.tile, hp, wp)) if self.tile else 0
-        th, tw = (fit_tile(hp, self.tile, ov, m), fit_tile(wp, self.tile, ov, m)) if self.tile else (hp, wp)
+        if fixed:
+            th = tw = self.tile
+        else:
+            th, tw = (fit_tile(hp, self.tile, ov, m), fit_tile(wp, self.tile, ov, m)) if self.tile else (hp, wp)
         stride_h, stride_w = max(th - ov, m), max(tw - ov, m)
         ys, xs = tile_origins(hp, th, stride_h), tile_origins(wp, tw, stride_w)
         wy = [t.to(self.device) for t in axis_weights([y * s for y in ys], th * s, hp * s, ov * s)]
@@ -215,8 +238,10 @@ class TiledInference:
         top = 0
         for start in range(0, len(order), self.batch):
             chunk = order[start:start + self.batch]
-            pred = self._forward(np.stack([src.take(rows[ys[i]:ys[i] + th], cols[xs[j]:xs[j] + tw])
-                                           for i, j in chunk]))
+            tiles = np.stack([src.take(rows[ys[i]:ys[i] + th], cols[xs[j]:xs[j] + tw]) for i, j in chunk])
+            if fixed and len(chunk) < self.batch:  # a short last batch filled up with copies: one shape
+                tiles = np.concatenate([tiles, np.repeat(tiles[-1:], self.batch - len(chunk), axis=0)])
+            pred = self._forward(tiles)
             bottom = ys[chunk[-1][0]] * s + th * s
             if bottom - top > strip.shape[1]:
                 grow = torch.zeros(3, bottom - top - strip.shape[1], wp * s, device=self.device)
@@ -262,15 +287,18 @@ class TiledInference:
             return self.model(x).float()
 
 
-def load_inference(path: str | Path, device: torch.device | str = "cpu", **options) -> TiledInference:
-    """A TiledInference for a `generator.safetensors` file (no loss networks, no pretrained downloads)."""
+def load_inference(path: str | Path, device: torch.device | str = "cpu", *, compile: bool = False,
+                   **options) -> TiledInference:
+    """A TiledInference for a `generator.safetensors` file (no loss networks, no pretrained downloads); `compile`:
+    torch.compile the generator, tiles of one shape (see the module docstring)."""
     from srgan.checkpoint import load_generator, read_generator_meta
 
     meta = read_generator_meta(path)
     stats = meta.get("normalization")
     normalizer = Normalizer(tuple(stats)) if stats else Normalizer()
     options.setdefault("data_scale", int(meta["extra"].get("data_scale") or 1))
-    return TiledInference(load_generator(path, device), device=device, normalizer=normalizer, **options)
+    return TiledInference(load_generator(path, device), device=device, normalizer=normalizer, compile=compile,
+                          **options)
 
 
 def _round_up(n: int, m: int) -> int:

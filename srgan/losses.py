@@ -42,7 +42,7 @@ from srgan.weights import WeightsError, torchvision_state_dict
 
 LossFactory = Callable[..., nn.Module]
 
-LOSSES: Registry[LossFactory] = Registry("loss")
+LOSSES: Registry[LossFactory] = Registry("loss", reserved=("pretrained", "weights"))
 
 # torchvision's VGG layouts ("D" = VGG16, "E" = VGG19): channel counts, "M" for a max-pool; and BatchNorm.
 _VGG_CFGS: dict[str, tuple[list[int | str], bool]] = {
@@ -467,12 +467,19 @@ class CombinedLoss(nn.Module):
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         """Σ weight·part(pred, target), a float32 scalar."""
         total: Tensor | None = None
+        last: dict[str, Tensor] = {}
         for name, part in self.parts.items():
             value = part(pred, target)
-            self._last[name] = value.detach()
-            term = _wide(value) * self.weights[name]
+            last[name] = value.detach()
+            # A weight of 1 adds the value as it is (x · 1.0 == x exactly): under torch.compile (torch 2.14),
+            # returning `value * 1.0` while `value.detach()` is kept made the returned loss lose its grad_fn.
+            weight = self.weights[name]
+            term = _wide(value) if weight == 1.0 else _wide(value) * weight
             total = term if total is None else total + term
         assert total is not None
+        # a new dict each call, not the old one filled in: torch.compile guards on a mutated dict's keys, so the
+        # first call's (empty → filled) would compile the loss twice
+        self._last = last
         return total
 
     @property
@@ -508,11 +515,6 @@ def _parse_spec(spec: object) -> tuple[dict[str, float], dict[str, dict[str, obj
         return out, options
     raise ConfigError(f"a loss spec is a name, a {{name: weight}} mapping or {{name: {{weight: w, option: value}}}}, "
                       f"not {spec!r}")
-
-
-def _options_of(factory: LossFactory) -> list[str]:
-    params = inspect.signature(factory).parameters.values()
-    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in ("pretrained", "weights")]
 
 
 def _weights_file(name: str, factory: LossFactory, weights: Mapping[str, str] | None) -> str | None:
@@ -554,7 +556,7 @@ def build_loss(spec: str | Mapping[str, float], *, pretrained: bool = True,
     """
     parts, spec_options = _parse_spec(spec)
     factories = {name: LOSSES.get(name) for name in parts}  # unknown names fail here, listing the valid ones
-    accepted = {name: _options_of(f) for name, f in factories.items()}
+    accepted = {name: list(LOSSES.options(name)) for name in factories}
     kwargs: dict[str, dict[str, object]] = {name: {} for name in parts}
     nested = {k: v for k, v in options.items() if k in parts and isinstance(v, Mapping)}
     for name, sub in spec_options.items():  # options written in the spec itself
@@ -570,11 +572,8 @@ def build_loss(spec: str | Mapping[str, float], *, pretrained: bool = True,
         for name in takers:
             kwargs[name][key] = value
     for name, sub in nested.items():
-        for key, value in sub.items():
-            if key not in accepted[name]:
-                raise ConfigError(f"unknown option {key!r} for loss {name!r}; valid: "
-                                  f"{', '.join(accepted[name]) or 'none'}")
-            kwargs[name][key] = value
+        LOSSES.resolve_options(name, sub)  # an unknown option is a ConfigError listing the valid ones
+        kwargs[name].update(sub)
     modules: dict[str, nn.Module] = {}
     for name, factory in factories.items():
         params = inspect.signature(factory).parameters

@@ -11,12 +11,18 @@ records the hash and whether the stage finished: a finished stage with the same 
 that was interrupted (killed) with the same hash is resumed from its own checkpoints; anything else
 runs from the start. Keys that only say how to run (devices, worker counts) are left out of the hash.
 
+Under `torchrun` (one machine or several): the data-parallel stages (train-gen, train-critic, train-gan) run
+on every rank; the others (sample-crops, build-dataset, evaluate) on rank 0 while the other ranks wait, and if
+one of those fails every rank stops. Rank 0 alone holds the output's lock and writes the stage states; every
+rank reads the same plan (taken before anything is written), so a resumed pipeline resumes on every rank.
+
 `--smoke` (`load_pipeline(..., smoke=True)`) runs every stage of the recipe at toy size on the sample photos
 that installed packages ship, into OUT-smoke: see `srgan.smoke.smoke_overrides` for what it changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -35,8 +41,9 @@ from crappify.yamlfile import read_mapping
 from srgan.smoke import critic_min_size, smoke_overrides
 
 STAGES = ("sample-crops", "build-dataset", "train-gen", "train-critic", "train-gan", "evaluate")
+DATA_PARALLEL = frozenset({"train-gen", "train-critic", "train-gan"})  # run on every rank under torchrun
 # how to run, not what to compute (a checkpoint's frequency: a resume from any checkpoint ends the same)
-RUN_ONLY_KEYS = frozenset({"workers", "num_workers", "device", "batch", "checkpoint_every"})
+RUN_ONLY_KEYS = frozenset({"workers", "num_workers", "device", "batch", "checkpoint_every", "compile"})
 
 
 def _shipped_pipelines() -> Path:
@@ -173,10 +180,10 @@ def stage_configs(p: Pipeline, overrides: dict[str, Any] | None = None) -> dict[
     that has the key. A smoke pipeline's configs are shrunk by `srgan.smoke.smoke_overrides` (overrides
     still win)."""
     from crappify.builder import BuildConfig
-    from srgan.critic import TrainCriticConfig
     from srgan.evaluate import EvaluateConfig
-    from srgan.gan import TrainGanConfig
-    from srgan.train import TrainGenConfig
+    from srgan.train_critic import TrainCriticConfig
+    from srgan.train_gan import TrainGanConfig
+    from srgan.train_gen import TrainGenConfig
 
     paths = paths_of(p)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -326,16 +333,16 @@ def _run_stage(step: Step, paths: Paths, progress: bool) -> None:
         # built with the same config and refused otherwise (it may be the user's).
         build_dataset(cfg, overwrite=step.action == "rerun", progress=progress)
     elif step.stage == "train-gen":
-        from srgan.train import Trainer
+        from srgan.train_gen import Trainer
 
         Trainer(cfg, resume=resume and (paths.run / "checkpoints" / "last.pt").is_file(), progress=progress).fit()
     elif step.stage == "train-critic":
-        from srgan.critic import train_critic
+        from srgan.train_critic import train_critic
 
         train_critic(cfg, resume=resume and (paths.run / "critic-checkpoints" / "last.pt").is_file(),
                      progress=progress)
     elif step.stage == "train-gan":
-        from srgan.gan import train_gan
+        from srgan.train_gan import train_gan
 
         train_gan(cfg, resume=resume and (paths.run / "gan" / "checkpoints" / "last.pt").is_file(),
                   progress=progress)
@@ -349,42 +356,78 @@ def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None,
                  overrides: dict[str, Any] | None = None,
                  on_stage: Callable[[Step], None] | None = None, smoke: bool = False) -> list[Step]:
     """Run the planned stages in order; returns the plan that was carried out. `smoke`: run `as_smoke(p)`
-    (toy sizes, into p.out + '-smoke'; load the pipeline with `smoke=True` to choose the folder)."""
+    (toy sizes, into p.out + '-smoke'; load the pipeline with `smoke=True` to choose the folder). Under torchrun:
+    see the module docstring."""
     from crappify.runlock import folder_lock
+    from srgan.distributed import barrier, hold_group, is_main, join, local_device
+    from srgan.runtime import resolve_device
 
     if smoke:
         p = as_smoke(p)
     steps = plan(p, start, stop, overrides)
     paths = paths_of(p)
     check_data(p, steps)
-    with folder_lock(paths.root, "pipeline run"):  # a second `crappify run` on OUT fails with one line
-        _run_steps(p, steps, paths, progress, on_stage)
+    training = next((s for s in steps if s.stage in DATA_PARALLEL and s.action != "skip"), None)
+    join(local_device(resolve_device(training.config.device if training else "auto")))
+    with hold_group():  # the stages share one process group, left when the pipeline ends
+        barrier()  # every rank has read the plan before rank 0 writes a state
+        # a second `crappify run` on OUT fails with one line (rank 0 holds the lock for all)
+        with folder_lock(paths.root, "pipeline run") if is_main() else contextlib.nullcontext():
+            _run_steps(p, steps, paths, progress, on_stage)
     return steps
 
 
 def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
                on_stage: Callable[[Step], None] | None) -> None:
+    from srgan.distributed import is_main
+
+    main = is_main()
     recipe = p.model_dump(by_alias=True)
     if not p.smoke:
         recipe.pop("smoke")  # unchanged for ordinary runs; a smoke run records `smoke: true`
-    write_atomic(paths.root / "pipeline.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    if main:
+        write_atomic(paths.root / "pipeline.yaml", yaml.safe_dump(recipe, sort_keys=False))
     smoke = {"smoke": True} if p.smoke else {}
     for step in steps:
-        if on_stage is not None:
+        if on_stage is not None and main:
             on_stage(step)
         if step.action == "skip":
             continue
         config = step.config.model_dump(mode="json")
-        _write_state(paths, step.stage, {"hash": step.hash, "status": "running", "config": config,
-                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **smoke})
+        if main:
+            _write_state(paths, step.stage, {"hash": step.hash, "status": "running", "config": config,
+                                             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **smoke})
         t0 = time.perf_counter()
         try:
-            _run_stage(step, paths, progress)
+            if step.stage in DATA_PARALLEL:
+                _run_stage(step, paths, progress and main)
+            else:
+                _on_rank_zero(step, paths, progress)
         except Interrupted as exc:  # SIGTERM: the stage saved where it was and stays "running", to be resumed
             raise Interrupted(f"pipeline {p.name}: {exc.where}", "run the same command again to continue") from None
-        _write_state(paths, step.stage, {"hash": step.hash, "status": "done", "config": config,
-                                         "seconds": round(time.perf_counter() - t0, 2),
-                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **smoke})
+        if main:
+            _write_state(paths, step.stage, {"hash": step.hash, "status": "done", "config": config,
+                                             "seconds": round(time.perf_counter() - t0, 2),
+                                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **smoke})
+
+
+def _on_rank_zero(step: Step, paths: Paths, progress: bool) -> None:
+    """A stage that runs in one process: rank 0 runs it while the others wait; a failure stops every rank."""
+    from srgan.distributed import any_rank, is_main, joined
+
+    if not joined():
+        _run_stage(step, paths, progress)
+        return
+    error: BaseException | None = None
+    if is_main():
+        try:
+            _run_stage(step, paths, progress)
+        except BaseException as exc:  # re-raised below, once the other ranks know
+            error = exc
+    if any_rank(error is not None):  # also the barrier the other ranks wait at
+        if error is not None:
+            raise error
+        raise CrappifyError(f"stage {step.stage} failed on rank 0 (its message is in rank 0's output)")
 
 
 def check_data(p: Pipeline, steps: list[Step]) -> None:

@@ -18,8 +18,8 @@ from torch import nn
 from crappify.imageio import ImageError, Photo, save_image_atomic
 from srgan.checkpoint import load_generator
 from srgan.data import describe, read_dataset, read_image, warn
+from srgan.generators import model_input
 from srgan.inference import TiledInference
-from srgan.models import model_input
 from srgan.normalize import Normalizer
 
 
@@ -28,7 +28,7 @@ def predict(model: nn.Module, lr: np.ndarray, hr_size: tuple[int, int] | None = 
     """One LR image (HWC uint8) → the generator's output (HWC uint8), in fp32 on the model's device.
 
     U-Nets take the LR resized (bicubic) to `hr_size` (width, height), as in training; SR models take the
-    LR as it is (`srgan.models.model_input`). `tile` as in `TiledInference` (None: 512 output px; 0: the whole
+    LR as it is (`srgan.generators.model_input`). `tile` as in `TiledInference` (None: 512 output px; 0: the whole
     image in one piece).
     The model's train/eval mode is restored afterwards.
     """

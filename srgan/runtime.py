@@ -1,13 +1,16 @@
 """Where and how a stage runs: the device, one precision policy, the run options every training stage shares,
-and SIGTERM handling.
+torch.compile (`compile_module`) and SIGTERM handling.
 
-The bottom of srgan: stages (train, critic, gan, evaluate, enhance, ...) import from here, never the other way
-round. torch and pydantic only; fastai is not imported.
+The bottom of srgan: stages (train_gen, train_critic, train_gan, evaluate, enhance, ...) import from here, never
+the other way round. torch and pydantic only; fastai is not imported.
 
 Precision: `auto_precision` is the one policy, used by training (`resolve_precision`) and inference
 (`resolve_inference_precision`) alike — bf16 where the device computes it natively (a GPU that reports it, a
 CPU with AVX512-BF16 or AMX), fp16 on older GPUs, else fp32. An explicit request is checked strictly for
 training (fp16 off CUDA is a config error) and leniently for inference (fp32 with a note).
+
+Compilation: `compile_module` is the one way every stage (train-gen, train-critic, train-gan, enhance) compiles a
+network; see its docstring for what is compiled and what stays eager.
 """
 
 from __future__ import annotations
@@ -15,15 +18,21 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
 
 from crappify.errors import ConfigError, Interrupted
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# Config keys that were renamed: still read (with a FutureWarning) so old YAML files keep working.
+RENAMED_KEYS = {"loss_weights": "loss_weight_files"}
 
 
 class RunOptions(BaseModel):
@@ -31,11 +40,29 @@ class RunOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        """An old key (`RENAMED_KEYS`) read as its new name, with a FutureWarning (shown to users); both at once
+        is an error."""
+        if not isinstance(data, dict):
+            return data
+        for old, new in RENAMED_KEYS.items():
+            if old in data and old not in cls.model_fields and new in cls.model_fields:
+                if new in data:
+                    raise ConfigError(f"`{old}` is the old name of `{new}`: give only `{new}`")
+                warnings.warn(f"config key `{old}` is deprecated; it is now `{new}`", FutureWarning,
+                              stacklevel=2)
+                data = {(new if k == old else k): v for k, v in data.items()}
+        return data
+
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     num_workers: int | None = Field(None, ge=0, description="data-loading processes; None: 8 on CUDA, 0 on CPU")
     seed: int = Field(0, ge=0)
+    compile: bool = Field(False, description="torch.compile the networks of the training step (the model and "
+                          "its loss network); the first steps include compilation")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,6 +121,76 @@ def resolve_inference_precision(requested: str, device: torch.device) -> tuple[s
     if requested == "bf16" and device.type not in ("cpu", "cuda"):
         return "fp32", f"bf16 is not supported on {device.type}; using fp32"
     return requested, None
+
+
+class CompiledForward:
+    """What `compile_module` puts in place of a module's `forward`: the compiled forward, or with `grad_only` the
+    original one for calls made with autograd off. `eager` and `compiled` are the two."""
+
+    def __init__(self, eager: Any, compiled: Any, grad_only: bool) -> None:
+        self.eager, self.compiled, self.grad_only = eager, compiled, grad_only
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.grad_only and not torch.is_grad_enabled():
+            return self.eager(*args, **kwargs)
+        return self.compiled(*args, **kwargs)
+
+
+def check_compile(device: torch.device | str) -> None:
+    """ConfigError (one line, before anything runs) when torch.compile cannot work here: Python versions
+    TorchDynamo does not support, a CPU without a C++ compiler, CUDA without Triton."""
+    device = torch.device(device)
+    try:
+        from torch._dynamo import is_dynamo_supported
+
+        supported = is_dynamo_supported()
+    except ImportError:  # the check itself moved: let torch.compile say it
+        supported = True
+    if not supported:
+        raise ConfigError("--compile: torch.compile does not support this Python version; run without --compile")
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+        except ImportError:
+            return
+        try:
+            get_cpp_compiler()
+        except Exception:
+            raise ConfigError("--compile on the CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX); "
+                              "install one or run without --compile") from None
+    elif device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:
+            return
+        if not has_triton():
+            raise ConfigError("--compile on CUDA needs Triton (pip install triton); run without --compile")
+
+
+def compile_module(module: nn.Module, enabled: bool, device: torch.device | str, *, grad_only: bool = False,
+                   dynamic: bool | None = False) -> nn.Module:
+    """`module` with its forward compiled by torch.compile (inductor, default mode) when `enabled`; else `module`
+    untouched. Every stage compiles through this.
+
+    The module is compiled in place and returned: its class, attributes, hooks and state-dict keys stay as they
+    are (`torch.compile(module)` would wrap it in an `OptimizedModule` whose keys carry an `_orig_mod.` prefix),
+    so generator, critic and checkpoint files written from it are those of an uncompiled run, and a resume may
+    switch compilation on or off. The forward is what is compiled, so the module's own forward hooks (fastai's
+    U-Net skip connections live on its children) are inside the graph.
+
+    `grad_only`: only calls made with autograd on — the training step — run compiled; calls without it
+    (validation, preview grids, a GAN's fakes for its critic) run the same forward eagerly, since each of those
+    (eval mode, another batch size) would be one more compilation. `dynamic=False`: one graph per input shape —
+    training crops and inference tiles have fixed sizes — compiled when a shape is first seen (a schedule's
+    frozen/unfrozen phases and crop sizes each compile once; torch falls back to eager after 8). Compiling takes
+    seconds to minutes (minutes on a CPU, where inductor compiles C++) and happens in the first call.
+    ConfigError when this machine cannot compile (`check_compile`). Compiling twice is a no-op."""
+    if not enabled or isinstance(module.__dict__.get("forward"), CompiledForward):
+        return module
+    check_compile(device)
+    eager = module.forward
+    module.forward = CompiledForward(eager, torch.compile(eager, dynamic=dynamic), grad_only)
+    return module
 
 
 class StopRequest:

@@ -105,7 +105,7 @@ def gan_base(tmp_path_factory) -> Path:
 
     from srgan.checkpoint import save_critic, save_generator
     from srgan.critics import build_critic
-    from srgan.models import build_generator
+    from srgan.generators import build_generator
 
     run = tmp_path_factory.mktemp("gan-base")
     torch.manual_seed(0)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from crappify.chain import load_preset
+from srgan.generators import build_generator
 from srgan.losses import build_loss
-from srgan.models import build_generator
 from srgan.pipeline import PIPELINES_DIR, load_pipeline, stage_configs
 
 # torchvision's VGG `.features` indices: the layer just before (conv) or after (relu) the activation
@@ -168,7 +168,7 @@ def test_pipeline_matches_its_recipe(name):
     if "schedule" in recipe:
         assert [(st.size, st.bs) for st in gen.resolved().schedule()] == recipe["schedule"]
     if gan.weighting == "srgan" and gan.w_adv is None:
-        assert gan.loss_weights_pair() == (1.0, 1e-3)
+        assert gan.content_adv_weights() == (1.0, 1e-3)
 
 
 def test_sub_pixel_upsampling_in_the_keras_recipe():
@@ -181,7 +181,7 @@ def test_sub_pixel_upsampling_in_the_keras_recipe():
 
 def test_course_weighting_puts_50_on_content():
     gan = _configs("flickr30k-lesson7")["train-gan"]
-    assert gan.loss_weights_pair() == (50.0, 1.0)
+    assert gan.content_adv_weights() == (50.0, 1.0)
     text = (PIPELINES_DIR / "flickr30k-lesson7.yaml").read_text()
     assert "content x 50" in text and "adversarial x 1" in text
 

@@ -1,7 +1,7 @@
 """The `crappify` command-line app: the top of the tree, the only place that uses both `crappify` and `srgan`.
 
 One module per stage group, each a list of thin click commands over one function each (`COMMANDS`):
-`data` (build-dataset, preview, presets, ops), `train` (train-gen, train-critic, train-gan), `infer`
+`data` (build-dataset, merge-datasets, preview, presets, ops), `train` (train-gen, train-critic, train-gan), `infer`
 (enhance, evaluate, export, save-preds) and `run` (run, demo); `options` holds the options they share.
 torch, fastai and `srgan` are imported inside the command bodies, so `crappify --help` stays fast.
 
@@ -19,15 +19,15 @@ import warnings
 import click
 
 from crappify.cli import data, infer, run, train
-from crappify.cli.data import build_dataset_cmd, ops_cmd, presets_cmd, preview_cmd
+from crappify.cli.data import build_dataset_cmd, merge_datasets_cmd, ops_cmd, presets_cmd, preview_cmd
 from crappify.cli.infer import enhance_cmd, evaluate_cmd, export_cmd, save_preds_cmd
 from crappify.cli.run import demo_cmd, run_cmd
 from crappify.cli.train import train_critic_cmd, train_gan_cmd, train_gen_cmd
 from crappify.errors import ConfigError, CrappifyError, Interrupted
 
-__all__ = ["app", "build_dataset_cmd", "demo_cmd", "enhance_cmd", "evaluate_cmd", "export_cmd", "main", "ops_cmd",
-           "presets_cmd", "preview_cmd", "run_cmd", "save_preds_cmd", "train_critic_cmd", "train_gan_cmd",
-           "train_gen_cmd"]
+__all__ = ["app", "build_dataset_cmd", "demo_cmd", "enhance_cmd", "evaluate_cmd", "export_cmd", "main",
+           "merge_datasets_cmd", "ops_cmd", "presets_cmd", "preview_cmd", "run_cmd", "save_preds_cmd",
+           "train_critic_cmd", "train_gan_cmd", "train_gen_cmd"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

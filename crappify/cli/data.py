@@ -1,4 +1,5 @@
-"""Data commands: `build-dataset`, `preview`, `presets`, `ops` — the `crappify` core only, no `srgan`."""
+"""Data commands: `build-dataset`, `merge-datasets`, `preview`, `presets`, `ops` — the `crappify` core only, no
+`srgan`."""
 
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def _summary(res: Any) -> str:
 @click.option("--hr-format", type=click.Choice(["png", "jpg"]), help="Format of HR images that must be re-encoded.")
 @click.option("--copy-hr", is_flag=True, default=None,
               help="Copy unchanged HR files instead of hard-linking them to the source.")
+@click.option("--shard", help="K/N: build only part K of N disjoint parts (for a job array); join the parts "
+                             "with `crappify merge-datasets`.")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it was built with another config.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str | None, copy_hr: bool | None,
@@ -63,10 +66,31 @@ def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str |
     cfg = resolve(BuildConfig, config_file, src=src, out=out, split=_split(split_),
                   link_hr=False if copy_hr else None, **flags)
     res = build_dataset(cfg, overwrite=overwrite, progress=not quiet)
-    if res.built == 0:
+    if res.built == 0 and cfg.shard is None:  # a part may be empty: the merge judges the whole dataset
         raise CrappifyError(f"no pairs could be built from {src}: {res.skipped} file(s) skipped "
                             f"(see {res.out / 'skipped.csv'})")
-    click.echo(_summary(res))
+    click.echo(_summary(res) + (f"; shard {cfg.shard}: join the parts with `crappify merge-datasets`"
+                                if cfg.shard else ""))
+
+
+@click.command("merge-datasets")
+@click.argument("parts", nargs=-1, required=True)
+@click.option("-o", "--output", "out", required=True, help="Folder of the whole dataset (new, or an earlier merge "
+                                                           "of the same parts).")
+def merge_datasets_cmd(parts: tuple[str, ...], out: str) -> None:
+    """Join the PARTs built with `build-dataset --shard K/N` into the dataset one machine would build."""
+    from crappify.merge import merge_datasets
+
+    res = merge_datasets(parts, out)
+    if res.built == 0:
+        raise CrappifyError(f"no pairs in the {res.parts} parts: {res.skipped} file(s) skipped "
+                            f"(see {res.out / 'skipped.csv'})")
+    splits = " / ".join(f"{k} {v}" for k, v in res.per_split.items())
+    text = (f"merged {res.parts} parts: {res.built} pairs ({splits}) -> {res.out}; {res.linked} files linked, "
+            f"{res.copied} copied, {res.kept} already there")
+    if res.skipped:
+        text += f"; {res.skipped} skipped (see {res.out / 'skipped.csv'})"
+    click.echo(text)
 
 
 @click.command("preview")
@@ -117,4 +141,4 @@ def ops_cmd() -> None:
             click.echo("    steps (list of steps) — required")
 
 
-COMMANDS: list[click.Command] = [build_dataset_cmd, preview_cmd, presets_cmd, ops_cmd]
+COMMANDS: list[click.Command] = [build_dataset_cmd, merge_datasets_cmd, preview_cmd, presets_cmd, ops_cmd]

@@ -18,14 +18,14 @@ import click
 from crappify.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-"""`srgan.train.TrainGenConfig.precision`'s values (and every other stage's, and `srgan.inference.PRECISIONS`)."""
+"""`srgan.train_gen.TrainGenConfig.precision`'s values (and every other stage's, and `srgan.inference.PRECISIONS`)."""
 PRECISION_ENV = "CRAPPIFY_PRECISION"
 ADV_LOSSES = ("bce", "lsgan", "hinge", "wgan-gp")
 """`srgan.adversarial.ADVERSARIAL`'s names (`TrainGanConfig.adv_loss`)."""
 WEIGHTINGS = ("course", "srgan")
-"""`srgan.gan.TrainGanConfig.weighting`'s values."""
+"""`srgan.train_gan.TrainGanConfig.weighting`'s values."""
 SWITCHINGS = ("adaptive", "fixed", "per-batch")
-"""`srgan.gan.TrainGanConfig.switching`'s values."""
+"""`srgan.train_gan.TrainGanConfig.switching`'s values."""
 DEGRADE_MODES = ("offline", "online")
 """`TrainGenConfig.degrade`'s and `TrainGanConfig.degrade`'s values."""
 CRITIC_ARCHS = ("gan-critic", "patch", "srgan", "unet-sn")
@@ -76,6 +76,13 @@ def quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def device_option(text: str = "auto (default), cpu, cuda, cuda:N.", **kwargs: Any) -> Decorator:
     return click.option("--device", help=text, **kwargs)
+
+
+def compile_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--compile` of a training stage (train-gen, train-critic, train-gan): `RunOptions.compile`."""
+    return click.option("--compile", "compile", is_flag=True, default=None,
+                        help="torch.compile the networks of the training step (pays on long runs; the first "
+                             "steps include compilation).")(fn)
 
 
 def workers_option(fn: Callable[..., Any]) -> Callable[..., Any]:

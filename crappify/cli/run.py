@@ -36,13 +36,16 @@ def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None,
     train-critic → train-gan → evaluate, skipping stages already done with the same config and resuming
     an interrupted one. Run the same command again after an interruption."""
     from crappify.errors import CrappifyError
+    from srgan.distributed import is_main
     from srgan.pipeline import check_data, find_pipeline, load_pipeline, plan, run_pipeline
 
     overrides = {"device": device, "precision": precision_override(precision),
                  "pretrained": False if no_pretrained else None}
     path = find_pipeline(pipeline)
     p = load_pipeline(path, out, smoke=smoke)
-    click.echo(f"pipeline {p.name}{' (smoke)' if p.smoke else ''} ({path}) -> {p.out}")
+    main = is_main()  # under torchrun rank 0 alone reports
+    if main:
+        click.echo(f"pipeline {p.name}{' (smoke)' if p.smoke else ''} ({path}) -> {p.out}")
     if dry_run:
         steps = plan(p, start, stop, overrides)
         _print_plan(steps)
@@ -53,7 +56,8 @@ def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None,
         return
     run_pipeline(p, start, stop, progress=not quiet, overrides=overrides,
                  on_stage=lambda s: click.echo(f"[{s.stage}] {s.action}: {s.reason}"))
-    click.echo(f"pipeline {p.name}: done -> {p.out}")
+    if main:
+        click.echo(f"pipeline {p.name}: done -> {p.out}")
 
 
 @click.command("demo")

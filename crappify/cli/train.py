@@ -15,6 +15,7 @@ from crappify.cli.options import (
     CRITIC_ARCHS,
     SWITCHINGS,
     WEIGHTINGS,
+    compile_option,
     config_option,
     degrade_options,
     device_option,
@@ -43,6 +44,7 @@ _CRITICS = ", ".join(f"{name} (default, fastai's)" if name == "gan-critic" else 
 @device_option()
 @stage_precision_option()
 @workers_option
+@compile_option
 @click.option("--seed", type=int, help="Seed for weights init and data order (default 0).")
 @click.option("--checkpoint-every", type=int,
               help="Also checkpoint every N batches of an epoch (default: at epoch ends only).")
@@ -55,7 +57,7 @@ def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
     """Pretrain the generator on a built dataset DATA with a feature loss (fastai Learner)."""
     from crappify.config import resolve
     from srgan.distributed import is_main
-    from srgan.train import Trainer, TrainGenConfig
+    from srgan.train_gen import Trainer, TrainGenConfig
 
     cfg = resolve(TrainGenConfig, config_file, data=data, out=out,
                   pretrained=False if no_pretrained else None, **flags)
@@ -83,6 +85,7 @@ def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
 @device_option()
 @stage_precision_option()
 @workers_option
+@compile_option
 @click.option("--seed", type=int, help="Seed for weights init and crops (default 0).")
 @click.option("--checkpoint-every", type=int,
               help="Also checkpoint every N batches of an epoch (default: at epoch ends only).")
@@ -91,8 +94,8 @@ def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
 def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool, quiet: bool, **flags: Any) -> None:
     """Pretrain a critic to tell DATA's real HR images from RUN's generator outputs (RUN/preds, made if missing)."""
     from crappify.config import resolve
-    from srgan.critic import TrainCriticConfig, train_critic
     from srgan.distributed import is_main
+    from srgan.train_critic import TrainCriticConfig, train_critic
 
     cfg = resolve(TrainCriticConfig, config_file, data=data, out=out, **flags)
     final = train_critic(cfg, resume=resume, progress=not quiet)
@@ -135,6 +138,7 @@ def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool,
 @device_option()
 @stage_precision_option()
 @workers_option
+@compile_option
 @click.option("--seed", type=int, help="Seed (default 0).")
 @click.option("--resume", is_flag=True, help="Continue from RUN/gan/checkpoints/last.pt.")
 @quiet_option
@@ -142,14 +146,17 @@ def train_gan_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
                   quiet: bool, **flags: Any) -> None:
     """Short GAN phase on DATA: alternate generator and critic updates from RUN's pretrained pair."""
     from crappify.config import resolve
-    from srgan.gan import TrainGanConfig, train_gan
+    from srgan.train_gan import TrainGanConfig, train_gan
 
     cfg = resolve(TrainGanConfig, config_file, data=data, out=out, pretrained=False if no_pretrained else None,
                   **flags)
+    from srgan.distributed import is_main
+
     final = train_gan(cfg, resume=resume, progress=not quiet)
-    click.echo(f"generator: {final}")
-    if cfg.ema:
-        click.echo(f"generator (EMA): {final.with_name('generator-ema.safetensors')}")
+    if is_main():  # under torchrun rank 0 alone wrote the files
+        click.echo(f"generator: {final}")
+        if cfg.ema:
+            click.echo(f"generator (EMA): {final.with_name('generator-ema.safetensors')}")
 
 
 COMMANDS: list[click.Command] = [train_gen_cmd, train_critic_cmd, train_gan_cmd]

@@ -338,17 +338,20 @@ def test_choice_lists_match_their_registries_and_config_types():
     from crappify.cli import run as cli_run
     from crappify.sources import SOURCES
     from srgan.adversarial import ADVERSARIAL
-    from srgan.critic import TrainCriticConfig
     from srgan.critics import CRITICS
     from srgan.data import DEGRADE_MODES
     from srgan.demo import DEMO_OUT
     from srgan.evaluate import EvaluateConfig
-    from srgan.gan import TrainGanConfig
     from srgan.inference import PRECISIONS
-    from srgan.train import TrainGenConfig
+    from srgan.train_critic import TrainCriticConfig
+    from srgan.train_gan import TrainGanConfig
+    from srgan.train_gen import TrainGenConfig
 
-    assert _literal(TrainGanConfig, "adv_loss") == options.ADV_LOSSES
-    assert sorted(options.ADV_LOSSES) == ADVERSARIAL.names()
+    assert sorted(options.ADV_LOSSES) == ADVERSARIAL.names()  # the config field checks names against ADVERSARIAL
+    for name in ADVERSARIAL:
+        assert TrainGanConfig(data="d", out="o", adv_loss=name).adv_loss == name
+    with pytest.raises(ValueError, match="unknown adversarial loss 'nope'; valid: bce, hinge, lsgan, wgan-gp"):
+        TrainGanConfig(data="d", out="o", adv_loss="nope")
     assert _literal(TrainGanConfig, "weighting") == options.WEIGHTINGS
     assert _literal(TrainGanConfig, "switching") == options.SWITCHINGS
     for degrade in (DEGRADE_MODES, _literal(TrainGenConfig, "degrade"), _literal(TrainGanConfig, "degrade")):
@@ -358,9 +361,12 @@ def test_choice_lists_match_their_registries_and_config_types():
     for config in (TrainGenConfig, TrainCriticConfig, TrainGanConfig, EvaluateConfig):
         assert _literal(config, "precision") == options.PRECISIONS, config
     assert Path(cli_run.DEMO_OUT) == DEMO_OUT
-    # sources come from the registry itself, lazily; the build config's Literal must agree with it
+    # sources come from the registry itself: the CLI's choices lazily, the build config's check when it is read
     assert options.SOURCE_CHOICE.choices == ("auto", *SOURCES)
-    assert set(_literal(BuildConfig, "source")) == set(options.SOURCE_CHOICE.choices)
+    for name in options.SOURCE_CHOICE.choices:
+        assert BuildConfig(src="s", out="o", source=name).source == name
+    with pytest.raises(ValueError, match="unknown source 'nope'; valid: auto, celeba, celeba-hq, flickr30k, folder"):
+        BuildConfig(src="s", out="o", source="nope")
 
 
 def test_help_shows_the_registry_choices(cli):

@@ -348,3 +348,36 @@ def test_sixteen_bit_rgb_is_scaled_not_truncated(tmp_path):
     path = tmp_path / "rgb16.png"
     assert cv2.imwrite(str(path), cv2.cvtColor(arr, cv2.COLOR_RGB2BGR))
     assert tuple(decode(path)[0, 0]) == (1, 254, 128)
+
+
+@pytest.mark.parametrize("kind", CONVERTIBLE)
+def test_pixels_and_alpha_keep_transparency_apart_and_agree_with_decode(odd_files, kind):
+    """enhance's reader: the same RGB as `decode` where there is no transparency; where there is, the alpha plane
+    apart and RGB not composited, so compositing it on white gives `decode`'s pixels (±1 for rounding)."""
+    with Photo(odd_files.paths[kind]) as photo:
+        rgb, alpha = photo.pixels_and_alpha()
+        transparent, grey = photo.transparent, photo.grey
+    expected = odd_files.expected[kind]
+    assert rgb.dtype == np.uint8 and rgb.shape == expected.shape and rgb.flags["C_CONTIGUOUS"]
+    assert transparent == (kind in ("palette_t", "rgba"))
+    assert grey == (kind in ("grey16", "grey8"))
+    if alpha is None:
+        assert not transparent
+        np.testing.assert_array_equal(rgb, expected)
+        return
+    assert alpha.shape == rgb.shape[:2] and alpha.dtype == np.uint8 and 0 in alpha and 255 in alpha
+    a = alpha[..., None].astype(np.float32) / 255.0
+    composited = np.rint(rgb * a + 255.0 * (1.0 - a))
+    assert np.abs(composited - expected.astype(np.float32)).max() <= 1
+
+
+def test_sixteen_bit_rgba_png_alpha_is_scaled_not_clipped(tmp_path):
+    arr = np.zeros((4, 6, 4), np.uint16)  # BGRA for OpenCV
+    arr[..., 2] = 65535  # red
+    arr[..., 3] = np.array([0, 32896, 65535, 65535, 65535, 65535], np.uint16)
+    path = tmp_path / "deep.png"
+    cv2.imwrite(str(path), arr)
+    with Photo(path) as photo:
+        rgb, alpha = photo.pixels_and_alpha()
+    assert tuple(rgb[0, 0]) == (255, 0, 0)
+    assert alpha[0].tolist() == [0, 128, 255, 255, 255, 255]

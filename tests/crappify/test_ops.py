@@ -226,8 +226,30 @@ def test_unknown_param_lists_valid_params(name, bad, valid):
     with pytest.raises(ConfigError) as exc:
         make_op(name, **{bad: 1})
     msg = str(exc.value)
-    assert bad in msg and name in msg
-    assert "valid: " + ", ".join(valid) in msg
+    assert f"unknown parameter(s) {bad} for op {name!r}; valid: " in msg
+    assert msg.endswith("valid: " + ", ".join(valid))
+
+
+def test_a_registry_holds_its_entries_options_one_way():
+    reg: Registry = Registry("widget", reserved=("device",))
+
+    @reg.register("declared", options={"a": 1, "b": None})
+    def _declared(**kw):
+        return kw
+
+    @reg.register("signature")
+    def _signature(*, device: str, size: int = 3, mode: str = "x"):
+        return size
+
+    assert reg.options("declared") == {"a": 1, "b": None}
+    assert reg.options("signature") == {"size": 3, "mode": "x"}  # keyword-only, less the reserved ones
+    assert reg.resolve_options("signature", {"mode": "y"}) == {"size": 3, "mode": "y"}
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) sise for widget 'signature'; valid: mode, size"):
+        reg.resolve_options("signature", {"sise": 4})
+    with pytest.raises(ConfigError, match="unknown widget 'nope'"):
+        reg.options("nope")
+    reg.options("declared")["a"] = 9  # a copy
+    assert reg.options("declared")["a"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -786,3 +808,12 @@ def test_repeat_op_records_rounds(photos):
     assert [[r["op"] for r in rnd] for rnd in p["rounds"]] == [["noise", "jpeg"]] * 3
     assert len({rnd[0]["seed"] for rnd in p["rounds"]}) == 3
     np.testing.assert_array_equal(op.apply(img, **p), F.jpeg_decode(encoded))
+
+
+def test_a_parameter_declaration_with_an_unknown_kind_is_refused():
+    from crappify.spec import KINDS, Param
+
+    for kind in KINDS:
+        Param(kind, None, nullable=True)
+    with pytest.raises(ValueError, match="parameter kind must be one of int, float, str, bool, color, not 'flaot'"):
+        Param("flaot", 1.0)

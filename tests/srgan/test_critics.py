@@ -17,9 +17,9 @@ from crappify.builder import BuildConfig, build_dataset
 from crappify.errors import ConfigError, CrappifyError
 from srgan.adversarial import ADVERSARIAL, build_adversarial, gradient_penalty
 from srgan.checkpoint import load_checkpoint, load_critic, read_critic_meta, save_critic, save_generator
-from srgan.critic import TrainCriticConfig, ensure_preds, train_critic
 from srgan.critics import CRITICS, build_critic, min_input_size
 from srgan.data import read_dataset
+from srgan.train_critic import TrainCriticConfig, ensure_preds, train_critic
 
 TINY_CRITICS = {"gan-critic": {"nf": 8, "n_blocks": 1}, "srgan": {"nf": 4, "n_blocks": 2, "hidden": 8, "pool": 2},
                 "patch": {"nf": 4, "n_blocks": 2}, "unet-sn": {"nf": 4}}
@@ -78,7 +78,7 @@ def test_critic_errors(tmp_path):
     with pytest.raises(ConfigError, match="n_blocks"):
         build_critic("srgan", n_blocks=0)
     gen = tmp_path / "gen.safetensors"
-    from srgan.models import build_generator
+    from srgan.generators import build_generator
 
     save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=4), gen)
     with pytest.raises(CrappifyError, match="not a crappify critic file"):
@@ -262,7 +262,7 @@ def test_critic_resume_continues_after_the_last_epoch(dataset, tmp_path):
 
 
 def test_preds_are_made_on_demand_and_missing_generator_is_a_clear_error(dataset, tmp_path):
-    from srgan.models import build_generator
+    from srgan.generators import build_generator
 
     run = tmp_path / "run"
     with pytest.raises(CrappifyError, match=r"no generator\.safetensors"):
@@ -304,3 +304,11 @@ def test_critic_parameter_counts_at_their_defaults():
     from fastai.vision.gan import gan_critic
 
     assert count(build_critic("gan-critic")) == count(gan_critic(n_channels=3, nf=128, n_blocks=3, p=0.15))
+
+
+@pytest.mark.parametrize("arch", CRITICS.names())
+def test_a_critic_records_its_registered_option_defaults(arch):
+    model = build_critic(arch)
+    assert model.crappify_spec == {"arch": arch, "options": CRITICS.options(arch)}
+    with pytest.raises(ConfigError, match=f"unknown option\\(s\\) bogus for critic '{arch}'; valid: .*nf"):
+        build_critic(arch, bogus=1)

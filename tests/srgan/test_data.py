@@ -135,7 +135,7 @@ def test_nested_ids_and_paths_that_stay_inside_are_accepted(data):
 
 def _tiny_generator(run: Path, scale: int = 2) -> None:
     from srgan.checkpoint import save_generator
-    from srgan.models import build_generator
+    from srgan.generators import build_generator
 
     torch.manual_seed(0)
     run.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ from PIL import Image
 
 from srgan.checkpoint import save_generator
 from srgan.enhance import collect_inputs, enhance_files, read_input
+from srgan.generators import build_generator
 from srgan.inference import TiledInference, load_inference
-from srgan.models import build_generator
 
 
 @pytest.fixture(scope="module")

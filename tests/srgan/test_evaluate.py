@@ -25,7 +25,7 @@ from srgan.evaluate import (
     ssim,
     summarise,
 )
-from srgan.models import build_generator
+from srgan.generators import build_generator
 
 
 def test_identical_images_give_capped_psnr_and_ssim_one(photo_maker):

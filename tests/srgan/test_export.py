@@ -10,7 +10,7 @@ import torch
 
 from srgan.checkpoint import save_generator
 from srgan.export import export_onnx, export_torchscript, exportable
-from srgan.models import build_generator
+from srgan.generators import build_generator
 
 
 @pytest.fixture(scope="module")

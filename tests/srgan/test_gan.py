@@ -15,8 +15,8 @@ import yaml
 from crappify.errors import CrappifyError
 from srgan.checkpoint import load_checkpoint, load_generator, read_generator_meta, save_critic, save_generator
 from srgan.critics import build_critic
-from srgan.gan import TrainGanConfig, train_gan
-from srgan.models import build_generator
+from srgan.generators import build_generator
+from srgan.train_gan import TrainGanConfig, train_gan
 
 TINY = {"size": 32, "bs": 2, "loss": "l1", "preview_items": 1, "precision": "fp32"}
 
@@ -281,9 +281,9 @@ def test_length_defaults_to_a_fraction_of_an_epoch(dataset, run):
 
 def test_weighting_presets():
     base = {"data": "d", "out": "o"}
-    assert TrainGanConfig(**base).loss_weights_pair() == (50.0, 1.0)
-    assert TrainGanConfig(**base, weighting="srgan").loss_weights_pair() == (1.0, 1e-3)
-    assert TrainGanConfig(**base, weighting="srgan", w_adv=0.1).loss_weights_pair() == (1.0, 0.1)
+    assert TrainGanConfig(**base).content_adv_weights() == (50.0, 1.0)
+    assert TrainGanConfig(**base, weighting="srgan").content_adv_weights() == (1.0, 1e-3)
+    assert TrainGanConfig(**base, weighting="srgan", w_adv=0.1).content_adv_weights() == (1.0, 0.1)
 
 
 def cli(capsys, *args) -> tuple[int, str]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from srgan.checkpoint import save_generator
+from srgan.generators import build_generator
 from srgan.inference import TiledInference, axis_weights, load_inference, resolve_inference_precision, tile_origins
-from srgan.models import build_generator
 from srgan.predict import predict
 from srgan.upsample import resize_image
 

@@ -69,7 +69,7 @@ def test_nested_spec_with_other_parts_and_weights():
     ({"vgg": {"layers": ["conv9_9"]}}, r"unknown vgg19 layer 'conv9_9'; valid: convB_K .*relu5_4"),
     ({"vgg": {"net": "vgg11"}}, r"unknown net 'vgg11'; valid: vgg16, vgg16_bn, vgg19"),
     ({"vgg": {"criterion": "huber"}}, "criterion"),
-    ({"vgg": {"layerz": [1]}}, r"unknown option 'layerz' for loss 'vgg'; valid: .*layers"),
+    ({"vgg": {"layerz": [1]}}, r"unknown option\(s\) layerz for loss 'vgg'; valid: .*layer_weights, layers"),
     ({"vgg": {"layers": ["relu2_2"], "layer_weights": [1, 2]}}, "2 layer_weights for 1 layers"),
     ({"vgg": {"weight": -1}}, "weight of loss 'vgg'"),
     ({"vgg": {"layers": [99]}}, "out of range"),
@@ -89,7 +89,7 @@ def test_nested_loss_from_a_config_file_trains_and_is_saved_resolved(sr_dataset,
     import yaml
 
     from crappify.config import resolve
-    from srgan.train import Trainer, TrainGenConfig
+    from srgan.train_gen import Trainer, TrainGenConfig
 
     cfg_file = tmp_path / "gen.yaml"
     cfg_file.write_text(
@@ -109,7 +109,7 @@ def test_nested_loss_from_a_config_file_trains_and_is_saved_resolved(sr_dataset,
 
 @pytest.mark.parametrize("loss, match", [
     ({"vgg": {"net": "vgg16", "layers": ["conv5_4"]}}, "unknown vgg16 layer 'conv5_4'; valid: .*conv5_3"),
-    ({"vgg": {"weight": 1.0, "crit": "l1"}}, "unknown option 'crit' for loss 'vgg'; valid: net, layers"),
+    ({"vgg": {"weight": 1.0, "crit": "l1"}}, r"unknown option\(s\) crit for loss 'vgg'; valid: criterion"),
     ({"perceptual": 1.0}, "unknown loss 'perceptual'; valid: .*vgg"),
 ])
 def test_a_pipeline_with_a_bad_loss_is_refused_before_anything_runs(tmp_path, loss, match):
@@ -117,9 +117,9 @@ def test_a_pipeline_with_a_bad_loss_is_refused_before_anything_runs(tmp_path, lo
     stage that uses them starts hours later."""
     import yaml
 
-    from srgan.gan import TrainGanConfig
     from srgan.pipeline import load_pipeline, stage_configs
-    from srgan.train import TrainGenConfig
+    from srgan.train_gan import TrainGanConfig
+    from srgan.train_gen import TrainGenConfig
 
     for cls in (TrainGenConfig, TrainGanConfig):
         with pytest.raises(ValueError, match=match):
@@ -130,3 +130,21 @@ def test_a_pipeline_with_a_bad_loss_is_refused_before_anything_runs(tmp_path, lo
                                     "train-gan": {"critic_arch": "patch", "loss": loss}}))
     with pytest.raises(ConfigError, match=f"stage train-gan: .*{match}"):
         stage_configs(load_pipeline(path))
+
+
+@pytest.mark.parametrize("stage", ["train-gen", "train-gan"])
+def test_the_old_loss_weights_key_is_read_as_loss_weight_files(tmp_path, stage):
+    from crappify.config import resolve
+    from srgan.train_gan import TrainGanConfig
+    from srgan.train_gen import TrainGenConfig
+
+    cls = TrainGenConfig if stage == "train-gen" else TrainGanConfig
+    old = tmp_path / "old.yaml"
+    old.write_text("data: d\nout: o\nloss_weights: {feature: vgg.pth}\n")
+    with pytest.warns(FutureWarning, match="`loss_weights` is deprecated; it is now `loss_weight_files`"):
+        cfg = resolve(cls, str(old))
+    assert cfg.loss_weight_files == {"feature": "vgg.pth"}
+    both = tmp_path / "both.yaml"
+    both.write_text("data: d\nout: o\nloss_weights: {}\nloss_weight_files: {}\n")
+    with pytest.raises(ConfigError, match="`loss_weights` is the old name of `loss_weight_files`"):
+        resolve(cls, str(both))

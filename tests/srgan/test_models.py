@@ -13,7 +13,7 @@ from torch import nn
 
 from crappify.errors import ConfigError
 from srgan.data import Normalizer
-from srgan.models import GENERATORS, build_generator, clone_generator
+from srgan.generators import GENERATORS, build_generator, clone_generator
 from srgan.upsample import resize_image
 from srgan.weights import WeightsError
 
@@ -67,7 +67,7 @@ def test_output_shape(arch, request):
 
 @pytest.mark.parametrize("depth", [50, 101, 152])
 def test_big_resnet_encoders(depth):
-    from srgan.models import _resnet_body
+    from srgan.generators import _resnet_body
 
     body = _resnet_body(depth, pretrained=False, weights=None)
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_unet_options_change_the_model():
     assert last(no_cross, nn.Conv2d).in_channels == last(base, nn.Conv2d).in_channels - 3  # no RGB input concat
     assert _count(no_cross, ResBlock) == _count(base, ResBlock) - 1
 
-    bottle = build(bottle=True)  # fastai 2.8's own bottle=True fails at the first forward: fixed in srgan.models
+    bottle = build(bottle=True)  # fastai 2.8's own bottle=True fails at the first forward: fixed in srgan.generators
     conv, base_conv = last(bottle, ResBlock).convpath[0][0], last(base, ResBlock).convpath[0][0]
     assert base_conv.out_channels == base_conv.in_channels and conv.out_channels == conv.in_channels // 2
     assert last(bottle, nn.Conv2d).in_channels == conv.out_channels

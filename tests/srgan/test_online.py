@@ -19,7 +19,7 @@ from crappify.errors import ConfigError
 from crappify.functional import usm_sharpen
 from srgan.checkpoint import config_key, load_checkpoint
 from srgan.data import OnlinePairDataset, PairDataset, make_dataloaders, read_dataset
-from srgan.train import RUN_KEYS, Trainer, TrainGenConfig
+from srgan.train_gen import RUN_KEYS, Trainer, TrainGenConfig
 
 
 @pytest.fixture(scope="module")
@@ -214,12 +214,12 @@ def test_the_options_are_part_of_the_config_key(realistic):
 
 
 def test_a_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(realistic, gen_reference, tmp_path, monkeypatch):
-    import srgan.train
+    import srgan.train_gen
 
     class Killed(BaseException):
         pass
 
-    real = srgan.train.save_checkpoint
+    real = srgan.train_gen.save_checkpoint
 
     def save_then_die(path, state, *args, **kwargs):
         real(path, state, *args, **kwargs)
@@ -229,7 +229,7 @@ def test_a_run_resumed_mid_epoch_ends_as_the_uninterrupted_one(realistic, gen_re
     run = tmp_path / "run"
     cfg = gen_cfg(realistic, run, degrade_preset="realistic", checkpoint_every=1)
     with monkeypatch.context() as m:
-        m.setattr(srgan.train, "save_checkpoint", save_then_die)
+        m.setattr(srgan.train_gen, "save_checkpoint", save_then_die)
         with pytest.raises(Killed):
             Trainer(cfg, progress=False).fit()
     state = load_checkpoint(run / "checkpoints" / "last.pt")

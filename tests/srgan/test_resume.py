@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file
 
 from srgan.checkpoint import load_checkpoint, save_generator
-from srgan.critic import TrainCriticConfig, train_critic
-from srgan.gan import TrainGanConfig, train_gan
-from srgan.models import build_generator
-from srgan.train import Trainer, TrainGenConfig
+from srgan.generators import build_generator
+from srgan.train_critic import TrainCriticConfig, train_critic
+from srgan.train_gan import TrainGanConfig, train_gan
+from srgan.train_gen import Trainer, TrainGenConfig
 
 TIMING = {"seconds"}
 DEAD_PID = 2 ** 22 + 12345  # above Linux's largest pid_max: no such process
@@ -85,11 +85,11 @@ def assert_same_gen(run: Path, ref: Path) -> None:
 
 def test_gen_killed_after_its_last_checkpoint_finishes_on_resume(sr_dataset, gen_reference, tmp_path,
                                                                    monkeypatch):
-    import srgan.train
+    import srgan.train_gen
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        kill_on_call(m, srgan.train, "save_generator")
+        kill_on_call(m, srgan.train_gen, "save_generator")
         with pytest.raises(Killed):
             Trainer(gen_cfg(sr_dataset, run), progress=False).fit()
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
@@ -111,11 +111,11 @@ def test_gen_killed_between_checkpoint_and_history(sr_dataset, gen_reference, tm
 
 
 def test_gen_history_is_never_ahead_of_the_checkpoint(sr_dataset, tmp_path, monkeypatch):
-    import srgan.train
+    import srgan.train_gen
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:  # killed while writing epoch 2's checkpoint
-        kill_on_call(m, srgan.train, "save_checkpoint", call=2)
+        kill_on_call(m, srgan.train_gen, "save_checkpoint", call=2)
         with pytest.raises(Killed):
             Trainer(gen_cfg(sr_dataset, run), progress=False).fit()
     assert [r["epoch"] for r in rows(run / "history.csv")] == ["1"]
@@ -123,12 +123,12 @@ def test_gen_history_is_never_ahead_of_the_checkpoint(sr_dataset, tmp_path, monk
 
 
 def test_gen_config_change_then_kill_starts_the_new_config_over(sr_dataset, tmp_path, monkeypatch):
-    import srgan.train
+    import srgan.train_gen
 
     run, ref = tmp_path / "run", tmp_path / "ref"
     Trainer(gen_cfg(sr_dataset, run, lr=1e-3), progress=False).fit()  # the old config, finished
     with monkeypatch.context() as m:  # the new one, killed before its first checkpoint
-        kill_on_call(m, srgan.train, "save_checkpoint")
+        kill_on_call(m, srgan.train_gen, "save_checkpoint")
         with pytest.raises(Killed):
             Trainer(gen_cfg(sr_dataset, run, lr=3e-3), progress=False).fit()
     assert not (run / "checkpoints" / "last.pt").exists()  # the old config's is moved aside
@@ -160,7 +160,7 @@ CRIT = {"arch": "patch", "options": {"nf": 8, "n_blocks": 2}, "size": 32, "bs": 
 @pytest.fixture(scope="module")
 def crit_base(sr_dataset, gen_reference, tmp_path_factory) -> Path:
     """A run folder with a generator and its predictions, as train-critic finds it in a pipeline."""
-    from srgan.critic import ensure_preds
+    from srgan.train_critic import ensure_preds
 
     run = tmp_path_factory.mktemp("crit-base")
     shutil.copy(gen_reference / "generator.safetensors", run / "generator.safetensors")
@@ -187,14 +187,14 @@ def assert_same_critic(run: Path, ref: Path) -> None:
 @pytest.mark.parametrize("point", ["after-last-checkpoint", "between-checkpoint-and-history"])
 def test_critic_killed_at_a_write_point_resumes_to_the_same_result(point, sr_dataset, crit_base, crit_reference,
                                                                     tmp_path, monkeypatch):
-    import srgan.critic
+    import srgan.train_critic
 
     run = shutil.copytree(crit_base, tmp_path / "run")
     with monkeypatch.context() as m:
         if point == "after-last-checkpoint":
-            kill_on_call(m, srgan.critic, "save_critic")
+            kill_on_call(m, srgan.train_critic, "save_critic")
         else:  # call 1 starts the file; call 2 follows epoch 1's checkpoint
-            kill_on_call(m, srgan.critic, "_write_history", call=2)
+            kill_on_call(m, srgan.train_critic, "_write_history", call=2)
         with pytest.raises(Killed):
             train_critic(crit_cfg(sr_dataset, run), progress=False)
     assert not (run / "critic.safetensors").exists()
@@ -203,12 +203,12 @@ def test_critic_killed_at_a_write_point_resumes_to_the_same_result(point, sr_dat
 
 
 def test_critic_config_change_then_kill_starts_the_new_config_over(sr_dataset, crit_base, tmp_path, monkeypatch):
-    import srgan.critic
+    import srgan.train_critic
 
     run, ref = shutil.copytree(crit_base, tmp_path / "run"), shutil.copytree(crit_base, tmp_path / "ref")
     train_critic(crit_cfg(sr_dataset, run), progress=False)
     with monkeypatch.context() as m:
-        kill_on_call(m, srgan.critic, "save_checkpoint")
+        kill_on_call(m, srgan.train_critic, "save_checkpoint")
         with pytest.raises(Killed):
             train_critic(crit_cfg(sr_dataset, run, lr=1e-3), progress=False)
     train_critic(crit_cfg(sr_dataset, run, lr=1e-3), resume=True, progress=False)
@@ -252,14 +252,14 @@ def assert_same_gan(run: Path, ref: Path) -> None:
 @pytest.mark.parametrize("point", ["after-last-checkpoint", "between-checkpoint-and-history"])
 def test_gan_killed_at_a_write_point_resumes_to_the_same_result(point, sr_dataset, gan_base, gan_reference,
                                                                  tmp_path, monkeypatch):
-    import srgan.gan
+    import srgan.train_gan
 
     run = shutil.copytree(gan_base, tmp_path / "run")
     with monkeypatch.context() as m:
         if point == "after-last-checkpoint":
-            kill_on_call(m, srgan.gan, "_save_final")
+            kill_on_call(m, srgan.train_gan, "_save_final")
         else:  # call 1 starts the file; call 2 follows step 2's checkpoint
-            kill_on_call(m, srgan.gan.GanRun, "write_history", call=2)
+            kill_on_call(m, srgan.train_gan.GanRun, "write_history", call=2)
         with pytest.raises(Killed):
             train_gan(gan_cfg(sr_dataset, run), progress=False)
     last = load_checkpoint(run / "gan" / "checkpoints" / "last.pt")
@@ -270,12 +270,12 @@ def test_gan_killed_at_a_write_point_resumes_to_the_same_result(point, sr_datase
 
 
 def test_gan_config_change_then_kill_starts_the_new_config_over(sr_dataset, gan_base, tmp_path, monkeypatch):
-    import srgan.gan
+    import srgan.train_gan
 
     run, ref = shutil.copytree(gan_base, tmp_path / "run"), shutil.copytree(gan_base, tmp_path / "ref")
     train_gan(gan_cfg(sr_dataset, run), progress=False)
     with monkeypatch.context() as m:
-        kill_on_call(m, srgan.gan, "save_checkpoint")
+        kill_on_call(m, srgan.train_gan, "save_checkpoint")
         with pytest.raises(Killed):
             train_gan(gan_cfg(sr_dataset, run, lr=3e-4), progress=False)
     train_gan(gan_cfg(sr_dataset, run, lr=3e-4), resume=True, progress=False)
@@ -296,14 +296,14 @@ def tiny_pipeline(tmp: Path, changes: dict | None = None) -> Path:
 
 
 def test_pipeline_killed_after_each_stage_s_last_checkpoint_resumes(tmp_path, monkeypatch):
-    import srgan.critic
-    import srgan.gan
-    import srgan.train
+    import srgan.train_critic
+    import srgan.train_gan
+    import srgan.train_gen
     from srgan.pipeline import load_pipeline, run_pipeline
 
     path = tiny_pipeline(tmp_path)
     run = tmp_path / "out" / "run"
-    kills = [(srgan.train, "save_generator"), (srgan.critic, "save_critic"), (srgan.gan, "_save_final")]
+    kills = [(srgan.train_gen, "save_generator"), (srgan.train_critic, "save_critic"), (srgan.train_gan, "_save_final")]
     for stage, (module, name) in zip(("train-gen", "train-critic", "train-gan"), kills, strict=True):
         with monkeypatch.context() as m:
             kill_on_call(m, module, name)
@@ -318,7 +318,7 @@ def test_pipeline_killed_after_each_stage_s_last_checkpoint_resumes(tmp_path, mo
 
 
 def test_pipeline_config_change_then_kill_does_not_resume_the_old_config(tmp_path, monkeypatch, capfd):
-    import srgan.critic
+    import srgan.train_critic
     from srgan.pipeline import load_pipeline, run_pipeline
 
     run = tmp_path / "out" / "run"
@@ -327,7 +327,7 @@ def test_pipeline_config_change_then_kill_does_not_resume_the_old_config(tmp_pat
     changed = tiny_pipeline(tmp_path, {"train-critic": {"arch": "patch", "options": {"nf": 8, "n_blocks": 2},
                                                         "epochs": 2, "lr": 2e-3}})
     with monkeypatch.context() as m:
-        kill_on_call(m, srgan.critic, "save_checkpoint")
+        kill_on_call(m, srgan.train_critic, "save_checkpoint")
         with pytest.raises(Killed):
             run_pipeline(load_pipeline(changed), stop="train-critic", progress=False)
     assert not (run / "critic-checkpoints" / "last.pt").exists()  # the old config's was moved aside

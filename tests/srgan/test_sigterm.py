@@ -24,9 +24,9 @@ from test_resume import Killed, assert_same_critic, assert_same_gan, assert_same
 
 from crappify.errors import Interrupted
 from srgan.checkpoint import load_checkpoint
-from srgan.critic import TrainCriticConfig, ensure_preds, train_critic
-from srgan.gan import TrainGanConfig, train_gan
-from srgan.train import Trainer, TrainGenConfig
+from srgan.train_critic import TrainCriticConfig, ensure_preds, train_critic
+from srgan.train_gan import TrainGanConfig, train_gan
+from srgan.train_gen import Trainer, TrainGenConfig
 
 # 7 training pairs: 3 batches an epoch for each stage (train-critic: 14 real/fake items in batches of 4)
 GEN = {"arch": "unet-small", "pretrained": False, "size": 32, "bs": 2, "loss": "l1", "preview_items": 1,
@@ -94,11 +94,11 @@ def test_gen_sigterm_checkpoints_where_it_is_and_resume_loses_nothing(training, 
 
 def test_gen_checkpoint_every_n_batches_then_killed_resumes_from_inside_the_epoch(sr_dataset, gen_reference,
                                                                                   tmp_path, monkeypatch):
-    import srgan.train
+    import srgan.train_gen
 
     run = tmp_path / "run"
     with monkeypatch.context() as m:  # checkpoints: e1 b2, e1 end, e2 b2, e2 end: killed writing the 4th
-        kill_on_call(m, srgan.train, "save_checkpoint", call=4)
+        kill_on_call(m, srgan.train_gen, "save_checkpoint", call=4)
         with pytest.raises(Killed, match="save_checkpoint call 4"):
             Trainer(gen_cfg(sr_dataset, run, checkpoint_every=2), progress=False).fit()
     state = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -156,11 +156,11 @@ def test_critic_sigterm_mid_epoch_then_resume_loses_nothing(sr_dataset, crit_bas
 
 def test_critic_checkpoint_every_then_killed_resumes_from_inside_the_epoch(sr_dataset, crit_base, crit_reference,
                                                                            tmp_path, monkeypatch):
-    import srgan.critic
+    import srgan.train_critic
 
     run = shutil.copytree(crit_base, tmp_path / "run")
     with monkeypatch.context() as m:  # checkpoints: e1 b1, b2, end, e2 b1, b2, end: killed writing the 5th
-        kill_on_call(m, srgan.critic, "save_checkpoint", call=5)
+        kill_on_call(m, srgan.train_critic, "save_checkpoint", call=5)
         with pytest.raises(Killed, match="save_checkpoint call 5"):
             train_critic(crit_cfg(sr_dataset, run, checkpoint_every=1), progress=False)
     state = load_checkpoint(run / "critic-checkpoints" / "last.pt")
@@ -217,11 +217,11 @@ def test_cli_sigterm_exits_143_with_one_line_then_resume_completes(sr_dataset, g
 def test_pipeline_stage_stopped_by_sigterm_stays_running_and_resumes(tmp_path, monkeypatch):
     from test_pipeline import write_pipeline
 
-    import srgan.train
+    import srgan.train_gen
     from srgan.pipeline import load_pipeline, read_state, run_pipeline
 
     path = write_pipeline(tmp_path, {"train-gen": {"arch": "unet-small", "epochs": 2}})
-    real_add, calls = srgan.train.EpochLoss.add, {"n": 0}
+    real_add, calls = srgan.train_gen.EpochLoss.add, {"n": 0}
 
     def add(self, loss, yb):  # SIGTERM during the 5th training batch (one of epoch 2)
         calls["n"] += 1
@@ -230,7 +230,7 @@ def test_pipeline_stage_stopped_by_sigterm_stays_running_and_resumes(tmp_path, m
         real_add(self, loss, yb)
 
     with monkeypatch.context() as m:
-        m.setattr(srgan.train.EpochLoss, "add", add)
+        m.setattr(srgan.train_gen.EpochLoss, "add", add)
         with pytest.raises(Interrupted, match="run the same command again") as exc:
             run_pipeline(load_pipeline(path), stop="train-gen", progress=False)
     assert "pipeline tiny: train-gen stopped by SIGTERM" in str(exc.value)

@@ -18,7 +18,7 @@ from crappify.builder import BuildConfig, build_dataset
 from crappify.errors import CrappifyError
 from srgan.checkpoint import load_checkpoint, load_generator, read_generator_meta
 from srgan.data import Normalizer, PairDataset, make_dataloaders, read_dataset
-from srgan.train import Trainer, TrainGenConfig, plan, resolve_precision
+from srgan.train_gen import Trainer, TrainGenConfig, plan, resolve_precision
 
 TINY = {"arch": "unet-resnet18", "pretrained": False, "size": 32, "bs": 2, "loss": "l1", "preview_items": 2}
 

@@ -22,7 +22,7 @@ from test_enhance import run_main
 from crappify.errors import CrappifyError
 from srgan.checkpoint import load_critic, load_generator, read_generator_meta, save_critic, save_generator
 from srgan.critics import build_critic
-from srgan.models import build_generator
+from srgan.generators import build_generator
 from srgan.weights import WeightsError, read_state_dict, torchvision_cache_path
 
 

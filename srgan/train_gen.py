@@ -1,0 +1,398 @@
+"""`train-gen`: pretrain the generator with a (feature) loss through a fastai Learner — the "NoGAN" stage.
+
+Schedule: a list of stages (progressive resizing), each `{size, bs, epochs, lr}`. With a pretrained
+encoder each stage runs `epochs` with the encoder frozen at `lr`, then `epochs` unfrozen with
+discriminative rates `slice(lr / 100, lr)` — the fastai course's sequence; from random weights, only
+the unfrozen half runs. Every epoch ends with a checkpoint (model + optimiser + position in the
+schedule), a row in `history.csv` and a preview grid; `checkpoint_every` N adds one every N batches of an
+epoch, and SIGTERM writes one at the next batch boundary and stops (`Interrupted`). `resume` continues from
+the checkpoint's position, an epoch end or inside an epoch, and stops at the same total. The finished
+generator is `RUN/generator.safetensors`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
+from crappify.preview import grid
+from srgan.checkpoint import config_key, load_optimizer_state, resume_state, save_checkpoint, save_generator
+from srgan.data import make_dataloaders, read_dataset
+from srgan.distributed import (
+    distributed_callback,
+    finish,
+    is_distributed,
+    is_main,
+    local_device,
+    rank,
+    run_folder,
+    unwrap,
+    world_size,
+)
+from srgan.generators import NO_IMAGENET_WEIGHTS, is_unet  # NO_IMAGENET_WEIGHTS: also its old import path
+from srgan.losses import LossSpec
+from srgan.normalize import Normalizer
+from srgan.runtime import RunOptions, StopRequest, compile_module, resolve_device, resolve_precision, sigterm_stops
+
+HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "bicubic_psnr",
+                   "ssim", "below_bicubic", "seconds"]
+PERCEPTUAL_LOSSES = ("feature", "vgg19", "vgg")
+
+# Defaults that depend on where training starts. A pretrained encoder: the fastai course's settings. From random
+# weights (the demo, unet-small, srresnet, --no-pretrained): a residual generator (it starts as the bicubic
+# baseline), a pixel loss (a perceptual loss on a random VGG measures nothing perceptual), and the schedule the
+# demo converges with on a 2-core CPU (benchmarks/README.md).
+PRETRAINED_DEFAULTS: dict[str, Any] = {"size": 128, "bs": 8, "lr": 1e-3}
+SCRATCH_DEFAULTS: dict[str, Any] = {"size": 64, "bs": 16, "lr": 2e-3}
+# Options that say how to run, or how long (a resume may extend a run), not what is trained: a checkpoint
+# written under other values of these is still this config's (`srgan.checkpoint.config_key`).
+RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs", "preview_items",
+                      "checkpoint_every", "compile"})
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(ge=8)
+    bs: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    lr: float | None = Field(None, gt=0, description="default: the run's lr")
+
+
+class TrainGenConfig(RunOptions):
+    """Options of `crappify train-gen` (also the keys of its `--config` YAML file)."""
+
+    data: str
+    out: str
+    arch: str = "unet-resnet34"
+    options: dict[str, Any] = Field(default_factory=dict, description="generator options (blur, self_attention...)")
+    loss: LossSpec = Field(
+        None, description="default: feature when pretrained, else l1; {name: weight} or {name: {weight: w, option: v}}")
+    size: int | None = Field(None, ge=8, description="default: 128 when pretrained, else 64")
+    bs: int | None = Field(None, ge=1, description="default: 8 when pretrained, else 16")
+    epochs: int = Field(1, ge=1)
+    lr: float | None = Field(None, gt=0, description="default: 1e-3 when pretrained, else 2e-3")
+    stages: list[Stage] | None = Field(None, description="progressive resizing; replaces size/bs/epochs/lr")
+    wd: float = Field(1e-3, ge=0)
+    pct_start: float = Field(0.3, gt=0, lt=1)
+    pretrained: bool = True
+    weights: str | None = None
+    loss_weight_files: dict[str, str] | None = Field(
+        None, description="local weight files for the loss networks, keyed by loss (feature), network "
+                          "(vgg16_bn) or torchvision weights name; default: torchvision's cache")
+    preview_items: int = Field(4, ge=0)
+    checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N batches of an epoch")
+    degrade: Literal["offline", "online"] = Field(
+        "offline", description="offline: train on the dataset's LR files; online: degrade each HR crop in the "
+        "loader, afresh every epoch (Real-ESRGAN); validation reads the LR files either way")
+    degrade_preset: str | None = Field(
+        None, description="degrade: online only: a built-in preset name or a YAML file; default: the dataset's own")
+    sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN); the LR still "
+                             "comes from the plain crop, validation scores against the plain HR")
+
+
+
+    def encoder_pretrained(self) -> bool:
+        """Whether training starts from ImageNet weights (a U-Net's encoder) rather than random weights."""
+        return self.pretrained and self.arch.startswith("unet") and self.arch not in NO_IMAGENET_WEIGHTS
+
+    def resolved(self) -> TrainGenConfig:
+        """This config with every start-dependent default filled in (what runs, and what train-gen.yaml saves)."""
+        defaults = PRETRAINED_DEFAULTS if self.encoder_pretrained() else SCRATCH_DEFAULTS
+        values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
+        # the loss follows the loss network's weights (`pretrained`), not the encoder's
+        values["loss"] = self.loss if self.loss is not None else ("feature" if self.pretrained else "l1")
+        options = {"residual": not self.encoder_pretrained(), **self.options}
+        stages = None
+        if self.stages:
+            stages = [st.model_copy(update={"lr": st.lr if st.lr is not None else values["lr"]}) for st in self.stages]
+        return self.model_copy(update={**values, "options": options, "stages": stages})
+
+    def schedule(self) -> list[Stage]:
+        """The stages to run, with the start-dependent defaults filled in (`resolved`)."""
+        cfg = self.resolved()
+        return cfg.stages or [Stage(size=cfg.size, bs=cfg.bs, epochs=cfg.epochs, lr=cfg.lr)]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One `fit_one_cycle` call of the schedule."""
+
+    stage: int
+    frozen: bool
+    size: int
+    bs: int
+    epochs: int
+    lr: float
+
+
+def plan(cfg: TrainGenConfig, encoder_pretrained: bool) -> list[Phase]:
+    """The phases: per stage, frozen then unfrozen for a pretrained encoder, unfrozen only otherwise."""
+    phases = []
+    for i, st in enumerate(cfg.schedule()):
+        if encoder_pretrained:
+            phases.append(Phase(i, True, st.size, st.bs, st.epochs, st.lr))
+        phases.append(Phase(i, False, st.size, st.bs, st.epochs, st.lr))
+    return phases
+
+
+def _perceptual(loss: str | dict[str, Any]) -> bool:
+    names = [loss] if isinstance(loss, str) else list(loss)
+    return any(n in PERCEPTUAL_LOSSES for n in names)
+
+
+def _loss_name(loss: str | dict[str, Any]) -> str:
+    return loss if isinstance(loss, str) else "+".join(loss)
+
+
+def _metrics(normalizer: Normalizer):
+    """Validation PSNR and SSIM of the generator, and the PSNR of the bicubic baseline on the same crops, so
+    every epoch line shows whether the model does better than doing nothing."""
+    from fastai.metrics import AvgMetric, Metric
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from srgan.upsample import resize_tensor
+
+    def psnr(pred, targ):
+        return peak_signal_noise_ratio(normalizer.denormalize(pred), normalizer.denormalize(targ), data_range=1.0)
+
+    def ssim(pred, targ):
+        return structural_similarity_index_measure(normalizer.denormalize(pred), normalizer.denormalize(targ),
+                                                   data_range=1.0)
+
+    class BicubicPSNR(Metric):
+        """PSNR of the model's input upsampled to the target size (a U-Net's input already is) — the baseline."""
+
+        def reset(self):
+            self.total, self.count = 0.0, 0
+
+        def accumulate(self, learn):
+            x, y = learn.xb[0], learn.yb[0]
+            if x.shape[-2:] != y.shape[-2:]:
+                x = resize_tensor(x, tuple(y.shape[-2:]))
+            n = y.shape[0]
+            self.total += float(psnr(x, y)) * n
+            self.count += n
+
+        @property
+        def value(self):
+            return self.total / self.count if self.count else None
+
+        @property
+        def name(self):
+            return "bicubic_psnr"
+
+    return [AvgMetric(psnr), BicubicPSNR(), AvgMetric(ssim)]
+
+
+class Trainer:
+    """Runs a `TrainGenConfig` into a run directory (see the module docstring)."""
+
+    def __init__(self, cfg: TrainGenConfig, resume: bool = False, progress: bool = True,
+                 cbs: list | None = None) -> None:
+        cfg = cfg.resolved()
+        self.cfg, self.resume, self.progress, self.extra_cbs = cfg, resume, progress, list(cbs or [])
+        self.run = Path(cfg.out)
+        self.device = local_device(resolve_device(cfg.device))
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.normalizer = Normalizer()
+        _, self.data_config = read_dataset(cfg.data)
+        self.scale = int(self.data_config.get("scale") or 1)
+        self.history: list[dict[str, Any]] = []
+        self.batches = 0  # training batches this process ran (reported per rank under torchrun)
+        self.stop: StopRequest | None = None  # set while `fit` runs
+
+    # -- building blocks -------------------------------------------------------------------------------
+    def _model(self):
+        from srgan.generators import build_generator
+
+        first = self.cfg.schedule()[0]
+        arch = self.cfg.arch
+        model = build_generator(arch, scale=1 if arch.startswith("unet") else self.scale, img_size=first.size,
+                                pretrained=self.cfg.pretrained, weights=self.cfg.weights, **self.cfg.options)
+        return model, is_unet(model)
+
+    def _learner(self, model, loss, dls):
+        import fastai.callback.progress
+        import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
+        from fastai.learner import Learner
+        from fastai.optimizer import Adam
+        from fastai.torch_core import params
+
+        from srgan.callbacks import CountBatches, DeviceMixedPrecision, StopOnNonFinite, quiet
+
+        def splitter(m):  # encoder / decoder parameter groups, for freezing and discriminative rates
+            return [params(m[0]), [p for mod in list(m)[1:] for p in mod.parameters()]] if is_unet(m) \
+                else [params(m)]
+
+        cbs = [StopOnNonFinite(), *self.extra_cbs]
+        if self.precision in ("bf16", "fp16"):
+            cbs.append(DeviceMixedPrecision(amp_mode=self.precision))
+        if is_distributed():  # DDP through fastai + Accelerate; each rank trains on its share of a batch list
+            cbs.append(distributed_callback(self.device))
+            cbs.append(CountBatches(self))
+        learn = Learner(dls, model, loss_func=loss, opt_func=Adam, wd=self.cfg.wd, splitter=splitter,
+                        metrics=_metrics(self.normalizer), cbs=cbs, path=self.run, model_dir="checkpoints")
+        if not self.progress or not is_main():
+            quiet(learn)
+        return learn
+
+    # -- run -------------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Train (or continue, or finish from a final checkpoint) and write RUN/generator.safetensors.
+        SIGTERM: a checkpoint at the next batch boundary, then `Interrupted`."""
+        with run_folder(self.run, "train-gen run"), sigterm_stops("train-gen") as self.stop:
+            return self._fit()
+
+    def _fit(self) -> Path:
+        from srgan.losses import build_loss
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # weight init of the decoder; data order is seeded separately
+        self.run.mkdir(parents=True, exist_ok=True)
+        if is_main():
+            write_atomic(self.run / "train-gen.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            # A new generator is coming: train-critic would take the old one's predictions for its own.
+            shutil.rmtree(self.run / "preds", ignore_errors=True)
+        model, unet = self._model()
+        phases = plan(cfg, encoder_pretrained=unet and cfg.encoder_pretrained())
+        if not cfg.pretrained and _perceptual(cfg.loss) and is_main():
+            print(f"crappify: warning: loss {_loss_name(cfg.loss)} runs on a VGG with random weights "
+                  "(--no-pretrained), which measures nothing perceptual; use l1/mse or give the VGG weights",
+                  file=sys.stderr, flush=True)
+        total = sum(p.epochs for p in phases)
+        loss = build_loss(cfg.loss, pretrained=cfg.pretrained, weights=cfg.loss_weight_files)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        start = 0
+        self.key = config_key(cfg, RUN_KEYS)
+        state = resume_state(self.run / "checkpoints" / "last.pt", self.key, self.resume, "train-gen",
+                             move=is_main())
+        if state is not None:
+            model.load_state_dict(state["model"])
+            start, self.history = int(state["epoch"]), list(state["history"])
+        # --compile: the training step's forward passes, model and loss (its VGG included), in place (the files
+        # stay those of an uncompiled run); validation and previews, without autograd, run eagerly. No graph
+        # breaks in any generator or loss (torch._dynamo.explain; tests/srgan/test_compile.py).
+        model = compile_module(model, cfg.compile, self.device, grad_only=True)
+        loss = compile_module(loss, cfg.compile, self.device, grad_only=True)
+        if is_main():  # history.csv follows the checkpoint: rows past it (a kill between the two) are dropped
+            self.write_history()
+        learn = None  # stays None when the checkpoint is at the end: the stage only writes its final file
+        done = 0
+        for phase in phases:
+            if done + phase.epochs <= start:
+                done += phase.epochs
+                continue
+            dls = make_dataloaders(cfg.data, phase.size, phase.bs, resize_lr=unet, scale=self.scale,
+                                   device=self.device, num_workers=cfg.num_workers, seed=cfg.seed,
+                                   channels_last=cfg.channels_last, normalizer=self.normalizer,
+                                   degrade=cfg.degrade, degrade_preset=cfg.degrade_preset, sharpen_gt=cfg.sharpen_gt)
+            if learn is None:
+                learn = self._learner(model, loss.to(self.device), dls)
+                learn.model.to(self.device)
+                learn.create_opt()
+                # every rank seeds its epoch's crops; only rank 0 writes history, previews and checkpoints
+                learn.add_cb(_epoch_end_callback(self, write=is_main(), state=state))
+            else:
+                learn.dls = dls
+            learn.freeze() if phase.frozen else learn.unfreeze()  # fastai clears the optimiser state here
+            if state is not None and "opt" in state:  # so the checkpoint's state goes in after it, once
+                load_optimizer_state(learn.opt, state.pop("opt"))
+            lr = (phase.lr if phase.frozen or not (unet and cfg.encoder_pretrained())
+                  else slice(phase.lr / 100, phase.lr))
+            learn.crappify_phase = phase
+            learn.crappify_offset = done
+            learn.fit_one_cycle(phase.epochs, lr, pct_start=cfg.pct_start, start_epoch=max(0, start - done))
+            done += phase.epochs
+        final = self.run / "generator.safetensors"
+        if is_distributed():
+            print(f"rank {rank()}/{world_size()}: trained {self.batches} batches", file=sys.stderr, flush=True)
+        if is_main():
+            last = self.history[-1] if self.history else {}
+            below = bool(last.get("below_bicubic"))
+            save_generator(learn.model if learn is not None else model, final,
+                           extra={"epochs": total, "dataset": str(Path(cfg.data).resolve()), "loss": cfg.loss,
+                                  "data_scale": self.scale, "valid_psnr": last.get("psnr"),
+                                  "valid_bicubic_psnr": last.get("bicubic_psnr"), "below_bicubic": below})
+            if below:
+                print(f"crappify: warning: {final} scores below bicubic on the validation crops "
+                      f"(PSNR {last.get('psnr')} vs {last.get('bicubic_psnr')} dB): it makes photos worse; "
+                      "train longer or check the data", file=sys.stderr, flush=True)
+        finish()  # under torchrun: the other ranks wait for the file, then all leave the process group
+        return final
+
+    # -- per-epoch outputs -----------------------------------------------------------------------------
+    def previews(self, learn, epoch: int) -> None:
+        n = self.cfg.preview_items
+        ds = learn.dls.valid.dataset
+        if not n or not len(ds):
+            return
+        items = [ds[i] for i in range(min(n, len(ds)))]
+        lr = torch.stack([x for x, _ in items]).to(self.device)
+        hr = torch.stack([y for _, y in items])
+        model = unwrap(learn.model)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(self.normalizer.normalize(lr).contiguous(
+                memory_format=torch.channels_last if self.cfg.channels_last else torch.contiguous_format))
+        model.train(was_training)
+        out8 = self.normalizer.to_uint8(out.float()).cpu()
+        tiles = []
+        for i in range(len(items)):
+            for label, t in (("LR", lr[i].cpu()), (f"epoch {epoch}", out8[i]), ("HR", hr[i])):
+                tiles.append((label, t.permute(1, 2, 0).numpy()))
+        path = self.run / "previews" / f"epoch_{epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(path, grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=3))
+
+    def write_history(self) -> None:
+        write_csv_atomic(self.run / "history.csv", HISTORY_COLUMNS, self.history)
+
+
+def _epoch_end_callback(trainer: Trainer, write: bool = True, state: dict[str, Any] | None = None):
+    """train-gen's `srgan.callbacks.EpochEnd` (fastai imported on use): a history row per epoch and a preview grid,
+    epochs numbered across the schedule's phases; `state` is the checkpoint the run resumed from, if any."""
+    from srgan.callbacks import EpochEnd, history_value
+
+    class GenEpochEnd(EpochEnd):
+        def global_epoch(self) -> int:
+            return self.learn.crappify_offset + self.epoch
+
+        def row(self, epoch: int, values: dict[str, Any]) -> dict[str, Any]:
+            phase = self.learn.crappify_phase
+            psnr, base = history_value(values.get("psnr")), history_value(values.get("bicubic_psnr"))
+            below = isinstance(psnr, float) and isinstance(base, float) and psnr < base
+            if below:
+                print(f"epoch {epoch}: validation PSNR {psnr:.2f} dB is BELOW bicubic's {base:.2f} dB",
+                      file=sys.stderr, flush=True)
+            return {"epoch": epoch, "stage": phase.stage, "phase": "frozen" if phase.frozen else "unfrozen",
+                    "size": phase.size, "bs": phase.bs, "train_loss": history_value(self._loss.mean),
+                    "valid_loss": history_value(values.get("valid_loss")), "psnr": psnr, "bicubic_psnr": base,
+                    "ssim": history_value(values.get("ssim")), "below_bicubic": below,
+                    "seconds": round(time.perf_counter() - self._t0, 3)}
+
+        def outputs(self, epoch: int) -> None:
+            trainer.previews(self.learn, epoch)
+
+    return GenEpochEnd("train-gen", trainer.run / "checkpoints" / "last.pt", trainer.cfg.checkpoint_every,
+                       trainer.stop, write, state, history=trainer.history, key=trainer.key,
+                       save_checkpoint=save_checkpoint, write_history=trainer.write_history)
+
+
+def __getattr__(name: str) -> Any:
+    """Old import path of `EpochLoss`, now in `srgan.callbacks` (which imports fastai): looked up on first use."""
+    if name == "EpochLoss":
+        from srgan.callbacks import EpochLoss
+
+        return EpochLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
