@@ -208,6 +208,34 @@ class EpochEnd(Positioned):
         """The history row of `epoch` (counted from 1) from the Recorder's values of it (valid_loss, metrics)."""
         raise NotImplementedError
 
+    # The time the training loop waited for its data this epoch (the loader's next batch, its transfer to the
+    # device and the batch transforms: what happens between one batch's end and the next one's start), as a
+    # share of the epoch's training time: `data_wait` in the history, the figure that says whether the loader
+    # keeps up with the model (benchmarks/README.md).
+    def before_train(self):
+        super().before_train()
+        self._waited, self._trained, self._mark = 0.0, 0.0, time.perf_counter()
+
+    def before_batch(self):
+        super().before_batch()
+        if self.training:
+            now = time.perf_counter()
+            self._waited += now - self._mark
+            self._trained += now - self._mark
+            self._mark = now
+
+    def after_batch(self):
+        super().after_batch()
+        if self.training:
+            now = time.perf_counter()
+            self._trained += now - self._mark
+            self._mark = now
+
+    def data_wait(self) -> float | str:
+        """The share of this epoch's training time spent waiting for data ("" before any batch ran)."""
+        trained = getattr(self, "_trained", 0.0)
+        return round(self._waited / trained, 4) if trained > 0 else ""
+
     def outputs(self, epoch: int) -> None:
         """Anything else the stage writes after an epoch (previews), before its checkpoint."""
 

@@ -420,7 +420,13 @@ def make_dataloaders(root: str | Path, size: int, bs: int, *, resize_lr: bool, s
     if not train or not valid:
         raise CrappifyError(f"{root} needs both a train and a valid (or test) split; has {sorted(splits)}")
     norm = NormalizeBatch(normalizer or Normalizer(), channels_last)
-    common = {"num_workers": default_workers(device, num_workers), "after_batch": norm, "device": torch.device(device)}
+    # On CUDA the workers' batches go into pinned (page-locked) memory, which the copy to the GPU reads directly.
+    # Not `persistent_workers`: fastai's loader hands its workers a copy of itself, made when they start, and draws
+    # each pass's order and the dataset's epoch (the crops and online degradations) in the main process, so
+    # workers kept from one pass to the next would still hold the first pass's.
+    cuda = torch.device(device).type == "cuda"
+    common = {"num_workers": default_workers(device, num_workers), "after_batch": norm, "device": torch.device(device),
+              "pin_memory": cuda}
     if degrade == "online":
         data_scale = config.get("scale") or (None if resize_lr else scale)
         chain = degradation_chain(config, degrade_preset, data_scale, root)

@@ -144,6 +144,17 @@ def rank_mean(value: torch.Tensor) -> torch.Tensor:
     return out / world_size()
 
 
+def rank_min(value: int) -> int:
+    """The smallest of the ranks' `value`s (e.g. the batch each found fits), so every rank uses the same."""
+    if not joined():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
 def any_rank(flag: bool) -> bool:
     """Whether `flag` holds on any rank (e.g. a SIGTERM one of them received), so all ranks act on it together."""
     if not joined():

@@ -226,9 +226,14 @@ class Progress(Callback):
     def before_epoch(self):
         self.dls.train.dataset.set_epoch(self.first_epoch + self.epoch)
 
+    def before_train(self):
+        self.mark = time.perf_counter()
+
     def before_batch(self):
         self.check_stop()
         self.t0, self.was_gen = time.perf_counter(), bool(self.learn.gan_trainer.gen_mode)
+        # the wait for this step's batch (loader, transfer, batch transforms), since the last step ended
+        self.data_seconds = self.t0 - self.mark
         lf = self.learn.loss_func  # a row shows this step's losses only, never an earlier step's
         lf.gen_loss = lf.crit_loss = lf.content_loss = lf.adv_loss = None
 
@@ -270,12 +275,14 @@ class Progress(Callback):
             "trained": "both" if both else "generator" if self.was_gen else "critic", "loss": _num(self.loss),
             "gen_loss": _num(lf.gen_loss), "crit_loss": _num(lf.crit_loss),
             "content_loss": _num(lf.content_loss), "adv_loss": _num(lf.adv_loss),
-            "lr": getattr(self, "step_lr", ""), **gan.counts, "seconds": round(time.perf_counter() - self.t0, 4)})
+            "lr": getattr(self, "step_lr", ""), **gan.counts, "seconds": round(time.perf_counter() - self.t0, 4),
+            "data_seconds": round(self.data_seconds, 4)})
         if gan.step % gan.cfg.checkpoint_every == 0 or gan.step >= gan.total:
             save_state(self.learn, gan)
         if gan.step >= gan.total:
             raise CancelFitException()
         self.check_stop()
+        self.mark = time.perf_counter()
 
     def check_stop(self):
         """After a SIGTERM: the resumable state at this step (unless it is on disk already), then stop."""

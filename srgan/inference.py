@@ -41,7 +41,7 @@ from torch import nn
 from crappify.errors import ConfigError, CrappifyError
 from srgan.generators import UNET_MULTIPLE, model_multiple, model_scale  # noqa: F401  (UNET_MULTIPLE: re-export)
 from srgan.normalize import Normalizer
-from srgan.runtime import PRECISIONS, compile_module, resolve_inference_precision  # noqa: F401  (PRECISIONS: re-export)
+from srgan.runtime import PRECISIONS, compile_module, is_oom, resolve_inference_precision  # noqa: F401  (re-exports)
 from srgan.upsample import resize_image
 
 DEFAULT_TILE = 512  # output pixels per tile side; SR models take tile // scale input pixels
@@ -52,14 +52,6 @@ DEFAULT_TILE_CUDA = 1024
 MIN_TILE = 32
 
 Progress = Callable[[int, int], None]
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether an exception is an out-of-memory error (CUDA, CPU allocator, MPS, numpy's MemoryError)."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:

@@ -19,7 +19,7 @@ import contextlib
 import signal
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -191,6 +191,65 @@ def compile_module(module: nn.Module, enabled: bool, device: torch.device | str,
     eager = module.forward
     module.forward = CompiledForward(eager, torch.compile(eager, dynamic=dynamic), grad_only)
     return module
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception is an out-of-memory error (CUDA, CPU allocator, MPS, numpy's MemoryError)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+# The fastai course's batch sizes (lesson 7's super-resolution notebook): 32 crops of 128 px, 12 of 256 px.
+COURSE_BATCH = {128: 32, 256: 12}
+
+
+def course_batch(size: int) -> int:
+    """The course's batch for `size` px crops (32 at 128 px, 12 at 256 px); other sizes the batch holding as many
+    pixels as the course's 128 px one (at least 1): 128 at 64 px, 2 at 512 px."""
+    if size in COURSE_BATCH:
+        return COURSE_BATCH[size]
+    return max(1, round(COURSE_BATCH[128] * (128 / size) ** 2))
+
+
+def largest_batch(step: Callable[[int], None], start: int, ceiling: int = 4096) -> int:
+    """The largest batch `step(bs)` runs without running out of memory: from `start`, doubled while it fits (up to
+    `ceiling`), halved while it does not, then bisected between the largest that fitted and the smallest that did
+    not — a few probes, each one training step. ConfigError when not even a batch of 1 fits. An error other than
+    out-of-memory is raised as it is."""
+
+    def fits(bs: int) -> bool:
+        try:
+            step(bs)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            return False
+        return True
+
+    bs = max(1, min(start, ceiling))
+    if fits(bs):
+        good, bad = bs, None
+        while bad is None and good < ceiling:
+            bs = min(good * 2, ceiling)
+            good, bad = (bs, None) if fits(bs) else (good, bs)
+        if bad is None:
+            return good
+    else:
+        bad = bs
+        while True:
+            if bad == 1:
+                raise ConfigError("not even a batch of 1 fits in the device's memory; use smaller crops (--size)")
+            bs = bad // 2
+            if fits(bs):
+                good = bs
+                break
+            bad = bs
+    while bad - good > max(1, good // 16):  # to within 1/16 of the answer: each probe is a training step
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good
 
 
 class StopRequest:

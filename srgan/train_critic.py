@@ -30,7 +30,7 @@ from srgan.distributed import unwrap
 from srgan.normalize import NormalizeBatch, Normalizer
 from srgan.runtime import RunOptions, StopRequest, compile_module, resolve_device, resolve_precision, sigterm_stops
 
-HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds"]
+HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds", "data_wait"]
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs",  # see srgan.train_gen
                       "checkpoint_every", "compile"})
 
@@ -259,7 +259,7 @@ def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write:
             return {"epoch": epoch, "train_loss": history_value(self._loss.mean),
                     "valid_loss": history_value(values.get("valid_loss")),
                     "accuracy": history_value(values.get("patch_accuracy")),
-                    "seconds": round(time.perf_counter() - self._t0, 3)}
+                    "seconds": round(time.perf_counter() - self._t0, 3), "data_wait": self.data_wait()}
 
     return CriticEpochEnd("train-critic", run / "critic-checkpoints" / "last.pt", every, stop, write, state,
                           history=history, key=key, save_checkpoint=save_checkpoint,

@@ -52,7 +52,7 @@ WEIGHTINGS: dict[str, tuple[float, float]] = {"course": (50.0, 1.0), "srgan": (1
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "iters", "epochs", "checkpoint_every",
                       "preview_items", "compile"})
 HISTORY_COLUMNS = ["step", "epoch", "trained", "loss", "gen_loss", "crit_loss", "content_loss", "adv_loss", "lr",
-                   "gen_steps", "crit_steps", "to_gen", "to_crit", "seconds"]
+                   "gen_steps", "crit_steps", "to_gen", "to_crit", "seconds", "data_seconds"]
 
 
 class TrainGanConfig(RunOptions):

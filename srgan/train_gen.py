@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
@@ -41,10 +41,19 @@ from srgan.distributed import (
 from srgan.generators import NO_IMAGENET_WEIGHTS, is_unet  # NO_IMAGENET_WEIGHTS: also its old import path
 from srgan.losses import LossSpec
 from srgan.normalize import Normalizer
-from srgan.runtime import RunOptions, StopRequest, compile_module, resolve_device, resolve_precision, sigterm_stops
+from srgan.runtime import (
+    RunOptions,
+    StopRequest,
+    compile_module,
+    course_batch,
+    largest_batch,
+    resolve_device,
+    resolve_precision,
+    sigterm_stops,
+)
 
 HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "bicubic_psnr",
-                   "ssim", "below_bicubic", "seconds"]
+                   "ssim", "below_bicubic", "seconds", "data_wait"]
 PERCEPTUAL_LOSSES = ("feature", "vgg19", "vgg")
 
 # Defaults that depend on where training starts. A pretrained encoder: the fastai course's settings. From random
@@ -77,7 +86,10 @@ class TrainGenConfig(RunOptions):
     loss: LossSpec = Field(
         None, description="default: feature when pretrained, else l1; {name: weight} or {name: {weight: w, option: v}}")
     size: int | None = Field(None, ge=8, description="default: 128 when pretrained, else 64")
-    bs: int | None = Field(None, ge=1, description="default: 8 when pretrained, else 16")
+    bs: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="default: on CUDA the fastai course's (32 at 128 px, 12 at 256 px), else 8 when pretrained, "
+                          "16 from scratch; auto: on CUDA the largest batch that fits, found by a short probe "
+                          "(the course's on the CPU); the batch used is what train-gen.yaml records")
     epochs: int = Field(1, ge=1)
     lr: float | None = Field(None, gt=0, description="default: 1e-3 when pretrained, else 2e-3")
     stages: list[Stage] | None = Field(None, description="progressive resizing; replaces size/bs/epochs/lr")
@@ -104,10 +116,14 @@ class TrainGenConfig(RunOptions):
         """Whether training starts from ImageNet weights (a U-Net's encoder) rather than random weights."""
         return self.pretrained and self.arch.startswith("unet") and self.arch not in NO_IMAGENET_WEIGHTS
 
-    def resolved(self) -> TrainGenConfig:
-        """This config with every start-dependent default filled in (what runs, and what train-gen.yaml saves)."""
+    def resolved(self, device_type: str = "cpu") -> TrainGenConfig:
+        """This config with every start-dependent default filled in (what runs, and what train-gen.yaml saves), for a
+        device of `device_type`: on CUDA the batch defaults to the course's for the crop size, and `bs: auto` stays
+        for the trainer to probe; elsewhere `auto` is the course's batch."""
         defaults = PRETRAINED_DEFAULTS if self.encoder_pretrained() else SCRATCH_DEFAULTS
         values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
+        if (self.bs is None and device_type == "cuda") or (self.bs == "auto" and device_type != "cuda"):
+            values["bs"] = course_batch(values["size"])
         # the loss follows the loss network's weights (`pretrained`), not the encoder's
         values["loss"] = self.loss if self.loss is not None else ("feature" if self.pretrained else "l1")
         options = {"residual": not self.encoder_pretrained(), **self.options}
@@ -198,10 +214,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainGenConfig, resume: bool = False, progress: bool = True,
                  cbs: list | None = None) -> None:
-        cfg = cfg.resolved()
+        self.device = local_device(resolve_device(cfg.device))
+        cfg = cfg.resolved(self.device.type)
         self.cfg, self.resume, self.progress, self.extra_cbs = cfg, resume, progress, list(cbs or [])
         self.run = Path(cfg.out)
-        self.device = local_device(resolve_device(cfg.device))
         self.precision = resolve_precision(cfg.precision, self.device)
         self.normalizer = Normalizer()
         _, self.data_config = read_dataset(cfg.data)
@@ -245,6 +261,45 @@ class Trainer:
             quiet(learn)
         return learn
 
+    def _probe_batch(self, model, unet: bool) -> int:
+        """`bs: auto` on CUDA: the largest batch of this run's crops for which a training step of the generator and
+        its loss fits (`srgan.runtime.largest_batch`), less a tenth for the optimiser's state (not yet allocated)
+        and fragmentation; the smallest over the ranks under torchrun. The generator's weights and buffers (batch
+        norm statistics) are put back as they were."""
+        from srgan.distributed import rank_min
+        from srgan.losses import build_loss
+
+        cfg, device = self.cfg, self.device
+        size = cfg.stages[0].size if cfg.stages else cfg.size
+        side = size if unet else size // self.scale
+        loss = build_loss(cfg.loss, pretrained=cfg.pretrained, weights=cfg.loss_weight_files).to(device)
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.to(device).train()
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+        def step(bs: int) -> None:
+            try:
+                x = torch.randn(bs, 3, side, side, device=device).contiguous(memory_format=fmt)
+                y = torch.randn(bs, 3, size, size, device=device)
+                with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                    out = loss(model(x), y)
+                out.backward()
+                torch.cuda.synchronize(device)
+            finally:
+                model.zero_grad(set_to_none=True)
+
+        try:
+            found = largest_batch(step, course_batch(size))
+        finally:
+            model.load_state_dict(saved)
+            torch.cuda.empty_cache()
+        bs = rank_min(max(1, int(found * 0.9)))
+        if is_main():
+            print(f"crappify: note: bs auto: {bs} ({found} fit on {device} at {size} px)", file=sys.stderr,
+                  flush=True)
+        return bs
+
     # -- run -------------------------------------------------------------------------------------------
     def fit(self) -> Path:
         """Train (or continue, or finish from a final checkpoint) and write RUN/generator.safetensors.
@@ -258,11 +313,13 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # weight init of the decoder; data order is seeded separately
         self.run.mkdir(parents=True, exist_ok=True)
+        model, unet = self._model()
+        if cfg.bs == "auto":  # on CUDA: the largest batch that fits, probed once, then recorded like any other
+            cfg = self.cfg = cfg.model_copy(update={"bs": self._probe_batch(model, unet)})
         if is_main():
             write_atomic(self.run / "train-gen.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             # A new generator is coming: train-critic would take the old one's predictions for its own.
             shutil.rmtree(self.run / "preds", ignore_errors=True)
-        model, unet = self._model()
         phases = plan(cfg, encoder_pretrained=unet and cfg.encoder_pretrained())
         if not cfg.pretrained and _perceptual(cfg.loss) and is_main():
             print(f"crappify: warning: loss {_loss_name(cfg.loss)} runs on a VGG with random weights "
@@ -379,7 +436,7 @@ def _epoch_end_callback(trainer: Trainer, write: bool = True, state: dict[str, A
                     "size": phase.size, "bs": phase.bs, "train_loss": history_value(self._loss.mean),
                     "valid_loss": history_value(values.get("valid_loss")), "psnr": psnr, "bicubic_psnr": base,
                     "ssim": history_value(values.get("ssim")), "below_bicubic": below,
-                    "seconds": round(time.perf_counter() - self._t0, 3)}
+                    "seconds": round(time.perf_counter() - self._t0, 3), "data_wait": self.data_wait()}
 
         def outputs(self, epoch: int) -> None:
             trainer.previews(self.learn, epoch)

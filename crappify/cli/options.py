@@ -34,6 +34,20 @@ CRITIC_ARCHS = ("gan-critic", "patch", "srgan", "unet-sn")
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+class BatchSize(click.ParamType):
+    """`--bs`: a positive integer, or `auto`."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a whole number nor auto", param, ctx)
+
+
 class LazyChoice(click.Choice):
     """A `click.Choice` whose choices come from `load()` on first use (parsing a value, or rendering --help),
     so a registry is imported only by the command that needs it."""

@@ -187,7 +187,7 @@ def gen_cfg(data: Path, run: Path, **kw) -> TrainGenConfig:
 
 def history(run: Path) -> list[dict[str, str]]:
     with open(run / "history.csv", newline="") as fh:
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(fh)]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "data_wait")} for r in csv.DictReader(fh)]
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from srgan.train_critic import TrainCriticConfig, train_critic
 from srgan.train_gan import TrainGanConfig, train_gan
 from srgan.train_gen import Trainer, TrainGenConfig
 
-TIMING = {"seconds"}
+TIMING = {"seconds", "data_wait", "data_seconds"}  # wall-clock columns
 DEAD_PID = 2 ** 22 + 12345  # above Linux's largest pid_max: no such process
 
 
