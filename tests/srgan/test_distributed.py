@@ -16,7 +16,6 @@ import pytest
 import torch
 from test_pipeline import write_pipeline
 
-from crappify.builder import BuildConfig, build_dataset
 from srgan.checkpoint import load_generator
 from srgan.pipeline import STAGES, load_pipeline, paths_of, read_state
 
@@ -42,35 +41,6 @@ def torchrun(*args: str | Path, timeout: float = 240, nproc: int = 2, script: Pa
         out, err = proc.communicate()
         pytest.fail(f"torchrun hung for {timeout} s: {err[-2000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def test_training_stages_on_two_processes(tmp_path):
-    data = tmp_path / "ds"
-    build_dataset(BuildConfig(src="samples", out=str(data), preset="flickr30k-restore", size=64, scale=2,
-                              split=(0.7, 0.3, 0.0), workers=1), progress=False)
-    run = tmp_path / "run"
-    res = torchrun("train-gen", data, "-o", run, "--arch", "unet-resnet18", "--no-pretrained", "--loss", "l1",
-                   "--size", "32", "--bs", "2", "--epochs", "2", "--precision", "fp32", "--device", "cpu", "--quiet")
-    assert res.returncode == 0, res.stderr[-3000:]
-    batches = dict(re.findall(r"rank (\d)/2: trained (\d+) batches", res.stderr))
-    assert set(batches) == {"0", "1"} and int(batches["0"]) == int(batches["1"]) > 0  # both ranks took part
-    n_train = 8  # of the 11 sample photos, 0.7 → 8 train (3 valid); bs 2 → 4 batches per epoch, split over 2
-    assert int(batches["0"]) == n_train // 2 // 2 * 2
-    assert res.stdout.count("generator: ") == 1  # rank 0 alone reports and writes
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "generator.safetensors", "history.csv",
-                                                     "previews", "train-gen.yaml"]
-    assert len((run / "history.csv").read_text().splitlines()) == 1 + 2
-    load_generator(run / "generator.safetensors")
-    assert not list(Path(run).rglob("*.tmp*"))
-
-    # the critic too: rank 0 writes the generator's predictions first, then both ranks train on them
-    config = tmp_path / "critic.yaml"
-    config.write_text("options: {nf: 8, n_blocks: 1}\nsize: 32\nbs: 2\nepochs: 1\nprecision: fp32\n")
-    res = torchrun("train-critic", data, "-o", run, "--config", config, "--device", "cpu", "--quiet")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("critic: ") == 1
-    assert len((run / "critic-history.csv").read_text().splitlines()) == 2
-    assert len(list((run / "preds" / "train").glob("*.png"))) == n_train
 
 
 GAN = {"generator_arch": "srresnet", "generator_options": {"n_blocks": 1, "n_feats": 8},
@@ -139,10 +109,17 @@ def test_train_gan_resumes_on_another_number_of_processes(sr_dataset, tmp_path):
 
 
 def test_a_pipeline_runs_under_torchrun_every_stage_once(tmp_path):
+    """train-gen, train-critic and train-gan on both ranks (each its share of every batch order), sample-crops,
+    build-dataset and evaluate on rank 0 alone, one set of outputs, rank 0 alone reporting."""
     path = write_pipeline(tmp_path)
     res = torchrun("run", path, "--device", "cpu", "--quiet")
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("pipeline tiny: done") == 1 and res.stdout.count("[train-gen] run") == 1
+    batches = dict(re.findall(r"rank (\d)/2: trained (\d+) batches", res.stderr))  # train-gen's own count
+    n_train, bs = 12, 4  # the tiny pipeline's train crops and batch: 6 crops a rank, 1 whole batch (drop_last)
+    assert set(batches) == {"0", "1"} and int(batches["0"]) == int(batches["1"]) == n_train // 2 // bs
+    assert len(list((tmp_path / "out" / "run" / "preds" / "train").rglob("*.png"))) == n_train  # by rank 0
+    assert len((tmp_path / "out" / "run" / "critic-history.csv").read_text().splitlines()) == 2
     out = tmp_path / "out"
     state = load_pipeline(path)
     for stage in STAGES:
