@@ -4,6 +4,7 @@ Run:  python benchmarks/bench_compile.py [--arch unet-resnet34] [--loss feature]
                                          [--epochs 1] [--device cpu|cuda] [--precision auto]
                                          [--photo 1024] [--tile N] [--batch 1] [--photos 3]
                                          [--skip-train] [--skip-enhance] [--warm-cache]
+                                         [--gan-iters N [--critic patch] [--skip-gen]]
 
 train-gen: one built dataset (N JPEGs cut from the sample photos, `lesson7` preset, HR short side size+32), random
 weights (`--no-pretrained`), the same config run without and then with `--compile`. Reported per run: steps/s and
@@ -15,6 +16,10 @@ enhance: a random-weight generator of `--arch`, saved and loaded as `enhance` lo
 the first call (compilation included, for the compiled one) timed apart, then `--photos` timed calls; tiles/s (the
 photo's tiles, not the copies a compiled engine fills a short last batch up with) and output MP/s. Engines: eager
 (the default tiling, tiles shrunk to fit the photo), eager with the compiled engine's fixed tiles, and compiled.
+
+train-gan (`--gan-iters N`): a new generator of `--arch` and a new `--critic` on the same data, per-batch switching
+(each step one generator and one critic step), without and then with `--compile`; steps/s after the first four
+(the critic compiles, frozen then trained, in the first three, whose excess time is reported as the compilation).
 
 Inductor's cache is a fresh folder unless `--warm-cache`, so the compilation times are those of a first run.
 """
@@ -72,13 +77,20 @@ def train_run(args: argparse.Namespace, data: Path, run: Path, compile: bool) ->
     t0 = time.perf_counter()
     trainer.fit()
     total = time.perf_counter() - t0
-    steps = timer.steps
-    timed = steps[2:] or steps[1:]
-    steady = statistics.median(timed) if timed else float("nan")
-    return {"steps": len(steps), "timed": len(timed), "steps_s": len(timed) / sum(timed) if timed else float("nan"),
-            "images_s": args.bs * len(timed) / sum(timed) if timed else float("nan"),
-            "first": steps[0] if steps else float("nan"), "compile_s": (steps[0] - steady) if steps else float("nan"),
-            "wall": total, "precision": trainer.precision}
+    return {**_rates(timer.steps, 1, args.bs), "wall": total, "precision": trainer.precision}
+
+
+def _rates(steps: list[float], first: int, bs: int) -> dict:
+    """Steps/s and images/s over the steps after the first `first` (and one more, warm-up) — and the first steps'
+    time beyond as many steady steps: the compilation, which happens in them."""
+    timed = steps[first + 1:] or steps[1:]
+    if not timed:
+        return {"steps": len(steps), "timed": 0, "steps_s": float("nan"), "images_s": float("nan"),
+                "first": float("nan"), "compile_s": float("nan")}
+    steady = statistics.median(timed)
+    head = sum(steps[:first])
+    return {"steps": len(steps), "timed": len(timed), "steps_s": len(timed) / sum(timed),
+            "images_s": bs * len(timed) / sum(timed), "first": head, "compile_s": head - first * steady}
 
 
 def bench_train(args: argparse.Namespace, work: Path) -> None:
@@ -90,6 +102,10 @@ def bench_train(args: argparse.Namespace, work: Path) -> None:
     data = work / "data"
     build_dataset(BuildConfig(src=str(work / "src"), out=str(data), preset="lesson7", size=args.size + 32,
                               split=(args.n / (args.n + 8), 8 / (args.n + 8), 0.0), workers=2), progress=False)
+    if args.gan_iters:
+        bench_gan(args, data)
+    if args.skip_gen:
+        return
     rows = {c: train_run(args, data, work / f"run-{c}", c) for c in (False, True)}
     print(f"train-gen: {args.arch}, loss {args.loss}, size {args.size}, bs {args.bs}, {args.n} training photos, "
           f"{args.epochs} epoch(s), precision {rows[False]['precision']}")
@@ -98,6 +114,33 @@ def bench_train(args: argparse.Namespace, work: Path) -> None:
         print(f"  {name}: {r['steps_s']:7.3f} steps/s, {r['images_s']:7.2f} img/s over {r['timed']} steps "
               f"(of {r['steps']}); first step {r['first']:7.2f} s, of which compilation ≈ {r['compile_s']:7.2f} s; "
               f"whole run {r['wall']:7.1f} s")
+    print(f"  compiled / eager: {rows[True]['steps_s'] / rows[False]['steps_s']:.2f}x steps/s; compilation pays "
+          f"off after ≈ {_break_even(rows):.0f} steps")
+
+
+def gan_run(args: argparse.Namespace, data: Path, run: Path, compile: bool) -> dict:
+    from srgan.train_gan import TrainGanConfig, train_gan
+
+    timer = step_timer(args.device.startswith("cuda"))
+    cfg = TrainGanConfig(data=str(data), out=str(run), generator_arch=args.arch, critic_arch=args.critic,
+                         loss=args.loss, pretrained=False, switching="per-batch", size=args.size, bs=args.bs,
+                         iters=args.gan_iters, checkpoint_every=10**6, preview_items=0, device=args.device,
+                         precision=args.precision, compile=compile)
+    t0 = time.perf_counter()
+    train_gan(cfg, progress=False, cbs=[timer])
+    total = time.perf_counter() - t0
+    return {**_rates(timer.steps, 3, args.bs), "wall": total}  # the critic compiles frozen, then trained
+
+
+def bench_gan(args: argparse.Namespace, data: Path) -> None:
+    rows = {c: gan_run(args, data, data.parent / f"gan-{c}", c) for c in (False, True)}
+    print(f"train-gan: {args.arch} from scratch + {args.critic} critic, per-batch (a generator and a critic step "
+          f"each), loss {args.loss}, size {args.size}, bs {args.bs}, {args.gan_iters} steps")
+    for c, r in rows.items():
+        name = "--compile   " if c else "no --compile"
+        print(f"  {name}: {r['steps_s']:7.3f} steps/s, {r['images_s']:7.2f} img/s over {r['timed']} steps; first "
+              f"3 steps {r['first']:7.2f} s, of which compilation ≈ {r['compile_s']:7.2f} s; whole run "
+              f"{r['wall']:7.1f} s")
     print(f"  compiled / eager: {rows[True]['steps_s'] / rows[False]['steps_s']:.2f}x steps/s; compilation pays "
           f"off after ≈ {_break_even(rows):.0f} steps")
 
@@ -181,7 +224,10 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=None, help="enhance: tile side in input px (default: enhance's)")
     ap.add_argument("--batch", type=int, default=None, help="enhance: tiles per forward pass (default 1)")
     ap.add_argument("--photos", type=int, default=3, help="enhance: timed calls after the first")
-    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-train", action="store_true", help="neither train-gen nor train-gan")
+    ap.add_argument("--skip-gen", action="store_true", help="no train-gen (train-gan still, with --gan-iters)")
+    ap.add_argument("--gan-iters", type=int, default=0, help="also train-gan, this many per-batch steps")
+    ap.add_argument("--critic", default="patch", help="train-gan's new critic")
     ap.add_argument("--skip-enhance", action="store_true")
     ap.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache (compilation may be cached)")
     args = ap.parse_args()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_builder import _journal_lines
 
 from crappify.builder import JOURNAL, BuildConfig, build_dataset, parse_shard
 from crappify.cli import main
@@ -355,13 +356,6 @@ def test_an_interrupted_part_resumes_to_the_same_bytes(built, src, tmp_path, rea
     res = build(src, out, shard=f"2/{N}")
     assert res.reused == 2
     assert read_tree(out) == read_tree(built.parts[1])
-
-
-def _journal_lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def test_a_killed_part_resumes_and_merges_to_the_same_bytes(many_photo_dir, tmp_path, cli, cli_command, read_tree):

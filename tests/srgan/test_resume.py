@@ -157,26 +157,33 @@ CRIT = {"arch": "patch", "options": {"nf": 8, "n_blocks": 2}, "size": 32, "bs": 
         "precision": "fp32", "epochs": 2}
 
 
-@pytest.fixture(scope="module")
-def crit_base(sr_dataset, gen_reference, tmp_path_factory) -> Path:
-    """A run folder with a generator and its predictions, as train-critic finds it in a pipeline."""
-    from srgan.train_critic import ensure_preds
+def critic_setup(crit: dict):
+    """The train-critic fixtures over the requesting module's `gen_reference`, with train-critic options `crit`:
+    `crit_base` (a run folder with the generator and its predictions, as train-critic finds it in a pipeline),
+    `crit_cfg(data, run, **changes)` and `crit_reference` (an uninterrupted run). test_sigterm.py uses them too."""
 
-    run = tmp_path_factory.mktemp("crit-base")
-    shutil.copy(gen_reference / "generator.safetensors", run / "generator.safetensors")
-    ensure_preds(sr_dataset, run, torch.device("cpu"), ("train", "valid"))
-    return run
+    @pytest.fixture(scope="module")
+    def crit_base(sr_dataset, gen_reference, tmp_path_factory) -> Path:
+        from srgan.train_critic import ensure_preds
+
+        run = tmp_path_factory.mktemp("crit-base")
+        shutil.copy(gen_reference / "generator.safetensors", run / "generator.safetensors")
+        ensure_preds(sr_dataset, run, torch.device("cpu"), ("train", "valid"))
+        return run
+
+    def crit_cfg(data: Path, run: Path, **kw) -> TrainCriticConfig:
+        return TrainCriticConfig(data=str(data), out=str(run), **{**crit, **kw})
+
+    @pytest.fixture(scope="module")
+    def crit_reference(sr_dataset, crit_base, tmp_path_factory) -> Path:
+        run = shutil.copytree(crit_base, tmp_path_factory.mktemp("crit-ref") / "run")
+        train_critic(crit_cfg(sr_dataset, run), progress=False)
+        return run
+
+    return crit_base, crit_cfg, crit_reference
 
 
-def crit_cfg(data: Path, run: Path, **kw) -> TrainCriticConfig:
-    return TrainCriticConfig(data=str(data), out=str(run), **{**CRIT, **kw})
-
-
-@pytest.fixture(scope="module")
-def crit_reference(sr_dataset, crit_base, tmp_path_factory) -> Path:
-    run = shutil.copytree(crit_base, tmp_path_factory.mktemp("crit-ref") / "run")
-    train_critic(crit_cfg(sr_dataset, run), progress=False)
-    return run
+crit_base, crit_cfg, crit_reference = critic_setup(CRIT)
 
 
 def assert_same_critic(run: Path, ref: Path) -> None:

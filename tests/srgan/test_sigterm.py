@@ -19,12 +19,19 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from test_resume import Killed, assert_same_critic, assert_same_gan, assert_same_gen, kill_on_call, rows
+from test_resume import (
+    Killed,
+    assert_same_critic,
+    assert_same_gan,
+    assert_same_gen,
+    critic_setup,
+    kill_on_call,
+    rows,
+)
 
 from crappify.errors import Interrupted
 from srgan.checkpoint import load_checkpoint
-from srgan.train_critic import TrainCriticConfig, ensure_preds, train_critic
+from srgan.train_critic import train_critic
 from srgan.train_gan import TrainGanConfig, train_gan
 from srgan.train_gen import Trainer, TrainGenConfig
 
@@ -124,23 +131,7 @@ def test_sigterm_after_the_last_batch_finishes_the_stage_then_stops(sr_dataset, 
 # train-critic
 
 
-@pytest.fixture(scope="module")
-def crit_base(sr_dataset, gen_reference, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("crit-base")
-    shutil.copy(gen_reference / "generator.safetensors", run / "generator.safetensors")
-    ensure_preds(sr_dataset, run, torch.device("cpu"), ("train", "valid"))
-    return run
-
-
-def crit_cfg(data: Path, run: Path, **kw) -> TrainCriticConfig:
-    return TrainCriticConfig(data=str(data), out=str(run), **{**CRIT, **kw})
-
-
-@pytest.fixture(scope="module")
-def crit_reference(sr_dataset, crit_base, tmp_path_factory) -> Path:
-    run = shutil.copytree(crit_base, tmp_path_factory.mktemp("crit-ref") / "run")
-    train_critic(crit_cfg(sr_dataset, run), progress=False)
-    return run
+crit_base, crit_cfg, crit_reference = critic_setup(CRIT)
 
 
 def test_critic_sigterm_mid_epoch_then_resume_loses_nothing(sr_dataset, crit_base, crit_reference, tmp_path):
