@@ -48,7 +48,9 @@ Trace = list[tuple[str, np.ndarray]]
 
 
 @dataclass
-class Step:
+class OpStep:
+    """One step of a chain: an op and the probability `p` that it runs on an image."""
+
     op: Op
     p: float = 1.0
 
@@ -70,7 +72,7 @@ class Degraded:
     size: tuple[int, int]  # (width, height) of the output, known even when it was not decoded
 
 
-def build_steps(raw_steps: Any, where: str = "steps") -> list[Step]:
+def build_steps(raw_steps: Any, where: str = "steps") -> list[OpStep]:
     if not isinstance(raw_steps, list) or not raw_steps:
         raise ConfigError(f"{where}: expected a non-empty list of {{op: name, ...}} mappings")
     steps = []
@@ -82,7 +84,7 @@ def build_steps(raw_steps: Any, where: str = "steps") -> list[Step]:
         p = params.pop("p", 1.0)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ConfigError(f"{where}[{i}] ({name}): p must be a probability in [0, 1], got {p!r}")
-        steps.append(Step(OPS.get(name)(**params), float(p)))
+        steps.append(OpStep(OPS.get(name)(**params), float(p)))
     return steps
 
 
@@ -94,7 +96,7 @@ def _label(name: str, params: dict[str, Any] | None) -> str:
     return " ".join([name, *parts])
 
 
-def run_steps(steps: list[Step], img: np.ndarray, rng: np.random.Generator, ctx: Context,
+def run_steps(steps: list[OpStep], img: np.ndarray, rng: np.random.Generator, ctx: Context,
               trace: Trace | None = None) -> tuple[np.ndarray | None, bytes | None, list[dict[str, Any]]]:
     """Run steps in order; JPEG bytes stay undecoded until a later op (or the caller) needs pixels.
 
@@ -124,7 +126,7 @@ def run_steps(steps: list[Step], img: np.ndarray, rng: np.random.Generator, ctx:
     return image, encoded, records
 
 
-def replay_steps(steps: list[Step], img: np.ndarray,
+def replay_steps(steps: list[OpStep], img: np.ndarray,
                  records: list[dict[str, Any]]) -> tuple[np.ndarray | None, bytes | None]:
     """Re-apply recorded parameters; gives exactly what `run_steps` gave."""
     if [r.get("op") for r in records] != [s.op.name for s in steps]:
@@ -234,7 +236,7 @@ class RandomOrder(Op):
         return image if image is not None else F.jpeg_decode(encoded)
 
 
-def _all_ops(steps: list[Step]) -> list[Op]:
+def _all_ops(steps: list[OpStep]) -> list[Op]:
     """Every op in `steps`, nested `repeat` / `random_order` steps included."""
     out: list[Op] = []
     for s in steps:
@@ -247,7 +249,7 @@ def _all_ops(steps: list[Step]) -> list[Op]:
 class Chain:
     """An ordered degradation pipeline (what a preset describes)."""
 
-    def __init__(self, steps: list[Step], name: str = "custom", description: str = "",
+    def __init__(self, steps: list[OpStep], name: str = "custom", description: str = "",
                  scale: int | None = None, variables: dict[str, Spec] | None = None,
                  shrink_on_decode: bool = False) -> None:
         self.steps, self.name, self.description, self.scale = steps, name, description, scale

@@ -150,7 +150,7 @@ class Phase:
     lr: float
 
 
-def plan(cfg: TrainGenConfig, encoder_pretrained: bool) -> list[Phase]:
+def plan_phases(cfg: TrainGenConfig, encoder_pretrained: bool) -> list[Phase]:
     """The phases: per stage, frozen then unfrozen for a pretrained encoder, unfrozen only otherwise."""
     phases = []
     for i, st in enumerate(cfg.schedule()):
@@ -320,7 +320,7 @@ class Trainer:
             write_atomic(self.run / "train-gen.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             # A new generator is coming: train-critic would take the old one's predictions for its own.
             shutil.rmtree(self.run / "preds", ignore_errors=True)
-        phases = plan(cfg, encoder_pretrained=unet and cfg.encoder_pretrained())
+        phases = plan_phases(cfg, encoder_pretrained=unet and cfg.encoder_pretrained())
         if not cfg.pretrained and _perceptual(cfg.loss) and is_main():
             print(f"crappify: warning: loss {_loss_name(cfg.loss)} runs on a VGG with random weights "
                   "(--no-pretrained), which measures nothing perceptual; use l1/mse or give the VGG weights",

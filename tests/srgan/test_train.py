@@ -18,7 +18,7 @@ from crappify.builder import BuildConfig, build_dataset
 from crappify.errors import CrappifyError
 from srgan.checkpoint import load_checkpoint, load_generator, read_generator_meta
 from srgan.data import Normalizer, PairDataset, make_dataloaders, read_dataset
-from srgan.train_gen import Trainer, TrainGenConfig, plan, resolve_precision
+from srgan.train_gen import Trainer, TrainGenConfig, plan_phases, resolve_precision
 
 TINY = {"arch": "unet-resnet18", "pretrained": False, "size": 32, "bs": 2, "loss": "l1", "preview_items": 2}
 
@@ -98,10 +98,10 @@ def test_the_same_seed_trains_the_same_weights(dataset, tmp_path):
 def test_plan_freezes_only_pretrained_unets():
     cfg = TrainGenConfig(data="d", out="o", stages=[{"size": 64, "bs": 4, "epochs": 2}, {"size": 128, "bs": 2,
                                                                                        "epochs": 1}])
-    phases = plan(cfg, encoder_pretrained=True)
+    phases = plan_phases(cfg, encoder_pretrained=True)
     assert [(p.stage, p.frozen, p.size, p.epochs) for p in phases] == [(0, True, 64, 2), (0, False, 64, 2),
                                                                        (1, True, 128, 1), (1, False, 128, 1)]
-    assert [p.frozen for p in plan(cfg, encoder_pretrained=False)] == [False, False]
+    assert [p.frozen for p in plan_phases(cfg, encoder_pretrained=False)] == [False, False]
 
 
 def test_precision_auto_and_refusals():
