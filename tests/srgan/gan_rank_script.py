@@ -50,7 +50,7 @@ def ddp_check(out: str) -> None:
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from srgan.distributed import average_gradients, join
+    from srgan.distributed import average_gradients, finish, join
 
     join(torch.device("cpu"))
     rank = torch.distributed.get_rank()
@@ -77,7 +77,8 @@ def ddp_check(out: str) -> None:
     penalty = all(torch.allclose(p.grad, m, atol=1e-6) for p, m in zip(net.parameters(), means, strict=True))
     with open(os.path.join(out, f"ddp{rank}.json"), "w") as fh:
         json.dump({"plain": plain, "penalty": penalty, "ranks_differ": not torch.allclose(local[0], means[0])}, fh)
-    torch.distributed.destroy_process_group()
+    del ddp_net  # its reducer's threads go before the group does
+    finish()  # a barrier, then leave the group: destroying it while the other rank still used it aborted a rank
 
 
 if __name__ == "__main__":
