@@ -359,7 +359,7 @@ def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None,
     (toy sizes, into p.out + '-smoke'; load the pipeline with `smoke=True` to choose the folder). Under torchrun:
     see the module docstring."""
     from crappify.runlock import folder_lock
-    from srgan.distributed import barrier, hold_group, is_main, join, local_device
+    from srgan.distributed import barrier, hold_group, is_distributed, is_main, join, local_device
     from srgan.runtime import resolve_device
 
     if smoke:
@@ -367,8 +367,9 @@ def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None,
     steps = plan(p, start, stop, overrides)
     paths = paths_of(p)
     check_data(p, steps)
-    training = next((s for s in steps if s.stage in DATA_PARALLEL and s.action != "skip"), None)
-    join(local_device(resolve_device(training.config.device if training else "auto")))
+    if is_distributed():  # one process group for every stage, on the first training stage's device
+        training = next((s for s in steps if s.stage in DATA_PARALLEL and s.action != "skip"), None)
+        join(local_device(resolve_device(training.config.device if training else "auto")))
     with hold_group():  # the stages share one process group, left when the pipeline ends
         barrier()  # every rank has read the plan before rank 0 writes a state
         # a second `crappify run` on OUT fails with one line (rank 0 holds the lock for all)
