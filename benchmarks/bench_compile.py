@@ -109,13 +109,7 @@ def bench_train(args: argparse.Namespace, work: Path) -> None:
     rows = {c: train_run(args, data, work / f"run-{c}", c) for c in (False, True)}
     print(f"train-gen: {args.arch}, loss {args.loss}, size {args.size}, bs {args.bs}, {args.n} training photos, "
           f"{args.epochs} epoch(s), precision {rows[False]['precision']}")
-    for c, r in rows.items():
-        name = "--compile   " if c else "no --compile"
-        print(f"  {name}: {r['steps_s']:7.3f} steps/s, {r['images_s']:7.2f} img/s over {r['timed']} steps "
-              f"(of {r['steps']}); first step {r['first']:7.2f} s, of which compilation ≈ {r['compile_s']:7.2f} s; "
-              f"whole run {r['wall']:7.1f} s")
-    print(f"  compiled / eager: {rows[True]['steps_s'] / rows[False]['steps_s']:.2f}x steps/s; compilation pays "
-          f"off after ≈ {_break_even(rows):.0f} steps")
+    _report(rows, "first step")
 
 
 def gan_run(args: argparse.Namespace, data: Path, run: Path, compile: bool) -> dict:
@@ -136,11 +130,16 @@ def bench_gan(args: argparse.Namespace, data: Path) -> None:
     rows = {c: gan_run(args, data, data.parent / f"gan-{c}", c) for c in (False, True)}
     print(f"train-gan: {args.arch} from scratch + {args.critic} critic, per-batch (a generator and a critic step "
           f"each), loss {args.loss}, size {args.size}, bs {args.bs}, {args.gan_iters} steps")
+    _report(rows, "first 3 steps")
+
+
+def _report(rows: dict, first: str) -> None:
+    """The eager and compiled runs' lines (`_rates` plus the wall time) and their ratio."""
     for c, r in rows.items():
         name = "--compile   " if c else "no --compile"
-        print(f"  {name}: {r['steps_s']:7.3f} steps/s, {r['images_s']:7.2f} img/s over {r['timed']} steps; first "
-              f"3 steps {r['first']:7.2f} s, of which compilation ≈ {r['compile_s']:7.2f} s; whole run "
-              f"{r['wall']:7.1f} s")
+        print(f"  {name}: {r['steps_s']:7.3f} steps/s, {r['images_s']:7.2f} img/s over {r['timed']} steps "
+              f"(of {r['steps']}); {first} {r['first']:7.2f} s, of which compilation ≈ {r['compile_s']:7.2f} s; "
+              f"whole run {r['wall']:7.1f} s")
     print(f"  compiled / eager: {rows[True]['steps_s'] / rows[False]['steps_s']:.2f}x steps/s; compilation pays "
           f"off after ≈ {_break_even(rows):.0f} steps")
 

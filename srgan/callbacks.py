@@ -27,7 +27,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.distributed import DistributedDL
 
 from crappify.errors import CrappifyError, Interrupted
-from srgan.distributed import unwrap
+from srgan.distributed import group_device, unwrap
 from srgan.loader import skip_samples
 from srgan.runtime import StopRequest
 
@@ -266,8 +266,6 @@ class AnyBackendDL(DistributedDL):
     backend: fastai's puts the order on CUDA to broadcast it, which the gloo (CPU) backend cannot take."""
 
     def _broadcast(self, t: Any, rank: int) -> Any:
-        backend = torch.distributed.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        tensor = torch.tensor(t, dtype=torch.long, device=device)
+        tensor = torch.tensor(t, dtype=torch.long, device=group_device())
         torch.distributed.broadcast(tensor, rank)
         return tensor.cpu().tolist()

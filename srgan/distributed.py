@@ -29,6 +29,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -144,26 +145,32 @@ def rank_mean(value: torch.Tensor) -> torch.Tensor:
     return out / world_size()
 
 
+def group_device() -> torch.device:
+    """Where the process group's collectives take their tensors: this rank's GPU for nccl, else the CPU (gloo)."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduced(value: float, dtype: torch.dtype, op: Any) -> float:
+    """One number reduced over the ranks with `op`."""
+    t = torch.tensor([value], dtype=dtype, device=group_device())
+    torch.distributed.all_reduce(t, op=op)
+    return t.item()
+
+
 def rank_min(value: int) -> int:
     """The smallest of the ranks' `value`s (e.g. the batch each found fits), so every rank uses the same."""
     if not joined():
         return value
-    t = torch.tensor([value], dtype=torch.long)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return int(t.item())
+    return int(_reduced(value, torch.long, torch.distributed.ReduceOp.MIN))
 
 
 def any_rank(flag: bool) -> bool:
     """Whether `flag` holds on any rank (e.g. a SIGTERM one of them received), so all ranks act on it together."""
     if not joined():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return _reduced(1.0 if flag else 0.0, torch.float32, torch.distributed.ReduceOp.MAX) > 0
 
 
 _HELD = [0]  # > 0 while a pipeline runs its stages in one process group (see `hold_group`)

@@ -596,20 +596,25 @@ def _journal_lines(path: Path) -> int:
         return 0
 
 
-def test_killed_build_resumes_to_the_same_bytes(many_photo_dir, tmp_path, cli, cli_command, read_tree):
-    out, ref = tmp_path / "out", tmp_path / "ref"
-    args = ["build-dataset", str(many_photo_dir), str(out), "--preset", "realistic", "--seed", "11", "--quiet"]
-    proc = subprocess.Popen([*cli_command, *args, "--workers", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    journal = out / JOURNAL
+def kill_after_journal_lines(argv: list[str], journal: Path, lines: int = 3) -> None:
+    """Start a build command and SIGKILL it once its journal holds `lines` lines (the build must not finish
+    first: asserted), leaving what a killed build leaves."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
-        while proc.poll() is None and time.monotonic() < deadline and _journal_lines(journal) < 3:
+        while proc.poll() is None and time.monotonic() < deadline and _journal_lines(journal) < lines:
             time.sleep(0.002)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the build ended before it could be killed"
+
+
+def test_killed_build_resumes_to_the_same_bytes(many_photo_dir, tmp_path, cli, cli_command, read_tree):
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    args = ["build-dataset", str(many_photo_dir), str(out), "--preset", "realistic", "--seed", "11", "--quiet"]
+    journal = out / JOURNAL
+    kill_after_journal_lines([*cli_command, *args, "--workers", "1"], journal)
     assert not (out / "manifest.csv").exists()
     assert journal.is_file()
 

@@ -9,15 +9,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from test_builder import _journal_lines
+from test_builder import kill_after_journal_lines
 
 from crappify.builder import JOURNAL, BuildConfig, build_dataset, parse_shard
 from crappify.cli import main
@@ -363,16 +360,7 @@ def test_a_killed_part_resumes_and_merges_to_the_same_bytes(many_photo_dir, tmp_
     line; the parts merge into the single build's bytes."""
     base = ["build-dataset", str(many_photo_dir), "--preset", "realistic", "--seed", "7", "--quiet", "--workers", "1"]
     out = tmp_path / "part2"
-    proc = subprocess.Popen([*cli_command, *base[:2], str(out), *base[2:], "--shard", "2/2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while proc.poll() is None and time.monotonic() < deadline and _journal_lines(out / JOURNAL) < 3:
-            time.sleep(0.002)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the build ended before it could be killed"
+    kill_after_journal_lines([*cli_command, *base[:2], str(out), *base[2:], "--shard", "2/2"], out / JOURNAL)
     assert not (out / "manifest.csv").exists()
     done = {json.loads(line)["id"] for line in (out / JOURNAL).read_text().splitlines()[:-1]}  # last: maybe cut
     again = cli(*base[:2], out, *base[2:], "--shard", "2/2")
