@@ -16,7 +16,16 @@ import pytest
 import yaml
 
 from crappify.errors import ConfigError, CrappifyError
-from srgan.pipeline import PIPELINES_DIR, STAGES, load_pipeline, plan, read_state, run_pipeline, stage_configs
+from srgan.pipeline import (
+    PIPELINES_DIR,
+    STAGES,
+    load_pipeline,
+    paths_of,
+    plan,
+    read_state,
+    run_pipeline,
+    stage_configs,
+)
 
 TINY = {
     "name": "tiny",
@@ -345,3 +354,15 @@ def test_demo_results_on_a_hand_made_run(tmp_path):
         f.unlink()
     lines = demo_results(root)[0].splitlines()
     assert lines[2].split()[-1] == "n/a" and lines[5:] == ["PSNR-occ: no held-out crop has occluding rectangles"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_fails_at_the_stage_that_uses_it(tmp_path):
+    """In one process the pipeline resolves no device up front (only under torchrun, for its process group): the
+    stages before train-gen run, and train-gen stops with the device's one-line error."""
+    p = load_pipeline(write_pipeline(tmp_path))
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
+        run_pipeline(p, progress=False, overrides={"device": "cuda"})
+    state = paths_of(p).state
+    assert read_state(state, "build-dataset")["status"] == "done"
+    assert read_state(state, "train-gen")["status"] == "running"
