@@ -44,6 +44,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -51,12 +52,20 @@ from typing import Any, Literal, TextIO
 import cv2
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 from crappify import __version__
 from crappify.chain import Chain, load_preset
 from crappify.errors import ConfigError, CrappifyError
-from crappify.functional import jpeg_decode
+from crappify.functional import jpeg_decode, resize
 from crappify.imageio import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -91,6 +100,8 @@ LATER_KEYS = {"max_bytes": DEFAULT_MAX_BYTES}
 # tried again on resume.
 RETRIED_REASONS = ("file not found", "permission denied", "corrupt or truncated image: [Errno")
 PART_KEY = "shard"  # config.yaml key of a part built with --shard K/N; a whole build's config has none
+# Keys written to config.yaml (and a stage's dump) only when set, so a build without them keeps its bytes and hash.
+OPTIONAL_KEYS = (PART_KEY, "square")
 SKIPPED_COLUMNS = ["source", "reason"]
 
 
@@ -112,6 +123,8 @@ class BuildConfig(BaseModel):
     source: SourceName = Field("auto", description="the source's layout; auto: detected")
     preset: str = "flickr30k-restore"
     size: int | None = Field(None, ge=8, description="HR short side in px (never upscaled)")
+    square: int | None = Field(None, ge=8, description="HR squashed to exactly N x N px (bicubic, aspect not kept, "
+                                                       "upscaled where smaller); instead of size")
     scale: int | None = Field(None, ge=1, le=16, description="HR/LR ratio where the preset does not fix it")
     seed: int = Field(0, ge=0)
     limit: int | None = Field(None, ge=1)
@@ -128,13 +141,23 @@ class BuildConfig(BaseModel):
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """Leave `max_bytes` out of dumps while it has its default: it came after datasets and pipelines were
         built, and `crappify run` hashes a stage's dump, so listing it would re-run every existing pipeline's
-        stages for an option nobody set. `shard` likewise while it is unset."""
+        stages for an option nobody set. `shard` and `square` likewise while they are unset."""
         data = handler(self)
         if data.get("max_bytes") == DEFAULT_MAX_BYTES:
             del data["max_bytes"]
-        if data.get("shard", "") is None:
-            del data["shard"]
+        for key in OPTIONAL_KEYS:
+            if data.get(key, "") is None:
+                del data[key]
         return data
+
+    @field_validator("square")
+    @classmethod
+    def _square_or_size(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """Two ways to size the HR: one only, so a config never says two things."""
+        if v is not None and info.data.get("size") is not None:
+            raise ValueError("square and size are mutually exclusive (square: the HR is exactly N x N; size: its "
+                             "short side); set only one")
+        return v
 
     @field_validator("shard", mode="before")
     @classmethod
@@ -166,6 +189,7 @@ class Job:
     hr_format: str
     link_hr: bool
     max_bytes: int = DEFAULT_MAX_BYTES
+    square: int | None = None
 
 
 @dataclass
@@ -176,6 +200,26 @@ class BuildResult:
     reused: int
     seconds: float
     per_split: dict[str, int]
+
+
+Needs = Sequence[tuple[tuple[str, ...], str]]  # (splits any of which will do, who needs them) per requirement
+
+
+def check_built(res: BuildResult, cfg: BuildConfig, needs: Needs = ()) -> None:
+    """The one rule for a build that made nothing usable, for every caller (`build-dataset`, `crappify run`):
+    no pairs at all, or none in a split that a later step needs (`needs`: the splits any of which will do, and
+    who needs them), is a one-line CrappifyError naming the dataset's skipped.csv. A part (--shard) may be
+    empty: the merge judges the whole dataset."""
+    if cfg.shard is not None:
+        return
+    where = f"{res.skipped} file(s) skipped (see {res.out / 'skipped.csv'})"
+    if res.built == 0:
+        raise CrappifyError(f"no pairs could be built from {cfg.src}: {where}")
+    for splits, who in needs:
+        if not any(res.per_split.get(split) for split in splits):
+            counts = " / ".join(f"{k} {v}" for k, v in res.per_split.items())
+            raise CrappifyError(f"dataset {res.out} has no {' or '.join(splits)} pairs, which {who} needs "
+                                f"(built {counts}); {where}")
 
 
 def item_seed(seed: int, item_id: str) -> int:
@@ -197,9 +241,13 @@ def effective_scale(chain: Chain, scale: int | None) -> int | None:
     return scale or DEFAULT_SCALE
 
 
-def hr_geometry(w: int, h: int, size: int | None, scale: int | None) -> tuple[int, int, int, int]:
-    """(resized width, height, cropped width, height) of the HR for a w×h upright source."""
-    if size is not None:
+def hr_geometry(w: int, h: int, size: int | None, scale: int | None,
+                square: int | None = None) -> tuple[int, int, int, int]:
+    """(resized width, height, cropped width, height) of the HR for a w×h upright source: short side to `size`,
+    or both sides to `square`; then cropped to a multiple of the scale."""
+    if square is not None:
+        w = h = square
+    elif size is not None:
         short = min(w, h)
         w, h = (size, max(1, round(h * size / short))) if w <= h else (max(1, round(w * size / short)), size)
     cw, ch = (w - w % scale, h - h % scale) if scale else (w, h)
@@ -212,10 +260,12 @@ def center_crop(img: np.ndarray, cw: int, ch: int) -> np.ndarray:
     return img[y:y + ch, x:x + cw]
 
 
-def make_hr(pixels: np.ndarray, rw: int, rh: int, cw: int, ch: int) -> np.ndarray:
-    """Resize (pixel-area average) to rw×rh where needed, then centre-crop to cw×ch."""
+def make_hr(pixels: np.ndarray, rw: int, rh: int, cw: int, ch: int, bicubic: bool = False) -> np.ndarray:
+    """Resize (pixel-area average; `bicubic` for a squashed, maybe upscaled HR, as torchvision's Resize) to rw×rh
+    where needed, then centre-crop to cw×ch."""
     if (pixels.shape[1], pixels.shape[0]) != (rw, rh):
-        pixels = cv2.resize(pixels, (rw, rh), interpolation=cv2.INTER_AREA)
+        pixels = (resize(pixels, rw, rh, "bicubic") if bicubic
+                  else cv2.resize(pixels, (rw, rh), interpolation=cv2.INTER_AREA))
     return center_crop(pixels, cw, ch) if (cw, ch) != (rw, rh) else pixels
 
 
@@ -257,12 +307,12 @@ def _process_item(item: Item, job: Job) -> dict[str, Any]:
             w, h = photo.size
             if job.size is not None and min(w, h) < job.size:
                 return {"id": item.id, "skip": f"smaller than --size {job.size} ({w}x{h})"}
-            rw, rh, cw, ch = hr_geometry(w, h, job.size, job.scale)
+            rw, rh, cw, ch = hr_geometry(w, h, job.size, job.scale, job.square)
             if cw < (job.scale or 1) or ch < (job.scale or 1):
                 return {"id": item.id, "skip": f"too small for scale {job.scale} ({w}x{h})"}
             lr_size = (cw // job.scale, ch // job.scale) if job.scale else None
             copy_hr = photo.native and (rw, rh, cw, ch) == (w, h, w, h)
-            need = job.size  # the HR is resized from the pixels decoded here, so the LR stays exact
+            need = job.square or job.size  # the HR is resized from the pixels decoded here, so the LR stays exact
             if copy_hr and job.chain.shrink_on_decode:  # the preset allows decoding near the first resize's size
                 lead = job.chain.leading_size(w, h, lr_size)
                 need = min(lead) if lead else None
@@ -273,7 +323,7 @@ def _process_item(item: Item, job: Job) -> dict[str, Any]:
         return {"id": item.id, "skip": str(exc)}
     hr_bytes = None
     if not copy_hr:
-        hr = make_hr(pixels, rw, rh, cw, ch)
+        hr = make_hr(pixels, rw, rh, cw, ch, bicubic=job.square is not None)
         hr_bytes = encode(hr, job.hr_format)
         if job.hr_format == "jpg":  # degrade the pixels the HR file holds, so params replay on it exactly
             hr = jpeg_decode(hr_bytes)
@@ -332,7 +382,8 @@ def resolved_config(cfg: BuildConfig, layout: str, chain: Chain, scale: int | No
     """What identifies a dataset (saved as config.yaml). Worker count and linking are absent: they
     do not change a single byte of the output."""
     src = cfg.src if layout == "samples" else str(Path(cfg.src).resolve())
-    return {"src": src, "source": layout, "preset": chain.to_dict(), "size": cfg.size, "scale": scale,
+    square = {} if cfg.square is None else {"square": cfg.square}  # absent when unset: older bytes unchanged
+    return {"src": src, "source": layout, "preset": chain.to_dict(), "size": cfg.size, **square, "scale": scale,
             "seed": cfg.seed, "limit": cfg.limit, "split": list(cfg.split), "max_pixels": cfg.max_pixels,
             "max_bytes": cfg.max_bytes, "hr_format": cfg.hr_format}
 
@@ -399,8 +450,8 @@ def _is_dataset(out: Path, config: dict[str, Any] | None) -> bool:
 
 def _changed_keys(previous: dict[str, Any], identity: dict[str, Any]) -> list[str]:
     """The keys of `identity` whose value differs in an earlier config.yaml (keys added since default), and
-    `shard` when only the earlier one is a part."""
-    keys = [*identity, *([PART_KEY] if PART_KEY in previous and PART_KEY not in identity else [])]
+    the optional keys (`shard`, `square`) that only the earlier one has."""
+    keys = [*identity, *(k for k in OPTIONAL_KEYS if k in previous and k not in identity)]
     return [k for k in keys if previous.get(k, LATER_KEYS.get(k)) != identity.get(k)]
 
 
@@ -535,7 +586,8 @@ def _build_dataset(cfg: BuildConfig, overwrite: bool, progress: bool) -> BuildRe
         clean_stale_temps(out)  # left by a killed build (the lock says no other build is writing here)
     done = _load_done(out, listing.items) if resuming else {}
     todo = [it for it in listing.items if it.id not in done]
-    job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr, cfg.max_bytes)
+    job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr, cfg.max_bytes,
+              cfg.square)
 
     results = dict(done)
     workers = min(cfg.workers, max(1, len(todo)))

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,6 +39,9 @@ from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import write_atomic
 from crappify.yamlfile import read_mapping
 from srgan.smoke import critic_min_size, smoke_overrides
+
+if TYPE_CHECKING:
+    from crappify.builder import Needs
 
 STAGES = ("sample-crops", "build-dataset", "train-gen", "train-critic", "train-gan", "evaluate")
 DATA_PARALLEL = frozenset({"train-gen", "train-critic", "train-gan"})  # run on every rank under torchrun
@@ -221,9 +224,33 @@ def stage_configs(p: Pipeline, overrides: dict[str, Any] | None = None) -> dict[
         critic = cfgs.get("train-critic")
         critic_min = critic_min_size(critic.arch, critic.options) if critic is not None else 0
         for stage, cfg in cfgs.items():
-            small = smoke_overrides(stage, cfg, critic_min=critic_min, crops="sample-crops" in cfgs)
+            small = _smoke_overrides(stage, cfg, critic_min=critic_min, crops="sample-crops" in cfgs)
             cfgs[stage] = _validate(stage, type(cfg), section(type(cfg), small.model_dump()))
     return cfgs
+
+
+def _smoke_overrides(stage: str, cfg: BaseModel, **kw: Any) -> BaseModel:
+    """`srgan.smoke.smoke_overrides`, except that a build squashing its HR to a square keeps its `square`: the
+    smoke's HR size is a short side (`size`), which a square excludes."""
+    square = getattr(cfg, "square", None) if stage == "build-dataset" else None
+    if square is None:
+        return smoke_overrides(stage, cfg, **kw)
+    small = smoke_overrides(stage, cfg.model_copy(update={"square": None}), **kw)
+    return small.model_copy(update={"size": None, "square": square})
+
+
+def dataset_needs(p: Pipeline) -> list[tuple[tuple[str, ...], str]]:
+    """The splits the pipeline's later stages read from its dataset, as `crappify.builder.check_built` takes them:
+    the training stages train on `train` and validate on `valid`; evaluate scores its `split` (default test,
+    else valid, as `srgan.evaluate` picks)."""
+    needs: list[tuple[tuple[str, ...], str]] = []
+    training = [s for s in ("train-gen", "train-critic", "train-gan") if getattr(p, s.replace("-", "_")) is not None]
+    if training:
+        needs += [(("train",), f"stage {training[0]}"), (("valid",), f"stage {training[0]}")]
+    if p.evaluate is not None:
+        split = p.evaluate.get("split")
+        needs.append(((split,) if isinstance(split, str) else ("test", "valid"), "stage evaluate"))
+    return needs
 
 
 def _check_inputs(cfgs: dict[str, BaseModel]) -> None:
@@ -319,19 +346,20 @@ def _outputs_exist(stage: str, paths: Paths) -> bool:
     return key.exists()
 
 
-def _run_stage(step: Step, paths: Paths, progress: bool) -> None:
-    """Run one stage (resuming where asked and where the stage left a checkpoint)."""
+def _run_stage(step: Step, paths: Paths, progress: bool, needs: Needs = ()) -> None:
+    """Run one stage (resuming where asked and where the stage left a checkpoint). A dataset without pairs, or
+    without those of a split that `needs` (`dataset_needs`) names, fails the stage, so it is not recorded done."""
     cfg, resume = step.config, step.action == "resume"
     if step.stage == "sample-crops":
         from crappify.samples import CropPlan, cut_sample_crops
 
         cut_sample_crops(paths.crops, CropPlan(**cfg.model_dump()))
     elif step.stage == "build-dataset":
-        from crappify.builder import build_dataset
+        from crappify.builder import build_dataset, check_built
 
         # Only a dataset this pipeline built before is rebuilt over; any other OUT is reused when it was
         # built with the same config and refused otherwise (it may be the user's).
-        build_dataset(cfg, overwrite=step.action == "rerun", progress=progress)
+        check_built(build_dataset(cfg, overwrite=step.action == "rerun", progress=progress), cfg, needs)
     elif step.stage == "train-gen":
         from srgan.train_gen import Trainer
 
@@ -389,6 +417,7 @@ def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
     if main:
         write_atomic(paths.root / "pipeline.yaml", yaml.safe_dump(recipe, sort_keys=False))
     smoke = {"smoke": True} if p.smoke else {}
+    needs = dataset_needs(p)
     for step in steps:
         if on_stage is not None and main:
             on_stage(step)
@@ -403,7 +432,7 @@ def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
             if step.stage in DATA_PARALLEL:
                 _run_stage(step, paths, progress and main)
             else:
-                _on_rank_zero(step, paths, progress)
+                _on_rank_zero(step, paths, progress, needs)
         except Interrupted as exc:  # SIGTERM: the stage saved where it was and stays "running", to be resumed
             raise Interrupted(f"pipeline {p.name}: {exc.where}", "run the same command again to continue") from None
         if main:
@@ -412,17 +441,17 @@ def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **smoke})
 
 
-def _on_rank_zero(step: Step, paths: Paths, progress: bool) -> None:
+def _on_rank_zero(step: Step, paths: Paths, progress: bool, needs: Needs) -> None:
     """A stage that runs in one process: rank 0 runs it while the others wait; a failure stops every rank."""
     from srgan.distributed import any_rank, is_main, joined
 
     if not joined():
-        _run_stage(step, paths, progress)
+        _run_stage(step, paths, progress, needs)
         return
     error: BaseException | None = None
     if is_main():
         try:
-            _run_stage(step, paths, progress)
+            _run_stage(step, paths, progress, needs)
         except BaseException as exc:  # re-raised below, once the other ranks know
             error = exc
     if any_rank(error is not None):  # also the barrier the other ranks wait at

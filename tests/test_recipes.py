@@ -37,7 +37,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # VGG19 features[:18] L1, content + 1e-3 adversarial, Adam 2e-4 (0.5, 0.999), HR 256 / LR 64, batch 4
     "celeba-pytorch-gan": {
         "stages": ["build-dataset", "train-gan", "evaluate"],
-        "build-dataset": {"preset": "srgan-x4", "size": 256, "source": "celeba"},
+        "build-dataset": {"preset": "srgan-x4", "square": 256, "source": "celeba"},
         "train-gan": {"generator_arch": "srresnet", "critic_arch": "patch", "adv_loss": "lsgan", "w_content": 1.0,
                       "w_adv": 1e-3, "switching": "per-batch", "lr": 2e-4, "critic_lr_mult": 1.0,
                       "betas": [0.5, 0.999], "size": 256, "bs": 4},

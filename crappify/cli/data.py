@@ -42,6 +42,8 @@ def _summary(res: Any) -> str:
 @click.option("--source", type=SOURCE_CHOICE, help="Source layout (default: auto-detect).")
 @click.option("--preset", help="Preset name (see `crappify presets`) or a preset YAML file.")
 @click.option("--size", type=int, help="HR short side in px; smaller photos are skipped, never upscaled.")
+@click.option("--square", type=int, help="HR squashed to exactly N x N px (bicubic, aspect not kept, smaller "
+                                         "photos upscaled); instead of --size.")
 @click.option("--scale", type=int, help="HR/LR ratio, for presets that resize to the LR size (default 4).")
 @click.option("--workers", type=int, help="Worker processes (default: CPU count).")
 @click.option("--seed", type=int, help="Global seed (default 0).")
@@ -60,15 +62,13 @@ def _summary(res: Any) -> str:
 def build_dataset_cmd(src: str, out: str, config_file: str | None, split_: str | None, copy_hr: bool | None,
                       overwrite: bool, quiet: bool, **flags: Any) -> None:
     """Build paired LR/HR data from the photos in SRC (or 'samples') into OUT."""
-    from crappify.builder import BuildConfig, build_dataset
+    from crappify.builder import BuildConfig, build_dataset, check_built
     from crappify.config import resolve
 
     cfg = resolve(BuildConfig, config_file, src=src, out=out, split=_split(split_),
                   link_hr=False if copy_hr else None, **flags)
     res = build_dataset(cfg, overwrite=overwrite, progress=not quiet)
-    if res.built == 0 and cfg.shard is None:  # a part may be empty: the merge judges the whole dataset
-        raise CrappifyError(f"no pairs could be built from {src}: {res.skipped} file(s) skipped "
-                            f"(see {res.out / 'skipped.csv'})")
+    check_built(res, cfg)
     click.echo(_summary(res) + (f"; shard {cfg.shard}: join the parts with `crappify merge-datasets`"
                                 if cfg.shard else ""))
 
