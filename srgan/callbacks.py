@@ -6,6 +6,8 @@
   resume from there), and after each epoch a history row, the checkpoint, then the history file — train-gen's
   and train-critic's epoch callbacks are subclasses naming their row;
 - `CountBatches`, `EpochLoss`, `quiet` (no progress bars or epoch lines), `history_value`;
+- `adam` and `one_cycle_moms`: a stage's Adam (`betas`, `eps`, `wd` from its config) and the momentum schedule
+  that goes with it;
 - `AnyBackendDL`: fastai's `DistributedDL` on the gloo backend too (data-parallel training on CPU processes).
 
 This module imports fastai (~2 s) at the top, as `srgan.loader` does: the stages import it inside the functions
@@ -62,6 +64,24 @@ def quiet(learn: Any) -> None:
     silenced (it would print each epoch's values instead)."""
     learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])
     learn.logger = lambda *_: None
+
+
+def adam(betas: tuple[float, float] | None, eps: float, wd: float) -> Callable[..., Any]:
+    """A Learner's `opt_func`: fastai's Adam (decoupled weight decay, as AdamW) with a stage's `eps`, `wd` and
+    `betas` as (mom, sqr_mom); `betas` None keeps fastai's (mom 0.9, which `fit_one_cycle` then schedules, and
+    sqr_mom 0.99), so a config without them trains as before they were options."""
+    from functools import partial
+
+    from fastai.optimizer import Adam
+
+    fixed = {} if betas is None else {"mom": betas[0], "sqr_mom": betas[1]}
+    return partial(Adam, eps=eps, wd=wd, **fixed)
+
+
+def one_cycle_moms(betas: tuple[float, float] | None) -> tuple[float, float, float] | None:
+    """`fit_one_cycle`'s `moms`: None (fastai's, beta1 0.95 -> 0.85 -> 0.95 against the learning rate) unless
+    `betas` are given, which hold beta1 for the whole run, as the recipes' sources do."""
+    return None if betas is None else (betas[0],) * 3
 
 
 def history_value(v: Any) -> float | str:

@@ -12,8 +12,10 @@ the same run sees the same crops.
 loader with a degradation chain (the dataset's own preset, or `degrade_preset`), from a generator seeded by
 (seed, epoch, index, DEGRADE_TAG): every epoch sees fresh degradations, the same ones for the same run, with
 any number of loader workers, and a run resumed at epoch E sees what the uninterrupted run saw. Validation
-always reads the offline LR files. `sharpen_gt` trains towards USM-sharpened HR crops (the LR still comes
-from the plain crop), as Real-ESRGAN does.
+always reads the offline LR files. `sharpen_gt` trains towards USM-sharpened HR crops, as Real-ESRGAN does;
+online, the LR is degraded from that sharpened crop too (Real-ESRGAN blurs and degrades its sharpened GT,
+`RealESRGANModel.feed_data`), while offline the LR files stay what the dataset made from the plain HR.
+Validation always scores against the plain HR.
 """
 
 from __future__ import annotations
@@ -405,7 +407,8 @@ def make_dataloaders(root: str | Path, size: int, bs: int, *, resize_lr: bool, s
 
     `degrade="online"`: the training pairs' LR is made from each HR crop by a degradation chain (`degrade_preset`,
     a built-in name or a YAML file; default: the dataset's own preset), afresh every epoch (`OnlinePairDataset`);
-    validation reads the LR files as always. `sharpen_gt`: training targets are USM-sharpened HR crops."""
+    validation reads the LR files as always. `sharpen_gt`: training targets are USM-sharpened HR crops (online,
+    degraded from the sharpened crop; offline, the LR files as built); validation targets stay plain."""
     from fastai.data.core import DataLoaders
 
     from srgan.loader import SeededDataLoader

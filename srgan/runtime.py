@@ -20,7 +20,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,6 +33,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Config keys that were renamed: still read (with a FutureWarning) so old YAML files keep working.
 RENAMED_KEYS = {"loss_weights": "loss_weight_files"}
+
+# Adam's settings in a training stage's config (train-gen, train-critic, train-gan): each of `betas` in [0, 1);
+# `eps` defaults to fastai's Adam's, which every stage ran before it was an option (torch's and Keras 1's: 1e-8).
+Beta = Annotated[float, Field(ge=0, lt=1)]
+FASTAI_EPS = 1e-5
 
 
 class RunOptions(BaseModel):

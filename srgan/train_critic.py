@@ -3,8 +3,9 @@
 Reads the dataset's HR images (label 1, real) and the run's saved generator outputs `RUN/preds/<split>/<id>.png`
 (label 0, fake; written with `srgan.predict.save_preds` first when any is missing). Each item is a random
 (train) or centre (valid) crop of `size` px, flipped at random in training. The critic is trained through a
-fastai Learner with BCE-with-logits on its patch (or per-pixel) output and a one-cycle schedule; accuracy is
-the share of output cells on the right side of 0.5. Every epoch ends with a row in `RUN/critic-history.csv` and
+fastai Learner with BCE-with-logits on its patch (or per-pixel) output, a one-cycle schedule and fastai's Adam
+(`betas`, `eps`, `wd` from the config; by default fastai's, as train-gen's); accuracy is the share of output
+cells on the right side of 0.5. Every epoch ends with a row in `RUN/critic-history.csv` and
 a checkpoint `RUN/critic-checkpoints/last.pt` (model + optimiser + position); `checkpoint_every` N adds one every
 N batches of an epoch, and SIGTERM writes one at the next batch boundary and stops. `resume` continues from the
 checkpoint's position. The result is `RUN/critic.safetensors` (self-describing, like the generator file).
@@ -28,7 +29,16 @@ from srgan.checkpoint import config_key, file_digest, load_optimizer_state, resu
 from srgan.data import Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
 from srgan.distributed import unwrap
 from srgan.normalize import NormalizeBatch, Normalizer
-from srgan.runtime import RunOptions, StopRequest, compile_module, resolve_device, resolve_precision, sigterm_stops
+from srgan.runtime import (
+    FASTAI_EPS,
+    Beta,
+    RunOptions,
+    StopRequest,
+    compile_module,
+    resolve_device,
+    resolve_precision,
+    sigterm_stops,
+)
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds", "data_wait"]
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs",  # see srgan.train_gen
@@ -46,7 +56,11 @@ class TrainCriticConfig(RunOptions):
     bs: int = Field(8, ge=1)
     epochs: int = Field(6, ge=1)
     lr: float = Field(1e-3, gt=0)
-    wd: float = Field(1e-3, ge=0)
+    wd: float = Field(1e-3, ge=0, description="Adam's decoupled weight decay (AdamW's); default the fastai course's")
+    betas: tuple[Beta, Beta] | None = Field(
+        None, description="Adam's (beta1, beta2), beta1 then held for the whole schedule; default fastai's: beta1 "
+                          "follows the one-cycle schedule 0.95 -> 0.85 -> 0.95, beta2 0.99")
+    eps: float = Field(FASTAI_EPS, gt=0, description="Adam's epsilon; default fastai's 1e-5 (torch's is 1e-8)")
     pct_start: float = Field(0.3, gt=0, lt=1)
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N batches of an epoch")
 
@@ -178,9 +192,8 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
     import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.learner import Learner
     from fastai.metrics import AvgMetric
-    from fastai.optimizer import Adam
 
-    from srgan.callbacks import DeviceMixedPrecision, StopOnNonFinite, quiet
+    from srgan.callbacks import DeviceMixedPrecision, StopOnNonFinite, adam, one_cycle_moms, quiet
     from srgan.critics import build_critic, min_input_size
     from srgan.distributed import barrier, distributed_callback, finish, is_distributed, is_main, local_device
 
@@ -224,14 +237,16 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
             cbs.append(ddp)
         if precision in ("bf16", "fp16"):
             cbs.append(DeviceMixedPrecision(amp_mode=precision))
-        learn = Learner(dls, model.to(device), loss_func=patch_bce, opt_func=Adam, wd=cfg.wd,
-                        metrics=[AvgMetric(patch_accuracy)], cbs=cbs, path=run, model_dir="critic-checkpoints")
+        learn = Learner(dls, model.to(device), loss_func=patch_bce, opt_func=adam(cfg.betas, cfg.eps, cfg.wd),
+                        wd=cfg.wd, metrics=[AvgMetric(patch_accuracy)], cbs=cbs, path=run,
+                        model_dir="critic-checkpoints")
         if not progress or not is_main():
             quiet(learn)
         learn.create_opt()
         if state is not None:
             load_optimizer_state(learn.opt, state["opt"])
-        learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start, start_epoch=start)
+        learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start, moms=one_cycle_moms(cfg.betas),
+                            start_epoch=start)
         model = learn.model
     final = run / "critic.safetensors"
     if is_main():

@@ -2,12 +2,13 @@
 
 Built on fastai's GAN machinery: `GANLearner.from_learners(generator learner, critic learner)` wires the
 `GANModule`, `GANTrainer` and a switcher (`AdaptiveGANSwitcher(critic_thresh=0.65)`, the course default, or
-`FixedGANSwitcher(n_crit, n_gen)`), with `GANDiscriminativeLR` giving the critic × 5 the learning rate and
-Adam with betas (0, 0.99); `per-batch` switching (one generator step, then one critic step, on every batch)
-is ours. What fastai lacks or gets wrong for this use is added in `srgan.gan_loop`, each class saying what it
-fixes: the loss (content × w_content + adversarial × w_adv with four adversarial losses, including the WGAN
-gradient penalty), EMA of the generator's weights, resumable switcher state, skipping validation, keeping the
-non-trained network's weights truly fixed, and the per-step history/checkpoints/previews.
+`FixedGANSwitcher(n_crit, n_gen)`), with `GANDiscriminativeLR` giving the critic × 5 the learning rate and fastai's
+Adam for both networks (`betas`, `eps`, `wd`; by default the course's betas (0, 0.99)); `per-batch` switching (one
+generator step, then one critic step, on every batch) is ours. What fastai lacks or gets wrong for this use is
+added in `srgan.gan_loop`, each class saying what it fixes: the loss (content × w_content + adversarial × w_adv
+with four adversarial losses, including the WGAN gradient penalty), EMA of the generator's weights, resumable
+switcher state, skipping validation, keeping the non-trained network's weights truly fixed, and the per-step
+history/checkpoints/previews.
 
 The phase runs `iters` steps (or `epochs` × the batches of an epoch; one step trains one of the two networks,
 or both with `per-batch`).
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +43,16 @@ from srgan.checkpoint import (
     save_generator,
 )
 from srgan.losses import LossSpec
-from srgan.runtime import RunOptions, StopRequest, compile_module, resolve_device, resolve_precision, sigterm_stops
+from srgan.runtime import (
+    FASTAI_EPS,
+    Beta,
+    RunOptions,
+    StopRequest,
+    compile_module,
+    resolve_device,
+    resolve_precision,
+    sigterm_stops,
+)
 
 # (w_content, w_adv): the course's GANLearner(weights_gen=(1., 50.)) puts 1 on the adversarial term and 50 on
 # the content loss; the SRGAN paper adds 1e-3 × adversarial to its content loss.
@@ -89,8 +98,10 @@ class TrainGanConfig(RunOptions):
     gen_first: bool = False
     lr: float = Field(1e-4, gt=0)
     critic_lr_mult: float = Field(5.0, gt=0)
-    betas: tuple[float, float] = (0.0, 0.99)
-    wd: float = Field(1e-3, ge=0)
+    betas: tuple[Beta, Beta] = Field((0.0, 0.99), description="Adam's (beta1, beta2) for both networks; default "
+                                                                "the fastai course's (no momentum)")
+    eps: float = Field(FASTAI_EPS, gt=0, description="Adam's epsilon; default fastai's 1e-5 (torch's is 1e-8)")
+    wd: float = Field(1e-3, ge=0, description="Adam's decoupled weight decay (AdamW's); default the fastai course's")
     size: int = Field(128, ge=8)
     bs: int = Field(8, ge=1)
     iters: int | None = Field(None, ge=1, description="GAN steps; default: `epochs` × batches per epoch")
@@ -104,7 +115,8 @@ class TrainGanConfig(RunOptions):
                                "anew every epoch (Real-ESRGAN), seeded by (seed, epoch, item)")
     degrade_preset: str | None = Field(None, description="degrade: online only: a preset name or YAML file; "
                                                          "default: the dataset's own")
-    sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN)")
+    sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN; online, "
+                                                "degraded from the sharpened crop, as there)")
 
 
 
@@ -159,13 +171,12 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
 def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | None,
                stop: StopRequest | None = None) -> Path:
     from fastai.learner import Learner
-    from fastai.optimizer import Adam
     from fastai.torch_core import params
     from fastai.vision.gan import AdaptiveGANSwitcher, GANDiscriminativeLR, GANLearner
 
     from srgan import gan_loop as loop
     from srgan.adversarial import build_adversarial
-    from srgan.callbacks import DeviceMixedPrecision, quiet
+    from srgan.callbacks import DeviceMixedPrecision, adam, quiet
     from srgan.checkpoint import load_critic, load_generator, read_critic_meta, read_generator_meta
     from srgan.critics import min_input_size
     from srgan.data import make_dataloaders
@@ -263,7 +274,7 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     learn = GANLearner.from_learners(
         gen_learn, crit_learn, switcher=switcher, weights_gen=(w_adv, w_content),
         gen_first=cfg.gen_first or per_batch,
-        show_img=False, opt_func=partial(Adam, mom=cfg.betas[0], sqr_mom=cfg.betas[1]), wd=cfg.wd,
+        show_img=False, opt_func=adam(cfg.betas, cfg.eps, cfg.wd), wd=cfg.wd,
         splitter=lambda m: [params(m.generator), params(m.critic)], cbs=cbs, path=gan.dir, model_dir="checkpoints")
     # from_learners' loss (fastai's gan_loss_from_func) only knows `loss(pred, labels)`, which cannot express
     # hinge's or WGAN's generator term nor a gradient penalty on images: the GANLoss is replaced by our subclass.

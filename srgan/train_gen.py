@@ -3,11 +3,12 @@
 Schedule: a list of stages (progressive resizing), each `{size, bs, epochs, lr}`. With a pretrained
 encoder each stage runs `epochs` with the encoder frozen at `lr`, then `epochs` unfrozen with
 discriminative rates `slice(lr / 100, lr)` — the fastai course's sequence; from random weights, only
-the unfrozen half runs. Every epoch ends with a checkpoint (model + optimiser + position in the
-schedule), a row in `history.csv` and a preview grid; `checkpoint_every` N adds one every N batches of an
-epoch, and SIGTERM writes one at the next batch boundary and stops (`Interrupted`). `resume` continues from
-the checkpoint's position, an epoch end or inside an epoch, and stops at the same total. The finished
-generator is `RUN/generator.safetensors`.
+the unfrozen half runs. The optimiser is fastai's Adam with decoupled weight decay, its `betas`, `eps` and `wd`
+from the config; by default fastai's (beta1 following the one-cycle schedule, eps 1e-5). Every epoch ends with a
+checkpoint (model + optimiser + position in the schedule), a row in `history.csv` and a preview grid;
+`checkpoint_every` N adds one every N batches of an epoch, and SIGTERM writes one at the next batch boundary and
+stops (`Interrupted`). `resume` continues from the checkpoint's position, an epoch end or inside an epoch, and
+stops at the same total. The finished generator is `RUN/generator.safetensors`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from srgan.generators import NO_IMAGENET_WEIGHTS, is_unet  # NO_IMAGENET_WEIGHTS
 from srgan.losses import LossSpec
 from srgan.normalize import Normalizer
 from srgan.runtime import (
+    FASTAI_EPS,
+    Beta,
     RunOptions,
     StopRequest,
     compile_module,
@@ -93,7 +96,11 @@ class TrainGenConfig(RunOptions):
     epochs: int = Field(1, ge=1)
     lr: float | None = Field(None, gt=0, description="default: 1e-3 when pretrained, else 2e-3")
     stages: list[Stage] | None = Field(None, description="progressive resizing; replaces size/bs/epochs/lr")
-    wd: float = Field(1e-3, ge=0)
+    wd: float = Field(1e-3, ge=0, description="Adam's decoupled weight decay (AdamW's); default the fastai course's")
+    betas: tuple[Beta, Beta] | None = Field(
+        None, description="Adam's (beta1, beta2), beta1 then held for the whole schedule; default fastai's: beta1 "
+                          "follows the one-cycle schedule 0.95 -> 0.85 -> 0.95, beta2 0.99")
+    eps: float = Field(FASTAI_EPS, gt=0, description="Adam's epsilon; default fastai's 1e-5 (torch's is 1e-8)")
     pct_start: float = Field(0.3, gt=0, lt=1)
     pretrained: bool = True
     weights: str | None = None
@@ -107,8 +114,9 @@ class TrainGenConfig(RunOptions):
         "loader, afresh every epoch (Real-ESRGAN); validation reads the LR files either way")
     degrade_preset: str | None = Field(
         None, description="degrade: online only: a built-in preset name or a YAML file; default: the dataset's own")
-    sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN); the LR still "
-                             "comes from the plain crop, validation scores against the plain HR")
+    sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN); online, the LR "
+                             "is degraded from the sharpened crop, as Real-ESRGAN degrades its sharpened GT; offline, "
+                             "the LR files are the plain HR's; validation scores against the plain HR")
 
 
 
@@ -240,10 +248,9 @@ class Trainer:
         import fastai.callback.progress
         import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
         from fastai.learner import Learner
-        from fastai.optimizer import Adam
         from fastai.torch_core import params
 
-        from srgan.callbacks import CountBatches, DeviceMixedPrecision, StopOnNonFinite, quiet
+        from srgan.callbacks import CountBatches, DeviceMixedPrecision, StopOnNonFinite, adam, quiet
 
         def splitter(m):  # encoder / decoder parameter groups, for freezing and discriminative rates
             return [params(m[0]), [p for mod in list(m)[1:] for p in mod.parameters()]] if is_unet(m) \
@@ -255,8 +262,10 @@ class Trainer:
         if is_distributed():  # DDP through fastai + Accelerate; each rank trains on its share of a batch list
             cbs.append(distributed_callback(self.device))
             cbs.append(CountBatches(self))
-        learn = Learner(dls, model, loss_func=loss, opt_func=Adam, wd=self.cfg.wd, splitter=splitter,
-                        metrics=_metrics(self.normalizer), cbs=cbs, path=self.run, model_dir="checkpoints")
+        cfg = self.cfg
+        learn = Learner(dls, model, loss_func=loss, opt_func=adam(cfg.betas, cfg.eps, cfg.wd), wd=cfg.wd,
+                        splitter=splitter, metrics=_metrics(self.normalizer), cbs=cbs, path=self.run,
+                        model_dir="checkpoints")
         if not self.progress or not is_main():
             quiet(learn)
         return learn
@@ -308,6 +317,7 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> Path:
+        from srgan.callbacks import one_cycle_moms
         from srgan.losses import build_loss
 
         cfg = self.cfg
@@ -368,7 +378,8 @@ class Trainer:
                   else slice(phase.lr / 100, phase.lr))
             learn.crappify_phase = phase
             learn.crappify_offset = done
-            learn.fit_one_cycle(phase.epochs, lr, pct_start=cfg.pct_start, start_epoch=max(0, start - done))
+            learn.fit_one_cycle(phase.epochs, lr, pct_start=cfg.pct_start, moms=one_cycle_moms(cfg.betas),
+                                start_epoch=max(0, start - done))
             done += phase.epochs
         final = self.run / "generator.safetensors"
         if is_distributed():
