@@ -194,7 +194,7 @@ def bench_enhance(args: argparse.Namespace, work: Path) -> None:
     unet = args.arch.startswith("unet")
     generator = build_generator(args.arch, scale=1 if unet else 4, pretrained=False)
     model = work / "generator.safetensors"
-    save_generator(generator, model)
+    save_generator(generator, model, data_scale=4)
     side = args.photo // model_scale(generator)
     photo = cv2.resize(decode(sample_photos()[0][1]), (side, side), interpolation=cv2.INTER_CUBIC)
     rows = {name: enhance_run(args, model, photo, c, f) for name, c, f in

@@ -130,7 +130,7 @@ def main() -> None:
     kwargs = {"scale": 4} if args.arch == "srresnet" else {}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "generator.safetensors"
-        save_generator(build_generator(args.arch, pretrained=False, **kwargs), model)
+        save_generator(build_generator(args.arch, pretrained=False, **kwargs), model, data_scale=4)
         name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
         print(f"# bench_enhance: {args.arch}, device {args.device} [{name}], torch {torch.__version__}, "
               f"precision {args.precision}")

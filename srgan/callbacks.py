@@ -5,6 +5,7 @@
 - `Positioned` and `EpochEnd`: where training is inside an epoch (checkpoints in the middle of one, SIGTERM, a
   resume from there), and after each epoch a history row, the checkpoint, then the history file — train-gen's
   and train-critic's epoch callbacks are subclasses naming their row;
+- `WeightEMA` (and `ema_update`, which the GAN phase shares): an exponential moving average of the weights;
 - `CountBatches`, `EpochLoss`, `quiet` (no progress bars or epoch lines), `history_value`;
 - `adam` and `one_cycle_moms`: a stage's Adam (`betas`, `eps`, `wd` from its config) and the momentum schedule
   that goes with it;
@@ -46,6 +47,29 @@ class DeviceMixedPrecision(MixedPrecision):
         self.autocast = torch.autocast(device_type, dtype=dtype)
         if device_type != "cuda":
             self.learn.scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """One step of an exponential moving average of `model`'s weights (not in fastai): ema ← decay·ema +
+    (1 − decay)·w for every parameter; buffers (BatchNorm statistics) are copied, as BasicSR's model_ema does."""
+    for e, p in zip(ema.parameters(), unwrap(model).parameters(), strict=True):
+        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+    for e, b in zip(ema.buffers(), unwrap(model).buffers(), strict=True):
+        e.copy_(b)
+
+
+class WeightEMA(Callback):
+    """An EMA copy of the model's weights (`ema`), updated after every optimiser step of training, frozen
+    parameters included (they do not move, so neither does their average)."""
+
+    order = 60  # after the step; independent of the other callbacks' order
+
+    def __init__(self, ema: torch.nn.Module, decay: float) -> None:
+        self.ema, self.decay = ema, decay
+
+    def after_step(self):
+        ema_update(self.ema, self.learn.model, self.decay)
 
 
 class StopOnNonFinite(Callback):

@@ -205,9 +205,17 @@ def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
     return model
 
 
-def save_generator(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write weights + rebuild recipe (`model.crappify_spec`) as one safetensors file, atomically."""
-    _save_model(model, path, FORMAT, "srgan.generators.build_generator", extra)
+def save_generator(model: nn.Module, path: str | Path, *, data_scale: int,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write weights + rebuild recipe (`model.crappify_spec`) as one safetensors file, atomically.
+
+    Every stage that writes a generator (train-gen, train-gan, their EMA copies and checkpoints) goes through
+    here, and `data_scale` — the HR/LR ratio of the data it was trained on, which `enhance` upscales by and
+    `evaluate` checks — is required, so no file can leave it out (a U-Net's network is ×1: without it, enhance
+    would not upscale at all)."""
+    if not _is_int(data_scale, 1, MAX_DATA_SCALE):
+        raise ValueError(f"data_scale must be an integer in 1..{MAX_DATA_SCALE}, got {data_scale!r}")
+    _save_model(model, path, FORMAT, "srgan.generators.build_generator", {**(extra or {}), "data_scale": data_scale})
 
 
 def model_file(path: str | Path) -> Path:

@@ -61,6 +61,12 @@ class Pair:
     row: str = ""  # where the manifest lists it ("DATA/manifest.csv line N"), for messages
 
 
+def data_scale(config: dict) -> int:
+    """The HR/LR ratio a dataset's `config.yaml` records: what every generator file trained on it stores as
+    `data_scale` (1 where the preset resizes to a fixed LR size instead of a ratio)."""
+    return int(config.get("scale") or 1)
+
+
 def read_dataset(root: str | Path) -> tuple[dict[str, list[Pair]], dict]:
     """Pairs per split from `root/manifest.csv`, and the dataset's `config.yaml`.
 

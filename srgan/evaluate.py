@@ -58,6 +58,8 @@ class EvaluateConfig(BaseModel):
     models: list[str] = Field(min_length=1, description="generator.safetensors files (or run folders holding one)")
     out: str
     names: list[str] | None = Field(None, description="labels for the models (default: run folder or file name)")
+    result: str | None = Field(None, description="the name of the model that is the recipe's result (a pipeline "
+                                                 "sets it), marked in the report")
     split: str | None = Field(None, description="default: test, else valid")
     limit: int | None = Field(None, ge=1, description="evaluate the first N pairs only")
     grids: int = Field(4, ge=0, description="comparison grids for the first N pairs")
@@ -313,6 +315,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
     pairs = pairs[: cfg.limit] if cfg.limit else pairs
     paths = [model_file(m) for m in cfg.models]
     names = model_names(paths, cfg.names)
+    if cfg.result is not None and cfg.result not in names:
+        raise ConfigError(f"result {cfg.result!r} is none of the models' names ({', '.join(names)})")
     engines = [load_inference(p, device, precision=cfg.precision, tile=cfg.tile, overlap=cfg.overlap,
                               batch=cfg.batch, on_note=lambda _t: None) for p in paths]
     lpips_net, lpips_reason = (lpips_model(cfg.lpips_net, device) if cfg.lpips
@@ -377,7 +381,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
     baseline = "bicubic" if "bicubic" in baseline_names else sorted(baseline_names)[0]
     differences = {name: total / n_values for name, total in abs_diff.items()} if n_values else {}
     occlusions = {"images": occluded, "unknown": unknown}
-    write_atomic(out / "summary.json", summary_json(rows, baseline, split, names, differences, occlusions, skipped))
+    write_atomic(out / "summary.json", summary_json(rows, baseline, split, names, differences, occlusions, skipped,
+                                                    cfg.result))
     report = out / "report.md"
     unread = set(skipped)
     evaluated = [p for p in pairs if p.id not in unread]
@@ -388,16 +393,19 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
 
 
 def summary_json(rows: list[dict[str, Any]], baseline: str, split: str, names: list[str],
-                 differences: dict[str, float], occlusions: dict[str, int], skipped: list[str] | None = None) -> str:
+                 differences: dict[str, float], occlusions: dict[str, int], skipped: list[str] | None = None,
+                 result: str | None = None) -> str:
     """REPORT/summary.json: per method the mean of each metric (NaN ones left out), the occlusion counts, the
-    pairs skipped as unreadable and, with several models, each later model's mean |output − first model's
-    output| in grey levels (0-255)."""
+    pairs skipped as unreadable, the recipe's result (`result`, when a pipeline names it) and, with several
+    models, each later model's mean |output − first model's output| in grey levels (0-255)."""
     summary, _ = summarise(rows, baseline)
     data: dict[str, Any] = {
         "split": split, "images": len({r["id"] for r in rows}), "baseline": baseline, "models": names,
         "means": {m: {k: round(v[0], 6) for k, v in stats.items()} for m, stats in summary.items()},
         "occluded_images": occlusions["images"], "occlusions_unknown": occlusions["unknown"],
         "skipped": len(skipped or []), "skipped_ids": list(skipped or [])}
+    if result is not None:
+        data["result"] = result
     if differences:
         data["output_difference"] = {"reference": names[0],
                                      "mean_abs_diff": {k: round(v, 6) for k, v in differences.items()}}
@@ -474,7 +482,8 @@ def _report_md(cfg: EvaluateConfig, split: str, pairs: list, names: list[str], p
     for name, path, engine in zip(names, paths, engines, strict=True):
         spec = getattr(engine.model, "crappify_spec", {})
         lines.append(f"- `{name}`: {path} ({spec.get('arch', '?')}, model scale ×{engine.scale}, "
-                     f"tile {engine.tile or 'none'}, {engine.precision})")
+                     f"tile {engine.tile or 'none'}, {engine.precision})"
+                     + (" — **the recipe's result**" if name == cfg.result else ""))
     header = "| method | " + " | ".join(LABELS[k] for k in METRICS) + " |"
     rule = "| --- |" + " --- |" * len(METRICS)
     lines += ["", "## Mean ± std over images", "", header, rule]

@@ -15,6 +15,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.vision.gan import FixedGANSwitcher, GANLoss
 
 from crappify.errors import CrappifyError, Interrupted
+from srgan.callbacks import ema_update
 from srgan.callbacks import history_value as _num
 from srgan.distributed import any_rank, average_gradients, broadcast_tensors, joined, rank_mean
 from srgan.loader import skip_samples
@@ -242,13 +243,8 @@ class Progress(Callback):
 
     def after_step(self):
         gan = self.gan
-        if gan.ema is not None and self.was_gen:
-            # EMA of the generator's weights (not in fastai): ema ← decay·ema + (1-decay)·w; buffers copied
-            with torch.no_grad():
-                for e, p in zip(gan.ema.parameters(), self.learn.model.generator.parameters(), strict=True):
-                    e.lerp_(p.detach().to(e.dtype), 1 - gan.cfg.ema_decay)
-                for e, b in zip(gan.ema.buffers(), self.learn.model.generator.buffers(), strict=True):
-                    e.copy_(b)
+        if gan.ema is not None and self.was_gen:  # the generator's weights after its own steps only
+            ema_update(gan.ema, self.learn.model.generator, gan.cfg.ema_decay)
 
     def after_batch(self):
         if not self.training:

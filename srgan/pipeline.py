@@ -209,34 +209,28 @@ def stage_configs(p: Pipeline, overrides: dict[str, Any] | None = None) -> dict[
         if values is None:
             continue
         _reject(stage, values, ("data", "out"))
-        cfgs[stage] = _validate(stage, cls, section(cls, {**values, "data": str(paths.dataset),
-                                                          "out": str(paths.run)}))
+        values = {**values, "data": str(paths.dataset), "out": str(paths.run)}
+        gen = cfgs.get("train-gen")
+        if stage == "train-gan" and getattr(gen, "ema", False) and not (values.get("generator")
+                                                                        or values.get("generator_arch")):
+            # the GAN starts from train-gen's EMA weights, as Real-ESRGAN starts from Real-ESRNet's params_ema
+            values["generator"] = str(paths.run / "generator-ema.safetensors")
+        cfgs[stage] = _validate(stage, cls, section(cls, values))
     _check_inputs(cfgs)
     if p.evaluate is not None:
-        _reject("evaluate", p.evaluate, ("data", "out", "models"))
-        names = [stage for stage in ("train-gen", "train-gan") if stage in cfgs]
-        models = [str(paths.run / ("generator.safetensors" if stage == "train-gen" else "gan/generator.safetensors"))
-                  for stage in names]
-        values = {"names": names, **p.evaluate, "data": str(paths.dataset), "models": models,
-                  "out": str(paths.eval)}
+        _reject("evaluate", p.evaluate, ("data", "out", "models", "result"))
+        made = generator_files(cfgs, paths)
+        values = {"names": list(made), **p.evaluate, "data": str(paths.dataset),
+                  "models": [str(f) for f in made.values()], "out": str(paths.eval),
+                  "result": list(made)[-1] if made else None}
         cfgs["evaluate"] = _validate("evaluate", EvaluateConfig, section(EvaluateConfig, values))
     if p.smoke:  # toy sizes (the run-wide overrides applied again on top: they win)
         critic = cfgs.get("train-critic")
         critic_min = critic_min_size(critic.arch, critic.options) if critic is not None else 0
         for stage, cfg in cfgs.items():
-            small = _smoke_overrides(stage, cfg, critic_min=critic_min, crops="sample-crops" in cfgs)
+            small = smoke_overrides(stage, cfg, critic_min=critic_min, crops="sample-crops" in cfgs)
             cfgs[stage] = _validate(stage, type(cfg), section(type(cfg), small.model_dump()))
     return cfgs
-
-
-def _smoke_overrides(stage: str, cfg: BaseModel, **kw: Any) -> BaseModel:
-    """`srgan.smoke.smoke_overrides`, except that a build squashing its HR to a square keeps its `square`: the
-    smoke's HR size is a short side (`size`), which a square excludes."""
-    square = getattr(cfg, "square", None) if stage == "build-dataset" else None
-    if square is None:
-        return smoke_overrides(stage, cfg, **kw)
-    small = smoke_overrides(stage, cfg.model_copy(update={"square": None}), **kw)
-    return small.model_copy(update={"size": None, "square": square})
 
 
 def dataset_needs(p: Pipeline) -> list[tuple[tuple[str, ...], str]]:
@@ -251,6 +245,27 @@ def dataset_needs(p: Pipeline) -> list[tuple[tuple[str, ...], str]]:
         split = p.evaluate.get("split")
         needs.append(((split,) if isinstance(split, str) else ("test", "valid"), "stage evaluate"))
     return needs
+
+
+def generator_files(cfgs: dict[str, BaseModel], paths: Paths) -> dict[str, Path]:
+    """The generator files the pipeline's training stages write, by the name evaluate reports them under, in
+    order: train-gen's, then its EMA copy (`ema: true`), then the GAN's and its EMA copy. The last one is the
+    recipe's result: what a recipe with EMA hands on is its EMA generator, as in Real-ESRGAN (`params_ema`)."""
+    files: dict[str, Path] = {}
+    for stage, folder in (("train-gen", paths.run), ("train-gan", paths.run / "gan")):
+        cfg = cfgs.get(stage)
+        if cfg is None:
+            continue
+        files[stage] = folder / "generator.safetensors"
+        if getattr(cfg, "ema", False):
+            files[f"{stage}-ema"] = folder / "generator-ema.safetensors"
+    return files
+
+
+def result_file(p: Pipeline) -> Path | None:
+    """The file a pipeline's recipe produces (see `generator_files`); None when it trains no generator."""
+    made = generator_files(stage_configs(p), paths_of(p))
+    return list(made.values())[-1] if made else None
 
 
 def _check_inputs(cfgs: dict[str, BaseModel]) -> None:
@@ -268,8 +283,13 @@ def _check_inputs(cfgs: dict[str, BaseModel]) -> None:
 
 
 def stage_hash(stage: str, cfg: BaseModel, upstream: str) -> str:
-    """What a stage computes: its config (less run-only keys) chained to the stage before it."""
-    values = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_ONLY_KEYS}
+    """What a stage computes: its config (less run-only keys, and options left at their defaults, so that an
+    option added later with a default that keeps the old behaviour does not re-run finished stages) chained to
+    the stage before it."""
+    defaults = {k: json.loads(json.dumps(f.get_default(call_default_factory=True), default=str))
+                for k, f in type(cfg).model_fields.items() if not f.is_required()}
+    values = {k: v for k, v in cfg.model_dump(mode="json").items()
+              if k not in RUN_ONLY_KEYS and not (k in defaults and defaults[k] == v)}
     blob = json.dumps({"stage": stage, "config": values, "upstream": upstream}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -27,12 +27,12 @@ GAN_ITERS = {"adaptive": 4, "per-batch": 2}  # train-gan steps by switching (fix
 # Every key smoke_overrides may change, by the stages that have it (README.md, "crappify run", lists them).
 SMOKE_KEYS: dict[str, tuple[str, ...]] = {
     "sample-crops": ("size", "train", "valid", "test"),
-    "build-dataset": ("src", "source", "size", "limit", "workers"),  # and out: OUT/dataset (srgan.pipeline)
+    "build-dataset": ("src", "source", "size", "square", "limit", "workers"),  # and out: OUT/dataset (srgan.pipeline)
     "train-gen": ("size", "bs", "epochs", "stages", "checkpoint_every", "preview_items", "num_workers",
                   "precision", "pretrained", "options", "loss", "lr"),  # the last three: pinned, see below
     "train-critic": ("size", "bs", "epochs", "checkpoint_every", "num_workers", "precision", "pretrained"),
     "train-gan": ("size", "bs", "epochs", "iters", "checkpoint_every", "preview_items", "num_workers", "precision",
-                  "pretrained"),
+                  "pretrained", "gen_first"),
     "evaluate": ("limit", "grids", "lpips", "precision"),
 }
 
@@ -54,7 +54,7 @@ def smoke_overrides(stage: str, cfg: BaseModel, *, critic_min: int = 0, crops: b
 
     - sample-crops: size → 64, train/valid/test → 4/1/2 crops.
     - build-dataset: src/source → `samples` (the photos installed packages ship; kept as the crops folder when
-      the pipeline cuts sample crops), size (HR short side) → 64, limit → 4 photos (not with crops),
+      the pipeline cuts sample crops), size (HR short side) → 64 (square → 64 where the recipe squashes its HR), limit → 4 photos (not with crops),
       workers → 1. preset, scale, split and seed stay the recipe's; out is OUT/dataset (never data/).
     - train-gen, train-critic, train-gan: size → 32, or the critic's minimum input rounded up to a multiple
       of 32 (train-critic; train-gan's `critic_arch`, else `critic_min`: the input size of the critic that
@@ -63,9 +63,11 @@ def smoke_overrides(stage: str, cfg: BaseModel, *, critic_min: int = 0, crops: b
       checkpoint_every → 1 batch where set; preview_items → 1; num_workers → 0; precision → fp32;
       pretrained → false (as `--no-pretrained`).
     - train-gan: iters → n_crit + n_gen with the fixed switcher (the critic and the generator each train at
-      least once), 2 with per-batch (both train on every step), 4 with adaptive (which moves on to the
-      generator only once the critic's loss is under its threshold); checkpoint_every → iters (one
-      checkpoint, at the end).
+      least once), 2 with per-batch (both train on every step), 4 with adaptive; adaptive switching moves on to
+      the generator only once the critic's loss is under its threshold, which a critic at chance (BCE 0.69 >
+      0.65) may never reach in 4 steps, so gen_first → true there: the first step trains the generator (its
+      adversarial term, the content/adversarial weighting and the EMA update all run), then the critic.
+      checkpoint_every → iters (one checkpoint, at the end).
     - train-gen (a config with `resolved()`): options, loss and lr (also each stage's) are pinned to the values
       the recipe resolves them to with its weights (e.g. `residual: false` for an ImageNet U-Net), since
       their defaults follow `pretrained`. The frozen-encoder phases of a pretrained U-Net do not run: train-gen
@@ -91,7 +93,7 @@ def smoke_overrides(stage: str, cfg: BaseModel, *, critic_min: int = 0, crops: b
             put("src", "samples")
             put("source", "samples")
             put("limit", ITEMS)
-        put("size", HR_SIZE)
+        put("square" if values.get("square") else "size", HR_SIZE)  # a squashed HR stays square, 64 x 64
         put("workers", 1)
     elif stage == "evaluate":
         put("limit", min(values.get("limit") or EVAL_ITEMS, EVAL_ITEMS))
@@ -130,6 +132,8 @@ def smoke_overrides(stage: str, cfg: BaseModel, *, critic_min: int = 0, crops: b
                      else GAN_ITERS.get(switching, 2))
             put("iters", iters)
             put("checkpoint_every", iters)
+            if switching == "adaptive":
+                put("gen_first", True)
         elif values.get("checkpoint_every") is not None:
             put("checkpoint_every", 1)
     try:

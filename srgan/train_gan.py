@@ -140,6 +140,8 @@ class GanRun:
         self.ema: torch.nn.Module | None = None
         self.rows: list[dict[str, Any]] = []  # one per step; written out with each checkpoint
         self.key = ""
+        self.data_scale = 1  # the dataset's HR/LR ratio, recorded in every generator file (set by _train_gan)
+        self.content_loss: Any = None  # the content loss in use, recorded beside it
         self.saved_step: int | None = None  # the step of the checkpoint on disk (None: none of this run's yet)
         self.stop: StopRequest | None = None  # set by SIGTERM
 
@@ -179,7 +181,7 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     from srgan.callbacks import DeviceMixedPrecision, adam, quiet
     from srgan.checkpoint import load_critic, load_generator, read_critic_meta, read_generator_meta
     from srgan.critics import min_input_size
-    from srgan.data import make_dataloaders
+    from srgan.data import data_scale, make_dataloaders, read_dataset
     from srgan.distributed import broadcast_tensors, is_main, join, joined, local_device
     from srgan.generators import clone_generator, is_unet
     from srgan.losses import build_loss
@@ -230,6 +232,8 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     total = cfg.iters or max(1, math.ceil(cfg.epochs * n_batches))
     gan = GanRun(cfg, total, normalizer)
     gan.key, gan.stop = key, stop
+    gan.data_scale = data_scale(read_dataset(cfg.data)[1])
+    gan.content_loss = cfg.loss or gen_meta["extra"].get("loss") or default_loss
     if state is not None:
         gan.step, gan.counts = int(state["step"]), dict(state["counts"])
         gan.saved_step = gan.step
@@ -299,12 +303,12 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
 def _new_generator(cfg: TrainGanConfig) -> torch.nn.Module:
     """A generator of `generator_arch` with random weights (an ImageNet encoder for U-Nets when `pretrained`),
     at the dataset's scale (U-Nets: 1, their input is resized)."""
-    from srgan.data import read_dataset
+    from srgan.data import data_scale, read_dataset
     from srgan.generators import NO_IMAGENET_WEIGHTS, build_generator
 
     arch = cfg.generator_arch
     assert arch is not None
-    scale = 1 if arch.startswith("unet") else int(read_dataset(cfg.data)[1].get("scale") or 1)
+    scale = 1 if arch.startswith("unet") else data_scale(read_dataset(cfg.data)[1])
     return build_generator(arch, scale=scale, img_size=cfg.size,
                            pretrained=cfg.pretrained and arch not in NO_IMAGENET_WEIGHTS, **cfg.generator_options)
 
@@ -323,11 +327,18 @@ def _save_final(cfg: TrainGanConfig, gan: GanRun, generator: torch.nn.Module) ->
     final = gan.dir / "generator.safetensors"
     if not is_main():
         return final
-    extra = {"gan_steps": gan.step, "dataset": str(Path(cfg.data).resolve()), "adv_loss": cfg.adv_loss}
-    save_generator(generator, final, extra=extra)
+    extra = file_extra(gan)
+    save_generator(generator, final, data_scale=gan.data_scale, extra=extra)
     if gan.ema is not None:
-        save_generator(gan.ema, gan.dir / "generator-ema.safetensors", extra={**extra, "ema_decay": cfg.ema_decay})
+        save_generator(gan.ema, gan.dir / "generator-ema.safetensors", data_scale=gan.data_scale,
+                       extra={**extra, "ema_decay": cfg.ema_decay})
     return final
+
+
+def file_extra(gan: GanRun) -> dict[str, Any]:
+    """What the GAN phase records in each generator file it writes (final, EMA and checkpoints alike)."""
+    return {"stage": "train-gan", "gan_steps": gan.step, "dataset": str(Path(gan.cfg.data).resolve()),
+            "loss": gan.content_loss, "adv_loss": gan.cfg.adv_loss}
 
 
 def save_state(learn: Any, gan: GanRun) -> None:
@@ -342,9 +353,11 @@ def save_state(learn: Any, gan: GanRun) -> None:
     ckpt = gan.dir / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     generator = learn.model.generator
-    save_generator(generator, ckpt / f"generator_{step:06d}.safetensors", extra={"gan_steps": step})
+    extra = file_extra(gan)
+    save_generator(generator, ckpt / f"generator_{step:06d}.safetensors", data_scale=gan.data_scale, extra=extra)
     if gan.ema is not None:
-        save_generator(gan.ema, ckpt / f"generator-ema_{step:06d}.safetensors", extra={"gan_steps": step})
+        save_generator(gan.ema, ckpt / f"generator-ema_{step:06d}.safetensors", data_scale=gan.data_scale,
+                       extra={**extra, "ema_decay": gan.cfg.ema_decay})
     preview(learn, gan)
     switcher = next((cb for cb in learn.cbs if hasattr(cb, "n_c")), None)
     save_checkpoint(gan.last, {

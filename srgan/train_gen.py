@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
 from crappify.preview import grid
 from srgan.checkpoint import config_key, load_optimizer_state, resume_state, save_checkpoint, save_generator
-from srgan.data import make_dataloaders, read_dataset
+from srgan.data import data_scale, make_dataloaders, read_dataset
 from srgan.distributed import (
     distributed_callback,
     finish,
@@ -117,6 +117,9 @@ class TrainGenConfig(RunOptions):
     sharpen_gt: bool = Field(False, description="train towards USM-sharpened HR crops (Real-ESRGAN); online, the LR "
                              "is degraded from the sharpened crop, as Real-ESRGAN degrades its sharpened GT; offline, "
                              "the LR files are the plain HR's; validation scores against the plain HR")
+    ema: bool = Field(False, description="also keep an exponential moving average of the weights, written as "
+                                         "RUN/generator-ema.safetensors (Real-ESRNet's net_g_ema)")
+    ema_decay: float = Field(0.999, gt=0, lt=1)
 
 
 
@@ -229,10 +232,11 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.normalizer = Normalizer()
         _, self.data_config = read_dataset(cfg.data)
-        self.scale = int(self.data_config.get("scale") or 1)
+        self.scale = data_scale(self.data_config)
         self.history: list[dict[str, Any]] = []
         self.batches = 0  # training batches this process ran (reported per rank under torchrun)
         self.stop: StopRequest | None = None  # set while `fit` runs
+        self.ema: torch.nn.Module | None = None  # the EMA copy of the weights, with `ema`
 
     # -- building blocks -------------------------------------------------------------------------------
     def _model(self):
@@ -346,6 +350,12 @@ class Trainer:
         if state is not None:
             model.load_state_dict(state["model"])
             start, self.history = int(state["epoch"]), list(state["history"])
+        if cfg.ema:  # an eager copy, built from the spec (before --compile wraps the model)
+            from srgan.generators import clone_generator
+
+            self.ema = clone_generator(model).eval().requires_grad_(False)
+            if state is not None and state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
         # --compile: the training step's forward passes, model and loss (its VGG included), in place (the files
         # stay those of an uncompiled run); validation and previews, without autograd, run eagerly. No graph
         # breaks in any generator or loss (torch._dynamo.explain; tests/srgan/test_compile.py).
@@ -369,6 +379,10 @@ class Trainer:
                 learn.create_opt()
                 # every rank seeds its epoch's crops; only rank 0 writes history, previews and checkpoints
                 learn.add_cb(_epoch_end_callback(self, write=is_main(), state=state))
+                if self.ema is not None:
+                    from srgan.callbacks import WeightEMA
+
+                    learn.add_cb(WeightEMA(self.ema.to(self.device), cfg.ema_decay))
             else:
                 learn.dls = dls
             learn.freeze() if phase.frozen else learn.unfreeze()  # fastai clears the optimiser state here
@@ -387,10 +401,14 @@ class Trainer:
         if is_main():
             last = self.history[-1] if self.history else {}
             below = bool(last.get("below_bicubic"))
-            save_generator(learn.model if learn is not None else model, final,
-                           extra={"epochs": total, "dataset": str(Path(cfg.data).resolve()), "loss": cfg.loss,
-                                  "data_scale": self.scale, "valid_psnr": last.get("psnr"),
+            save_generator(learn.model if learn is not None else model, final, data_scale=self.scale,
+                           extra={"stage": "train-gen", "epochs": total, "dataset": str(Path(cfg.data).resolve()),
+                                  "loss": cfg.loss, "valid_psnr": last.get("psnr"),
                                   "valid_bicubic_psnr": last.get("bicubic_psnr"), "below_bicubic": below})
+            if self.ema is not None:
+                save_generator(self.ema, self.run / "generator-ema.safetensors", data_scale=self.scale,
+                               extra={"stage": "train-gen", "epochs": total, "dataset": str(Path(cfg.data).resolve()),
+                                      "loss": cfg.loss, "ema_decay": cfg.ema_decay})
             if below:
                 print(f"crappify: warning: {final} scores below bicubic on the validation crops "
                       f"(PSNR {last.get('psnr')} vs {last.get('bicubic_psnr')} dB): it makes photos worse; "
@@ -451,6 +469,10 @@ def _epoch_end_callback(trainer: Trainer, write: bool = True, state: dict[str, A
 
         def outputs(self, epoch: int) -> None:
             trainer.previews(self.learn, epoch)
+
+        def checkpoint(self, position: dict[str, Any]) -> None:  # the EMA copy resumes with the model
+            ema = {"ema": trainer.ema.state_dict()} if trainer.ema is not None else {}
+            super().checkpoint({**position, **ema})
 
     return GenEpochEnd("train-gen", trainer.run / "checkpoints" / "last.pt", trainer.cfg.checkpoint_every,
                        trainer.stop, write, state, history=trainer.history, key=trainer.key,

@@ -37,7 +37,7 @@ def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None,
     an interrupted one. Run the same command again after an interruption."""
     from crappify.errors import CrappifyError
     from srgan.distributed import is_main
-    from srgan.pipeline import check_data, find_pipeline, load_pipeline, plan, run_pipeline
+    from srgan.pipeline import check_data, find_pipeline, load_pipeline, plan, result_file, run_pipeline
 
     overrides = {"device": device, "precision": precision_override(precision),
                  "pretrained": False if no_pretrained else None}
@@ -57,7 +57,9 @@ def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None,
     run_pipeline(p, start, stop, progress=not quiet, overrides=overrides,
                  on_stage=lambda s: click.echo(f"[{s.stage}] {s.action}: {s.reason}"))
     if main:
-        click.echo(f"pipeline {p.name}: done -> {p.out}")
+        made = result_file(p)
+        click.echo(f"pipeline {p.name}: done -> {p.out}"
+                   + (f"; the recipe's result: {made}" if made is not None and made.is_file() else ""))
 
 
 @click.command("demo")

@@ -50,6 +50,8 @@ _CRITICS = ", ".join(f"{name} (default, fastai's)" if name == "gan-critic" else 
 @click.option("--seed", type=int, help="Seed for weights init and data order (default 0).")
 @click.option("--checkpoint-every", type=int,
               help="Also checkpoint every N batches of an epoch (default: at epoch ends only).")
+@click.option("--ema/--no-ema", default=None,
+              help="Also keep an EMA of the weights (decay 0.999): RUN/generator-ema.safetensors.")
 @degrade_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--save-preds", is_flag=True, help="Then write the generator's outputs to RUN/preds/<split>/.")
@@ -68,6 +70,8 @@ def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
     if not is_main():  # under torchrun, rank 0 alone writes the files and reports
         return
     click.echo(f"generator: {final}")
+    if trainer.cfg.ema:
+        click.echo(f"generator (EMA): {final.with_name('generator-ema.safetensors')}")
     if save_preds:
         from srgan.predict import save_preds as write_preds
 

@@ -218,7 +218,7 @@ def sr_model(tmp_path_factory) -> Path:
     with torch.no_grad():
         model.gain.fill_(0.5)  # not the bicubic baseline alone
     path = tmp_path_factory.mktemp("compile-model") / "generator.safetensors"
-    save_generator(model, path)
+    save_generator(model, path, data_scale=model.crappify_spec["scale"])
     return path
 
 

@@ -80,7 +80,7 @@ def test_critic_errors(tmp_path):
     gen = tmp_path / "gen.safetensors"
     from srgan.generators import build_generator
 
-    save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=4), gen)
+    save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=4), gen, data_scale=4)
     with pytest.raises(CrappifyError, match="not a crappify critic file"):
         load_critic(gen)
     with pytest.raises(CrappifyError, match="critic file not found"):
@@ -268,7 +268,8 @@ def test_preds_are_made_on_demand_and_missing_generator_is_a_clear_error(dataset
     with pytest.raises(CrappifyError, match=r"no generator\.safetensors"):
         ensure_preds(dataset, run, torch.device("cpu"), ("train", "valid"))
     run.mkdir()
-    save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=4), run / "generator.safetensors")
+    save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=4), run / "generator.safetensors",
+                   data_scale=4)
     splits, _ = read_dataset(dataset)
     n = len(splits["train"]) + len(splits["valid"])
     assert ensure_preds(dataset, run, torch.device("cpu"), ("train", "valid")) == n

@@ -140,7 +140,7 @@ def _tiny_generator(run: Path, scale: int = 2) -> None:
     torch.manual_seed(0)
     run.mkdir(parents=True, exist_ok=True)
     save_generator(build_generator("srresnet", scale=scale, pretrained=False, n_blocks=1, n_feats=8),
-                   run / "generator.safetensors")
+                   run / "generator.safetensors", data_scale=scale)
 
 
 def test_save_preds_never_writes_outside_the_run(data, tmp_path):

@@ -20,7 +20,7 @@ from srgan.inference import TiledInference, load_inference
 def sr_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "sr.safetensors"
-    save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), path)
+    save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), path, data_scale=2)
     return path
 
 
@@ -109,7 +109,7 @@ def test_cli_enhance_unet_with_scale(tmp_path, photo_maker):
     torch.manual_seed(0)
     model = tmp_path / "run" / "generator.safetensors"
     model.parent.mkdir()
-    save_generator(build_generator("unet-resnet18", pretrained=False, self_attention=False), model)
+    save_generator(build_generator("unet-resnet18", pretrained=False, self_attention=False), model, data_scale=1)
     Image.fromarray(photo_maker(0, 70)).save(tmp_path / "in.jpg")
     code, _, err = run_main("enhance", tmp_path / "in.jpg", "-m", tmp_path / "run", "-o", tmp_path / "out",
                             "--scale", "2", "--quiet")
@@ -124,7 +124,7 @@ def test_unet_default_scale_is_that_of_its_training_data(tmp_path, photo_maker):
     torch.manual_seed(0)
     model = tmp_path / "generator.safetensors"
     save_generator(build_generator("unet-resnet18", pretrained=False, self_attention=False), model,
-                   extra={"data_scale": 2})
+                   data_scale=2)
     assert load_inference(model).data_scale == 2
     Image.fromarray(photo_maker(1, 40)).save(tmp_path / "in.png")
     code, _, err = run_main("enhance", tmp_path / "in.png", "-m", model, "-o", tmp_path / "x2", "--quiet")

@@ -73,9 +73,9 @@ def test_evaluate_end_to_end(sr_dataset, tmp_path, monkeypatch):
     torch.manual_seed(0)
     sr = tmp_path / "sr" / "generator.safetensors"
     sr.parent.mkdir()
-    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), sr)
+    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), sr, data_scale=4)
     unet = tmp_path / "unet.safetensors"
-    save_generator(build_generator("unet-resnet18", pretrained=False, self_attention=False), unet)
+    save_generator(build_generator("unet-resnet18", pretrained=False, self_attention=False), unet, data_scale=4)
     cfg = EvaluateConfig(data=str(sr_dataset), models=[str(sr.parent), str(unet)], out=str(tmp_path / "report"),
                          grids=2, device="cpu")
     report = evaluate(cfg, progress=False)
@@ -97,7 +97,7 @@ def test_evaluate_saves_its_resolved_config_like_every_stage(sr_dataset, tmp_pat
 
     torch.manual_seed(0)
     model = tmp_path / "sr.safetensors"
-    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), model)
+    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), model, data_scale=4)
     out = tmp_path / "report"
     cfg = EvaluateConfig(data=str(sr_dataset), models=[str(model)], out=str(out), limit=1, grids=0, device="cpu",
                          lpips=False)
@@ -116,7 +116,7 @@ def test_evaluate_errors(sr_dataset, tmp_path):
                                 split="nope"))
     torch.manual_seed(0)
     sr2 = tmp_path / "x2.safetensors"
-    save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), sr2)
+    save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), sr2, data_scale=2)
     with pytest.raises(CrappifyError, match="does not match"):
         evaluate(EvaluateConfig(data=str(sr_dataset), models=[str(sr2)], out=str(tmp_path / "r"), device="cpu"),
                  progress=False)
@@ -132,7 +132,7 @@ def test_evaluate_skips_an_unreadable_pair_with_one_line_and_reports_it(sr_datas
     (data / bad["lr"]).write_bytes(b"GIF89a truncated")
     torch.manual_seed(0)
     model = tmp_path / "sr.safetensors"
-    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), model)
+    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), model, data_scale=4)
     out = tmp_path / "report"
     evaluate(EvaluateConfig(data=str(data), models=[str(model)], out=str(out), grids=1, device="cpu", lpips=False),
              progress=False)
@@ -248,7 +248,7 @@ def test_evaluate_writes_psnr_occ_for_occluded_pairs_only(tmp_path, monkeypatch)
     for seed in (0, 1):
         torch.manual_seed(seed)
         models.append(tmp_path / f"m{seed}.safetensors")
-        save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), models[-1])
+        save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), models[-1], data_scale=2)
     out = tmp_path / "report"
     evaluate(EvaluateConfig(data=str(data), models=[str(m) for m in models], out=str(out), grids=0, device="cpu",
                             lpips=False), progress=False)

@@ -17,7 +17,7 @@ from srgan.generators import build_generator
 def sr_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "sr.safetensors"
-    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), path)
+    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), path, data_scale=4)
     return path
 
 
@@ -46,7 +46,7 @@ def test_onnx_residual_generator_matches_pytorch(tmp_path):
     model = build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8, residual=True)
     with torch.no_grad():
         model.gain.fill_(0.5)  # a trained-looking mix of skip and correction
-    save_generator(model, tmp_path / "res.safetensors")
+    save_generator(model, tmp_path / "res.safetensors", data_scale=2)
     out = export_onnx(tmp_path / "res.safetensors", tmp_path / "res.onnx")
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     wrapper = exportable(tmp_path / "res.safetensors")
@@ -62,7 +62,7 @@ def test_onnx_residual_generator_matches_pytorch(tmp_path):
 def test_torchscript_unet_pads_any_size(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "unet.safetensors"
-    save_generator(build_generator("unet-resnet18", pretrained=False), path)
+    save_generator(build_generator("unet-resnet18", pretrained=False), path, data_scale=1)
     out = export_torchscript(path, tmp_path / "g.pt")
     loaded = torch.jit.load(str(out))
     wrapper = exportable(path)

@@ -32,7 +32,7 @@ def pretrained(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("gan-run")
     torch.manual_seed(0)
     save_generator(build_generator("srresnet", scale=4, n_blocks=1, n_feats=8), run / "generator.safetensors",
-                   extra={"loss": "l1"})
+                   data_scale=4, extra={"loss": "l1"})
     save_critic(build_critic("gan-critic", nf=8, n_blocks=1), run / "critic.safetensors")
     return run
 

@@ -137,7 +137,7 @@ def test_precision_fallbacks():
 
 def test_load_inference_from_file(srnet, tmp_path):
     path = tmp_path / "g.safetensors"
-    save_generator(srnet, path)
+    save_generator(srnet, path, data_scale=4)
     engine = load_inference(path, tile=16)
     assert engine.scale == 4 and engine.multiple == 1
     img = np.zeros((10, 12, 3), np.uint8)

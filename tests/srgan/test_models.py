@@ -425,13 +425,13 @@ def test_residual_option_round_trips_and_old_files_load_as_plain(tmp_path):
 
     torch.manual_seed(0)
     model = build_generator("unet-small", img_size=32, residual=True)
-    save_generator(model, tmp_path / "g.safetensors")
+    save_generator(model, tmp_path / "g.safetensors", data_scale=2)
     back = load_generator(tmp_path / "g.safetensors")
     assert back.crappify_spec["options"]["residual"] is True
     x = torch.randn(1, 3, 32, 32)
     assert torch.equal(_out(back, x), _out(model, x))
     plain = build_generator("unet-small", img_size=32)
-    save_generator(plain, tmp_path / "p.safetensors")
+    save_generator(plain, tmp_path / "p.safetensors", data_scale=2)
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as fh:
         meta = fh.metadata()
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118

@@ -228,7 +228,7 @@ def test_critic_checkpoint_of_another_generator_is_not_resumed(sr_dataset, crit_
     train_critic(crit_cfg(sr_dataset, run, epochs=1), progress=False)
     torch.manual_seed(5)  # train-gen ran again: another generator (and other predictions) in the same folder
     save_generator(build_generator("unet-small", scale=1, img_size=32, pretrained=False, residual=True),
-                   run / "generator.safetensors")
+                   run / "generator.safetensors", data_scale=4)
     train_critic(crit_cfg(sr_dataset, run), resume=True, progress=False)
     assert "belongs to another configuration" in capfd.readouterr().err
 
@@ -383,7 +383,7 @@ def test_enhance_locks_its_output_folder_and_clears_stale_temporaries(tmp_path, 
 
     torch.manual_seed(0)
     model = tmp_path / "g.safetensors"
-    save_generator(build_generator("srresnet", scale=2, n_blocks=1, n_feats=4), model)
+    save_generator(build_generator("srresnet", scale=2, n_blocks=1, n_feats=4), model, data_scale=2)
     engine = load_inference(model, device="cpu", precision="fp32")
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
@@ -404,7 +404,7 @@ def test_export_clears_its_own_stale_temporaries_only(tmp_path):
 
     torch.manual_seed(0)
     model = tmp_path / "g.safetensors"
-    save_generator(build_generator("srresnet", scale=2, n_blocks=1, n_feats=4), model)
+    save_generator(build_generator("srresnet", scale=2, n_blocks=1, n_feats=4), model, data_scale=2)
     mine, other = tmp_path / f".g.pt.tmp-{DEAD_PID}", tmp_path / f".notes.txt.tmp-{DEAD_PID}"
     for path in (mine, other):
         path.write_bytes(b"half")

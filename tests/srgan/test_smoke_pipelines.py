@@ -101,9 +101,9 @@ def test_smoke_run_finishes_every_stage(path, tmp_path):
         assert list((gan / "checkpoints").glob("generator_*.safetensors"))
         with open(gan / "history.csv", newline="") as fh:
             last = list(csv.DictReader(fh))[-1]
-        assert int(last["crit_steps"]) >= 1
-        if steps[stages.index("train-gan")].config.switching != "adaptive":  # adaptive: when the critic is good
-            assert int(last["gen_steps"]) >= 1
+        # both networks step in every recipe (adaptive switching too: smoke starts it on the generator), so the
+        # adversarial term, its weighting and the EMA update run here
+        assert int(last["crit_steps"]) >= 1 and int(last["gen_steps"]) >= 1
     # the dataset: sample photos, built inside the run's folder at the recipe's scale
     from crappify.builder import effective_scale, load_preset
 
@@ -115,3 +115,25 @@ def test_smoke_run_finishes_every_stage(path, tmp_path):
         rows = list(csv.DictReader(fh))
     assert {r["method"] for r in rows} >= {"train-gen", "train-gan"} & set(stages)  # each generator scored
     assert 1 <= len({r["id"] for r in rows}) <= 2 and (out / "eval" / "report.md").is_file()
+    # every generator file the run wrote (train-gen's, the GAN's, EMA copies, checkpoints) upscales by the
+    # data's scale in enhance's default
+    files = sorted(run.rglob("generator*.safetensors"))
+    assert files
+    check_generator_files(files, dataset["scale"] or 1, tmp_path)
+
+
+def check_generator_files(files: list[Path], scale: int, tmp_path: Path) -> None:
+    """Each file records `data_scale`, and `enhance` without --scale writes a photo `scale` times its size."""
+    import numpy as np
+
+    from crappify.imageio import decode, save_image_atomic
+    from srgan.checkpoint import read_generator_meta
+    from srgan.enhance import enhance
+
+    photo = tmp_path / "in.png"
+    save_image_atomic(photo, np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    for i, f in enumerate(files):
+        assert read_generator_meta(f)["extra"]["data_scale"] == scale, f
+        out = tmp_path / "enhanced" / str(i)
+        enhance([str(photo)], str(f), str(out), device="cpu", precision="fp32", progress=False)
+        assert decode(out / "in.png").shape[:2] == (40 * scale, 56 * scale), f
