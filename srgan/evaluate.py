@@ -63,6 +63,9 @@ class EvaluateConfig(BaseModel):
     split: str | None = Field(None, description="default: test, else valid")
     limit: int | None = Field(None, ge=1, description="evaluate the first N pairs only")
     grids: int = Field(4, ge=0, description="comparison grids for the first N pairs")
+    grid_height: int | None = Field(None, ge=16, le=2048, description="height of each image in a grid, px "
+                                    "(enlarged nearest-neighbour, so pixels stay visible); default: the HR's, "
+                                    "kept within 64..256")
     tile: int | None = Field(None, ge=0)
     overlap: int | None = Field(None, ge=0)
     batch: int | None = Field(None, ge=1)
@@ -373,7 +376,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
         if len(grid_files) < cfg.grids:
             tiles = [(f"LR {lr.shape[1]}x{lr.shape[0]}", lr), *results, (f"HR {w}x{h}", hr)]
             name = pair.id.replace("/", "__") + ".png"  # ids of nested source folders hold '/'; grids stay flat
-            save_image_atomic(out / "grids" / name, grid(tiles, height=min(256, max(64, h)), columns=len(tiles)))
+            save_image_atomic(out / "grids" / name, grid(tiles, height=cfg.grid_height or min(256, max(64, h)),
+                                                             columns=len(tiles)))
             grid_files.append(name)
     if not rows:
         raise CrappifyError(f"none of the {len(pairs)} pairs of split {split!r} in {cfg.data} could be read")

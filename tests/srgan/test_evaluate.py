@@ -275,3 +275,25 @@ def test_evaluate_writes_psnr_occ_for_occluded_pairs_only(tmp_path, monkeypatch)
     assert summary["means"]["m1"]["psnr_occ"] == pytest.approx(np.mean(occ_values), abs=1e-5)
     assert summary["output_difference"]["reference"] == "m0"
     assert 0 < summary["output_difference"]["mean_abs_diff"]["m1"] < 255
+
+
+def test_grid_height_and_the_recipe_s_result(sr_dataset, tmp_path):
+    """`grid_height` sets each image's height in a grid (nearest-neighbour enlargement); `result` marks the
+    recipe's result in the report and summary.json, and must be one of the models' names."""
+    import json
+
+    from crappify.imageio import decode
+    from crappify.preview import LABEL_HEIGHT, PAD
+
+    torch.manual_seed(0)
+    model = tmp_path / "sr.safetensors"
+    save_generator(build_generator("srresnet", scale=4, pretrained=False, n_blocks=1, n_feats=8), model, data_scale=4)
+    cfg = EvaluateConfig(data=str(sr_dataset), models=[str(model)], names=["mine"], result="mine",
+                         out=str(tmp_path / "r"), grids=1, grid_height=200, lpips=False, device="cpu")
+    report = evaluate(cfg, progress=False)
+    (grid_file,) = (tmp_path / "r" / "grids").glob("*.png")
+    assert decode(grid_file).shape[0] == 200 + LABEL_HEIGHT + 2 * PAD
+    assert "`mine`" in report.read_text() and "the recipe's result" in report.read_text()
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["result"] == "mine"
+    with pytest.raises(ConfigError, match="result 'other' is none of the models' names"):
+        evaluate(cfg.model_copy(update={"result": "other"}), progress=False)

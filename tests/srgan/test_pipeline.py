@@ -366,3 +366,17 @@ def test_an_unavailable_device_fails_at_the_stage_that_uses_it(tmp_path):
     state = paths_of(p).state
     assert read_state(state, "build-dataset")["status"] == "done"
     assert read_state(state, "train-gen")["status"] == "running"
+
+
+def test_stage_hash_leaves_out_options_at_their_defaults():
+    """An option written out at its default hashes as if left out, so an option added later (with a default that
+    keeps the old behaviour) does not re-run finished stages; another value changes the hash."""
+    from srgan.pipeline import stage_hash
+    from srgan.train_gen import TrainGenConfig
+
+    plain = TrainGenConfig(data="d", out="o", arch="unet-small")
+    explicit = TrainGenConfig(data="d", out="o", arch="unet-small", ema=False, eps=plain.eps, betas=None)
+    other = TrainGenConfig(data="d", out="o", arch="unet-small", ema=True)
+    assert stage_hash("train-gen", plain, "up") == stage_hash("train-gen", explicit, "up")
+    assert stage_hash("train-gen", plain, "up") != stage_hash("train-gen", other, "up")
+    assert stage_hash("train-gen", plain, "up") != stage_hash("train-gen", plain, "other upstream")
