@@ -43,9 +43,14 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 # `residual` (every generator): output = the input upsampled to the output size (srgan.upsample, the evaluation's
 # bicubic) + a correction scaled by a zero-initialised gain, so an untrained generator is exactly the bicubic
 # baseline. Off by default here, so files saved without the key load as they were trained; train-gen turns it on
-# for generators trained from random weights.
+# for generators trained from random weights. `gain_scale` (a residual U-Net's): the correction is
+# gain_scale · gain · network(x). Adam moves every parameter by about the learning rate per step, whatever its
+# scale, so a gain that must grow from 0 to a large value (to paint over an occluding rectangle the correction
+# must be as large as the image) takes gain_scale times fewer steps to get there; the untrained generator is
+# still exactly bicubic. 1 (the default) is how every earlier file was trained.
 UNET_DEFAULTS: dict[str, Any] = {"blur": True, "blur_final": True, "self_attention": True, "norm_type": "weight",
-                                 "y_range": (-3.0, 3.0), "last_cross": True, "bottle": False, "residual": False}
+                                 "y_range": (-3.0, 3.0), "last_cross": True, "bottle": False, "residual": False,
+                                 "gain_scale": 1.0}
 SRRESNET_DEFAULTS: dict[str, Any] = {"n_blocks": 16, "n_feats": 64, "residual": False}
 # RRDBNet (ESRGAN, Wang et al. 2018; Real-ESRGAN's generator): 23 blocks, 64 features, growth 32 (16.7 M at x4).
 RRDB_DEFAULTS: dict[str, Any] = {"n_blocks": 23, "n_feats": 64, "growth": 32, "residual": False}
@@ -192,6 +197,11 @@ def _canonical_options(options: dict[str, Any]) -> dict[str, Any]:
         if key not in NORM_TYPES:
             raise ConfigError(f"norm_type must be one of weight, spectral, batch or none; got {value!r}")
         out["norm_type"] = key
+    if "gain_scale" in out:
+        value = out["gain_scale"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1000:
+            raise ConfigError(f"U-Net option gain_scale must be a number in (0, 1000], got {value!r}")
+        out["gain_scale"] = float(value)
     if out.get("y_range") is not None:
         value = out["y_range"]
         try:
@@ -216,19 +226,21 @@ class ResidualOut(nn.Module):
     times a per-channel gain that starts at zero, limited to `y_range`. Inside fastai's SequentialEx every layer
     sees the model's input as `x.orig` (fastai's MergeLayer reads it the same way)."""
 
-    def __init__(self, y_range: list[float] | None) -> None:
+    def __init__(self, y_range: list[float] | None, gain_scale: float = 1.0) -> None:
         super().__init__()
         self.gain = nn.Parameter(torch.zeros(1, 3, 1, 1))
         self.y_range = tuple(y_range) if y_range is not None else None
+        self.gain_scale = gain_scale  # see UNET_DEFAULTS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.orig.float() + self.gain * x
+        gain = self.gain if self.gain_scale == 1.0 else self.gain * self.gain_scale
+        out = x.orig.float() + gain * x
         return out.clamp(*self.y_range) if self.y_range is not None else out
 
 
 def _dynamic_unet(encoder: nn.Sequential, *, img_size: int, blur: bool, blur_final: bool, self_attention: bool,
                   norm_type: str | None, y_range: list[float] | None, last_cross: bool, bottle: bool,
-                  residual: bool = False) -> nn.Module:
+                  residual: bool = False, gain_scale: float = 1.0) -> nn.Module:
     """fastai's DynamicUnet on `encoder` with 3 output channels, tidied for use outside a fastai Learner."""
     from fastai.layers import ConvLayer, PixelShuffle_ICNR, ToTensorBase, icnr_init
     from fastai.vision.models.unet import DynamicUnet
@@ -250,9 +262,9 @@ def _dynamic_unet(encoder: nn.Sequential, *, img_size: int, blur: bool, blur_fin
     # downstream (losses, metrics); a plain tensor is what the rest of srgan expects. No parameters change. A
     # residual U-Net puts its skip there instead (a new `gain` parameter; every other key stays where it was).
     if isinstance(unet.layers[-1], ToTensorBase):
-        unet.layers[-1] = ResidualOut(y_range) if residual else nn.Identity()
+        unet.layers[-1] = ResidualOut(y_range, gain_scale) if residual else nn.Identity()
     elif residual:
-        unet.layers.append(ResidualOut(y_range))
+        unet.layers.append(ResidualOut(y_range, gain_scale))
     # PixelShuffle_ICNR writes the ICNR init into `conv.weight`, which spectral norm recomputes from
     # `weight_orig` at the next forward, so with norm_type="spectral" the init was lost: put it where it lasts.
     for module in unet.modules():

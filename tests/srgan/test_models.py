@@ -455,3 +455,28 @@ def test_unet_small_is_small_and_trains_one_step():
     opt.step()
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert _out(model, torch.randn(1, 3, 96, 160)).shape == (1, 3, 96, 160)
+
+
+def test_gain_scale_keeps_the_bicubic_start_speeds_the_gain_and_round_trips(tmp_path):
+    """`gain_scale` K: still exactly the input at first; one Adam step moves the correction's effective gain K
+    times as far (Adam steps every parameter by about the learning rate); the file rebuilds the same model; a
+    bad value is a one-line error."""
+    from srgan.checkpoint import load_generator, save_generator
+
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    gains = {}
+    for k in (1, 10):
+        torch.manual_seed(0)
+        model = build_generator("unet-small", img_size=32, residual=True, gain_scale=k)
+        assert torch.allclose(_out(model, x), x.clamp(-3, 3))
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        gains[k] = (k * model.layers[-1].gain).detach()
+    assert torch.allclose(gains[10], 10 * gains[1], rtol=1e-3)
+    save_generator(model, tmp_path / "g.safetensors", data_scale=2)
+    back = load_generator(tmp_path / "g.safetensors")
+    assert back.crappify_spec["options"]["gain_scale"] == 10.0 and torch.equal(_out(back, x), _out(model, x))
+    with pytest.raises(ConfigError, match="gain_scale"):
+        build_generator("unet-small", img_size=32, residual=True, gain_scale=0)
