@@ -82,8 +82,11 @@ def main() -> None:
         photos = Path(args.photos) if args.photos else out / "photos"
         if not args.photos:
             print(f"{default_photos(photos, args.size, args.crops, args.seed)} photos and crops -> {photos}")
-        build = BuildConfig(src=str(photos), out=str(out / "dataset"), source="folder", preset=data_cfg["preset"]["name"],
-                            scale=data_cfg["scale"], size=args.size, seed=args.seed, split=(0.0, 0.0, 1.0), workers=1)
+        preset = out / "preset.yaml"  # the run's dataset's preset, as its config.yaml inlines it
+        preset.write_text(yaml.safe_dump(data_cfg["preset"], sort_keys=False))
+        build = BuildConfig(src=str(photos), out=str(out / "dataset"), source="folder",
+                            preset=str(preset), scale=data_cfg["scale"], size=args.size,
+                            seed=args.seed, split=(0.0, 0.0, 1.0), workers=1)
         check_built(build_dataset(build, progress=False), build, [(("test",), "the evaluation")])
         report = evaluate(EvaluateConfig(data=build.out, models=[str(f) for f in made.values()], names=list(made),
                                          out=str(out / "eval"), split="test", grids=4, lpips=False, device="cpu",

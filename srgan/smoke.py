@@ -54,8 +54,9 @@ def smoke_overrides(stage: str, cfg: BaseModel, *, critic_min: int = 0, crops: b
 
     - sample-crops: size → 64, train/valid/test → 4/1/2 crops.
     - build-dataset: src/source → `samples` (the photos installed packages ship; kept as the crops folder when
-      the pipeline cuts sample crops), size (HR short side) → 64 (square → 64 where the recipe squashes its HR), limit → 4 photos (not with crops),
-      workers → 1. preset, scale, split and seed stay the recipe's; out is OUT/dataset (never data/).
+      the pipeline cuts sample crops), size (HR short side) → 64 (square → 64 where the recipe squashes its HR),
+      limit → 4 photos (not with crops), workers → 1. preset, scale, split and seed stay the recipe's; out is
+      OUT/dataset (never data/).
     - train-gen, train-critic, train-gan: size → 32, or the critic's minimum input rounded up to a multiple
       of 32 (train-critic; train-gan's `critic_arch`, else `critic_min`: the input size of the critic that
       the pipeline's train-critic makes);

