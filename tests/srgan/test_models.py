@@ -149,7 +149,8 @@ def test_unet_defaults_are_the_course_generator(unet18):
     assert unet18.crappify_spec == {
         "arch": "unet-resnet18", "scale": 1, "img_size": 64,
         "options": {"blur": True, "blur_final": True, "self_attention": True, "norm_type": "weight",
-                    "y_range": [-3.0, 3.0], "last_cross": True, "bottle": False, "residual": False}}
+                    "y_range": [-3.0, 3.0], "last_cross": True, "bottle": False, "residual": False,
+                    "gain_scale": 1.0}}
     assert json.loads(json.dumps(unet18.crappify_spec)) == unet18.crappify_spec
     assert _count(unet18, SelfAttention) == 1
     (sig,) = [m for m in unet18.modules() if isinstance(m, SigmoidRange)]

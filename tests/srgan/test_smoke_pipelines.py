@@ -9,13 +9,24 @@ every stage finished with its outputs, and that nothing was written outside the 
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from srgan.pipeline import PIPELINES_DIR, as_smoke, load_pipeline, read_state, run_pipeline, stage_configs
+from srgan.pipeline import (
+    PIPELINES_DIR,
+    as_smoke,
+    generator_files,
+    load_pipeline,
+    paths_of,
+    read_state,
+    result_file,
+    run_pipeline,
+    stage_configs,
+)
 from srgan.smoke import SMOKE_KEYS
 
 PIPELINES = sorted(PIPELINES_DIR.glob("*.yaml"))
@@ -113,27 +124,34 @@ def test_smoke_run_finishes_every_stage(path, tmp_path):
     assert (out / "dataset" / "manifest.csv").is_file()
     with open(out / "eval" / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["method"] for r in rows} >= {"train-gen", "train-gan"} & set(stages)  # each generator scored
+    # each generator scored, EMA copies included, and the recipe's result named
+    made = generator_files(stage_configs(p), paths_of(p))
+    assert {r["method"] for r in rows} == {"bicubic", *made}
+    assert json.loads((out / "eval" / "summary.json").read_text())["result"] == list(made)[-1]
     assert 1 <= len({r["id"] for r in rows}) <= 2 and (out / "eval" / "report.md").is_file()
-    # every generator file the run wrote (train-gen's, the GAN's, EMA copies, checkpoints) upscales by the
-    # data's scale in enhance's default
+    # every generator file the run wrote (train-gen's, the GAN's, EMA copies, checkpoints) records the data's
+    # scale, which enhance upscales by without --scale: run for every file of the demo (a small U-Net, whose
+    # network is x1, so the record is all enhance has), and for the recipe's result of the others
     files = sorted(run.rglob("generator*.safetensors"))
     assert files
-    check_generator_files(files, dataset["scale"] or 1, tmp_path)
+    check_generator_files(files, dataset["scale"] or 1, tmp_path,
+                          enhanced=files if path.stem == "demo" else [result_file(p)])
 
 
-def check_generator_files(files: list[Path], scale: int, tmp_path: Path) -> None:
-    """Each file records `data_scale`, and `enhance` without --scale writes a photo `scale` times its size."""
+def check_generator_files(files: list[Path], scale: int, tmp_path: Path, enhanced: list[Path]) -> None:
+    """Each file records `data_scale`; `enhance` without --scale writes a photo `scale` times its size with each
+    of `enhanced`."""
     import numpy as np
 
     from crappify.imageio import decode, save_image_atomic
     from srgan.checkpoint import read_generator_meta
     from srgan.enhance import enhance
 
+    for f in files:
+        assert read_generator_meta(f)["extra"]["data_scale"] == scale, f
     photo = tmp_path / "in.png"
     save_image_atomic(photo, np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
-    for i, f in enumerate(files):
-        assert read_generator_meta(f)["extra"]["data_scale"] == scale, f
+    for i, f in enumerate(enhanced):
         out = tmp_path / "enhanced" / str(i)
         enhance([str(photo)], str(f), str(out), device="cpu", precision="fp32", progress=False)
         assert decode(out / "in.png").shape[:2] == (40 * scale, 56 * scale), f
