@@ -40,6 +40,16 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 FASTAI_EPS = 1e-5
 
 
+class AdamOptions(BaseModel):
+    """Adam's settings, the keys train-gen, train-critic and train-gan share (train-gan has its own `betas`)."""
+
+    wd: float = Field(1e-3, ge=0, description="Adam's decoupled weight decay (AdamW's); default the fastai course's")
+    betas: tuple[Beta, Beta] | None = Field(
+        None, description="Adam's (beta1, beta2), beta1 then held for the whole schedule; default fastai's: beta1 "
+                          "follows the one-cycle schedule 0.95 -> 0.85 -> 0.95, beta2 0.99")
+    eps: float = Field(FASTAI_EPS, gt=0, description="Adam's epsilon; default fastai's 1e-5 (torch's is 1e-8)")
+
+
 class RunOptions(BaseModel):
     """Where and how a training stage runs: the keys train-gen, train-critic and train-gan share."""
 

@@ -30,8 +30,7 @@ from srgan.data import Unreadable, default_workers, describe, read_dataset, read
 from srgan.distributed import unwrap
 from srgan.normalize import NormalizeBatch, Normalizer
 from srgan.runtime import (
-    FASTAI_EPS,
-    Beta,
+    AdamOptions,
     RunOptions,
     StopRequest,
     compile_module,
@@ -45,7 +44,7 @@ RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "ep
                       "checkpoint_every", "compile"})
 
 
-class TrainCriticConfig(RunOptions):
+class TrainCriticConfig(RunOptions, AdamOptions):
     """Options of `crappify train-critic` (also the keys of its `--config` YAML file)."""
 
     data: str
@@ -56,11 +55,6 @@ class TrainCriticConfig(RunOptions):
     bs: int = Field(8, ge=1)
     epochs: int = Field(6, ge=1)
     lr: float = Field(1e-3, gt=0)
-    wd: float = Field(1e-3, ge=0, description="Adam's decoupled weight decay (AdamW's); default the fastai course's")
-    betas: tuple[Beta, Beta] | None = Field(
-        None, description="Adam's (beta1, beta2), beta1 then held for the whole schedule; default fastai's: beta1 "
-                          "follows the one-cycle schedule 0.95 -> 0.85 -> 0.95, beta2 0.99")
-    eps: float = Field(FASTAI_EPS, gt=0, description="Adam's epsilon; default fastai's 1e-5 (torch's is 1e-8)")
     pct_start: float = Field(0.3, gt=0, lt=1)
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N batches of an epoch")
 

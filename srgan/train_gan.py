@@ -44,7 +44,7 @@ from srgan.checkpoint import (
 )
 from srgan.losses import LossSpec
 from srgan.runtime import (
-    FASTAI_EPS,
+    AdamOptions,
     Beta,
     RunOptions,
     StopRequest,
@@ -64,7 +64,7 @@ HISTORY_COLUMNS = ["step", "epoch", "trained", "loss", "gen_loss", "crit_loss", 
                    "gen_steps", "crit_steps", "to_gen", "to_crit", "seconds", "data_seconds"]
 
 
-class TrainGanConfig(RunOptions):
+class TrainGanConfig(RunOptions, AdamOptions):
     """Options of `crappify train-gan` (also the keys of its `--config` YAML file)."""
 
     data: str
@@ -100,8 +100,6 @@ class TrainGanConfig(RunOptions):
     critic_lr_mult: float = Field(5.0, gt=0)
     betas: tuple[Beta, Beta] = Field((0.0, 0.99), description="Adam's (beta1, beta2) for both networks; default "
                                                                 "the fastai course's (no momentum)")
-    eps: float = Field(FASTAI_EPS, gt=0, description="Adam's epsilon; default fastai's 1e-5 (torch's is 1e-8)")
-    wd: float = Field(1e-3, ge=0, description="Adam's decoupled weight decay (AdamW's); default the fastai course's")
     size: int = Field(128, ge=8)
     bs: int = Field(8, ge=1)
     iters: int | None = Field(None, ge=1, description="GAN steps; default: `epochs` × batches per epoch")

@@ -43,8 +43,7 @@ from srgan.generators import NO_IMAGENET_WEIGHTS, is_unet  # NO_IMAGENET_WEIGHTS
 from srgan.losses import LossSpec
 from srgan.normalize import Normalizer
 from srgan.runtime import (
-    FASTAI_EPS,
-    Beta,
+    AdamOptions,
     RunOptions,
     StopRequest,
     compile_module,
@@ -79,7 +78,7 @@ class Stage(BaseModel):
     lr: float | None = Field(None, gt=0, description="default: the run's lr")
 
 
-class TrainGenConfig(RunOptions):
+class TrainGenConfig(RunOptions, AdamOptions):
     """Options of `crappify train-gen` (also the keys of its `--config` YAML file)."""
 
     data: str
@@ -96,11 +95,6 @@ class TrainGenConfig(RunOptions):
     epochs: int = Field(1, ge=1)
     lr: float | None = Field(None, gt=0, description="default: 1e-3 when pretrained, else 2e-3")
     stages: list[Stage] | None = Field(None, description="progressive resizing; replaces size/bs/epochs/lr")
-    wd: float = Field(1e-3, ge=0, description="Adam's decoupled weight decay (AdamW's); default the fastai course's")
-    betas: tuple[Beta, Beta] | None = Field(
-        None, description="Adam's (beta1, beta2), beta1 then held for the whole schedule; default fastai's: beta1 "
-                          "follows the one-cycle schedule 0.95 -> 0.85 -> 0.95, beta2 0.99")
-    eps: float = Field(FASTAI_EPS, gt=0, description="Adam's epsilon; default fastai's 1e-5 (torch's is 1e-8)")
     pct_start: float = Field(0.3, gt=0, lt=1)
     pretrained: bool = True
     weights: str | None = None
