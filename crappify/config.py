@@ -35,6 +35,17 @@ def describe(exc: ValidationError, model: type[BaseModel]) -> str:
     return f"option {where!r}: {msg} (got {err.get('input')!r})"
 
 
+def non_default(cfg: BaseModel, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """`cfg`'s JSON dump less the keys in `skip` and the options left at their defaults: what identifies it in a
+    hash, so that an option added later, with a default that keeps the old behaviour, changes no existing hash."""
+    import json
+
+    defaults = {k: json.loads(json.dumps(f.get_default(call_default_factory=True), default=str))
+                for k, f in type(cfg).model_fields.items() if not f.is_required()}
+    return {k: v for k, v in cfg.model_dump(mode="json").items()
+            if k not in skip and not (k in defaults and defaults[k] == v)}
+
+
 def resolve(model: type[M], config_file: str | Path | None = None, **flags: Any) -> M:
     """Defaults ← YAML file ← flags (flags given as None are treated as not given)."""
     data: dict[str, Any] = read_yaml(config_file) if config_file else {}

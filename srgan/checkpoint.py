@@ -278,20 +278,18 @@ def config_key(cfg: Any, ignore: frozenset[str] | set[str] = frozenset()) -> str
     records it; one with another key belongs to another config and is never resumed from."""
     import hashlib
 
-    dump = cfg.model_dump(mode="json")
-    for key in ("data", "out", "generator", "critic", "weights"):  # paths: compare where they point
+    from crappify.config import non_default
+
+    # options left at their defaults are left out, so an option added in a later version (with a default that
+    # keeps the old behaviour) does not orphan the checkpoints of runs that could not have set it (the path
+    # options' defaults are None: resolving the others below cannot make one equal its default)
+    dump = non_default(cfg, {*ignore, "out"})
+    for key in ("data", "generator", "critic", "weights"):  # paths: compare where they point
         if isinstance(dump.get(key), str):
             dump[key] = str(Path(dump[key]).resolve())
     preset = dump.get("degrade_preset")
     if isinstance(preset, str) and Path(preset).is_file():  # a preset file: what it says, not where it is
         dump["degrade_preset"] = "file:" + file_digest(preset)
-    # options left at their defaults are left out, so an option added in a later version (with a default that
-    # keeps the old behaviour) does not orphan the checkpoints of runs that could not have set it
-    fields = type(cfg).model_fields
-    defaults = {k: json.loads(json.dumps(f.get_default(call_default_factory=True), default=str))
-                for k, f in fields.items() if not f.is_required()}
-    dump = {k: v for k, v in dump.items()
-            if k not in ignore and k != "out" and not (k in defaults and defaults[k] == v)}
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 

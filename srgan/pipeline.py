@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from crappify.config import describe
+from crappify.config import describe, non_default
 from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import write_atomic
 from crappify.yamlfile import read_mapping
@@ -286,10 +286,7 @@ def stage_hash(stage: str, cfg: BaseModel, upstream: str) -> str:
     """What a stage computes: its config (less run-only keys, and options left at their defaults, so that an
     option added later with a default that keeps the old behaviour does not re-run finished stages) chained to
     the stage before it."""
-    defaults = {k: json.loads(json.dumps(f.get_default(call_default_factory=True), default=str))
-                for k, f in type(cfg).model_fields.items() if not f.is_required()}
-    values = {k: v for k, v in cfg.model_dump(mode="json").items()
-              if k not in RUN_ONLY_KEYS and not (k in defaults and defaults[k] == v)}
+    values = non_default(cfg, RUN_ONLY_KEYS)
     blob = json.dumps({"stage": stage, "config": values, "upstream": upstream}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -212,7 +212,8 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     # data-parallel: every rank starts from rank 0's weights (the same files or seed give the same already)
     broadcast_tensors([*generator.state_dict().values(), *critic.state_dict().values()])
     default_loss = "l1" if cfg.generator_arch else "feature"  # a new generator has no train-gen loss to reuse
-    content = build_loss(cfg.loss or gen_meta["extra"].get("loss") or default_loss, pretrained=cfg.pretrained,
+    content_spec = cfg.loss or gen_meta["extra"].get("loss") or default_loss
+    content = build_loss(content_spec, pretrained=cfg.pretrained,
                          weights=cfg.loss_weight_files).to(device)
     adversarial = build_adversarial(cfg.adv_loss, cfg.gp_weight)
     w_content, w_adv = cfg.content_adv_weights()
@@ -231,7 +232,7 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     gan = GanRun(cfg, total, normalizer)
     gan.key, gan.stop = key, stop
     gan.data_scale = data_scale(read_dataset(cfg.data)[1])
-    gan.content_loss = cfg.loss or gen_meta["extra"].get("loss") or default_loss
+    gan.content_loss = content_spec
     if state is not None:
         gan.step, gan.counts = int(state["step"]), dict(state["counts"])
         gan.saved_step = gan.step
