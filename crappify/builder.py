@@ -16,9 +16,13 @@ Images are not fsynced (that would cost more than rebuilding them): a resumed bu
 journal or manifest lists (non-empty, header parses, the recorded size, its end present) and rebuilds those
 that fail, e.g. after a power loss.
 
-A file that is the photo's fault (corrupt, truncated, not an image, a bomb, a FIFO, over --max-bytes) is
-skipped and listed in skipped.csv; one the system could not read (permissions, I/O errors, too many open
-files, out of memory) stops the run with one line naming it, and is tried again when the run is resumed.
+A file that is the photo's fault (corrupt, truncated, not an image, a bomb, a FIFO, over --max-bytes, a name
+that cannot be an id: `crappify.sources.id_problem`) is skipped and listed in skipped.csv; one the system
+could not read (permissions, I/O errors, too many open files, out of memory) stops the run with one line naming
+it, and is tried again when the run is resumed. So does a full disk or a read-only OUT.
+
+A symlinked photo's HR is its target's bytes (hard-linked or copied): every file the manifest names is a regular
+file inside OUT. OUT, and any folder holding the marker below, is never listed as source, even inside SRC.
 
 OUT/.crappify-dataset marks a folder this tool built: only such a folder may be cleared by --overwrite.
 
@@ -38,13 +42,15 @@ import contextlib
 import csv
 import functools
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
+import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -76,11 +82,11 @@ from crappify.imageio import (
     file_intact,
     link_or_copy_atomic,
     write_atomic,
-    write_csv_atomic,
 )
 from crappify.parallel import parallel_map
 from crappify.runlock import clean_stale_temps, folder_lock
-from crappify.sources import SPLITS, Item, Listing, SourceName, list_source
+from crappify.sources import DATASET_MARKER, SPLITS, Item, Listing, SourceName, list_source
+from crappify.yamlfile import safe_load
 
 DEFAULT_SCALE = 4
 JOURNAL = ".journal.jsonl"
@@ -89,7 +95,7 @@ MANIFEST_COLUMNS = ["id", "split", "source", "hr", "lr", "seed", "hr_width", "hr
                     "lr_height", "caption", "params"]
 OUTPUT_FILES = ("config.yaml", "manifest.csv", "skipped.csv", JOURNAL)
 OUTPUT_DIRS = ("hr", "lr")
-MARKER = ".crappify-dataset"  # written first into every OUT this tool builds: --overwrite clears only those
+MARKER = DATASET_MARKER  # written first into every OUT this tool builds: --overwrite clears only those
 MARKER_TEXT = ("This folder is a dataset built by `crappify build-dataset`; `--overwrite` may delete its hr/, lr/,\n"
                "config.yaml, manifest.csv and skipped.csv. Remove this file to protect the folder from that.\n")
 IGNORED_NAMES = (".lock",)  # a lock file alone does not make a folder non-empty
@@ -347,7 +353,8 @@ def _process_item(item: Item, job: Job) -> dict[str, Any]:
         _ensure_parent(hr_path)
         _ensure_parent(lr_path)
         if copy_hr and job.link_hr:
-            link_or_copy_atomic(item.path, hr_path, photo.data)
+            # The target of a symlinked photo: a link to the symlink itself would dangle or lead outside OUT.
+            link_or_copy_atomic(os.path.realpath(item.path), hr_path, photo.data)
         elif copy_hr:  # the source's own bytes, already in memory
             write_atomic(hr_path, photo.data)
         else:
@@ -410,18 +417,41 @@ def shard_listing(listing: Listing, shard: str) -> tuple[dict[str, Any], Listing
     return record, Listing(listing.items[k - 1::n], listing.skipped[k - 1::n], listing.official_split)
 
 
+def csv_text(columns: list[str], rows: Iterable[dict[str, Any]]) -> str:
+    """CSV text (\n line ends, extra keys dropped) that every reader splits back into the same fields. Python's
+    writer leaves a field holding a lone \r unquoted when lines end in \n, and readers split the row there; a
+    row with a \r is written by a writer whose line end holds \r, which quotes it, and given a \n end again."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        if any("\r" in str(row.get(c, "")) for c in columns):
+            one = io.StringIO()
+            csv.DictWriter(one, fieldnames=columns, lineterminator="\r\n", extrasaction="ignore").writerow(row)
+            buf.write(one.getvalue()[:-2] + "\n")
+        else:
+            writer.writerow(row)
+    return buf.getvalue()
+
+
 def write_tables(out: Path, rows: list[dict[str, Any]], skipped: list[tuple[str, str]]) -> None:
     """Write manifest.csv (rows in listing order) and skipped.csv (sorted): the last files a build writes, and
-    the ones `crappify.merge` writes the same way."""
-    write_csv_atomic(out / "manifest.csv", MANIFEST_COLUMNS, rows, ignore_extra=True)
-    write_csv_atomic(out / "skipped.csv", SKIPPED_COLUMNS,
-                     [{"source": s, "reason": r} for s, r in sorted(skipped)], ignore_extra=True)
+    the ones `crappify.merge` writes the same way. A write that fails (disk full, read-only) is a one-line
+    CrappifyError naming the file; nothing is half-written, and running the same command again finishes."""
+    tables = [("manifest.csv", MANIFEST_COLUMNS, rows),
+              ("skipped.csv", SKIPPED_COLUMNS, [{"source": s, "reason": r} for s, r in sorted(skipped)])]
+    for name, columns, table in tables:
+        try:
+            write_atomic(out / name, csv_text(columns, table))
+        except OSError as exc:
+            raise CrappifyError(f"cannot write {out / name}: {exc.strerror or exc}; free space or fix "
+                                "permissions, then run the same command again to finish") from None
 
 
 def _read_config(path: Path) -> dict[str, Any] | None:
     """A dataset's config.yaml as a mapping; None when it cannot be read as one (any file named so)."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
@@ -532,6 +562,11 @@ def _pair_intact(out: Path, row: dict[str, Any]) -> bool:
         hr, lr = out / row["hr"], out / row["lr"]
     except (KeyError, TypeError, ValueError):
         return False
+    try:  # a regular file in OUT (not a symlink, as older builds linked for a symlinked photo)
+        if not all(stat.S_ISREG(os.lstat(p).st_mode) for p in (hr, lr)):
+            return False
+    except OSError:
+        return False
     # The LR's bytes are always ours (OpenCV's encoders: a JPEG ends with EOI); an HR may be the source's own
     # bytes, which may carry data after the end marker.
     return file_intact(lr, lr_size, strict_end=True) and file_intact(hr, hr_size)
@@ -562,8 +597,15 @@ def _progress(total: int, initial: int, show: bool) -> Any:
 def build_dataset(cfg: BuildConfig, overwrite: bool = False, progress: bool = True) -> BuildResult:
     """Build (or resume) the dataset described by `cfg`; see the module docstring for the layout. OUT is locked
     for the whole build: a second build into it fails at once with one line naming this one's pid."""
-    with folder_lock(cfg.out, "build-dataset run"):
-        return _build_dataset(cfg, overwrite, progress)
+    try:
+        with folder_lock(cfg.out, "build-dataset run"):
+            return _build_dataset(cfg, overwrite, progress)
+    except OSError as exc:  # the machine's, not a photo's: a full disk, a read-only or vanished OUT
+        if isinstance(exc, BrokenPipeError):  # stderr closed: nobody to tell
+            raise
+        where = exc.filename if exc.filename is not None else f"writing to {cfg.out}"
+        raise CrappifyError(f"{where}: {exc.strerror or exc}; fix that (free space, permissions), then run the "
+                            "same command again to resume") from None
 
 
 def _build_dataset(cfg: BuildConfig, overwrite: bool, progress: bool) -> BuildResult:
@@ -571,7 +613,12 @@ def _build_dataset(cfg: BuildConfig, overwrite: bool, progress: bool) -> BuildRe
     _MADE_DIRS.clear()  # folders may have been removed since an earlier build in this process
     chain = load_preset(cfg.preset)
     scale = effective_scale(chain, cfg.scale)
-    layout, listing = list_source(Path(cfg.src), cfg.source, cfg.seed, cfg.split, cfg.limit)
+    layout, listing = list_source(Path(cfg.src), cfg.source, cfg.seed, cfg.split, cfg.limit, exclude=[cfg.out])
+    if listing.excluded:  # OUT inside SRC, or other datasets there: their files are outputs, never photos
+        shown = ", ".join(listing.excluded[:3]) + (f" and {len(listing.excluded) - 3} more"
+                                                   if len(listing.excluded) > 3 else "")
+        print(f"crappify: note: {shown} (in {cfg.src}) not read as source: the output folder, or a dataset "
+              f"(it holds {MARKER})", file=sys.stderr, flush=True)
     out = Path(cfg.out)
     identity = resolved_config(cfg, layout, chain, scale)
     if cfg.shard is not None:  # only this part's items from here on; ids, splits and seeds are the whole build's
@@ -583,7 +630,7 @@ def _build_dataset(cfg: BuildConfig, overwrite: bool, progress: bool) -> BuildRe
     if not resuming:
         write_atomic(out / "config.yaml", config_text({**identity, "versions": versions()}))
     else:
-        clean_stale_temps(out)  # left by a killed build (the lock says no other build is writing here)
+        clean_stale_temps(out, recursive=True)  # a killed build's (the lock says no other build is writing here)
     done = _load_done(out, listing.items) if resuming else {}
     todo = [it for it in listing.items if it.id not in done]
     job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr, cfg.max_bytes,

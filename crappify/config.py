@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from crappify.errors import ConfigError
+from crappify.errors import ConfigError, brief
 from crappify.yamlfile import read_mapping
 
 M = TypeVar("M", bound=BaseModel)
@@ -32,7 +32,7 @@ def describe(exc: ValidationError, model: type[BaseModel]) -> str:
     msg = err["msg"].removeprefix("Value error, ")  # a validator's own message says what is wrong already
     if err["type"] == "missing":
         return f"option {where!r} is required"
-    return f"option {where!r}: {msg} (got {err.get('input')!r})"
+    return f"option {where!r}: {msg} (got {brief(err.get('input'))})"
 
 
 def non_default(cfg: BaseModel, skip: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:

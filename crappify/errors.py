@@ -6,6 +6,9 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 class CrappifyError(Exception):
     """An error the user caused (bad path, bad config, missing data): shown as one line."""
@@ -27,3 +30,15 @@ class Interrupted(CrappifyError):
 
     def __str__(self) -> str:  # fastai prefixes the args of an exception raised in a callback; not this one's text
         return f"{self.where}; {self.how}"
+
+
+_BRIEF = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 3, 40, 40, 40
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 6
+
+
+def brief(value: Any) -> str:
+    """A short repr of a user's value for a one-line message: bounded in length and in the work it takes,
+    whatever the value holds (a nested or aliased YAML value would otherwise be formatted in full)."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import os
 import stat
@@ -41,6 +42,10 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # larger than any photo a camera writes; 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
                               ".pgm", ".pnm"})
 _COPYABLE_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+# The only Pillow plug-ins a photo is opened with (JPEG's also opens the MPO JPEGs that cameras write; PPM reads
+# PGM/PNM too). Never all of them: Pillow hands EPS/PS/PDF to Ghostscript, an external program, whatever the
+# file's name says.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM")
 GREY_MODES = frozenset({"L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "LA", "La"})
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _EXIF_ORIENTATION = 0x0112
@@ -310,7 +315,7 @@ def _pillow_size(path: str | Path) -> tuple[int, int] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=PHOTO_FORMATS) as img:
                 return img.size
     except _DECODE_ERRORS:
         return None
@@ -375,7 +380,7 @@ class Photo:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    self._img = Image.open(io.BytesIO(self.data))
+                    self._img = Image.open(io.BytesIO(self.data), formats=PHOTO_FORMATS)
             except _DECODE_ERRORS as exc:
                 raise _image_error(exc) from None
             if self._img.size != getattr(self, "_stored", self._img.size):  # our JPEG parser and Pillow's differ
@@ -507,14 +512,38 @@ def encode(img: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
+# A temporary file's name: the target's, hidden, with this tag and the writing process's pid. The tag is ours
+# alone, so a stale-temporary sweep can never take a user's `.notes.tmp-123` for one of ours; a target name too
+# long for the tag (file names are at most 255 bytes) is replaced by its hash, so any name that fits the file
+# system has a temporary name that fits too.
+TEMP_TAG = ".crappify-tmp-"
+_NAME_MAX = 255
+
+
+def temp_prefix(name: str) -> str:
+    """The start of every temporary name of the target file `name` (a bare file name), before the pid."""
+    prefix = f".{name}{TEMP_TAG}"
+    if len(os.fsencode(prefix)) + 10 <= _NAME_MAX:  # room for any pid (at most 10 digits)
+        return prefix
+    return f".{hashlib.sha256(os.fsencode(name)).hexdigest()[:32]}{TEMP_TAG}"
+
+
 def _temp_name(path: str | Path) -> str:
     head, name = os.path.split(path)
-    return os.path.join(head, f".{name}.tmp-{os.getpid()}")
+    return os.path.join(head, f"{temp_prefix(name)}{os.getpid()}")
+
+
+def temp_pid(name: str) -> int | None:
+    """The pid in one of our temporary names, or None when `name` is not one (a user's file)."""
+    head, tag, pid = name.rpartition(TEMP_TAG)
+    if not (name.startswith(".") and tag and len(head) > 1 and pid.isascii() and pid.isdigit()):
+        return None
+    return int(pid)
 
 
 def is_temp_name(name: str) -> bool:
     """Whether a file name is one of our temporary names (left behind by a killed run)."""
-    return name.startswith(".") and ".tmp-" in name
+    return temp_pid(name) is not None
 
 
 @contextlib.contextmanager

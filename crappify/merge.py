@@ -18,6 +18,11 @@ listing); its rows and files are exactly the whole build's for its items. So the
    (the parts' rows in the listing's order, which is by id) and skipped.csv (through the builder's
    `write_tables`).
 
+A part's files are read as the builder reads photos: only the hr/ and lr/ files its manifest lists, each a
+regular file (not a symlink, FIFO or device) within a size cap (the build's --max-bytes, or what the row's
+pixel size allows), and its config.yaml, manifest.csv and skipped.csv only when they are regular files within a
+cap; anything else in a part is never opened, linked or copied.
+
 OUT must be new, empty, or already hold this very dataset (its config.yaml is the text the merge writes: an
 interrupted or finished merge of the same parts); anything else is refused and left untouched. Files already in
 OUT with the right bytes are kept, so running a merge again does no work twice. OUT is locked while the merge
@@ -28,8 +33,10 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import io
 import json
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,16 +51,28 @@ from crappify.builder import (
     MANIFEST_COLUMNS,
     MARKER,
     MARKER_TEXT,
-    OUTPUT_DIRS,
     PART_KEY,
     SKIPPED_COLUMNS,
     config_text,
     write_tables,
 )
 from crappify.errors import ConfigError, CrappifyError
-from crappify.imageio import is_temp_name, link_or_copy_atomic, write_atomic
+from crappify.imageio import DEFAULT_MAX_BYTES, ImageError, read_source, replacing, write_atomic
 from crappify.runlock import clean_stale_temps, folder_lock
 from crappify.sources import SPLITS
+from crappify.yamlfile import safe_load
+
+CONFIG_MAX_BYTES = 1 << 20  # a dataset's config.yaml is a few KiB
+TABLE_MAX_BYTES = 1 << 30  # manifest.csv / skipped.csv: ~1 KiB a row, so a million rows fit
+
+
+def read_capped(path: Path, cap: int) -> bytes:
+    """The bytes of `path`, a regular file (symlinks followed) of at most `cap` bytes: FIFOs and devices (a
+    link to /dev/zero) are refused before they are opened for reading. OSError or ImageError (the reason)."""
+    st = os.stat(path)
+    if stat.S_ISREG(st.st_mode) and st.st_size > cap:
+        raise ImageError(f"{st.st_size} bytes, more than the {cap} such a file can have")
+    return read_source(path, cap)
 
 
 @dataclass
@@ -68,6 +87,7 @@ class Part:
     rows: list[dict[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)  # relative posix path -> the part's file
+    caps: dict[str, int] = field(default_factory=dict)  # relative posix path -> the most bytes it may have
 
     @property
     def shard(self) -> str:
@@ -92,9 +112,13 @@ def read_part(path: str | Path) -> Part:
     if not path.is_dir():
         raise CrappifyError(f"part {path} is not a folder")
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        config = safe_load(read_capped(path / "config.yaml", CONFIG_MAX_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise CrappifyError(f"part {path} is not a dataset (it has no config.yaml)") from None
+    except ImageError as exc:
+        if str(exc).startswith("file not found"):
+            raise CrappifyError(f"part {path} is not a dataset (it has no config.yaml)") from None
+        raise CrappifyError(f"part {path}: cannot read its config.yaml ({exc})") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise CrappifyError(f"part {path}: cannot read its config.yaml ({str(exc).splitlines()[0]})") from None
     if not isinstance(config, dict):
@@ -180,32 +204,52 @@ def check_parts(parts: list[Part]) -> None:
 
 def _read_csv(part: Part, name: str, columns: list[str]) -> list[dict[str, str]]:
     try:
-        with open(part.path / name, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames != columns:
-                raise CrappifyError(f"part {part.path}: {name} does not have a dataset's columns")
-            return list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        text = read_capped(part.path / name, TABLE_MAX_BYTES).decode("utf-8")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames != columns:
+            raise CrappifyError(f"part {part.path}: {name} does not have a dataset's columns")
+        return list(reader)
+    except (OSError, ImageError, UnicodeDecodeError, csv.Error) as exc:
         raise CrappifyError(f"part {part.path}: cannot read {name} ({exc})") from None
 
 
+def _file_cap(part: Part, row: dict[str, str], column: str) -> int:
+    """The most bytes a file of a row can have: the build's --max-bytes (an HR that is the source's own bytes),
+    or twice the raw size of the row's pixels (a PNG or JPEG the build encoded), whichever is more."""
+    max_bytes = part.config.get("max_bytes")
+    cap = max_bytes if type(max_bytes) is int else DEFAULT_MAX_BYTES
+    try:
+        pixels = int(row[f"{column}_width"]) * int(row[f"{column}_height"])
+    except (KeyError, TypeError, ValueError):
+        return cap
+    return max(cap, 6 * pixels + (1 << 20))
+
+
 def load_part(part: Part) -> None:
-    """Read a part's rows, skips and files (every file under hr/ and lr/); a part missing a file its manifest
-    lists is refused (its build, run again, rebuilds it)."""
+    """Read a part's rows, skips and files: the hr/ and lr/ files its manifest lists, nothing else (not an
+    extra file, link or FIFO someone left beside them). A part missing such a file, or holding one that is
+    not a regular file within the cap (`_file_cap`), is refused (its build, run again, rebuilds it)."""
     part.rows = _read_csv(part, "manifest.csv", MANIFEST_COLUMNS)
     part.skipped = [(r["source"], r["reason"]) for r in _read_csv(part, "skipped.csv", SKIPPED_COLUMNS)]
-    for name in OUTPUT_DIRS:
-        for root, dirs, files in os.walk(part.path / name):
-            dirs.sort()
-            rel_root = Path(root).relative_to(part.path).as_posix()
-            for file in sorted(files):
-                if not is_temp_name(file):  # a temporary file a killed build left: never part of a dataset
-                    part.files[f"{rel_root}/{file}"] = Path(root, file)
     for row in part.rows:
-        for rel in (row["hr"], row["lr"]):
-            if rel not in part.files:
+        for column in ("hr", "lr"):
+            rel = row[column]
+            path = part.path / rel
+            if rel.split("/", 1)[0] != column or ".." in rel.split("/") or "\\" in rel:
+                raise CrappifyError(f"part {part.path}: its manifest lists {rel!r}, not a file a build writes")
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
                 raise CrappifyError(f"part {part.path} lacks {rel}, which its manifest lists: run its "
+                                    "build-dataset command again to rebuild it, then merge") from None
+            except OSError as exc:
+                raise CrappifyError(f"part {part.path}: cannot read {rel} ({exc.strerror or exc})") from None
+            cap = _file_cap(part, row, column)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > cap:
+                what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"{st.st_size} bytes, too large"
+                raise CrappifyError(f"part {part.path}: {rel} is {what}, not a file a build writes: run its "
                                     "build-dataset command again to rebuild it, then merge")
+            part.files[rel], part.caps[rel] = path, cap
 
 
 def _check_disjoint(parts: list[Part]) -> None:
@@ -232,20 +276,38 @@ def _holds_this_dataset(out: Path, text: str) -> bool:
     if names <= {MARKER}:
         return True
     try:
-        return (out / MARKER).is_file() and (out / "config.yaml").read_text(encoding="utf-8") == text
-    except (OSError, UnicodeDecodeError):
+        return (out / MARKER).is_file() and read_capped(out / "config.yaml", CONFIG_MAX_BYTES) == text.encode()
+    except (OSError, ImageError):
         return False
 
 
 def _same_file(src: Path, dst: Path) -> bool:
-    """Whether dst already holds src's bytes (the same inode, or equal contents)."""
+    """Whether dst already holds src's bytes (the same inode, or equal contents); both regular files."""
     try:
-        a, b = os.stat(src), os.stat(dst)
+        a, b = os.lstat(src), os.lstat(dst)
     except OSError:
+        return False
+    if not (stat.S_ISREG(a.st_mode) and stat.S_ISREG(b.st_mode)):
         return False
     if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
         return True
     return a.st_size == b.st_size and filecmp.cmp(src, dst, shallow=False)
+
+
+def _link_or_copy(src: Path, dst: Path, cap: int) -> bool:
+    """Hard-link `src` (a regular file, checked by `load_part`) at `dst`, or copy it where links fail (another
+    filesystem), reading at most `cap` bytes of a regular file; True when linked."""
+    try:
+        if os.path.lexists(dst):  # a wrong file an earlier merge left: swapped atomically
+            with replacing(dst) as tmp:
+                os.link(src, tmp)
+        else:
+            os.link(src, dst)
+        return True
+    except OSError:
+        pass
+    write_atomic(dst, read_source(src, cap))
+    return False
 
 
 def merge_datasets(parts: Sequence[str | Path], out: str | Path) -> MergeResult:
@@ -266,28 +328,32 @@ def merge_datasets(parts: Sequence[str | Path], out: str | Path) -> MergeResult:
         try:
             return _write(found, out, text)
         except OSError as exc:  # disk full, permissions: nothing is half-written, a rerun goes on
-            raise CrappifyError(f"cannot write to {out}: {exc.strerror or exc}") from None
+            where = exc.filename if exc.filename is not None else out
+            raise CrappifyError(f"cannot write to {where}: {exc.strerror or exc}") from None
 
 
 def _write(parts: list[Part], out: Path, text: str) -> MergeResult:
-    clean_stale_temps(out)  # left by a killed merge (the lock says no one else writes here)
+    clean_stale_temps(out, recursive=True)  # left by a killed merge (the lock says no one else writes here)
     if not (out / MARKER).is_file():
         write_atomic(out / MARKER, MARKER_TEXT)
     if not (out / "config.yaml").is_file():
         write_atomic(out / "config.yaml", text)
     linked = copied = kept = 0
     made: set[Path] = set()
-    for rel, src in sorted((rel, src) for part in parts for rel, src in part.files.items()):
+    for rel, src, cap, folder in sorted((rel, src, p.caps[rel], p.path) for p in parts for rel, src in p.files.items()):
         dst = out / rel
         if dst.parent not in made:
             dst.parent.mkdir(parents=True, exist_ok=True)
             made.add(dst.parent)
-        if _same_file(src, dst):
-            kept += 1
-        elif link_or_copy_atomic(src, dst):
-            linked += 1
-        else:
-            copied += 1
+        try:
+            if _same_file(src, dst):
+                kept += 1
+            elif _link_or_copy(src, dst, cap):
+                linked += 1
+            else:
+                copied += 1
+        except ImageError as exc:  # swapped for a FIFO, device or larger file since it was checked
+            raise CrappifyError(f"part {folder}: cannot copy {rel} ({exc})") from None
     rows = sorted((row for part in parts for row in part.rows), key=lambda r: r["id"])
     skipped = [s for part in parts for s in part.skipped]
     write_tables(out, rows, skipped)

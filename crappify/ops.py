@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from crappify import functional as F
-from crappify.errors import ConfigError
+from crappify.errors import ConfigError, brief
 from crappify.registry import Registry
 from crappify.spec import Param, Spec
 
@@ -110,7 +110,7 @@ def _weights(where: str, raw: Any, names: tuple[str, ...]) -> dict[str, float]:
         raw = dict.fromkeys(raw, 1.0)
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{where}: expected a mapping of name: weight with names from {', '.join(names)} "
-                          f"(got {raw!r})")
+                          f"(got {brief(raw)})")
     bad = sorted(str(k) for k in raw if k not in names)
     if bad:
         raise ConfigError(f"{where}: unknown name(s) {', '.join(bad)}; valid: {', '.join(names)}")
@@ -119,7 +119,7 @@ def _weights(where: str, raw: Any, names: tuple[str, ...]) -> dict[str, float]:
             raise ConfigError(f"{where}: weight of {k!r} must be a number >= 0 (got {w!r})")
     total = float(sum(raw.values()))
     if total <= 0:
-        raise ConfigError(f"{where}: the weights must not all be zero (got {raw!r})")
+        raise ConfigError(f"{where}: the weights must not all be zero (got {brief(raw)})")
     return {k: float(w) / total for k, w in raw.items()}
 
 
@@ -170,7 +170,8 @@ class Resize(Op):
         super().__init__(**{**raw, "size": None if self.to_lr else raw.get("size"), "updown": None})
         self.raw = dict(raw)
         if self.specs["relative_to"].mode != "fixed":
-            raise ConfigError(f"op 'resize', parameter 'relative_to': must be input or lr (got {raw['relative_to']!r})")
+            raise ConfigError("op 'resize', parameter 'relative_to': must be input or lr "
+                              f"(got {brief(raw['relative_to'])})")
         self._by = self.specs["size"] if raw.get("size") is not None else self.specs["factor"]
         self.updown = None if updown is None else _weights("op 'resize', parameter 'updown'", updown, self.UPDOWN)
         by_factor = self._by is self.specs["factor"] and not self.to_lr
@@ -179,7 +180,7 @@ class Resize(Op):
         if self.updown is not None and (self._by.mode != "range"
                                         or not self._by.value[0] <= 1.0 <= self._by.value[1]):
             raise ConfigError("op 'resize', parameter 'updown': needs factor as a range [low, high] "
-                              f"with low <= 1 <= high (got {raw.get('factor')!r})")
+                              f"with low <= 1 <= high (got {brief(raw.get('factor'))})")
 
     @property
     def needs_lr_size(self) -> bool:

@@ -4,21 +4,24 @@
 runs on the same dataset, run or output folder cannot interleave their writes: the second fails at once with
 one line naming the first one's pid. It is an OS lock (`fcntl.flock`), so it is released when its process
 dies, however it dies — a SIGKILLed run never leaves a lock that needs removing by hand (its file may stay,
-unlocked; a run that ends normally removes it).
+unlocked; a run that ends normally removes it). A forked child (a build's worker) closes its inherited copy of
+the descriptor at once, so it never holds the lock: a worker that outlives a SIGKILLed parent cannot keep the
+folder locked.
 
-`clean_stale_temps(folder)` removes the temporary files (`.NAME.tmp-PID`, see `crappify.imageio.replacing`)
-that a killed process left, once the folder's lock is held.
+`clean_stale_temps(folder)` removes the temporary files (`.NAME.crappify-tmp-PID`, see
+`crappify.imageio.replacing`) that a killed run of this tool left, once the folder's lock is held: only names
+with the tool's tag, only in the folders a run writes, never anything else a user keeps there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from crappify.errors import CrappifyError
-from crappify.imageio import is_temp_name
+from crappify.imageio import temp_pid, temp_prefix
 
 LOCK_NAME = ".lock"
 
@@ -43,7 +46,10 @@ def folder_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
     if folder.exists() and not folder.is_dir():
         raise CrappifyError(f"{folder} exists and is not a folder")
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or full filesystem, permissions
+        raise CrappifyError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
     key = str(folder.resolve())
     if key in _HELD:
         yield folder
@@ -51,13 +57,14 @@ def folder_lock(folder: str | Path, what: str = "run") -> Iterator[Path]:
     path = folder / LOCK_NAME
     fd = _acquire(path, folder, what)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        _HELD.add(key)
+        with contextlib.suppress(OSError):  # the pid is for messages; a full disk must not stop the run here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = fd
         try:
             yield folder
         finally:
-            _HELD.discard(key)
+            _HELD.pop(key, None)
             with contextlib.suppress(OSError):
                 os.unlink(path)  # while still held: a process waiting on this file sees it gone and retries
                 if created and not os.listdir(folder):
@@ -72,9 +79,9 @@ def _acquire(path: Path, folder: Path, what: str) -> int:
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock (documented in the README)
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return _open_lock_file(path, folder)
     for _ in range(100):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(path, folder)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -92,28 +99,62 @@ def _acquire(path: Path, folder: Path, what: str) -> int:
     raise CrappifyError(f"cannot take the lock {path}")
 
 
-_HELD: set[str] = set()
+def _open_lock_file(path: Path, folder: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a read-only folder, permissions, a full disk
+        raise CrappifyError(f"cannot write to {folder}: cannot create its lock file {path} "
+                            f"({exc.strerror or exc})") from None
 
 
-def clean_stale_temps(folder: str | Path, recursive: bool = True, of: str | None = None) -> int:
-    """Remove the temporary files under `folder` whose writing process is gone; returns how many. `of`: only
-    those of that one file name (for a command that writes single files into a folder it does not own)."""
+_HELD: dict[str, int] = {}  # folder (resolved) -> the descriptor holding its lock, in this process
+
+
+def _forget_locks_in_child() -> None:
+    """After a fork, in the child: close the inherited lock descriptors. An flock belongs to the open file, which
+    parent and child share, so a child still running after its parent was killed would keep the folder locked
+    (a rerun refused, naming the dead parent); closing the child's copy leaves the parent's lock as it was."""
+    for fd in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def clean_stale_temps(folder: str | Path, names: Iterable[str] | None = None, recursive: bool = False) -> int:
+    """Remove the temporary files in `folder` that a killed run of this tool left; returns how many.
+
+    Only names carrying this tool's tag (`crappify.imageio.TEMP_TAG`) whose writing process is gone are
+    candidates, never a user's `.notes.tmp-123`. `names`: only the temporaries of these target file names
+    (for a folder the tool does not own, e.g. enhance's `-o`: the outputs this run is about to write).
+    `recursive`: the sub-folders too (only for a folder the tool owns and marked, a dataset)."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    prefixes = None if names is None else {temp_prefix(n) for n in names}
     removed = 0
-    walker = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
+    walker = os.walk(folder) if recursive else [(str(folder), [], _files(folder))]
     for root, _dirs, files in walker:
         for name in files:
-            if not is_temp_name(name) or (of is not None and not name.startswith(f".{of}.tmp-")):
+            pid = temp_pid(name)
+            if pid is None or pid == os.getpid() or _pid_alive(pid):
                 continue
-            try:
-                pid = int(name.rsplit(".tmp-", 1)[1])
-            except ValueError:
-                pid = -1
-            if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+            if prefixes is not None and name[:-len(str(pid))] not in prefixes:
+                continue
+            path = os.path.join(root, name)
+            if not os.path.isfile(path) or os.path.islink(path):  # ours are regular files
                 continue
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(root, name))
+                os.unlink(path)
                 removed += 1
     return removed
+
+
+def _files(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []

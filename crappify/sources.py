@@ -9,14 +9,21 @@ Layouts (auto-detected, or named with `--source`), documented in data/README.md:
 - `celeba-hq`: a folder of images (`CelebA-HQ-img/` inside CelebAMask-HQ is found too); seeded ratio split.
 - `samples`: real photos that installed packages ship (scikit-image, scikit-learn, matplotlib), for the
   demo and tests; no download.
+
+Symlinks: a linked photo is listed under its link's name (the builder reads and links its target); a linked
+folder is walked like a folder, each real folder once. Never listed: hidden entries, a folder holding the
+dataset marker (a dataset this tool built: its own outputs must never come back as photos), the folders
+given as `exclude` (the build's OUT), and names that cannot be ids (`id_problem`), which are skipped with
+the reason.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,36 @@ from crappify.imageio import IMAGE_EXTENSIONS
 from crappify.registry import Registry
 
 SPLITS = ("train", "valid", "test")
+DATASET_MARKER = ".crappify-dataset"  # in every folder build-dataset writes (crappify.builder.MARKER)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def id_problem(item_id: str) -> str | None:
+    """Why `item_id` cannot be a dataset item's id, or None. The one rule, applied where ids are made (listing:
+    such a photo is skipped) and where they are read (`srgan.data`), so an id a build accepts is accepted
+    everywhere: '/'-separated parts, none empty, '.' or '..'; no backslash (a separator on Windows); no
+    control character (CR or LF would break a CSV row or a one-line message); text that UTF-8 can write
+    (manifest.csv is UTF-8; a file name in another encoding cannot be)."""
+    if any(p in ("", ".", "..") for p in item_id.split("/")):
+        return "is not a relative name (an empty, '.' or '..' part)"
+    if "\\" in item_id:
+        return "holds a backslash"
+    if _CONTROL.search(item_id):
+        return "holds a control character (such as a line break)"
+    try:
+        item_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+def printable(name: str) -> str:
+    """`name` as UTF-8 text on one line, for a report: undecodable bytes and control characters as \\xNN."""
+    try:
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        name = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", name)
 
 
 @dataclass(frozen=True)
@@ -44,15 +81,18 @@ class Listing:
     items: list[Item]
     skipped: list[tuple[str, str]]  # (source, reason)
     official_split: bool
+    excluded: list[str] = field(default_factory=list)  # folders not listed: datasets (the marker) or `exclude`
 
 
-Lister = Callable[[Path], Listing]
+Lister = Callable[..., Listing]  # (src, exclude=frozenset()) -> Listing; exclude: real paths of folders to leave out
 SOURCES: Registry[Lister] = Registry("source")
 
 
-def _walk(root: Path, base: Path, ignore: frozenset[str] = frozenset()) -> Listing:
-    """Image files under `root` (recursive, hidden entries ignored), ids relative to `root`."""
-    items, skipped = [], []
+def _walk(root: Path, base: Path, ignore: frozenset[str] = frozenset(),
+          exclude: frozenset[str] = frozenset()) -> Listing:
+    """Image files under `root` (recursive, hidden entries ignored), ids relative to `root`. Folders in
+    `exclude` (real paths) and folders holding the dataset marker are not entered (see the module docstring)."""
+    items, skipped, excluded = [], [], []
     seen: set[str] = set()  # real paths of folders walked: a symlink loop is followed once
     root_s = os.fspath(root)
     # Ids and sources are cut from plain strings: pathlib costs ~40 µs a file here, which shows on a
@@ -65,8 +105,12 @@ def _walk(root: Path, base: Path, ignore: frozenset[str] = frozenset()) -> Listi
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = os.path.relpath(dirpath, root_s).replace(os.sep, "/")
+        if real in exclude or DATASET_MARKER in filenames:
+            excluded.append(printable(base_prefix + rel_dir if rel_dir != "." else base_rel))
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         prefix = "" if rel_dir == "." else rel_dir + "/"
         for name in sorted(filenames):
             if name.startswith(".") or name in ignore:
@@ -74,10 +118,14 @@ def _walk(root: Path, base: Path, ignore: frozenset[str] = frozenset()) -> Listi
             stem, ext = os.path.splitext(name)
             source = base_prefix + prefix + name
             if ext.lower() not in IMAGE_EXTENSIONS:
-                skipped.append((source, f"not an image file (extension {ext or 'none'})"))
+                skipped.append((printable(source), f"not an image file (extension {printable(ext) or 'none'})"))
+                continue
+            problem = id_problem(prefix + stem)
+            if problem is not None:
+                skipped.append((printable(source), f"file name cannot name a dataset item: it {problem}"))
                 continue
             items.append(Item(prefix + stem, source, Path(dirpath, name)))
-    return Listing(_unique_ids(items), skipped, official_split=False)
+    return Listing(_unique_ids(items), skipped, official_split=False, excluded=excluded)
 
 
 def _unique_ids(items: list[Item]) -> list[Item]:
@@ -115,13 +163,13 @@ SPLIT_FOLDERS = {"train": "train", "valid": "valid", "val": "valid", "test": "te
 
 
 @SOURCES.register("folder")
-def list_folder(src: Path) -> Listing:
+def list_folder(src: Path, exclude: frozenset[str] = frozenset()) -> Listing:
     """A folder of photos; one holding `train/` and `valid/` (or `val/`) and/or `test/` sub-folders
     keeps that split (images outside them are skipped), any other is split by a seeded ratio."""
     folders = {name: SPLIT_FOLDERS[name] for name in SPLIT_FOLDERS if (src / name).is_dir()}
     if "train" not in folders or len(set(folders.values())) < 2:
-        return _walk(src, src)
-    listing = _walk(src, src)
+        return _walk(src, src, exclude=exclude)
+    listing = _walk(src, src, exclude=exclude)
     items, skipped = [], list(listing.skipped)
     for it in listing.items:
         split = folders.get(it.id.split("/", 1)[0]) if "/" in it.id else None
@@ -129,11 +177,11 @@ def list_folder(src: Path) -> Listing:
             skipped.append((it.source, "outside the train/valid/test folders"))
         else:
             items.append(Item(it.id, it.source, it.path, split, it.caption))  # ids keep the folder: unique
-    return Listing(items, skipped, official_split=True)
+    return Listing(items, skipped, official_split=True, excluded=listing.excluded)
 
 
 @SOURCES.register("flickr30k")
-def list_flickr30k(src: Path) -> Listing:
+def list_flickr30k(src: Path, exclude: frozenset[str] = frozenset()) -> Listing:
     images = src / "flickr30k_images"
     if (images / "flickr30k_images").is_dir():
         images = images / "flickr30k_images"
@@ -146,13 +194,13 @@ def list_flickr30k(src: Path) -> Listing:
             for row in csv.reader(fh, delimiter="|"):
                 if len(row) >= 3 and row[1].strip() == "0":
                     captions[row[0].strip()] = row[2].strip()
-    listing = _walk(images, src, ignore=frozenset({"results.csv"}))
+    listing = _walk(images, src, ignore=frozenset({"results.csv"}), exclude=exclude)
     listing.items = [Item(it.id, it.source, it.path, caption=captions.get(it.path.name, "")) for it in listing.items]
     return listing
 
 
 @SOURCES.register("celeba")
-def list_celeba(src: Path) -> Listing:
+def list_celeba(src: Path, exclude: frozenset[str] = frozenset()) -> Listing:
     images = src / "img_align_celeba"
     if (images / "img_align_celeba").is_dir():
         images = images / "img_align_celeba"
@@ -166,7 +214,7 @@ def list_celeba(src: Path) -> Listing:
             parts = line.replace(",", " ").split()
             if len(parts) == 2 and parts[1] in ("0", "1", "2"):
                 partition[parts[0]] = SPLITS[int(parts[1])]
-    listing = _walk(images, src)
+    listing = _walk(images, src, exclude=exclude)
     items = []
     for it in listing.items:
         split = partition.get(it.path.name)
@@ -174,13 +222,13 @@ def list_celeba(src: Path) -> Listing:
             listing.skipped.append((it.source, f"not listed in {part_file.name}"))
         else:
             items.append(Item(it.id, it.source, it.path, split))
-    return Listing(items, listing.skipped, official_split=True)
+    return Listing(items, listing.skipped, official_split=True, excluded=listing.excluded)
 
 
 @SOURCES.register("celeba-hq")
-def list_celeba_hq(src: Path) -> Listing:
+def list_celeba_hq(src: Path, exclude: frozenset[str] = frozenset()) -> Listing:
     root = _first_existing(src / "CelebA-HQ-img", src / "celeba_hq", src / "CelebA-HQ") or src
-    return _walk(root, src)
+    return _walk(root, src, exclude=exclude)
 
 
 def _package_dir(name: str) -> Path | None:
@@ -217,7 +265,7 @@ def sample_id(name: str) -> str:
 
 
 @SOURCES.register("samples")
-def list_samples(src: Path) -> Listing:
+def list_samples(src: Path, exclude: frozenset[str] = frozenset()) -> Listing:
     photos = sample_photos()
     if not photos:
         raise CrappifyError("no sample photos found: install scikit-image, scikit-learn or matplotlib")
@@ -277,14 +325,21 @@ def limit_items(items: list[Item], limit: int) -> list[Item]:
 
 def list_source(src: Path, kind: str = "auto", seed: int = 0,
                 ratios: tuple[float, float, float] = (0.9, 0.05, 0.05),
-                limit: int | None = None) -> tuple[str, Listing]:
-    """List a source's photos with ids and splits; returns (layout name, listing)."""
+                limit: int | None = None, exclude: Iterable[str | Path] = ()) -> tuple[str, Listing]:
+    """List a source's photos with ids and splits; returns (layout name, listing). `exclude`: folders never to
+    list (a build's OUT, when it lies inside the source); folders holding the dataset marker are never listed."""
     if kind == "auto":
         kind = detect(src)
     lister = SOURCES.get(kind)
     if kind != "samples" and not src.is_dir():
         raise CrappifyError(f"source folder not found: {src}")
-    listing = lister(src)
+    skip = frozenset(os.path.realpath(p) for p in exclude)
+    if kind != "samples" and os.path.realpath(src) in skip:
+        raise CrappifyError(f"source folder {src} is the output folder too; give another output folder")
+    if kind != "samples" and (src / DATASET_MARKER).is_file():
+        raise CrappifyError(f"source folder {src} is a dataset this tool built (it holds {DATASET_MARKER}); give "
+                            f"a folder of photos (e.g. {src / 'hr' / 'train'})")
+    listing = lister(src, exclude=skip) if skip else lister(src)
     items = sorted(listing.items, key=lambda it: it.id)
     if listing.official_split:
         if limit is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from crappify.errors import ConfigError
+from crappify.errors import ConfigError, brief
 
 KINDS = ("int", "float", "str", "bool", "color")
 
@@ -50,7 +50,7 @@ class Spec:
         self.mode, self.value = self._parse(raw)
 
     def _fail(self, why: str) -> ConfigError:
-        return ConfigError(f"{self.where}: {why} (got {self.raw!r})")
+        return ConfigError(f"{self.where}: {why} (got {brief(self.raw)})")
 
     def _parse(self, raw: Any) -> tuple[str, Any]:
         p = self.param

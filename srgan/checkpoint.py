@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crappify.errors import CrappifyError
+from crappify.errors import CrappifyError, brief
 from crappify.imageio import replacing
 from srgan.normalize import IMAGENET_STATS  # also its old import path (re-export)
 
@@ -33,7 +33,7 @@ FORMAT = "crappify-generator/1"
 def _save_model(model: nn.Module, path: str | Path, fmt: str, builder: str,
                 extra: dict[str, Any] | None) -> None:
     """Weights + rebuild recipe (`model.crappify_spec`) + normalisation as one safetensors file, atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     spec = getattr(model, "crappify_spec", None)
     if spec is None:
@@ -42,8 +42,22 @@ def _save_model(model: nn.Module, path: str | Path, fmt: str, builder: str,
             "extra": json.dumps(extra or {})}
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
-    with replacing(Path(path), durable=True) as tmp:
-        save_file(state, tmp, metadata=meta)
+    with replacing(Path(path), durable=True) as tmp, open(tmp, "wb") as fh:
+        fh.write(canonical_header(save(state, metadata=meta)))
+
+
+def canonical_header(blob: bytes) -> bytes:
+    """A safetensors file's bytes with its metadata keys in sorted order: safetensors writes them in a hash
+    map's order, which changes from process to process, and later stages key their checkpoints on a model
+    file's bytes. The tensor entries keep their order (the data's), and their offsets stay valid because
+    they count from the end of the header, whose new length is padded to 8 bytes as the format asks."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
 def _read_meta(path: str | Path, fmt: str, kind: str, missing: str) -> dict[str, Any]:
@@ -89,20 +103,36 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _json_meta(meta: dict[str, str], key: str, path: Path, default: str | None = None) -> Any:
     """One JSON entry of a model file's metadata, or a one-line error naming the file."""
     text = meta.get(key, default)
     if text is None:
         raise _bad(path, f"no {key!r} entry (a crappify model file records how to rebuild its model)")
     try:
-        return json.loads(text)
+        value = json.loads(text)
+    except RecursionError:  # nested deeper than the parser's stack: a crafted file
+        raise _bad(path, f"{key!r} is nested too deeply") from None
     except ValueError as exc:
         raise _bad(path, f"{key!r} is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if _depth(value) > MAX_META_DEPTH:  # before anything formats or walks it recursively
+        raise _bad(path, f"{key!r} is nested too deeply")
+    return value
+
+
+MAX_META_DEPTH = 8  # a spec is a mapping of options holding at most lists of numbers
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and mappings nest in a JSON value, counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (list, dict)):
+            if level + 1 > MAX_META_DEPTH:
+                return level + 1
+            deepest = max(deepest, level + 1)
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _is_int(value: Any, low: int, high: int) -> bool:
@@ -124,34 +154,34 @@ def _check_option(path: Path, key: str, value: Any, nested: bool = False) -> Non
     ok = (value is None or isinstance(value, bool) or (isinstance(value, str) and len(value) <= 64)
           or _is_int(value, -MAX_INT_OPTION, MAX_INT_OPTION) or (isinstance(value, float) and math.isfinite(value)))
     if not ok:
-        raise _bad(path, f"option {key} = {_show(value)} is out of range")
+        raise _bad(path, f"option {key} = {brief(value)} is out of range")
 
 
 def _check_meta(path: Path, meta: dict[str, Any], generator: bool) -> None:
     """Types and ranges of a model file's spec, normalisation and extra entries (one-line error naming the file)."""
     spec, stats, extra = meta["spec"], meta["normalization"], meta["extra"]
     if not isinstance(spec, dict):
-        raise _bad(path, f"spec must be a mapping, got {_show(spec)}")
+        raise _bad(path, f"spec must be a mapping, got {brief(spec)}")
     arch, options = spec.get("arch"), spec.get("options")
     if not isinstance(arch, str) or not 0 < len(arch) <= 200:
-        raise _bad(path, f"arch must be a model name, got {_show(arch)}")
+        raise _bad(path, f"arch must be a model name, got {brief(arch)}")
     if not isinstance(options, dict):
-        raise _bad(path, f"options must be a mapping, got {_show(options)}")
+        raise _bad(path, f"options must be a mapping, got {brief(options)}")
     for key, value in options.items():
         _check_option(path, key, value)
     if generator:
         if not _is_int(spec.get("scale"), 1, MAX_SCALE):
-            raise _bad(path, f"scale must be an integer in 1..{MAX_SCALE}, got {_show(spec.get('scale'))}")
+            raise _bad(path, f"scale must be an integer in 1..{MAX_SCALE}, got {brief(spec.get('scale'))}")
         if not _is_int(spec.get("img_size"), 1, MAX_IMG_SIZE):
-            raise _bad(path, f"img_size must be an integer in 1..{MAX_IMG_SIZE}, got {_show(spec.get('img_size'))}")
+            raise _bad(path, f"img_size must be an integer in 1..{MAX_IMG_SIZE}, got {brief(spec.get('img_size'))}")
     if not (isinstance(stats, list) and len(stats) == 2
             and all(isinstance(s, list) and len(s) == 3 and all(_is_number(v) for v in s) for s in stats)
             and all(v > 0 for v in stats[1])):
-        raise _bad(path, f"normalization must be [[3 means], [3 positive stds]], got {_show(stats)}")
+        raise _bad(path, f"normalization must be [[3 means], [3 positive stds]], got {brief(stats)}")
     if not isinstance(extra, dict):
-        raise _bad(path, f"extra must be a mapping, got {_show(extra)}")
+        raise _bad(path, f"extra must be a mapping, got {brief(extra)}")
     if extra.get("data_scale") is not None and not _is_int(extra["data_scale"], 1, MAX_DATA_SCALE):
-        raise _bad(path, f"data_scale must be an integer in 1..{MAX_DATA_SCALE}, got {_show(extra['data_scale'])}")
+        raise _bad(path, f"data_scale must be an integer in 1..{MAX_DATA_SCALE}, got {brief(extra['data_scale'])}")
 
 
 def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crappify.errors import ConfigError
+from crappify.errors import ConfigError, brief
 from crappify.registry import Registry
 
 CriticBuilder = Callable[..., nn.Module]
@@ -45,13 +45,13 @@ def build_critic(arch: str = DEFAULT_CRITIC, **options: Any) -> nn.Module:
     for key, value in resolved.items():
         if key == "p":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ConfigError(f"critic option p must be a dropout probability in [0, 1), got {value!r}")
+                raise ConfigError(f"critic option p must be a dropout probability in [0, 1), got {brief(value)}")
             resolved[key] = float(value)
         elif key == "skip":
             if not isinstance(value, bool):
-                raise ConfigError(f"critic option skip must be true or false, got {value!r}")
+                raise ConfigError(f"critic option skip must be true or false, got {brief(value)}")
         elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"critic option {key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"critic option {key} must be a positive integer, got {brief(value)}")
     model = builder(**resolved)
     model.crappify_spec = {"arch": arch, "options": resolved}
     return model.train()

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, TypeVar
 import cv2
 import numpy as np
 import torch
-import yaml
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, ReadError, decode
+from crappify.sources import id_problem
+from crappify.yamlfile import safe_load
 from srgan.generators import model_input
 from srgan.normalize import IMAGENET_STATS, NormalizeBatch, Normalizer  # noqa: F401  (re-exports: old paths)
 
@@ -78,7 +79,7 @@ def read_dataset(root: str | Path) -> tuple[dict[str, list[Pair]], dict]:
     manifest = root / "manifest.csv"
     if not manifest.is_file():
         raise CrappifyError(f"{root} is not a built dataset (no manifest.csv); make one with `crappify build-dataset`")
-    config = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else {}
+    config = safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else {}
     splits: dict[str, list[Pair]] = {}
     checker = _PathChecker(root)
     try:
@@ -93,7 +94,9 @@ def read_dataset(root: str | Path) -> tuple[dict[str, list[Pair]], dict]:
                 missing = [k for k, v in values.items() if not v]
                 if missing:
                     raise CrappifyError(f"{where}: no {', '.join(missing)} (is it a manifest.csv of build-dataset?)")
-                _check_name(values["id"], "id", where)
+                problem = id_problem(values["id"])  # the rule build-dataset applies: accepted there, accepted here
+                if problem is not None:
+                    raise CrappifyError(f"{where}: id {values['id']!r} is not a safe file name: it {problem}")
                 _check_name(values["split"], "split", where, nested=False)
                 hr, lr = checker(values["hr"], "hr", where), checker(values["lr"], "lr", where)
                 splits.setdefault(values["split"], []).append(Pair(values["id"], lr, hr, where))
@@ -103,8 +106,8 @@ def read_dataset(root: str | Path) -> tuple[dict[str, list[Pair]], dict]:
 
 
 def _check_name(value: str, column: str, where: str, nested: bool = True) -> None:
-    """`value` must be a relative name: '/'-separated parts (only when `nested`: build-dataset keeps the
-    source's sub-folders in ids) that are none of '', '.', '..', without backslashes or NUL characters."""
+    """`value` must be a relative name: '/'-separated parts (only when `nested`) that are none of '', '.', '..',
+    without backslashes or NUL characters. Ids are checked by `crappify.sources.id_problem` instead."""
     parts = value.split("/") if nested else [value]
     if "\0" in value or "\\" in value or any(p in ("", ".", "..") for p in parts) or (not nested and "/" in value):
         raise CrappifyError(f"{where}: {column} {value!r} is not a safe file name (no '..', absolute path, "

@@ -55,14 +55,16 @@ def is_main() -> bool:
 
 
 @contextlib.contextmanager
-def run_folder(folder: str | Path, what: str) -> Iterator[None]:
+def run_folder(folder: str | Path, what: str, writes: tuple[str, ...] = ("",)) -> Iterator[None]:
     """For the body of a stage that writes into `folder`: rank 0 holds the folder's lock (a second run on it
-    fails with one line) and first removes the temporary files killed runs left; other ranks just proceed."""
+    fails with one line) and first removes the temporary files killed runs of this tool left in the
+    sub-folders `writes` (relative; "" is `folder` itself), the ones the stage writes; other ranks proceed."""
     if not is_main():
         yield
         return
     with folder_lock(folder, what):
-        clean_stale_temps(folder)
+        for sub in writes:
+            clean_stale_temps(Path(folder) / sub)
         yield
 
 

@@ -212,7 +212,13 @@ def enhance_files(engine: TiledInference, items: list[tuple[Path, Path]], out_di
 
     out_dir = Path(out_dir)
     with folder_lock(out_dir, "enhance run"):  # two runs into one OUTDIR would race on the same names
-        clean_stale_temps(out_dir)  # what killed runs left half-written (only our own .NAME.tmp-PID names)
+        # what killed runs left half-written: only our own temporaries, only of the outputs this run writes
+        targets: dict[Path, set[str]] = {}
+        for _src, rel in items:
+            for dst in {output_path(rel, False), output_path(rel, True)}:
+                targets.setdefault((out_dir / dst).parent, set()).add(dst.name)
+        for folder, names in targets.items():
+            clean_stale_temps(folder, names)
         return _enhance_files(engine, items, out_dir, scale, overwrite, progress, jpeg_quality, report, max_pixels)
 
 

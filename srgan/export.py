@@ -81,7 +81,7 @@ def export_onnx(path: str | Path, out: str | Path, opset: int = ONNX_OPSET) -> P
     out.parent.mkdir(parents=True, exist_ok=True)
     sample = _sample(wrapper)
     batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
-    clean_stale_temps(out.parent, recursive=False, of=out.name)  # left by a killed export
+    clean_stale_temps(out.parent, [out.name])  # left by a killed export
     with replacing(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, (sample,), input_names=["image"], output_names=["output"],
@@ -105,7 +105,7 @@ def export_torchscript(path: str | Path, out: str | Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, _sample(wrapper), check_trace=False)
-    clean_stale_temps(out.parent, recursive=False, of=out.name)  # left by a killed export
+    clean_stale_temps(out.parent, [out.name])  # left by a killed export
     with replacing(out) as tmp:
         traced.save(tmp, _extra_files={"crappify.json": json.dumps(read_generator_meta(path))})
     return out

@@ -5,15 +5,19 @@ for U-Nets, whose encoder downsamples 32x; nothing for SRResNet) and cut into eq
 whose origins are multiples of that step, so every tile sees the same pooling grid as the whole image
 would. Tiles go through the model in batches; their outputs are blended with separable raised-cosine
 ramps over the overlaps (weights normalised to sum to 1, so there are no seams), into a float strip on the
-device about one row of tiles high; rows no later tile touches are rounded into the uint8 output. So memory is
-the model on one batch of tiles plus one strip of output — not the image's pixel count squared, which
-is what the U-Net's self-attention layer would need on a whole large photo.
+device about one row of tiles high; rows no later tile touches are rounded into the uint8 output. A photo wider
+than `BAND_TILES` tiles is done in vertical bands of that many tile columns, each band's strip only as wide as its
+tiles (the tiles straddling a band's edge run once for each band: the same sums, in the same order). So memory is
+the model on one batch of tiles plus a strip bounded by the tile in both directions — not the image's width (a
+1×20,000,000 px photo once asked for a 7.7 GB strip), nor its pixel count squared, which is what the U-Net's
+self-attention layer would need on a whole large photo. Only the uint8 output is the size of the image.
 
 A U-Net's input is the photo upscaled (bicubic, `srgan.upsample`) to the output size. With `upscale` the engine
 does that itself, tile by tile, each tile from just the photo pixels its bicubic taps reach: the same pixels as
 resizing the whole photo first (to rounding: within 1 grey level), without ever holding the upscaled photo.
 
-Out of memory (torch's, or numpy's MemoryError) → the batch, then the tile, is halved and the image redone.
+Out of memory (torch's, or numpy's MemoryError) → the batch, then the tile, is halved and the image redone; below
+the smallest tile `OutOfMemory` is raised and the engine goes back to the tile and batch it had for the next image.
 Reduced precision (bf16/fp16 autocast) falls back to fp32 where the device does not support it, and a batch
 whose output holds NaN or inf is recomputed in fp32 (and fp32 is kept from then on).
 
@@ -50,8 +54,13 @@ DEFAULT_TILE = 512  # output pixels per tile side; SR models take tile // scale 
 # any recent GPU (2.5 GiB for a ResNet-34 U-Net in fp32) and keep memory bounded all the same.
 DEFAULT_TILE_CUDA = 1024
 MIN_TILE = 32
+BAND_TILES = 16  # tile columns per band: the float strip is at most this many tiles wide (plus their overlaps)
 
 Progress = Callable[[int, int], None]
+
+
+class OutOfMemory(CrappifyError):
+    """An image that runs out of memory even with the smallest tile: it cannot be done on this device."""
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:
@@ -78,24 +87,69 @@ def _ramp(n: int) -> torch.Tensor:
     return 0.5 - 0.5 * torch.cos(math.pi * t)
 
 
-def axis_weights(origins: list[int], tile: int, length: int, ramp: int) -> list[torch.Tensor]:
-    """Per-tile 1-D blending weights along one axis, normalised so they sum to 1 at every position.
+def _raw_weight(i: int, n: int, tile: int, ramp: int) -> torch.Tensor:
+    """Tile i of n: 1, ramping up over `ramp` px on a side where a neighbour overlaps it."""
+    w = torch.ones(tile, dtype=torch.float64)
+    r = min(ramp, tile // 2)
+    if r > 0 and i > 0:
+        w[:r] *= _ramp(r)
+    if r > 0 and i < n - 1:
+        w[tile - r:] *= _ramp(r).flip(0)
+    return w
 
-    A tile ramps up over `ramp` px on a side where a neighbour overlaps it; image borders get weight 1.
+
+def axis_weight(origins: list[int], i: int, tile: int, ramp: int) -> torch.Tensor:
+    """The 1-D blending weights of tile i along one axis, normalised so that all tiles' weights sum to 1 at every
+    position. Only the tiles overlapping tile i are summed (in the order of `origins`, as over the whole axis:
+    the same float sums), so a tile's weights cost its own size, never the axis's length.
+
     Because the tiles form a full grid, 2-D weights are outer products and stay normalised.
     """
-    raw = []
-    total = torch.zeros(length, dtype=torch.float64)
-    for i, o in enumerate(origins):
-        w = torch.ones(tile, dtype=torch.float64)
-        r = min(ramp, tile // 2)
-        if r > 0 and i > 0:
-            w[:r] *= _ramp(r)
-        if r > 0 and i < len(origins) - 1:
-            w[tile - r:] *= _ramp(r).flip(0)
-        raw.append(w)
-        total[o:o + tile] += w
-    return [(w / total[o:o + tile]).float() for w, o in zip(raw, origins, strict=True)]
+    o, n = origins[i], len(origins)
+    first = i
+    while first > 0 and origins[first - 1] + tile > o:
+        first -= 1
+    total = torch.zeros(tile, dtype=torch.float64)
+    for j in range(first, n):
+        if origins[j] >= o + tile:
+            break
+        a, b = max(o, origins[j]), min(o, origins[j]) + tile
+        total[a - o:b - o] += _raw_weight(j, n, tile, ramp)[a - origins[j]:b - origins[j]]
+    return (_raw_weight(i, n, tile, ramp) / total).float()
+
+
+def axis_weights(origins: list[int], tile: int, length: int, ramp: int) -> list[torch.Tensor]:
+    """`axis_weight` of every tile (`length`, the axis's, is implied by the last origin and kept for callers)."""
+    return [axis_weight(origins, i, tile, ramp) for i in range(len(origins))]
+
+
+class _Weights:
+    """`axis_weight` of one axis's tiles on the device, computed when first asked for; at most `keep` kept."""
+
+    def __init__(self, origins: list[int], tile: int, ramp: int, device: torch.device, keep: int = 4 * BAND_TILES):
+        self.origins, self.tile, self.ramp, self.device, self.keep = origins, tile, ramp, device, keep
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        w = self.cache.get(i)
+        if w is None:
+            if len(self.cache) >= self.keep:
+                self.cache.clear()
+            w = self.cache[i] = axis_weight(self.origins, i, self.tile, self.ramp).to(self.device)
+        return w
+
+
+def bands(origins: list[int], tile: int, per_band: int = BAND_TILES) -> list[tuple[int, int, int]]:
+    """Vertical bands of a tile grid, as (lo, a, b): the band finalises the output columns from origins[a] to
+    origins[b] (the axis's end for the last band) and needs tiles lo..b-1 for them (tiles a..b-1 and those
+    before a that reach past origins[a])."""
+    out = []
+    for a in range(0, len(origins), per_band):
+        lo = a
+        while lo > 0 and origins[lo - 1] + tile > origins[a]:
+            lo -= 1
+        out.append((lo, a, min(a + per_band, len(origins))))
+    return out
 
 
 @dataclass
@@ -178,16 +232,21 @@ class TiledInference:
             raise ConfigError(f"upscale must be a positive integer, got {upscale!r}")
         src = Upscaled(img, upscale)
         out = np.empty((src.height * self.scale, src.width * self.scale, 3), np.uint8)
+        asked = self.tile, self.batch
         while True:
             try:
                 return self._run(src, out, progress)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                self._shrink(src)
+                try:
+                    self._shrink(src)
+                except OutOfMemory:
+                    self.tile, self.batch = asked  # this image cannot be done; the next one starts as this one did
+                    raise
 
     def _shrink(self, src: Upscaled) -> None:
-        """After an out-of-memory error: halve the batch, else the tile; give up below the smallest tile."""
+        """After an out-of-memory error: halve the batch, else the tile; OutOfMemory below the smallest tile."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.batch > 1:
@@ -197,8 +256,8 @@ class TiledInference:
         current = self.tile or max(src.height, src.width)
         smaller = max(_round_up(current // 2, self.multiple), 2 * self.multiple, MIN_TILE)
         if smaller >= current:
-            raise CrappifyError(f"out of memory on {self.device} even with {current} px tiles; "
-                                "free memory or use another device") from None
+            raise OutOfMemory(f"out of memory on {self.device} even with {current} px tiles; "
+                              "free memory or use another device") from None
         self.tile = smaller
         self._note(f"out of memory: retrying with {smaller} px tiles")
 
@@ -210,52 +269,71 @@ class TiledInference:
         fixed = bool(self.tile and self.fixed_tiles)
         if fixed:  # every tile `tile` px square (one shape to compile): a smaller photo is padded up to one tile
             hp, wp = max(hp, self.tile), max(wp, self.tile)
-        # the input padded by reflection to (hp, wp), as source indices: tiles are cut from it without a copy
-        rows, cols = _pad_index(h, hp - h), _pad_index(w, wp - w)
         ov = self._overlap(min(self.tile, hp, wp)) if self.tile else 0
         if fixed:
             th = tw = self.tile
         else:
             th, tw = (fit_tile(hp, self.tile, ov, m), fit_tile(wp, self.tile, ov, m)) if self.tile else (hp, wp)
-        stride_h, stride_w = max(th - ov, m), max(tw - ov, m)
-        ys, xs = tile_origins(hp, th, stride_h), tile_origins(wp, tw, stride_w)
-        wy = [t.to(self.device) for t in axis_weights([y * s for y in ys], th * s, hp * s, ov * s)]
-        wx = [t.to(self.device) for t in axis_weights([x * s for x in xs], tw * s, wp * s, ov * s)]
-        # Tiles go in row-major order, `batch` at a time, a batch may span rows. The strip holds the output rows
-        # from `top` down to the bottom of the last tile added; rows above the next tile's origin are final and
-        # are rounded into `out` and dropped, so the strip is about one row of tiles high (more only when a
-        # batch spans rows).
-        order = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
-        strip = torch.zeros(3, 0, wp * s, device=self.device)
+        grid = _Grid(h, w, hp, wp, th, tw, s, tile_origins(hp, th, max(th - ov, m)),
+                     tile_origins(wp, tw, max(tw - ov, m)))
+        wy = _Weights([y * s for y in grid.ys], th * s, ov * s, self.device)
+        parts = bands(grid.xs, tw)
+        total = len(grid.ys) * sum(b - lo for lo, _a, b in parts)
+        done = 0
+        for lo, a, b in parts:
+            wx = _Weights([x * s for x in grid.xs], tw * s, ov * s, self.device, keep=b - lo)
+            done = self._band(src, out, grid, lo, a, b, wy, wx, fixed, (done, total), progress)
+        return out
+
+    def _band(self, src: Upscaled, out: np.ndarray, grid: _Grid, lo: int, a: int, b: int, wy: _Weights,
+              wx: _Weights, fixed: bool, count: tuple[int, int], progress: Progress | None) -> int:
+        """Tile columns lo..b-1 of the grid, finalising output columns xs[a]·s up to xs[b]·s; returns the tiles done.
+
+        Tiles go in row-major order, `batch` at a time, a batch may span rows. The strip holds the output rows from
+        `top` down to the bottom of the last tile added, and the columns of tiles lo..b-1; rows above the next
+        tile's origin are final and are rounded into `out` and dropped, so the strip is about one row of tiles high
+        (more only when a batch spans rows).
+        """
+        s, th, tw, ys, xs = grid.scale, grid.th, grid.tw, grid.ys, grid.xs
+        x0 = xs[lo] * s  # the strip's first column
+        cols = (xs[a] * s, xs[b] * s if b < len(xs) else grid.wp * s)  # the columns this band finalises
+        width = (xs[b - 1] + tw) * s - x0
+        order = [(i, j) for i in range(len(ys)) for j in range(lo, b)]
+        strip = torch.zeros(3, 0, width, device=self.device)
         top = 0
+        done, total = count
         for start in range(0, len(order), self.batch):
             chunk = order[start:start + self.batch]
-            tiles = np.stack([src.take(rows[ys[i]:ys[i] + th], cols[xs[j]:xs[j] + tw]) for i, j in chunk])
+            tiles = np.stack([src.take(grid.rows(ys[i], th), grid.cols(xs[j], tw)) for i, j in chunk])
             if fixed and len(chunk) < self.batch:  # a short last batch filled up with copies: one shape
                 tiles = np.concatenate([tiles, np.repeat(tiles[-1:], self.batch - len(chunk), axis=0)])
             pred = self._forward(tiles)
             bottom = ys[chunk[-1][0]] * s + th * s
             if bottom - top > strip.shape[1]:
-                grow = torch.zeros(3, bottom - top - strip.shape[1], wp * s, device=self.device)
+                grow = torch.zeros(3, bottom - top - strip.shape[1], width, device=self.device)
                 strip = torch.cat([strip, grow], dim=1)
             for k, (i, j) in enumerate(chunk):  # pred is (B, 3, th*s, tw*s) in 0..255
-                y, x = ys[i] * s - top, xs[j] * s
+                y, x = ys[i] * s - top, xs[j] * s - x0
                 strip[:, y:y + th * s, x:x + tw * s] += pred[k] * wy[i][None, :, None] * wx[j][None, None, :]
+            done += len(chunk)
             if progress is not None:
-                progress(start + len(chunk), len(order))
-            final = ys[order[start + len(chunk)][0]] * s if start + len(chunk) < len(order) else hp * s
+                progress(done, total)
+            final = ys[order[start + len(chunk)][0]] * s if start + len(chunk) < len(order) else grid.hp * s
             if final > top:
-                self._flush(out, strip[:, :final - top], top)
+                self._flush(out, strip[:, :final - top], top, x0, cols)
                 strip, top = strip[:, final - top:], final
-        return out
+        return done
 
-    def _flush(self, out: np.ndarray, rows: torch.Tensor, top: int) -> None:
-        """Round finished strip rows (3, n, W) into `out` from row `top`, clipped to the unpadded size."""
-        n = min(rows.shape[1], out.shape[0] - top)
-        if n <= 0:
+    def _flush(self, out: np.ndarray, rows: torch.Tensor, top: int, x0: int = 0,
+               cols: tuple[int, int] | None = None) -> None:
+        """Round finished strip rows (3, n, W), whose first column is output column `x0`, into `out` from row `top`:
+        output columns `cols` (default: all the strip's), clipped to the unpadded size."""
+        c0, c1 = cols if cols is not None else (x0, x0 + rows.shape[2])
+        n, c1 = min(rows.shape[1], out.shape[0] - top), min(c1, out.shape[1])
+        if n <= 0 or c1 <= c0:
             return
-        u8 = rows[:, :n, : out.shape[1]].round().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
-        out[top:top + n] = u8.cpu().numpy()
+        u8 = rows[:, :n, c0 - x0:c1 - x0].round().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        out[top:top + n, c0:c1] = u8.cpu().numpy()
 
     def _forward(self, batch: np.ndarray) -> torch.Tensor:
         """A batch of uint8 NHWC tiles → model output in 0..255 float32 (NCHW), NaN-checked."""
@@ -297,10 +375,37 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _pad_index(n: int, pad: int) -> np.ndarray:
-    """Indices 0..n-1 padded at the end by reflection (edge replication for a 1-px side, where reflection is
-    undefined): padding an image along an axis is indexing it with these."""
-    return np.pad(np.arange(n), (0, pad), mode="reflect" if n > 1 else "edge")
+def _pad_index(n: int, start: int, stop: int) -> np.ndarray:
+    """Indices start..stop-1 into 0..n-1 padded at the end by reflection, as `np.pad(mode="reflect")` pads (edge
+    replication for a 1-px side, where reflection is undefined): padding an image along an axis is indexing it
+    with these. Computed for just the range asked for, so a tile's indices never cost the whole axis."""
+    idx = np.arange(start, stop)
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx %= period
+    return np.where(idx < n, idx, period - idx)
+
+
+@dataclass
+class _Grid:
+    """The tiles of one image: its size (h, w) padded to (hp, wp), tiles th×tw at origins ys×xs, model scale."""
+
+    h: int
+    w: int
+    hp: int
+    wp: int
+    th: int
+    tw: int
+    scale: int
+    ys: list[int]
+    xs: list[int]
+
+    def rows(self, y: int, n: int) -> np.ndarray:
+        return _pad_index(self.h, y, y + n)
+
+    def cols(self, x: int, n: int) -> np.ndarray:
+        return _pad_index(self.w, x, x + n)
 
 
 class Upscaled:

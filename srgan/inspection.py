@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from crappify.errors import CrappifyError
+from crappify.yamlfile import safe_load
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -53,14 +54,13 @@ def _layout(root: str | Path) -> tuple[Path, Path, Path]:
 def show_preset_ops(root: str | Path, index: int = 0, height: int = 160):
     """The preset's ops applied step by step to one training HR image (the exact LR the builder made)."""
     import matplotlib.pyplot as plt
-    import yaml
 
     from crappify.chain import Chain
     from crappify.imageio import decode
     from crappify.preview import preview
 
     dataset, _, _ = _layout(root)
-    config = yaml.safe_load((dataset / "config.yaml").read_text())
+    config = safe_load((dataset / "config.yaml").read_text())
     rows = _rows(dataset / "manifest.csv")
     row = rows[index % len(rows)]
     chain = Chain.from_dict(config["preset"])

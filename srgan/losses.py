@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator
 from torch import Tensor, nn
 
-from crappify.errors import ConfigError
+from crappify.errors import ConfigError, brief
 from crappify.registry import Registry
 from srgan.weights import WeightsError, torchvision_state_dict
 
@@ -362,14 +362,14 @@ class VGGLoss(_NetworkLoss):
                  criterion: str = "l1", feature_scale: float = 1.0, gram_weight: float = 0.0) -> None:
         super().__init__()
         if net not in _VGG_CFGS:
-            raise ConfigError(f"vgg loss: unknown net {net!r}; valid: {', '.join(sorted(_VGG_CFGS))}")
+            raise ConfigError(f"vgg loss: unknown net {brief(net)}; valid: {', '.join(sorted(_VGG_CFGS))}")
         if criterion not in ("l1", "mse"):
-            raise ConfigError(f"vgg loss: criterion must be 'l1' or 'mse', not {criterion!r}")
+            raise ConfigError(f"vgg loss: criterion must be 'l1' or 'mse', not {brief(criterion)}")
         if layers is None:  # the last conv before the last max-pool, before its activation
             layers = ["conv5_4" if net == "vgg19" else "conv5_3"]
         ids = [vgg_layer_index(net, layer) for layer in _as_seq("layers", layers)]
         if not ids or len(set(ids)) != len(ids):
-            raise ConfigError(f"vgg loss: layers must be distinct and at least one, got {list(layers)!r}")
+            raise ConfigError(f"vgg loss: layers must be distinct and at least one, got {brief(list(layers))}")
         lw = [1.0] * len(ids) if layer_weights is None else [
             _as_weight("layer_weights", w) for w in _as_seq("layer_weights", layer_weights)]
         if len(lw) != len(ids):
@@ -416,7 +416,7 @@ class VGG19ContentLoss(_NetworkLoss):
                  feature_scale: float = 1.0) -> None:
         super().__init__()
         if criterion not in ("l1", "mse"):
-            raise ConfigError(f"vgg19 loss: criterion must be 'l1' or 'mse', not {criterion!r}")
+            raise ConfigError(f"vgg19 loss: criterion must be 'l1' or 'mse', not {brief(criterion)}")
         self.criterion = criterion
         self.feature_scale = _as_weight("feature_scale", feature_scale)
         self.net = vgg_features(self.arch, self.layer_id, pretrained=pretrained, weights=weights)
@@ -514,7 +514,7 @@ def _parse_spec(spec: object) -> tuple[dict[str, float], dict[str, dict[str, obj
                 out[name] = _as_weight(f"weight of loss {name!r}", value)
         return out, options
     raise ConfigError(f"a loss spec is a name, a {{name: weight}} mapping or {{name: {{weight: w, option: value}}}}, "
-                      f"not {spec!r}")
+                      f"not {brief(spec)}")
 
 
 def _weights_file(name: str, factory: LossFactory, weights: Mapping[str, str] | None) -> str | None:

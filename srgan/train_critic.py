@@ -177,7 +177,7 @@ def train_critic(cfg: TrainCriticConfig, resume: bool = False, progress: bool = 
     checkpoint at the next batch boundary, then `Interrupted`. `cbs`: extra fastai callbacks (tests use them)."""
     from srgan.distributed import run_folder
 
-    with run_folder(cfg.out, "train-critic run"), sigterm_stops("train-critic") as stop:
+    with run_folder(cfg.out, "train-critic run", ("", "critic-checkpoints")), sigterm_stops("train-critic") as stop:
         return _train_critic(cfg, resume, progress, stop, cbs)
 
 

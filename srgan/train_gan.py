@@ -162,7 +162,7 @@ def train_gan(cfg: TrainGanConfig, resume: bool = False, progress: bool = True, 
     """
     from srgan.distributed import finish, run_folder
 
-    with run_folder(cfg.out, "train-gan run"), sigterm_stops("train-gan") as stop:
+    with run_folder(cfg.out, "train-gan run", ("gan", "gan/checkpoints")), sigterm_stops("train-gan") as stop:
         final = _train_gan(cfg, resume, progress, cbs, stop)
     finish()  # under torchrun: the other ranks wait for rank 0's files, then all leave the process group
     return final

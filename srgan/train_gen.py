@@ -311,7 +311,8 @@ class Trainer:
     def fit(self) -> Path:
         """Train (or continue, or finish from a final checkpoint) and write RUN/generator.safetensors.
         SIGTERM: a checkpoint at the next batch boundary, then `Interrupted`."""
-        with run_folder(self.run, "train-gen run"), sigterm_stops("train-gen") as self.stop:
+        writes = ("", "checkpoints", "previews")
+        with run_folder(self.run, "train-gen run", writes), sigterm_stops("train-gen") as self.stop:
             return self._fit()
 
     def _fit(self) -> Path:

@@ -214,7 +214,7 @@ def test_a_second_build_into_the_same_out_fails_with_one_line_and_stale_temporar
         holder.kill()
         holder.wait()
     build(photo_dir, out)  # the lock went with its process
-    dead = out / "hr" / f".photo.png.tmp-{2 ** 22 + 12345}"  # left by a killed build (no such pid)
+    dead = out / "hr" / f".photo.png.crappify-tmp-{2 ** 22 + 12345}"  # left by a killed build (no such pid)
     dead.write_bytes(b"half")
     (out / JOURNAL).write_text("")  # an interrupted build resumes (and cleans up first)
     build(photo_dir, out)

@@ -627,7 +627,7 @@ def test_killed_build_resumes_to_the_same_bytes(many_photo_dir, tmp_path, cli, c
     # leftovers a kill can leave behind: a cut journal line and a temporary file
     with open(journal, "ab") as fh:
         fh.write(b'{"id":"d0/img000","spl')
-    leftover = next((out / "hr").rglob("*.png")).with_name(".zz.png.tmp-99999")
+    leftover = next((out / "hr").rglob("*.png")).with_name(".zz.png.crappify-tmp-99999")
     leftover.write_bytes(b"half a file")
 
     again = cli(*args, "--workers", "1")

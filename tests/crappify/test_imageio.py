@@ -300,7 +300,9 @@ def test_link_or_copy_atomic_copies_when_linking_fails(tmp_path, odd_files, monk
 
 
 def test_is_temp_name():
-    assert is_temp_name(".a.png.tmp-123")
+    assert is_temp_name(".a.png.crappify-tmp-123")
+    assert not is_temp_name(".a.png.tmp-123")  # another program's (or the user's): never ours to delete
+    assert not is_temp_name(".a.png.crappify-tmp-12x") and not is_temp_name(".crappify-tmp-1")
     assert not is_temp_name("a.png")
     assert not is_temp_name(".hidden")
     assert not is_temp_name("a.tmp-1")

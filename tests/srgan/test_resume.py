@@ -393,10 +393,17 @@ def test_enhance_locks_its_output_folder_and_clears_stale_temporaries(tmp_path, 
     items = collect_inputs([src], out)
     with held_elsewhere(out) as pid, pytest.raises(CrappifyError, match=rf"another enhance run \(pid {pid}\)"):
         enhance_files(engine, items, out, 2, progress=False)
-    stale = out / f".a.png.tmp-{DEAD_PID}"
+    stale = out / f".a.png.crappify-tmp-{DEAD_PID}"
     stale.write_bytes(b"half")
+    # a user's files that look like temporaries: another tool's tag, and ours for a file this run does not write
+    users = [out / "sub" / f".thesis.docx.tmp-{DEAD_PID}", out / f".thesis.docx.tmp-{DEAD_PID}",
+             out / f".b.png.crappify-tmp-{DEAD_PID}"]
+    for path in users:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"mine")
     assert [p.name for p in enhance_files(engine, items, out, 2, progress=False).written] == ["a.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # no stale file, no lock file
+    assert not stale.exists() and not (out / ".lock").exists()
+    assert all(p.read_bytes() == b"mine" for p in users)
 
 
 def test_export_clears_its_own_stale_temporaries_only(tmp_path):
@@ -405,22 +412,28 @@ def test_export_clears_its_own_stale_temporaries_only(tmp_path):
     torch.manual_seed(0)
     model = tmp_path / "g.safetensors"
     save_generator(build_generator("srresnet", scale=2, n_blocks=1, n_feats=4), model, data_scale=2)
-    mine, other = tmp_path / f".g.pt.tmp-{DEAD_PID}", tmp_path / f".notes.txt.tmp-{DEAD_PID}"
-    for path in (mine, other):
+    mine = tmp_path / f".g.pt.crappify-tmp-{DEAD_PID}"
+    other = tmp_path / f".notes.txt.crappify-tmp-{DEAD_PID}"
+    users = tmp_path / f".g.pt.tmp-{DEAD_PID}"
+    for path in (mine, other, users):
         path.write_bytes(b"half")
     export_torchscript(model, tmp_path / "g.pt")
-    assert not mine.exists() and other.exists()  # a folder the user owns: only our target's leftovers go
+    # a folder the user owns: only the leftovers of the file this export writes go
+    assert not mine.exists() and other.exists() and users.exists()
 
 
 def test_stale_temporary_files_are_removed_on_the_next_run(sr_dataset, tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    stale = [run / "checkpoints" / f".last.pt.tmp-{DEAD_PID}", run / f".generator.safetensors.tmp-{DEAD_PID}"]
-    for path in stale:
+    stale = [run / "checkpoints" / f".last.pt.crappify-tmp-{DEAD_PID}",
+             run / f".generator.safetensors.crappify-tmp-{DEAD_PID}"]
+    users = [run / f".generator.safetensors.tmp-{DEAD_PID}", run / "mine" / f".x.crappify-tmp-{DEAD_PID}"]
+    for path in stale + users:
+        path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"half a file")
     Trainer(gen_cfg(sr_dataset, run, epochs=1), progress=False).fit()
     assert not any(p.exists() for p in stale)
-    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+    assert all(p.exists() for p in users)  # not ours, or not in a folder the stage writes
 
 
 def test_checkpoints_record_their_config_key(sr_dataset, gen_reference):

@@ -11,6 +11,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,6 +225,11 @@ BAD_GENERATOR_META = {
     "normalization malformed": (lambda meta: {**meta, "normalization": "[[0, 0, 0], [0, 1, 1]]"}, "normalization"),
     "huge data_scale": (lambda meta: {**meta, "extra": json.dumps({"data_scale": 10 ** 6})},
                         "data_scale must be an integer in 1..16"),
+    # past the JSON parser's recursion limit, and deep enough to hurt anything that walks or formats it
+    "spec nested past the parser": (lambda meta: {**meta, "spec": "[" * 200_000 + "]" * 200_000}, "too deeply"),
+    "extra nested past the parser": (lambda meta: {**meta, "extra": '{"a":' * 200_000 + "1" + "}" * 200_000},
+                                     "too deeply"),
+    "options nested deeply": (_spec(options={"depths": json.loads("[" * 500 + "]" * 500)}), "too deeply"),
 }
 
 
@@ -238,6 +246,21 @@ def test_bad_generator_metadata_is_one_line_naming_the_file(sr_file, tmp_path, c
         message = str(err.value)
         assert str(path) in message and text in message and "\n" not in message, message
     assert time.monotonic() - start < 2
+
+
+def test_model_files_are_byte_identical_whatever_process_writes_them(tmp_path):
+    """Metadata keys in a canonical order: train-critic and train-gan key their checkpoints on these bytes."""
+    script = ("import sys, torch; from srgan.generators import build_generator; "
+              "from srgan.checkpoint import save_generator; torch.manual_seed(0); "
+              "save_generator(build_generator('srresnet', scale=2, n_blocks=1, n_feats=4), sys.argv[1], "
+              "data_scale=2, extra={'b': 1, 'a': 2, 'epoch': 3})")
+    files = [tmp_path / f"g{i}.safetensors" for i in range(3)]
+    for i, path in enumerate(files):  # a different hash seed each time, as separate runs have
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(i)})
+    assert len({p.read_bytes() for p in files}) == 1
+    model = load_generator(files[0])
+    assert read_generator_meta(files[0])["extra"]["data_scale"] == 2 and model.crappify_spec["arch"] == "srresnet"
 
 
 def test_critic_metadata_is_checked_too(tmp_path):
