@@ -337,14 +337,16 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def resume_state(path: str | Path, key: str, resume: bool, what: str, move: bool = True) -> dict[str, Any] | None:
+def resume_state(path: str | Path, key: str, resume: bool, what: str, move: bool = True,
+                 required: tuple[str, ...] = ("epoch", "history")) -> dict[str, Any] | None:
     """The checkpoint at `path` to continue from, or None to start from the beginning.
 
     Without `resume`, an existing checkpoint (an earlier config's, or an earlier run's) is moved aside to
     `stale-<key>.pt`, so that a kill before this run's first checkpoint can never resume from it. With
     `resume`: no checkpoint → None with a one-line note; a checkpoint of another config (its key differs, or
-    it predates keys) → moved aside, None and a note; else the state. `move` False (ranks other than 0 under
-    torchrun): the same answer, but neither files nor notes."""
+    it predates keys), or one that is not a checkpoint of this stage (`checkpoint_problem`: a crafted or foreign
+    file) → moved aside, None and a note; else the state. `move` False (ranks other than 0 under torchrun): the
+    same answer, but neither files nor notes."""
     import sys
 
     path = Path(path)
@@ -353,18 +355,71 @@ def resume_state(path: str | Path, key: str, resume: bool, what: str, move: bool
             print(f"crappify: note: {what}: nothing to resume from at {path}; starting from the beginning",
                   file=sys.stderr, flush=True)
         return None
-    state = load_checkpoint(path) if resume else None
+    state, why = None, "belongs to another configuration"
+    if resume:
+        try:
+            state = load_checkpoint(path)
+            problem = checkpoint_problem(state, required)
+        except CrappifyError as exc:  # not a checkpoint torch can read safely
+            problem = str(exc).removeprefix(f"cannot read checkpoint {path}: ")
+        if problem is not None:
+            state, why = None, f"is not a usable {what} checkpoint ({problem})"
     if state is not None and state.get("config_key") == key:
         return state
     if not move:
         return None
     old = state.get("config_key") if state is not None else None
-    aside = path.with_name(f"stale-{old or 'previous'}.pt")
+    aside = path.with_name(f"stale-{old if isinstance(old, str) and old.isalnum() else 'previous'}.pt")
     os.replace(path, aside)
     if resume:
-        print(f"crappify: note: {what}: the checkpoint at {path} belongs to another configuration; moved it to "
-              f"{aside.name} and starting from the beginning", file=sys.stderr, flush=True)
+        print(f"crappify: note: {what}: the checkpoint at {path} {why}; moved it to {aside.name} and starting "
+              "from the beginning", file=sys.stderr, flush=True)
     return None
+
+
+# What each entry of a checkpoint must be, whichever stage wrote it (`save_checkpoint` callers); weights are
+# mappings of names to tensors. Checked before a stage reads any of it, since the file may be anyone's.
+_NONE = type(None)
+_WEIGHTS = ("model", "generator", "critic", "ema")
+_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (dict,), "generator": (dict,), "critic": (dict,), "ema": (dict, _NONE), "opt": (dict,),
+    "epoch": (int,), "step": (int,), "batch": (int, _NONE), "history": (list,), "counts": (dict,),
+    "switcher": (dict,), "gen_mode": (bool,), "config_key": (str,), "penalty_rng": (torch.Tensor,),
+    "epoch_loss": (float, int, _NONE), "epoch_seconds": (float, int, _NONE)}
+
+
+def checkpoint_problem(state: Any, required: tuple[str, ...]) -> str | None:
+    """Why `state` (a loaded checkpoint) cannot be resumed from, or None: its `required` entries present and
+    every known entry of the right type, counters non-negative, weights a mapping of names to tensors."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a mapping"
+    missing = [k for k in required if k not in state]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for key, types in _TYPES.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"{key} is a {type(value).__name__}"
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            return f"{key} is negative"
+        if key == "history" and not all(isinstance(row, dict) for row in value):
+            return "history is not a list of rows"
+        if key in _WEIGHTS and value is not None and not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()):
+            return f"{key} is not a mapping of names to tensors"
+    return None
+
+
+def restore(module: nn.Module, weights: dict[str, Any], path: str | Path, what: str = "model") -> None:
+    """Load a checkpoint's `weights` into `module`; one line naming the file when they do not fit it (a
+    checkpoint with this config's key always fits, unless the file was made by hand)."""
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CrappifyError(f"checkpoint {path}: its {what} weights do not fit the model "
+                            f"({_first_line(exc)[:200]}); move the file away to start from the beginning") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -402,13 +457,17 @@ def load_critic(path: str | Path, device: str | torch.device = "cpu") -> nn.Modu
     return _rebuild(Path(path), lambda: build_critic(spec["arch"], **spec["options"])).to(device).eval()
 
 
-def load_optimizer_state(opt: Any, state: dict[str, Any]) -> None:
+def load_optimizer_state(opt: Any, state: dict[str, Any], path: str | Path = "checkpoint") -> None:
     """Restore a fastai optimiser's state from a checkpoint, each tensor on its parameter's device.
 
     Checkpoints load onto the CPU; fastai's `Optimizer.load_state_dict` keeps tensors where they are
     (torch's moves them), so resuming on a GPU failed at the first step with 'found cuda:0 and cpu'.
     """
-    opt.load_state_dict(state)
+    try:
+        opt.load_state_dict(state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AssertionError) as exc:  # made by hand
+        raise CrappifyError(f"{path}: its optimiser state does not fit this run ({_first_line(exc)[:200]}); move "
+                            "the file away to start from the beginning") from None
     for param, values in opt.state.items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):

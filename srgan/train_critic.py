@@ -25,7 +25,15 @@ from pydantic import Field
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import write_atomic, write_csv_atomic
-from srgan.checkpoint import config_key, file_digest, load_optimizer_state, resume_state, save_checkpoint, save_critic
+from srgan.checkpoint import (
+    config_key,
+    file_digest,
+    load_optimizer_state,
+    restore,
+    resume_state,
+    save_checkpoint,
+    save_critic,
+)
 from srgan.data import Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
 from srgan.distributed import unwrap
 from srgan.normalize import NormalizeBatch, Normalizer
@@ -205,10 +213,11 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
     valid_split = "valid" if splits.get("valid") else "test"
     # the fakes are this generator's predictions: a checkpoint made against another generator is not ours
     key = config_key(cfg, RUN_KEYS) + file_digest(run / "generator.safetensors")
-    state = resume_state(run / "critic-checkpoints" / "last.pt", key, resume, "train-critic", move=is_main())
+    last = run / "critic-checkpoints" / "last.pt"
+    state = resume_state(last, key, resume, "train-critic", move=is_main(), required=("model", "epoch", "history"))
     history: list[dict[str, Any]] = []
     if state is not None:
-        model.load_state_dict(state["model"])
+        restore(model, state["model"], last)
         history = list(state["history"])
     if is_main():
         ensure_preds(cfg.data, run, device, ("train", valid_split))
@@ -238,7 +247,7 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
             quiet(learn)
         learn.create_opt()
         if state is not None:
-            load_optimizer_state(learn.opt, state["opt"])
+            load_optimizer_state(learn.opt, state["opt"], last)
         learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start, moms=one_cycle_moms(cfg.betas),
                             start_epoch=start)
         model = learn.model

@@ -38,6 +38,7 @@ from srgan.checkpoint import (
     config_key,
     file_digest,
     load_optimizer_state,
+    restore,
     resume_state,
     save_checkpoint,
     save_generator,
@@ -202,13 +203,15 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
                           f"(at least {min_input_size(crit_spec['arch'], **crit_spec['options'])} px)")
     key = (config_key(cfg, RUN_KEYS) + ("new" if cfg.generator_arch else file_digest(gen_path))
            + ("new" if cfg.critic_arch else file_digest(crit_path)))
-    state = resume_state(run / "gan" / "checkpoints" / "last.pt", key, resume, "train-gan", move=is_main())
+    last = run / "gan" / "checkpoints" / "last.pt"
+    state = resume_state(last, key, resume, "train-gan", move=is_main(),
+                         required=("generator", "critic", "step", "counts", "gen_mode", "switcher", "history"))
     torch.manual_seed(cfg.seed)  # new networks' weights, dropout in the critic (data order and ε: seeded apart)
     generator = (_new_generator(cfg) if cfg.generator_arch else load_generator(gen_path, device)).to(device).train()
     critic = (_new_critic(cfg) if cfg.critic_arch else load_critic(crit_path, device)).to(device).train()
     if state is not None:
-        generator.load_state_dict(state["generator"])
-        critic.load_state_dict(state["critic"])
+        restore(generator, state["generator"], last, "generator")
+        restore(critic, state["critic"], last, "critic")
     # data-parallel: every rank starts from rank 0's weights (the same files or seed give the same already)
     broadcast_tensors([*generator.state_dict().values(), *critic.state_dict().values()])
     default_loss = "l1" if cfg.generator_arch else "feature"  # a new generator has no train-gen loss to reuse
@@ -251,7 +254,7 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     if cfg.ema:
         gan.ema = clone_generator(generator).eval().requires_grad_(False)
         if state is not None and state.get("ema") is not None:
-            gan.ema.load_state_dict(state["ema"])
+            restore(gan.ema, state["ema"], last, "EMA")
     if is_main():
         gan.dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run / "train-gan.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -289,7 +292,7 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
         quiet(learn)
     learn.create_opt()
     if state is not None:
-        load_optimizer_state(learn.opt, state["opt"])
+        load_optimizer_state(learn.opt, state["opt"], last)
     with warnings.catch_warnings():  # fastai's own GANTrainer attributes, and its CUDA-only autocast notice
         warnings.filterwarnings("ignore", message=r"You are shadowing an attribute")
         warnings.filterwarnings("ignore", message=r"CUDA is not available")

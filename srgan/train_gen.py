@@ -26,7 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
 from crappify.preview import grid
-from srgan.checkpoint import config_key, load_optimizer_state, resume_state, save_checkpoint, save_generator
+from srgan.checkpoint import (
+    config_key,
+    load_optimizer_state,
+    restore,
+    resume_state,
+    save_checkpoint,
+    save_generator,
+)
 from srgan.data import data_scale, make_dataloaders, read_dataset
 from srgan.distributed import (
     distributed_callback,
@@ -340,17 +347,18 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         start = 0
         self.key = config_key(cfg, RUN_KEYS)
-        state = resume_state(self.run / "checkpoints" / "last.pt", self.key, self.resume, "train-gen",
-                             move=is_main())
+        last = self.run / "checkpoints" / "last.pt"
+        state = resume_state(last, self.key, self.resume, "train-gen", move=is_main(),
+                             required=("model", "epoch", "history"))
         if state is not None:
-            model.load_state_dict(state["model"])
+            restore(model, state["model"], last)
             start, self.history = int(state["epoch"]), list(state["history"])
         if cfg.ema:  # an eager copy, built from the spec (before --compile wraps the model)
             from srgan.generators import clone_generator
 
             self.ema = clone_generator(model).eval().requires_grad_(False)
             if state is not None and state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"])
+                restore(self.ema, state["ema"], last, "EMA")
         # --compile: the training step's forward passes, model and loss (its VGG included), in place (the files
         # stay those of an uncompiled run); validation and previews, without autograd, run eagerly. No graph
         # breaks in any generator or loss (torch._dynamo.explain; tests/srgan/test_compile.py).
@@ -382,7 +390,7 @@ class Trainer:
                 learn.dls = dls
             learn.freeze() if phase.frozen else learn.unfreeze()  # fastai clears the optimiser state here
             if state is not None and "opt" in state:  # so the checkpoint's state goes in after it, once
-                load_optimizer_state(learn.opt, state.pop("opt"))
+                load_optimizer_state(learn.opt, state.pop("opt"), last)
             lr = (phase.lr if phase.frozen or not (unet and cfg.encoder_pretrained())
                   else slice(phase.lr / 100, phase.lr))
             learn.crappify_phase = phase

@@ -462,3 +462,63 @@ def test_config_key_ignores_options_at_their_defaults_and_reads_preset_files(tmp
     before = config_key(Old(degrade_preset=str(preset)))
     preset.write_text("steps: [{op: jpeg}]\n")
     assert config_key(Old(degrade_preset=str(preset))) != before
+
+
+# --------------------------------------------------------------------------------------------------------
+# crafted or foreign checkpoints: moved aside with one line, never a traceback
+
+CRAFTED_CHECKPOINTS = {
+    "a list": [1, 2, 3],
+    "no model": {"epoch": 1, "history": [], "config_key": "k"},
+    "epoch not a number": {"model": {}, "epoch": "x", "history": [], "config_key": "k"},
+    "negative epoch": {"model": {}, "epoch": -3, "history": [], "config_key": "k"},
+    "epoch a bool": {"model": {}, "epoch": True, "history": [], "config_key": "k"},
+    "weights not tensors": {"model": {"w": 1}, "epoch": 1, "history": [], "config_key": "k"},
+    "history of numbers": {"model": {}, "epoch": 1, "history": [1], "config_key": "k"},
+    "key leading elsewhere": {"model": {}, "epoch": "x", "history": [], "config_key": "../../x"},
+    "not a torch file": b"PK\x03\x04 certainly not a checkpoint",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_CHECKPOINTS))
+def test_a_crafted_checkpoint_is_moved_aside_with_one_line(case, tmp_path, capsys):
+    from srgan.checkpoint import resume_state
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    path.parent.mkdir()
+    content = CRAFTED_CHECKPOINTS[case]
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    assert resume_state(path, "k", True, "train-gen", required=("model", "epoch", "history")) is None
+    assert not path.exists() and [p.name for p in path.parent.iterdir()] == ["stale-previous.pt"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a usable train-gen checkpoint" in err[0] and str(path) in err[0], err
+
+
+def test_a_checkpoint_with_the_right_key_and_the_wrong_weights_is_one_line(sr_dataset, gen_reference, tmp_path):
+    from crappify.errors import CrappifyError
+
+    run = tmp_path / "run"
+    shutil.copytree(gen_reference, run)
+    last = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.zeros(7, 7)
+    state["epoch"] = 1
+    torch.save(state, last)
+    with pytest.raises(CrappifyError) as err:
+        Trainer(gen_cfg(sr_dataset, run), resume=True, progress=False).fit()
+    assert str(last) in str(err.value) and "do not fit" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_resume_from_a_foreign_checkpoint_starts_over(sr_dataset, tmp_path, cli):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": {}, "epoch": "x", "history": []}, run / "checkpoints" / "last.pt")
+    res = cli("train-gen", sr_dataset, "-o", run, "--resume", "--arch", "unet-small", "--no-pretrained",
+              "--size", "32", "--bs", "4", "--loss", "l1", "--epochs", "1", "--precision", "fp32", "--quiet")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "not a usable train-gen checkpoint" in res.stderr
+    assert (run / "generator.safetensors").is_file() and (run / "checkpoints" / "stale-previous.pt").is_file()
