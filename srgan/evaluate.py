@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, save_image_atomic, write_atomic, write_csv_atomic
 from srgan.checkpoint import model_file  # also its old import path (re-export)
-from srgan.runtime import resolve_device
+from srgan.runtime import MAX_BATCH, resolve_device
 
 PSNR_CAP = 100.0
 METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "psnr_occ", "lpips")
@@ -68,7 +68,7 @@ class EvaluateConfig(BaseModel):
                                     "kept within 64..256")
     tile: int | None = Field(None, ge=0)
     overlap: int | None = Field(None, ge=0)
-    batch: int | None = Field(None, ge=1)
+    batch: int | None = Field(None, ge=1, le=MAX_BATCH)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     lpips: bool = True

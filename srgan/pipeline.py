@@ -38,6 +38,7 @@ from crappify.config import describe, non_default
 from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import write_atomic
 from crappify.yamlfile import read_mapping
+from srgan.runtime import MAX_CROP
 from srgan.smoke import critic_min_size, smoke_overrides
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class SampleCrops(BaseModel):
     """Options of the `sample-crops` stage (see `crappify.samples`)."""
 
     model_config = ConfigDict(extra="forbid")
-    size: int = Field(128, ge=16)
+    size: int = Field(128, ge=16, le=MAX_CROP)
     train: int = Field(320, ge=1)
     valid: int = Field(16, ge=1)
     test: int = Field(32, ge=0)

@@ -40,6 +40,14 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 FASTAI_EPS = 1e-5
 
 
+# Upper bounds of the options that size memory, checked when a config is validated: generous for any real run
+# (published recipes crop at most 512 px, with batches of at most 64), so that a typo is one line instead of a
+# 120 GB allocation.
+MAX_CROP = 2048
+MAX_BATCH = 1024
+MAX_WORKERS = 256
+MAX_PREVIEW = 64
+
 class AdamOptions(BaseModel):
     """Adam's settings, the keys train-gen, train-critic and train-gan share (train-gan has its own `betas`)."""
 
@@ -74,7 +82,8 @@ class RunOptions(BaseModel):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
-    num_workers: int | None = Field(None, ge=0, description="data-loading processes; None: 8 on CUDA, 0 on CPU")
+    num_workers: int | None = Field(None, ge=0, le=MAX_WORKERS,
+                                    description="data-loading processes; None: 8 on CUDA, 0 on CPU")
     seed: int = Field(0, ge=0)
     compile: bool = Field(False, description="torch.compile the networks of the training step (the model and "
                           "its loss network); the first steps include compilation")

@@ -38,6 +38,8 @@ from srgan.data import Unreadable, default_workers, describe, read_dataset, read
 from srgan.distributed import unwrap
 from srgan.normalize import NormalizeBatch, Normalizer
 from srgan.runtime import (
+    MAX_BATCH,
+    MAX_CROP,
     AdamOptions,
     RunOptions,
     StopRequest,
@@ -59,8 +61,8 @@ class TrainCriticConfig(RunOptions, AdamOptions):
     out: str
     arch: str = "gan-critic"
     options: dict[str, Any] = Field(default_factory=dict, description="critic options (nf, n_blocks, ...)")
-    size: int = Field(128, ge=8)
-    bs: int = Field(8, ge=1)
+    size: int = Field(128, ge=8, le=MAX_CROP)
+    bs: int = Field(8, ge=1, le=MAX_BATCH)
     epochs: int = Field(6, ge=1)
     lr: float = Field(1e-3, gt=0)
     pct_start: float = Field(0.3, gt=0, lt=1)

@@ -45,6 +45,9 @@ from srgan.checkpoint import (
 )
 from srgan.losses import LossSpec
 from srgan.runtime import (
+    MAX_BATCH,
+    MAX_CROP,
+    MAX_PREVIEW,
     AdamOptions,
     Beta,
     RunOptions,
@@ -101,12 +104,12 @@ class TrainGanConfig(RunOptions, AdamOptions):
     critic_lr_mult: float = Field(5.0, gt=0)
     betas: tuple[Beta, Beta] = Field((0.0, 0.99), description="Adam's (beta1, beta2) for both networks; default "
                                                                 "the fastai course's (no momentum)")
-    size: int = Field(128, ge=8)
-    bs: int = Field(8, ge=1)
+    size: int = Field(128, ge=8, le=MAX_CROP)
+    bs: int = Field(8, ge=1, le=MAX_BATCH)
     iters: int | None = Field(None, ge=1, description="GAN steps; default: `epochs` × batches per epoch")
     epochs: float = Field(0.03, gt=0, description="length in epochs when iters is not given (a fraction is fine)")
     checkpoint_every: int = Field(100, ge=1)
-    preview_items: int = Field(4, ge=0)
+    preview_items: int = Field(4, ge=0, le=MAX_PREVIEW)
     ema: bool = False
     ema_decay: float = Field(0.999, gt=0, lt=1)
     degrade: Literal["offline", "online"] = Field(

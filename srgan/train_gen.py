@@ -50,6 +50,9 @@ from srgan.generators import NO_IMAGENET_WEIGHTS, is_unet  # NO_IMAGENET_WEIGHTS
 from srgan.losses import LossSpec
 from srgan.normalize import Normalizer
 from srgan.runtime import (
+    MAX_BATCH,
+    MAX_CROP,
+    MAX_PREVIEW,
     AdamOptions,
     RunOptions,
     StopRequest,
@@ -79,8 +82,8 @@ RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "ep
 
 class Stage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    size: int = Field(ge=8)
-    bs: int = Field(ge=1)
+    size: int = Field(ge=8, le=MAX_CROP)
+    bs: int = Field(ge=1, le=MAX_BATCH)
     epochs: int = Field(ge=1)
     lr: float | None = Field(None, gt=0, description="default: the run's lr")
 
@@ -94,8 +97,8 @@ class TrainGenConfig(RunOptions, AdamOptions):
     options: dict[str, Any] = Field(default_factory=dict, description="generator options (blur, self_attention...)")
     loss: LossSpec = Field(
         None, description="default: feature when pretrained, else l1; {name: weight} or {name: {weight: w, option: v}}")
-    size: int | None = Field(None, ge=8, description="default: 128 when pretrained, else 64")
-    bs: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+    size: int | None = Field(None, ge=8, le=MAX_CROP, description="default: 128 when pretrained, else 64")
+    bs: Annotated[int, Field(ge=1, le=MAX_BATCH)] | Literal["auto"] | None = Field(
         None, description="default: on CUDA the fastai course's (32 at 128 px, 12 at 256 px), else 8 when pretrained, "
                           "16 from scratch; auto: on CUDA the largest batch that fits, found by a short probe "
                           "(the course's on the CPU); the batch used is what train-gen.yaml records")
@@ -108,7 +111,7 @@ class TrainGenConfig(RunOptions, AdamOptions):
     loss_weight_files: dict[str, str] | None = Field(
         None, description="local weight files for the loss networks, keyed by loss (feature), network "
                           "(vgg16_bn) or torchvision weights name; default: torchvision's cache")
-    preview_items: int = Field(4, ge=0)
+    preview_items: int = Field(4, ge=0, le=MAX_PREVIEW)
     checkpoint_every: int | None = Field(None, ge=1, description="also checkpoint every N batches of an epoch")
     degrade: Literal["offline", "online"] = Field(
         "offline", description="offline: train on the dataset's LR files; online: degrade each HR crop in the "

@@ -74,3 +74,33 @@ def test_a_bomb_from_the_command_line_is_one_line(where, tmp_path, cli):
         bomb.write_text("stages:\n  build-dataset:\n    src:\n" + alias_bomb().replace("  - ", "      - "))
         args = ("run", bomb, "--dry-run")
     _one_line(cli(*args, timeout=60), str(bomb), "expands")
+
+
+def _main(capsys, *args) -> tuple[int, str]:
+    """`crappify ARGS` in this process: (exit status, stderr)."""
+    from crappify.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, option", [
+    (("train-gen", "{data}", "-o", "{run}", "--size", "100000"), "size"),
+    (("train-gen", "{data}", "-o", "{run}", "--bs", "100000"), "bs"),
+    (("train-gen", "{data}", "-o", "{run}", "--workers", "100000"), "num_workers"),
+    (("train-critic", "{data}", "-o", "{run}", "--size", "100000"), "size"),
+    (("train-gan", "{data}", "-o", "{run}", "--bs", "100000"), "bs"),
+    (("build-dataset", "{data}", "{run}", "--square", "100000"), "square"),
+])
+def test_sizes_that_would_exhaust_memory_are_one_line(args, option, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    code, err = _main(capsys, *(a.format(data=data, run=tmp_path / "run") for a in args))
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("crappify: error: "), err
+    assert option in lines[0] and "less than or equal" in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
