@@ -121,9 +121,13 @@ def real_fake_items(data: str | Path, run: str | Path, split: str) -> list[tuple
 
 
 def ensure_preds(data: str | Path, run: str | Path, device: torch.device, splits: tuple[str, ...]) -> int:
-    """Write the generator's outputs for `splits` when any is missing (needs RUN/generator.safetensors)."""
+    """Write the generator's outputs for `splits` when any is missing, or when they are another generator's
+    (needs RUN/generator.safetensors). Predictions put there by hand (no record of ours) are used as they are."""
+    from srgan.predict import preds_generator
+
     missing = [p for s in splits for p, label, _ in real_fake_items(data, run, s) if not label and not p.is_file()]
-    if not missing:
+    recorded = preds_generator(run)
+    if not missing and (recorded is None or recorded == file_digest(Path(run) / "generator.safetensors")):
         return 0
     if not (Path(run) / "generator.safetensors").is_file():
         raise CrappifyError(f"{run} has no generator.safetensors and {len(missing)} prediction(s) are missing from "

@@ -13,7 +13,6 @@ stops at the same total. The finished generator is `RUN/generator.safetensors`.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -337,8 +336,7 @@ class Trainer:
             cfg = self.cfg = cfg.model_copy(update={"bs": self._probe_batch(model, unet)})
         if is_main():
             write_atomic(self.run / "train-gen.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-            # A new generator is coming: train-critic would take the old one's predictions for its own.
-            shutil.rmtree(self.run / "preds", ignore_errors=True)
+            # RUN/preds/ is left alone: it records which generator it holds, and is rewritten when that changes
         phases = plan_phases(cfg, encoder_pretrained=unet and cfg.encoder_pretrained())
         if not cfg.pretrained and _perceptual(cfg.loss) and is_main():
             print(f"crappify: warning: loss {_loss_name(cfg.loss)} runs on a VGG with random weights "

@@ -241,9 +241,30 @@ def test_save_preds_writes_every_pair_at_full_size_once(dataset, sr_dataset, tmp
                 hr = cv2.imread(str(pair.hr))
                 assert pred.shape == hr.shape, pair.id
         assert save_preds(run, data) == 0  # already there: nothing redone
-    # training a new generator into the run drops the old one's predictions (train-critic would use them)
-    Trainer(TrainGenConfig(data=str(data), out=str(run), epochs=1, **kw), progress=False).fit()
-    assert not (run / "preds").exists()
+    from srgan.train_critic import ensure_preds
+
+    # a new generator in the run: its predictions replace the old one's (train-critic would take those for its
+    # own); what a user keeps in preds/ beside them stays
+    mine = run / "preds" / "experiment1" / "table.csv"
+    mine.parent.mkdir()
+    mine.write_text("a,b\n")
+    Trainer(TrainGenConfig(data=str(data), out=str(run), epochs=2, **kw), progress=False).fit()
+    assert mine.read_text() == "a,b\n"
+    assert ensure_preds(data, run, torch.device("cpu"), ("train", "valid", "test")) == n
+    assert save_preds(run, data) == 0 and mine.read_text() == "a,b\n"
+
+
+def test_a_preds_folder_the_tool_did_not_write_is_never_cleared(dataset, tmp_path, cli):
+    run = tmp_path / "run"
+    mine = run / "preds" / "experiment1" / "table.csv"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("a,b\n")
+    res = cli("train-gen", dataset, "-o", run, "--arch", "unet-small", "--no-pretrained", "--size", "32", "--bs",
+              "4", "--loss", "l1", "--epochs", "1", "--precision", "fp32", "--quiet", "--save-preds")
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("crappify: error: ") and str(run / "preds") in line and "did not write" in line, line
+    assert mine.read_text() == "a,b\n" and (run / "generator.safetensors").is_file()
 
 
 def test_progressive_resizing_runs_each_stage_in_order(dataset, tmp_path):
