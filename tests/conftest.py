@@ -8,6 +8,7 @@ convention: a test that needs to change a source folder copies it first.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,11 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
 from crappify.sources import sample_photos  # noqa: E402
+
+# The suite never reaches the internet: pretrained weights are only ever looked up in the local caches (the
+# download tests unset these for their own loopback mirror). Set here, so commands run in subprocesses inherit it.
+os.environ["CRAPPIFY_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 CRAPPIFY = [sys.executable, "-m", "crappify.cli"]  # the command line, as `crappify` runs it
 

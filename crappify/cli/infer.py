@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from crappify.cli.options import config_option, device_option, stage_precision_option
+from crappify.cli.options import config_option, device_option, offline_option, stage_precision_option
 from crappify.errors import ConfigError
 
 
@@ -58,6 +58,7 @@ def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None
 @click.option("-m", "--model", "models", multiple=True, help="Generator file or run folder; repeat to compare.")
 @click.option("-o", "--out", "out", help="Report folder (metrics.csv, report.md, grids/).")
 @config_option
+@offline_option
 @click.option("--name", "names", multiple=True, help="Label for each -m, in order (default: run folder name).")
 @click.option("--split", help="Dataset split (default: test, else valid).")
 @click.option("--limit", type=int, help="Evaluate the first N pairs only.")

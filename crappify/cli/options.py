@@ -20,6 +20,8 @@ from crappify.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """`srgan.train_gen.TrainGenConfig.precision`'s values (and every other stage's, and `srgan.inference.PRECISIONS`)."""
 PRECISION_ENV = "CRAPPIFY_PRECISION"
+OFFLINE_ENV = "CRAPPIFY_OFFLINE"
+"""Set (to 1) by `--offline`: `srgan.weights` then never touches the network (its `OFFLINE_ENV`)."""
 ADV_LOSSES = ("bce", "lsgan", "hinge", "wgan-gp")
 """`srgan.adversarial.ADVERSARIAL`'s names (`TrainGanConfig.adv_loss`)."""
 WEIGHTINGS = ("course", "srgan")
@@ -82,6 +84,18 @@ def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`--config FILE`: options from YAML; flags given on the command line override it."""
     return click.option("--config", "config_file", type=click.Path(),
                         help="YAML file of options (flags override it).")(fn)
+
+
+def _go_offline(_ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:  # the environment carries it to srgan.weights, and to torchrun's worker processes
+        os.environ[OFFLINE_ENV] = "1"
+
+
+def offline_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--offline`: pretrained weights only from the local caches, never downloaded (as CRAPPIFY_OFFLINE=1)."""
+    return click.option("--offline", is_flag=True, expose_value=False, callback=_go_offline,
+                        help="Never touch the network: pretrained weights must be in the local caches "
+                             f"(as {OFFLINE_ENV}=1 or HF_HUB_OFFLINE=1).")(fn)
 
 
 def quiet_option(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from crappify.cli.options import device_option, precision_option, precision_override, quiet_option
+from crappify.cli.options import device_option, offline_option, precision_option, precision_override, quiet_option
 
 DEMO_OUT = "runs/demo"  # srgan.demo.DEMO_OUT, written out so `--help` needs no srgan import
 
@@ -29,6 +29,7 @@ def _print_plan(steps) -> None:
               help="Every stage at toy size on the sample photos installed packages ship (same architectures, "
                    "losses and options; no pretrained weights; fp32 unless --precision), into OUT-smoke "
                    "(or -o): checks that the recipe runs end to end.")
+@offline_option
 @quiet_option
 def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None, dry_run: bool,
             device: str | None, precision: str | None, no_pretrained: bool, smoke: bool, quiet: bool) -> None:
@@ -68,6 +69,7 @@ def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None,
               help="The pipeline to run (a shipped name or a YAML file); its data must be sample crops.")
 @device_option()
 @precision_option
+@offline_option
 @quiet_option
 def demo_cmd(output: str, pipeline: str, device: str | None, precision: str | None, quiet: bool) -> None:
     """The whole chain on photos that installed packages ship (pipelines/demo.yaml): crops, dataset,

@@ -20,6 +20,7 @@ from crappify.cli.options import (
     config_option,
     degrade_options,
     device_option,
+    offline_option,
     quiet_option,
     stage_precision_option,
     workers_option,
@@ -55,6 +56,7 @@ _CRITICS = ", ".join(f"{name} (default, fastai's)" if name == "gan-critic" else 
 @degrade_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--save-preds", is_flag=True, help="Then write the generator's outputs to RUN/preds/<split>/.")
+@offline_option
 @quiet_option
 def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: bool | None, resume: bool,
                   save_preds: bool, quiet: bool, **flags: Any) -> None:
@@ -96,6 +98,7 @@ def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
 @click.option("--checkpoint-every", type=int,
               help="Also checkpoint every N batches of an epoch (default: at epoch ends only).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+@offline_option
 @quiet_option
 def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool, quiet: bool, **flags: Any) -> None:
     """Pretrain a critic to tell DATA's real HR images from RUN's generator outputs (RUN/preds, made if missing)."""
@@ -147,6 +150,7 @@ def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool,
 @compile_option
 @click.option("--seed", type=int, help="Seed (default 0).")
 @click.option("--resume", is_flag=True, help="Continue from RUN/gan/checkpoints/last.pt.")
+@offline_option
 @quiet_option
 def train_gan_cmd(data: str, out: str, config_file: str | None, no_pretrained: bool | None, resume: bool,
                   quiet: bool, **flags: Any) -> None:
