@@ -119,6 +119,9 @@ def parse_shard(value: object) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+MAX_SQUARE = 8192  # `square` upscales: bounded (CelebA-HQ's photos are 1024 px)
+
+
 class BuildConfig(BaseModel):
     """Options of `crappify build-dataset` (also the keys of its `--config` YAML file)."""
 
@@ -129,8 +132,9 @@ class BuildConfig(BaseModel):
     source: SourceName = Field("auto", description="the source's layout; auto: detected")
     preset: str = "flickr30k-restore"
     size: int | None = Field(None, ge=8, description="HR short side in px (never upscaled)")
-    square: int | None = Field(None, ge=8, description="HR squashed to exactly N x N px (bicubic, aspect not kept, "
-                                                       "upscaled where smaller); instead of size")
+    square: int | None = Field(None, ge=8, le=MAX_SQUARE,
+                               description="HR squashed to exactly N x N px (bicubic, aspect not kept, upscaled where "
+                                           "smaller); instead of size")
     scale: int | None = Field(None, ge=1, le=16, description="HR/LR ratio where the preset does not fix it")
     seed: int = Field(0, ge=0)
     limit: int | None = Field(None, ge=1)
@@ -418,9 +422,9 @@ def shard_listing(listing: Listing, shard: str) -> tuple[dict[str, Any], Listing
 
 
 def csv_text(columns: list[str], rows: Iterable[dict[str, Any]]) -> str:
-    """CSV text (\n line ends, extra keys dropped) that every reader splits back into the same fields. Python's
-    writer leaves a field holding a lone \r unquoted when lines end in \n, and readers split the row there; a
-    row with a \r is written by a writer whose line end holds \r, which quotes it, and given a \n end again."""
+    """CSV text (LF line ends, extra keys dropped) that readers split back into the same fields. Python's writer
+    leaves a field holding a lone CR unquoted when lines end in LF, and readers split the row there; a row with
+    a CR is written by a writer whose line end holds CR, which quotes it, and given an LF end again."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()

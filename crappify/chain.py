@@ -33,7 +33,7 @@ import yaml
 
 from crappify import functional as F
 from crappify.errors import ConfigError
-from crappify.ops import OPS, Context, Op, Resize, register
+from crappify.ops import OPS, Context, Op, Resize, Visit, register
 from crappify.registry import Registry
 from crappify.spec import Param, Spec, variable_spec
 from crappify.yamlfile import read_mapping
@@ -142,6 +142,28 @@ def replay_steps(steps: list[OpStep], img: np.ndarray,
     return image, encoded
 
 
+def follow_record(records: Any, size: tuple[int, int] | None,
+                  visit: Visit | None = None) -> tuple[int, int] | None:
+    """Follow the recorded steps of a chain's run (the `steps` of `run`'s record, a manifest row's params) from
+    an input of `size` (width, height) without running them: each applied step, nested ones included, is handed
+    to `visit` with the size of the image it ran on, and the size after the steps is returned. What each step
+    does to the size is its op's to say (`Op.keeps_size`, `Op.size_after`); from the first step whose effect is
+    unknown (an op not registered) the size is None. A record not of `run`'s shape raises ValueError, KeyError
+    or TypeError."""
+    if not isinstance(records, list):
+        raise ValueError("steps is not a list")
+    for rec in records:
+        if not isinstance(rec, dict):
+            raise ValueError("a step is not a mapping")
+        if rec.get("applied") is False:
+            continue
+        if visit is not None:
+            visit(rec, size)
+        name = rec.get("op")
+        size = OPS.get(name).size_after(size, rec, visit) if isinstance(name, str) and name in OPS else None
+    return size
+
+
 @register("repeat")
 class Repeat(Op):
     """Run nested `steps` `times` times in a row: the way to write a second-order degradation."""
@@ -152,6 +174,16 @@ class Repeat(Op):
     def __init__(self, steps: Any = None, **raw: Any) -> None:
         super().__init__(**raw)
         self.steps = build_steps(steps, "repeat.steps")
+
+    @property
+    def keeps_size(self) -> bool:  # its nested steps decide
+        return all(s.op.keeps_size for s in self.steps)
+
+    @classmethod
+    def size_after(cls, size, params, visit=None):
+        for records in params["rounds"]:
+            size = follow_record(records, size, visit)
+        return size
 
     def variables(self) -> set[str]:
         return super().variables().union(*(s.op.variables() for s in self.steps))
@@ -200,6 +232,16 @@ class RandomOrder(Op):
         self.groups = [build_steps(g if isinstance(g, list) else [g], f"random_order.steps[{i}]")
                        for i, g in enumerate(steps)]
         self.steps = [s for g in self.groups for s in g]  # flat, for variable checks and lookups
+
+    @property
+    def keeps_size(self) -> bool:  # its nested steps decide
+        return all(s.op.keeps_size for s in self.steps)
+
+    @classmethod
+    def size_after(cls, size, params, visit=None):
+        for records in params["rounds"]:  # in the order they ran
+            size = follow_record(records, size, visit)
+        return size
 
     def variables(self) -> set[str]:
         return super().variables().union(*(s.op.variables() for s in self.steps))

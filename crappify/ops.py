@@ -6,6 +6,9 @@ Each op is registered by name in `OPS`. An op is built from the parameters a pre
   pixel maths needs), and
 - `apply(img, **params)` runs the pure function from `crappify.functional` with them.
 The recorded parameters alone reproduce the output (`replay`), which is what the manifest stores.
+Each op also declares whether its output keeps its input's size (`keeps_size`; `register` refuses an op that
+does not say), and tells from its record the size it produced (`size_after`): what lets a record be followed
+without running it (`crappify.chain.follow_record`, through which evaluate maps occlusions to the HR).
 
 Where each op comes from: `resize` — Pillow (antialiased shrinking) / OpenCV; `gaussian_blur` —
 OpenCV (`GaussianBlur`, `filter2D` with a rotated kernel written here); `blur`, `sinc` — OpenCV
@@ -31,12 +34,19 @@ from crappify.registry import Registry
 from crappify.spec import Param, Spec
 
 OPS: Registry[type[Op]] = Registry("op", option_word="parameter")
+# What `crappify.chain.follow_record` calls for each applied step of a record: (the step's record, the
+# (width, height) of the image it ran on, None when unknown).
+Visit = Callable[[dict[str, Any], tuple[int, int] | None], None]
 
 
 def register(name: str) -> Callable[[type[Op]], type[Op]]:
-    """Class decorator: op `name`, its options being its `params` declarations' defaults."""
+    """Class decorator: op `name`, its options being its `params` declarations' defaults. The op must declare
+    `keeps_size` (a bool, or a property for an op whose nested steps decide): a TypeError otherwise."""
 
     def add(cls: type[Op]) -> type[Op]:
+        if not isinstance(getattr(cls, "keeps_size", None), (bool, property)):
+            raise TypeError(f"op {name!r} ({cls.__name__}) must declare `keeps_size = True` or `False`: whether "
+                            "its output always has its input's width and height")
         return OPS.register(name, options={k: p.default for k, p in cls.params.items()})(cls)
 
     return add
@@ -56,6 +66,9 @@ class Op:
 
     name: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = {}
+    # Whether the output always has the input's (width, height). Declared by every op, never defaulted: what
+    # relies on it (an occlusion's rectangle mapped to the HR through the steps after it) must not guess.
+    keeps_size: ClassVar[bool]
 
     def __init__(self, **raw: Any) -> None:
         values = OPS.resolve_options(self.name, raw, {k: p.default for k, p in self.params.items()})
@@ -98,6 +111,15 @@ class Op:
     def replay(self, img: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray | None, bytes | None]:
         """Apply recorded params again (same output as `forward` gave)."""
         return self.apply(img, **params), None
+
+    @classmethod
+    def size_after(cls, size: tuple[int, int] | None, params: dict[str, Any],
+                   visit: Visit | None = None) -> tuple[int, int] | None:
+        """The (width, height) this op's output had, from its input's `size` (None: unknown) and its recorded
+        `params`, without running it: `size` for an op that keeps it, else None (unknown) unless the op says
+        more (`resize` records its output size). `visit` is for ops with nested steps, which pass it on to
+        `crappify.chain.follow_record`."""
+        return size if cls.keeps_size is True else None
 
 
 def _random_seed(rng: np.random.Generator) -> int:
@@ -152,6 +174,7 @@ class Resize(Op):
     """
 
     name = "resize"
+    keeps_size = False  # its output size is in its record (`size_after`)
     params = {
         "size": Param("int", None, lo=1, nullable=True, doc="'lr' or the short side in px"),
         "factor": Param("float", None, lo=0.01, hi=8.0, nullable=True, doc="scale factor (instead of size)"),
@@ -223,12 +246,17 @@ class Resize(Op):
     def apply(self, img, width, height, interpolation, antialias):
         return F.resize(img, width, height, interpolation, antialias)
 
+    @classmethod
+    def size_after(cls, size, params, visit=None):
+        return int(params["width"]), int(params["height"])
+
 
 @register("gaussian_blur")
 class GaussianBlur(Op):
     """Gaussian blur; with probability `anisotropic` the two axes get separate sigmas and a random angle."""
 
     name = "gaussian_blur"
+    keeps_size = True
     params = {
         "sigma": Param("float", [0.2, 3.0], lo=0.05, hi=20.0),
         "anisotropic": Param("float", 0.0, lo=0.0, hi=1.0, doc="probability of an anisotropic kernel"),
@@ -259,6 +287,7 @@ class Blur(Op):
     """
 
     name = "blur"
+    keeps_size = True  # mirrored borders: the same size
     params = {
         "sigma": Param("float", [0.2, 3.0], lo=0.05, hi=20.0),
         "betag": Param("float", [1.0, 8.0], lo=0.1, hi=20.0, doc="generalized Gaussian exponent β (2 = Gaussian)"),
@@ -316,6 +345,7 @@ class Sinc(Op):
     """Circular low-pass ("sinc") filter, Real-ESRGAN's final ringing/overshoot step (give it `p`)."""
 
     name = "sinc"
+    keeps_size = True
     params = {
         "omega_c": Param("float", [math.pi / 3, math.pi], lo=0.01, hi=math.pi, doc="cutoff (radians, π = Nyquist)"),
         "kernel_size": Param("int", [7, 21], lo=3, hi=51, doc="odd sizes in this range, equally likely"),
@@ -334,6 +364,7 @@ class MotionBlur(Op):
     """Straight-line motion blur of a sampled length (px, made odd) and angle (degrees)."""
 
     name = "motion_blur"
+    keeps_size = True
     params = {"length": Param("int", [3, 15], lo=3, hi=101), "angle": Param("float", [0.0, 360.0])}
 
     def sample(self, img, rng, ctx):
@@ -348,6 +379,7 @@ class Noise(Op):
     """Gaussian (`sigma`, 0-255 scale) or Poisson (`scale`) noise, grey with probability `gray_p`."""
 
     name = "noise"
+    keeps_size = True
     params = {
         "kind": Param("str", "gaussian", choices=("gaussian", "poisson")),
         "sigma": Param("float", [1.0, 30.0], lo=0.0, hi=255.0),
@@ -372,6 +404,7 @@ class Jpeg(Op):
     """JPEG compression at a sampled quality; the encoded bytes are kept for the builder."""
 
     name = "jpeg"
+    keeps_size = True
     params = {"quality": Param("int", [30, 95], lo=1, hi=100)}
 
     def sample(self, img, rng, ctx):
@@ -393,6 +426,7 @@ class Occlude(Op):
     """Occluding rectangles: `count` of them, each side a `size` fraction of the short side."""
 
     name = "occlude"
+    keeps_size = True  # paints over the image
     params = {
         "count": Param("int", [1, 3], lo=0, hi=100),
         "size": Param("float", [0.05, 0.25], lo=0.0, hi=1.0),
@@ -418,6 +452,7 @@ class Text(Op):
     """Text overlay at a random point in the top-left `region` of the image (lesson 7 writes the quality)."""
 
     name = "text"
+    keeps_size = True
     params = {
         "text": Param("str", "crappify", doc="literal, list of choices, or $variable"),
         "font_scale": Param("float", 0.35, lo=0.05, hi=10.0),
@@ -444,6 +479,7 @@ class ColorJitter(Op):
     """Brightness/contrast/saturation factors and a hue shift (turns), torchvision-style."""
 
     name = "color_jitter"
+    keeps_size = True
     params = {
         "brightness": Param("float", [0.8, 1.2], lo=0.0, hi=5.0),
         "contrast": Param("float", [0.8, 1.2], lo=0.0, hi=5.0),
@@ -463,6 +499,7 @@ class Desaturate(Op):
     """Blend toward greyscale by `amount` (0 keeps colour, 1 is grey), like old or faded photos."""
 
     name = "desaturate"
+    keeps_size = True
     params = {"amount": Param("float", [0.0, 1.0], lo=0.0, hi=1.0)}
 
     def sample(self, img, rng, ctx):

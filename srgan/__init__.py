@@ -15,9 +15,6 @@ Layers, bottom first; data flows down them: a module imports only modules of its
 - training: `train_gen` (train-gen), `train_critic` (train-critic), `train_gan` and `gan_loop` (train-gan);
 - pipeline: `pipeline` (the whole chain from one YAML file), with `smoke`, `inspection` and `demo`.
 
-`train`, `critic`, `gan` and `models` are the old names of `train_gen`, `train_critic`, `train_gan` and
-`generators`: they forward to them with a DeprecationWarning.
-
 `srgan` may import `crappify` (never its command layer, `crappify.cli`), never the other way round, except for
 `crappify.cli`, the commands on top of both. Importing `crappify` first (here) loads OpenCV through
 `crappify.opencv`, with its decoder pixel cap set before the library reads it.

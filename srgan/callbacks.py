@@ -8,8 +8,7 @@
 - `WeightEMA` (and `ema_update`, which the GAN phase shares): an exponential moving average of the weights;
 - `CountBatches`, `EpochLoss`, `quiet` (no progress bars or epoch lines), `history_value`;
 - `adam` and `one_cycle_moms`: a stage's Adam (`betas`, `eps`, `wd` from its config) and the momentum schedule
-  that goes with it;
-- `AnyBackendDL`: fastai's `DistributedDL` on the gloo backend too (data-parallel training on CPU processes).
+  that goes with it.
 
 This module imports fastai (~2 s) at the top, as `srgan.loader` does: the stages import it inside the functions
 that train, so importing them (for their configs) stays light. Bottom layer: it imports no stage module.
@@ -27,10 +26,9 @@ from typing import Any
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.distributed import DistributedDL
 
 from crappify.errors import CrappifyError, Interrupted
-from srgan.distributed import group_device, unwrap
+from srgan.distributed import unwrap
 from srgan.loader import skip_samples
 from srgan.runtime import StopRequest
 
@@ -304,12 +302,3 @@ class EpochEnd(Positioned):
         self._write_history()
         self._t0 = None
 
-
-class AnyBackendDL(DistributedDL):
-    """fastai's `DistributedDL` (each rank its share of every pass, the order broadcast from rank 0) on any
-    backend: fastai's puts the order on CUDA to broadcast it, which the gloo (CPU) backend cannot take."""
-
-    def _broadcast(self, t: Any, rank: int) -> Any:
-        tensor = torch.tensor(t, dtype=torch.long, device=group_device())
-        torch.distributed.broadcast(tensor, rank)
-        return tensor.cpu().tolist()

@@ -26,6 +26,7 @@ A pipeline (`crappify run` under torchrun) runs several stages in one process gr
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -205,17 +206,38 @@ def finish() -> None:
         torch.distributed.destroy_process_group()
 
 
+@functools.cache
+def _any_backend_dl_class() -> type:
+    """`AnyBackendDL`, defined on first use: it subclasses fastai's `DistributedDL`, and this module does not
+    import fastai at its top (the stages import it for their configs)."""
+    from fastai.distributed import DistributedDL
+
+    class AnyBackendDL(DistributedDL):
+        """fastai's `DistributedDL` (each rank its share of every pass, the order broadcast from rank 0) on any
+        backend: fastai's puts the order on CUDA to broadcast it, which the gloo (CPU) backend cannot take."""
+
+        def _broadcast(self, t: Any, rank: int) -> Any:
+            tensor = torch.tensor(t, dtype=torch.long, device=group_device())
+            torch.distributed.broadcast(tensor, rank)
+            return tensor.cpu().tolist()
+
+    return AnyBackendDL
+
+
+def any_backend_dl(dl: Any, device: torch.device) -> Any:
+    """`dl` as fastai's `DistributedDL` (this rank's share of every pass) that also runs on the gloo backend."""
+    return _any_backend_dl_class()(dl, device=device)
+
+
 def distributed_callback(device: torch.device):
     """fastai's DistributedTrainer with a `DistributedDL` that also works on the gloo backend (and
     SyncBatchNorm only on GPUs, the only place PyTorch runs it)."""
     from fastai.distributed import DistributedDL, DistributedTrainer
 
-    from srgan.callbacks import AnyBackendDL
-
     class Trainer(DistributedTrainer):
         def _wrap_dl(self, dl):
             device = next(self.learn.model.parameters()).device  # fastai asks the model for `.device`
-            return dl if isinstance(dl, DistributedDL) else AnyBackendDL(dl, device=device)
+            return dl if isinstance(dl, DistributedDL) else any_backend_dl(dl, device=device)
 
     # Accelerate only goes multi-process on the CPU when told `cpu=True` (else it silently trains each rank
     # alone, with no gradient averaging).

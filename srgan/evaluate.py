@@ -32,6 +32,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from crappify.chain import follow_record
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, save_image_atomic, write_atomic, write_csv_atomic
 from srgan.checkpoint import model_file  # also its old import path (re-export)
@@ -41,10 +42,6 @@ PSNR_CAP = 100.0
 METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "psnr_occ", "lpips")
 LABELS = {"psnr_y": "PSNR-Y (dB)", "ssim_y": "SSIM-Y", "psnr_rgb": "PSNR-RGB (dB)", "ssim_rgb": "SSIM-RGB",
           "psnr_occ": "PSNR-occ (dB)", "lpips": "LPIPS ↓"}
-# Ops that keep the image's size (`resize` sets it, `repeat` nests): what lets an occlusion's rectangle,
-# recorded in the coordinates of the image it was painted on, be mapped to the HR.
-SAME_SIZE_OPS = frozenset({"gaussian_blur", "motion_blur", "noise", "jpeg", "occlude", "text", "color_jitter",
-                           "desaturate"})
 LPIPS_WEIGHTS = {"alex": ("alexnet", "AlexNet_Weights.IMAGENET1K_V1"), "vgg": ("vgg16", "VGG16_Weights.IMAGENET1K_V1"),
                  "squeeze": ("squeezenet1_1", "SqueezeNet1_1_Weights.IMAGENET1K_V1")}
 
@@ -130,26 +127,15 @@ def masked_psnr(pred: np.ndarray, hr: np.ndarray, mask: np.ndarray) -> float:
 
 def _walk_steps(records: Any, size: tuple[int, int] | None,
                 found: list[tuple[list[int], tuple[int, int] | None]]) -> tuple[int, int] | None:
-    """Follow recorded steps: collect (rect, size of the image it was painted on) of every applied occlusion
-    into `found`; returns the size after the steps (None once an op of unknown effect on size ran)."""
-    if not isinstance(records, list):
-        raise ValueError("steps is not a list")
-    for rec in records:
-        if not isinstance(rec, dict):
-            raise ValueError("a step is not a mapping")
-        op = rec.get("op")
-        if rec.get("applied") is False:
-            continue
-        if op == "resize":
-            size = (int(rec["width"]), int(rec["height"]))
-        elif op == "repeat":
-            for round_records in rec["rounds"]:
-                size = _walk_steps(round_records, size, found)
-        elif op == "occlude":
-            found += [(list(r), size) for r in rec["rects"]]
-        elif op not in SAME_SIZE_OPS:
-            size = None
-    return size
+    """Follow recorded steps (`crappify.chain.follow_record`: each op says what it does to the size): collect
+    (rect, size of the image it was painted on) of every applied occlusion into `found`; returns the size after
+    the steps (None once an op of unknown effect on size ran)."""
+
+    def visit(rec: dict[str, Any], at: tuple[int, int] | None) -> None:
+        if rec.get("op") == "occlude":
+            found.extend((list(r), at) for r in rec["rects"])
+
+    return follow_record(records, size, visit)
 
 
 def occlusion_rects(params: Any, hr_size: tuple[int, int],

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
@@ -19,7 +21,6 @@ from srgan.callbacks import ema_update
 from srgan.callbacks import history_value as _num
 from srgan.distributed import any_rank, average_gradients, broadcast_tensors, joined, rank_mean
 from srgan.loader import skip_samples
-from srgan.train_gan import save_state
 
 
 def non_finite(gan, net: str, loss: torch.Tensor) -> CrappifyError:
@@ -204,12 +205,14 @@ class StopOnNonFinite(Callback):
 
 
 class Progress(Callback):
-    """Per step: counts, EMA update, history row; checkpoints every N steps; stop after `total` steps."""
+    """Per step: counts, EMA update, history row; checkpoints every N steps (with `save_state`, which train-gan
+    hands in, as train-gen hands `save_checkpoint` to its epoch callback); stop after `total` steps."""
 
     order = 55  # after the switcher (0) and the Recorder (50)
 
-    def __init__(self, gan):
+    def __init__(self, gan, save_state: Callable[[Any, Any], None]):
         self.gan = gan
+        self.save_state = save_state  # `save_state(learn, gan)`: train-gan's checkpoint at the current step
 
     def before_fit(self):  # after GANTrainer.before_fit: restore the resumed mode and switcher counts
         gan = self.gan
@@ -274,7 +277,7 @@ class Progress(Callback):
             "lr": getattr(self, "step_lr", ""), **gan.counts, "seconds": round(time.perf_counter() - self.t0, 4),
             "data_seconds": round(self.data_seconds, 4)})
         if gan.step % gan.cfg.checkpoint_every == 0 or gan.step >= gan.total:
-            save_state(self.learn, gan)
+            self.save_state(self.learn, gan)
         if gan.step >= gan.total:
             raise CancelFitException()
         self.check_stop()
@@ -290,6 +293,6 @@ class Progress(Callback):
         if gan.step == 0:
             raise Interrupted(f"{where}: nothing trained yet, nothing saved")
         if gan.step != gan.saved_step:
-            save_state(self.learn, gan)
+            self.save_state(self.learn, gan)
             raise Interrupted(f"{where}; saved {gan.last}")
         raise Interrupted(f"{where}; {gan.last} is at that point")

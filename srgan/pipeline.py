@@ -44,8 +44,6 @@ from srgan.smoke import critic_min_size, smoke_overrides
 if TYPE_CHECKING:
     from crappify.builder import Needs
 
-STAGES = ("sample-crops", "build-dataset", "train-gen", "train-critic", "train-gan", "evaluate")
-DATA_PARALLEL = frozenset({"train-gen", "train-critic", "train-gan"})  # run on every rank under torchrun
 # how to run, not what to compute (a checkpoint's frequency: a resume from any checkpoint ends the same)
 RUN_ONLY_KEYS = frozenset({"workers", "num_workers", "device", "batch", "checkpoint_every", "compile"})
 
@@ -88,6 +86,9 @@ class Pipeline(BaseModel):
     train_gan: dict[str, Any] | None = Field(None, alias="train-gan")
     evaluate: dict[str, Any] | None = None
     smoke: bool = Field(False, description="run every stage at toy size on the sample photos (srgan.smoke)")
+    rehearse: bool = Field(False, description="a rehearsal (srgan.rehearse): its dataset goes inside its own out")
+    standin: str | None = Field(None, description="the real source's layout, for a rehearsal without it "
+                                                  "(crappify.standins: celeba, flickr30k, celeba-hq, df2k, coco)")
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,8 @@ class Paths:
 
 def paths_of(p: Pipeline) -> Paths:
     root = Path(p.out)
-    # a smoke run builds its dataset inside its own output root, never where the recipe's goes (data/...)
-    dataset = root / "dataset" if p.smoke else Path(p.build_dataset.get("out") or root / "dataset")
+    # a smoke run or a rehearsal builds its dataset inside its own output root, never where the recipe's goes
+    dataset = root / "dataset" if p.smoke or p.rehearse else Path(p.build_dataset.get("out") or root / "dataset")
     return Paths(root, dataset, root / "run", root / "eval", root / "crops", root / ".pipeline")
 
 
@@ -358,44 +359,82 @@ def plan(p: Pipeline, start: str | None = None, stop: str | None = None,
 
 def _outputs_exist(stage: str, paths: Paths) -> bool:
     """Whether what a finished stage made is still there (a deleted output means running it again)."""
-    key = {"sample-crops": paths.crops / "train", "build-dataset": paths.dataset / "manifest.csv",
-           "train-gen": paths.run / "generator.safetensors", "train-critic": paths.run / "critic.safetensors",
-           "train-gan": paths.run / "gan" / "generator.safetensors", "evaluate": paths.eval / "report.md"}[stage]
-    return key.exists()
+    return STAGE_TABLE[stage].output(paths).exists()
 
 
-def _run_stage(step: Step, paths: Paths, progress: bool, needs: Needs = ()) -> None:
+def _run_stage(step: Step, paths: Paths, progress: bool, needs: Needs = (), cbs: list | None = None) -> None:
     """Run one stage (resuming where asked and where the stage left a checkpoint). A dataset without pairs, or
-    without those of a split that `needs` (`dataset_needs`) names, fails the stage, so it is not recorded done."""
-    cfg, resume = step.config, step.action == "resume"
-    if step.stage == "sample-crops":
-        from crappify.samples import CropPlan, cut_sample_crops
+    without those of a split that `needs` (`dataset_needs`) names, fails the stage, so it is not recorded done.
+    `cbs`: extra fastai callbacks for a training stage (the rehearsal's step timer)."""
+    kind = STAGE_TABLE[step.stage]
+    checkpoint = kind.checkpoint(paths) if kind.checkpoint is not None else None
+    resume = step.action == "resume" and checkpoint is not None and checkpoint.is_file()
+    kind.run(step, paths, resume, progress, needs, cbs)
 
-        cut_sample_crops(paths.crops, CropPlan(**cfg.model_dump()))
-    elif step.stage == "build-dataset":
-        from crappify.builder import build_dataset, check_built
 
-        # Only a dataset this pipeline built before is rebuilt over; any other OUT is reused when it was
-        # built with the same config and refused otherwise (it may be the user's).
-        check_built(build_dataset(cfg, overwrite=step.action == "rerun", progress=progress), cfg, needs)
-    elif step.stage == "train-gen":
-        from srgan.train_gen import Trainer
+def _sample_crops(step: Step, paths: Paths, resume: bool, progress: bool, needs: Needs, cbs: list | None) -> None:
+    from crappify.samples import CropPlan, cut_sample_crops
 
-        Trainer(cfg, resume=resume and (paths.run / "checkpoints" / "last.pt").is_file(), progress=progress).fit()
-    elif step.stage == "train-critic":
-        from srgan.train_critic import train_critic
+    cut_sample_crops(paths.crops, CropPlan(**step.config.model_dump()))
 
-        train_critic(cfg, resume=resume and (paths.run / "critic-checkpoints" / "last.pt").is_file(),
-                     progress=progress)
-    elif step.stage == "train-gan":
-        from srgan.train_gan import train_gan
 
-        train_gan(cfg, resume=resume and (paths.run / "gan" / "checkpoints" / "last.pt").is_file(),
-                  progress=progress)
-    elif step.stage == "evaluate":
-        from srgan.evaluate import evaluate
+def _build_dataset(step: Step, paths: Paths, resume: bool, progress: bool, needs: Needs, cbs: list | None) -> None:
+    from crappify.builder import build_dataset, check_built
 
-        evaluate(cfg, progress=progress)
+    # Only a dataset this pipeline built before is rebuilt over; any other OUT is reused when it was
+    # built with the same config and refused otherwise (it may be the user's).
+    check_built(build_dataset(step.config, overwrite=step.action == "rerun", progress=progress), step.config, needs)
+
+
+def _train_gen(step: Step, paths: Paths, resume: bool, progress: bool, needs: Needs, cbs: list | None) -> None:
+    from srgan.train_gen import Trainer
+
+    Trainer(step.config, resume=resume, progress=progress, cbs=cbs).fit()
+
+
+def _train_critic(step: Step, paths: Paths, resume: bool, progress: bool, needs: Needs, cbs: list | None) -> None:
+    from srgan.train_critic import train_critic
+
+    train_critic(step.config, resume=resume, progress=progress, cbs=cbs)
+
+
+def _train_gan(step: Step, paths: Paths, resume: bool, progress: bool, needs: Needs, cbs: list | None) -> None:
+    from srgan.train_gan import train_gan
+
+    train_gan(step.config, resume=resume, progress=progress, cbs=cbs)
+
+
+def _evaluate(step: Step, paths: Paths, resume: bool, progress: bool, needs: Needs, cbs: list | None) -> None:
+    from srgan.evaluate import evaluate
+
+    evaluate(step.config, progress=progress)
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """What the pipeline knows of a stage: how to run it, what a finished one leaves, where it checkpoints, and
+    whether it runs on every rank under torchrun (the data-parallel training stages) or on rank 0 alone."""
+
+    name: str
+    run: Callable[[Step, Paths, bool, bool, Needs, list | None], None]  # (step, paths, resume, progress, needs, cbs)
+    output: Callable[[Paths], Path]
+    checkpoint: Callable[[Paths], Path] | None = None
+    data_parallel: bool = False
+
+
+STAGE_TABLE: dict[str, StageKind] = {kind.name: kind for kind in (
+    StageKind("sample-crops", _sample_crops, lambda p: p.crops / "train"),
+    StageKind("build-dataset", _build_dataset, lambda p: p.dataset / "manifest.csv"),
+    StageKind("train-gen", _train_gen, lambda p: p.run / "generator.safetensors",
+              lambda p: p.run / "checkpoints" / "last.pt", True),
+    StageKind("train-critic", _train_critic, lambda p: p.run / "critic.safetensors",
+              lambda p: p.run / "critic-checkpoints" / "last.pt", True),
+    StageKind("train-gan", _train_gan, lambda p: p.run / "gan" / "generator.safetensors",
+              lambda p: p.run / "gan" / "checkpoints" / "last.pt", True),
+    StageKind("evaluate", _evaluate, lambda p: p.eval / "report.md"),
+)}
+STAGES = tuple(STAGE_TABLE)  # the order they run in
+DATA_PARALLEL = frozenset(name for name, kind in STAGE_TABLE.items() if kind.data_parallel)
 
 
 def run_pipeline(p: Pipeline, start: str | None = None, stop: str | None = None, progress: bool = True,
@@ -430,8 +469,9 @@ def _run_steps(p: Pipeline, steps: list[Step], paths: Paths, progress: bool,
 
     main = is_main()
     recipe = p.model_dump(by_alias=True)
-    if not p.smoke:
-        recipe.pop("smoke")  # unchanged for ordinary runs; a smoke run records `smoke: true`
+    for key in ("smoke", "rehearse", "standin"):  # unchanged for ordinary runs; a smoke run records `smoke: true`
+        if not recipe.get(key):
+            recipe.pop(key, None)
     if main:
         write_atomic(paths.root / "pipeline.yaml", yaml.safe_dump(recipe, sort_keys=False))
     smoke = {"smoke": True} if p.smoke else {}

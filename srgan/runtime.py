@@ -18,21 +18,17 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from crappify.errors import ConfigError, Interrupted
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-
-# Config keys that were renamed: still read (with a FutureWarning) so old YAML files keep working.
-RENAMED_KEYS = {"loss_weights": "loss_weight_files"}
 
 # Adam's settings in a training stage's config (train-gen, train-critic, train-gan): each of `betas` in [0, 1);
 # `eps` defaults to fastai's Adam's, which every stage ran before it was an option (torch's and Keras 1's: 1e-8).
@@ -62,22 +58,6 @@ class RunOptions(BaseModel):
     """Where and how a training stage runs: the keys train-gen, train-critic and train-gan share."""
 
     model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_keys(cls, data: Any) -> Any:
-        """An old key (`RENAMED_KEYS`) read as its new name, with a FutureWarning (shown to users); both at once
-        is an error."""
-        if not isinstance(data, dict):
-            return data
-        for old, new in RENAMED_KEYS.items():
-            if old in data and old not in cls.model_fields and new in cls.model_fields:
-                if new in data:
-                    raise ConfigError(f"`{old}` is the old name of `{new}`: give only `{new}`")
-                warnings.warn(f"config key `{old}` is deprecated; it is now `{new}`", FutureWarning,
-                              stacklevel=2)
-                data = {(new if k == old else k): v for k, v in data.items()}
-        return data
 
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

@@ -230,9 +230,9 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
                            channels_last=cfg.channels_last, normalizer=normalizer, degrade=cfg.degrade,
                            degrade_preset=cfg.degrade_preset, sharpen_gt=cfg.sharpen_gt)
     if joined():  # each rank its share of every pass over the training crops (the order broadcast from rank 0)
-        from srgan.callbacks import AnyBackendDL
+        from srgan.distributed import any_backend_dl
 
-        dls.loaders[0] = AnyBackendDL(dls.train, device=device)
+        dls.loaders[0] = any_backend_dl(dls.train, device=device)
     n_batches = len(dls.train)
     total = cfg.iters or max(1, math.ceil(cfg.epochs * n_batches))
     gan = GanRun(cfg, total, normalizer)
@@ -275,7 +275,7 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     # Callbacks passed here sit before GANTrainer and the switcher among equal `order`s: GANDiscriminativeLR's
     # after_batch must divide the rate back before the switcher leaves critic mode, or the × 5 would stick.
     cbs = [GANDiscriminativeLR(mult_lr=cfg.critic_lr_mult), loop.Guard(), loop.StopOnNonFinite(gan),
-           loop.Progress(gan), *([loop.SyncRanks()] if joined() else []), *(cbs or [])]
+           loop.Progress(gan, save_state), *([loop.SyncRanks()] if joined() else []), *(cbs or [])]
     if precision in ("bf16", "fp16"):
         cbs.append(DeviceMixedPrecision(amp_mode=precision))
     gen_learn = Learner(dls, generator, loss_func=content)

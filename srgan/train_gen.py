@@ -482,11 +482,3 @@ def _epoch_end_callback(trainer: Trainer, write: bool = True, state: dict[str, A
                        trainer.stop, write, state, history=trainer.history, key=trainer.key,
                        save_checkpoint=save_checkpoint, write_history=trainer.write_history)
 
-
-def __getattr__(name: str) -> Any:
-    """Old import path of `EpochLoss`, now in `srgan.callbacks` (which imports fastai): looked up on first use."""
-    if name == "EpochLoss":
-        from srgan.callbacks import EpochLoss
-
-        return EpochLoss
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,9 @@
 """Every shipped real-size pipeline builds a non-empty dataset, every split included, from a stand-in of its real
 source: the real layout, file format and image geometry (CelebA's 178x218 JPEGs with the official partition file,
 Flickr30k's 500x375 / 375x500 JPEGs with results.csv, CelebA-HQ's 1024x1024, DF2K-sized PNGs, COCO-sized JPEGs),
-made of the photos installed packages ship. Toy-sized photos hide what the real ones meet: a `size` larger than
-CelebA's short side builds nothing at all. Only the build-dataset stage runs, through `run_pipeline`."""
+made of the photos installed packages ship (`crappify.standins`). Toy-sized photos hide what the real ones meet:
+a `size` larger than CelebA's short side builds nothing at all. Only the build-dataset stage runs, through
+`run_pipeline`."""
 
 from __future__ import annotations
 
@@ -10,74 +11,12 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from crappify.sources import sample_photos
+from crappify.standins import celeba, celeba_hq, coco, df2k, flickr30k
 from srgan.pipeline import PIPELINES_DIR, load_pipeline, run_pipeline
-
-
-def _photo(index: int, width: int, height: int) -> np.ndarray:
-    """The index-th (cyclically) sample photo, centre-cropped to width:height and resized to it (BGR)."""
-    photos = sample_photos()
-    assert len(photos) >= 3, "the stand-ins need the photos scikit-image / scikit-learn / matplotlib ship"
-    img = cv2.imread(str(photos[index % len(photos)][1]), cv2.IMREAD_COLOR)
-    h, w = img.shape[:2]
-    cw, ch = (w, round(w * height / width)) if w * height <= h * width else (round(h * width / height), h)
-    img = img[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
-    shrink = width < cw
-    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
-
-
-def _write(path: Path, img: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if path.suffix == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    ok, data = cv2.imencode(path.suffix, img, params)
-    assert ok
-    path.write_bytes(data.tobytes())
-
-
-def celeba(root: Path) -> None:
-    """img_align_celeba/NNNNNN.jpg (178x218) and list_eval_partition.txt ('NNNNNN.jpg P', P 0/1/2 = train/valid/
-    test): 5 train, 2 valid, 2 test, numbered as in the real set (valid from 162771, test from 182638)."""
-    ids = [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0), (162771, 1), (162772, 1), (182638, 2), (182639, 2)]
-    for i, (n, _) in enumerate(ids):
-        _write(root / "img_align_celeba" / f"{n:06d}.jpg", _photo(i, 178, 218))
-    (root / "list_eval_partition.txt").write_text("".join(f"{n:06d}.jpg {p}\n" for n, p in ids))
-
-
-def flickr30k(root: Path) -> None:
-    """flickr30k_images/<number>.jpg, 500x375 and 375x500, and results.csv ('image_name| comment_number| comment');
-    6 photos: the 0.9/0.05/0.05 split gives at least one to valid and to test from 3 photos on."""
-    lines = ["image_name| comment_number| comment"]
-    for i in range(6):
-        name = f"{1000092795 + i * 7919}.jpg"
-        _write(root / "flickr30k_images" / name, _photo(i, *((500, 375) if i % 3 else (375, 500))))
-        lines += [f"{name}| 0| A photo number {i} ."] + [f"{name}| {k}| Another caption ." for k in range(1, 5)]
-    (root / "results.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def celeba_hq(root: Path) -> None:
-    """CelebAMask-HQ's CelebA-HQ-img/<n>.jpg, 1024x1024; 6 photos (a ratio split, as flickr30k)."""
-    for i in range(6):
-        _write(root / "CelebA-HQ-img" / f"{i}.jpg", _photo(i, 1024, 1024))
-
-
-def df2k(root: Path) -> None:
-    """DIV2K/Flickr2K-sized PNGs: 2040x1356, one 1356x2040; 6 of them (a ratio split, 0.95/0.025/0.025 gives
-    valid and test one each from 3 photos on)."""
-    for i in range(6):
-        _write(root / f"{801 + i:04d}.png", _photo(i, *((1356, 2040) if i == 2 else (2040, 1356))))
-
-
-def coco(root: Path) -> None:
-    """MS COCO train2014-sized JPEGs: 640x480, two 480x640; 6 of them (a ratio split)."""
-    for i in range(6):
-        _write(root / f"COCO_train2014_{9 + i * 25:012d}.jpg", _photo(i, *((480, 640) if i % 3 == 1 else (640, 480))))
-
 
 # pipeline -> (its stand-in, the HR size(s) it asks for from the stand-in's photos, before the crop to a multiple of
 # the dataset's scale that every HR gets)

@@ -29,10 +29,17 @@ def _print_plan(steps) -> None:
               help="Every stage at toy size on the sample photos installed packages ship (same architectures, "
                    "losses and options; no pretrained weights; fp32 unless --precision), into OUT-smoke "
                    "(or -o): checks that the recipe runs end to end.")
+@click.option("--rehearse", is_flag=True,
+              help="Every stage at its real settings for a few steps on this device, on the recipe's first photos "
+                   "(or a stand-in of its dataset's layout when they are not here), into OUT-rehearse (or -o): time "
+                   "per step, memory, and the estimated time of every stage and of the whole run.")
+@click.option("--rehearse-steps", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Training steps timed per phase with --rehearse.")
 @offline_option
 @quiet_option
 def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None, dry_run: bool,
-            device: str | None, precision: str | None, no_pretrained: bool, smoke: bool, quiet: bool) -> None:
+            device: str | None, precision: str | None, no_pretrained: bool, smoke: bool, rehearse: bool,
+            rehearse_steps: int, quiet: bool) -> None:
     """Run PIPELINE (a YAML file, or a shipped name such as 'demo'): build-dataset → train-gen →
     train-critic → train-gan → evaluate, skipping stages already done with the same config and resuming
     an interrupted one. Run the same command again after an interruption."""
@@ -43,6 +50,15 @@ def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None,
     overrides = {"device": device, "precision": precision_override(precision),
                  "pretrained": False if no_pretrained else None}
     path = find_pipeline(pipeline)
+    if rehearse:
+        from srgan.rehearse import rehearse as rehearse_pipeline
+
+        if smoke or dry_run or start or stop:
+            raise CrappifyError("--rehearse runs every stage of the recipe: not with --smoke, --dry-run, --from or "
+                                "--to")
+        rehearse_pipeline(load_pipeline(path), out, overrides, steps=rehearse_steps, progress=not quiet,
+                          report=lambda text: click.echo(text, err=True))
+        return
     p = load_pipeline(path, out, smoke=smoke)
     main = is_main()  # under torchrun rank 0 alone reports
     if main:

@@ -246,6 +246,33 @@ def test_repeat_records_rounds(hr):
     assert again.encoded == out.encoded
 
 
+def test_follow_record_gives_each_step_the_size_it_ran_on_and_the_final_size(hr):
+    from crappify.chain import follow_record
+
+    chain = chain_of([
+        {"op": "blur", "kernel_size": 7},
+        {"op": "occlude", "count": 1},
+        {"op": "resize", "size": "lr"},
+        {"op": "jpeg", "p": 0.0},  # skipped: not visited
+        {"op": "repeat", "times": 2, "steps": [{"op": "sinc", "kernel_size": 7}, {"op": "occlude", "count": 1}]},
+        {"op": "random_order", "steps": [[{"op": "resize", "factor": 0.5}, {"op": "occlude", "count": 1}],
+                                         {"op": "jpeg"}]},
+    ])
+    out = chain.run(hr, rng(3), lr_size=LR)
+    seen = []
+    final = follow_record(out.record["steps"], HR, lambda rec, at: seen.append((rec["op"], at)))
+    assert final == out.size == (LR[0] // 2, LR[1] // 2)
+    half = (LR[0] // 2, LR[1] // 2)
+    assert [at for op, at in seen if op == "occlude"] == [HR, LR, LR, half]
+    assert ("jpeg", HR) not in seen and sum(op == "jpeg" for op, _ in seen) == 1
+    assert chain.steps[4].op.keeps_size and not chain.steps[5].op.keeps_size  # nested steps decide
+    # a step of unknown effect on the size (an op not registered): unknown from there on
+    unknown = follow_record([{"op": "mystery"}, *out.record["steps"][:2]], HR, lambda rec, at: seen.append(at))
+    assert unknown is None and seen[-1] is None
+    with pytest.raises(ValueError):
+        follow_record("not a list", HR)
+
+
 def test_repeat_times_range_and_yaml(hr):
     chain = chain_of([{"op": "repeat", "times": [1, 3], "steps": [{"op": "desaturate", "p": 0.5}]}])
     counts = {len(chain.run(hr, rng(s)).record["steps"][0]["rounds"]) for s in range(20)}

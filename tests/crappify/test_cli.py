@@ -393,25 +393,6 @@ def test_help_imports_neither_torch_nor_srgan():
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize(("old", "names"), [
-    ("crappify.cli_gan", {"train_critic_cmd": "train", "train_gan_cmd": "train", "degrade_options": "options"}),
-    ("crappify.cli_infer", {"enhance_cmd": "infer", "evaluate_cmd": "infer", "export_cmd": "infer"}),
-    ("crappify.cli_run", {"run_cmd": "run", "precision_option": "options", "precision_override": "options"}),
-])
-def test_old_command_modules_re_export_with_a_deprecation_warning(old, names):
-    import importlib
-    import sys
-
-    import crappify.cli
-
-    sys.modules.pop(old, None)
-    with pytest.deprecated_call(match=old):
-        module = importlib.import_module(old)
-    for name, home in names.items():
-        assert getattr(module, name) is getattr(importlib.import_module(f"crappify.cli.{home}"), name)
-    assert all(crappify.cli.app.commands[c.name] is c for c in module.COMMANDS)
-
-
 def test_importing_the_app_warns_about_nothing():
     import subprocess
     import sys

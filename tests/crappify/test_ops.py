@@ -205,6 +205,50 @@ def test_duplicate_op_registration_raises_and_keeps_original():
     assert OPS.names() == ALL_OPS
 
 
+@pytest.mark.parametrize("photo", PHOTO_NAMES)
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_every_op_declares_whether_it_keeps_the_size_and_says_what_size_it_made(name, photo, photos):
+    from crappify.chain import follow_record
+    from crappify.ops import Op
+
+    cls = OPS.get(name)
+    declared = next(vars(c)["keeps_size"] for c in cls.__mro__ if "keeps_size" in vars(c))
+    assert cls is not Op and isinstance(declared, (bool, property)), f"op {name!r} does not declare keeps_size"
+    op, img = make_op(name), photos[photo]
+    assert isinstance(op.keeps_size, bool)
+    image, encoded, params = forward(op, img, seed=7)
+    out = pixels(image, encoded)
+    size, made = (img.shape[1], img.shape[0]), (out.shape[1], out.shape[0])
+    assert op.keeps_size == (made == size)  # resize's default target, LR_SIZE, is no photo's size
+    # from the record alone, without running it: the size it made
+    assert cls.size_after(size, params) == made
+    assert follow_record([{"op": name, **params}], size) == made
+
+
+def test_an_op_that_does_not_declare_keeps_size_is_refused():
+    from crappify.ops import Op, register
+
+    class Undeclared(Op):  # a new op that forgot to say whether it keeps the size
+        name = "undeclared"
+
+        def sample(self, img, rng, ctx):
+            return {}
+
+        def apply(self, img):
+            return img
+
+    with pytest.raises(TypeError, match=r"op 'undeclared' \(Undeclared\) must declare `keeps_size"):
+        register("undeclared")(Undeclared)
+    assert "undeclared" not in OPS and OPS.names() == ALL_OPS
+
+    class Declared(Undeclared):
+        keeps_size = "yes"  # not a bool
+
+    with pytest.raises(TypeError, match="keeps_size"):
+        register("undeclared")(Declared)
+    assert "undeclared" not in OPS
+
+
 def test_registry_basics():
     reg: Registry[str] = Registry("colour")
     for name in ("red", "blue", "green"):

@@ -191,6 +191,22 @@ def test_occlusion_mask_before_a_resize_is_already_in_hr_coordinates():
     assert occlusion_rects(params, (96, 96), (48, 48)) == [(10, 20, 15, 26), (2, 4, 8, 12)]
 
 
+def test_occlusion_mask_follows_every_op_that_keeps_the_size():
+    """What keeps the size is each op's own declaration (`crappify.ops`), not a list here: an occlusion after
+    any of them (Real-ESRGAN's `blur` and `sinc`, a `random_order` of them) is still mapped to the HR."""
+    from crappify import OPS
+
+    keeping = [n for n in OPS.names() if OPS.get(n).keeps_size is True]
+    assert {"gaussian_blur", "blur", "sinc", "jpeg", "noise", "occlude"} <= set(keeping)
+    assert "resize" not in keeping
+    shuffled = {"op": "random_order", "order": [1, 0],
+                "rounds": [[{"op": "jpeg", "quality": 50}], [{"op": "sinc", "omega_c": 1.0, "size": 7}]]}
+    before = [*({"op": n} for n in keeping if n != "occlude"), shuffled]
+    params = {"vars": {}, "steps": [{"op": "resize", "width": 48, "height": 48}, *before,
+                                    {"op": "occlude", "rects": [[18, 29, 9, 4]], "fill": "black", "seed": 5}]}
+    assert occlusion_rects(params, (96, 96), (48, 48)) == [(36, 58, 54, 66)]
+
+
 @pytest.mark.parametrize("params", [
     flickr_params([], occlude_applied=False),  # skipped (p < 1)
     flickr_params([]),  # applied with count 0

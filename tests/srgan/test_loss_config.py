@@ -130,21 +130,3 @@ def test_a_pipeline_with_a_bad_loss_is_refused_before_anything_runs(tmp_path, lo
                                     "train-gan": {"critic_arch": "patch", "loss": loss}}))
     with pytest.raises(ConfigError, match=f"stage train-gan: .*{match}"):
         stage_configs(load_pipeline(path))
-
-
-@pytest.mark.parametrize("stage", ["train-gen", "train-gan"])
-def test_the_old_loss_weights_key_is_read_as_loss_weight_files(tmp_path, stage):
-    from crappify.config import resolve
-    from srgan.train_gan import TrainGanConfig
-    from srgan.train_gen import TrainGenConfig
-
-    cls = TrainGenConfig if stage == "train-gen" else TrainGanConfig
-    old = tmp_path / "old.yaml"
-    old.write_text("data: d\nout: o\nloss_weights: {feature: vgg.pth}\n")
-    with pytest.warns(FutureWarning, match="`loss_weights` is deprecated; it is now `loss_weight_files`"):
-        cfg = resolve(cls, str(old))
-    assert cfg.loss_weight_files == {"feature": "vgg.pth"}
-    both = tmp_path / "both.yaml"
-    both.write_text("data: d\nout: o\nloss_weights: {}\nloss_weight_files: {}\n")
-    with pytest.raises(ConfigError, match="`loss_weights` is the old name of `loss_weight_files`"):
-        resolve(cls, str(both))

@@ -3,7 +3,7 @@
 The write points: after the last checkpoint (before the final model file), between a checkpoint and its
 history file, and right after a config change (before the new config's first checkpoint). A "kill" is an
 exception that no code of ours catches, raised by the function that would have written next, so nothing
-after that point runs; tests/srgan/test_train.py and test_pipeline.py kill real processes with SIGKILL.
+after that point runs; tests/srgan/test_train_gen.py and test_pipeline.py kill real processes with SIGKILL.
 For train-gen, train-critic and train-gan (CPU, fp32, seeded): the resumed run ends with weights and
 history identical to an uninterrupted one (the wall-clock columns aside).
 """

@@ -208,11 +208,11 @@ def test_cli_sigterm_exits_143_with_one_line_then_resume_completes(sr_dataset, g
 def test_pipeline_stage_stopped_by_sigterm_stays_running_and_resumes(tmp_path, monkeypatch):
     from test_pipeline import write_pipeline
 
-    import srgan.train_gen
+    import srgan.callbacks
     from srgan.pipeline import load_pipeline, read_state, run_pipeline
 
     path = write_pipeline(tmp_path, {"train-gen": {"arch": "unet-small", "epochs": 2}})
-    real_add, calls = srgan.train_gen.EpochLoss.add, {"n": 0}
+    real_add, calls = srgan.callbacks.EpochLoss.add, {"n": 0}
 
     def add(self, loss, yb):  # SIGTERM during the 5th training batch (one of epoch 2)
         calls["n"] += 1
@@ -221,7 +221,7 @@ def test_pipeline_stage_stopped_by_sigterm_stays_running_and_resumes(tmp_path, m
         real_add(self, loss, yb)
 
     with monkeypatch.context() as m:
-        m.setattr(srgan.train_gen.EpochLoss, "add", add)
+        m.setattr(srgan.callbacks.EpochLoss, "add", add)
         with pytest.raises(Interrupted, match="run the same command again") as exc:
             run_pipeline(load_pipeline(path), stop="train-gen", progress=False)
     assert "pipeline tiny: train-gen stopped by SIGTERM" in str(exc.value)

@@ -1,0 +1,107 @@
+"""`crappify run --rehearse`: every stage of a recipe at its real settings for a few steps, timed, with an estimate
+of the full run, written only under the rehearsal's own folder; a stand-in of the real dataset's layout where the
+source is not there; one line when there is neither."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from crappify.errors import CrappifyError
+from srgan.pipeline import PIPELINES_DIR, STAGES, load_pipeline
+from srgan.rehearse import StageReport, _eta, _median_after_warmup, rehearse, table
+
+TRAINING = ("train-gen", "train-critic", "train-gan")
+
+
+def _check(result: dict, root: Path, stages: list[str]) -> dict[str, dict]:
+    by_stage = {s["stage"]: s for s in result["stages"]}
+    assert list(by_stage) == stages
+    assert json.loads((root / "rehearsal.json").read_text()) == result
+    for stage, rep in by_stage.items():
+        assert rep["seconds"] > 0 and rep["eta_seconds"] is not None and rep["eta_seconds"] > 0, rep
+        assert rep["peak_rss_mib"] is None or rep["peak_rss_mib"] > 50
+        if stage in TRAINING:
+            assert rep["steps"] >= 1 and rep["step_seconds"] > 0 and rep["images_per_second"] > 0, rep
+            assert 0 <= rep["loader_wait"] <= 1
+    assert result["eta_seconds"] == pytest.approx(sum(s["eta_seconds"] for s in result["stages"]), abs=0.2)
+    return by_stage
+
+
+def test_the_demo_rehearses_every_stage_at_its_real_size(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's own out (runs/demo) would land here: it must not appear
+    lines: list[str] = []
+    p = load_pipeline(PIPELINES_DIR / "demo.yaml")
+    p.sample_crops.update(train=48)  # fewer crops (train-critic predicts them all first); sizes and batches as real
+    result = rehearse(p, str(tmp_path / "r"), steps=2, report=lines.append)
+    by_stage = _check(result, tmp_path / "r", list(STAGES))
+    gen = by_stage["train-gen"]
+    assert gen["steps"] == 2 and list(gen["shapes"]) == ["64 px x 16"] and not gen["warmup_only"]
+    assert by_stage["train-critic"]["steps"] == 2
+    gan = by_stage["train-gan"]
+    assert gan["steps"] >= 2 and set(gan["shapes"]) == {"critic", "generator"}  # both networks trained
+    assert not (tmp_path / "runs").exists()
+    assert (tmp_path / "r" / "run" / "generator.safetensors").is_file()
+    assert (tmp_path / "r" / "run" / "checkpoints" / "last.pt").is_file()  # a checkpoint was written
+    assert "| **pipeline** |" in lines[-1] and "full stage" in lines[-1]
+
+
+@pytest.mark.slow
+def test_a_recipe_without_its_data_rehearses_on_a_stand_in_of_its_layout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data/celeba_hq (the recipe's source) is not here
+    p = load_pipeline(PIPELINES_DIR / "celeba-hq-srgan-x4.yaml")
+    result = rehearse(p, str(tmp_path / "r"), {"pretrained": False}, steps=1)
+    _check(result, tmp_path / "r", ["build-dataset", "train-gen", "train-critic", "train-gan", "evaluate"])
+    assert "stand-in of CelebA-HQ" in result["data"] and result["real_photos"] == 30_000
+    assert not (tmp_path / "data").exists()  # neither the recipe's source nor its dataset folder was made
+
+
+def test_no_source_and_no_stand_in_layout_is_one_line(tmp_path):
+    p = load_pipeline(PIPELINES_DIR / "realesrgan-x4.yaml")
+    p = p.model_copy(update={"standin": None, "build_dataset": {**p.build_dataset, "src": str(tmp_path / "none")}})
+    with pytest.raises(CrappifyError, match="names no stand-in layout") as err:
+        rehearse(p, str(tmp_path / "r"), steps=1)
+    assert "\n" not in str(err.value)
+
+
+def test_every_shipped_recipe_has_its_data_or_a_stand_in():
+    from crappify.standins import STANDINS
+    from srgan.rehearse import LAYOUT_OF_SOURCE
+
+    for path in PIPELINES_DIR.glob("*.yaml"):
+        p = load_pipeline(path)
+        if p.sample_crops is None:
+            assert (p.standin or LAYOUT_OF_SOURCE.get(p.build_dataset.get("source"))) in STANDINS, path.stem
+
+
+def test_medians_leave_out_each_shapes_first_step():
+    records = [("128 px x 8", 9.0, 0.1, 8), ("128 px x 8", 1.0, 0.1, 8), ("128 px x 8", 3.0, 0.1, 8),
+               ("256 px x 4", 5.0, 0.0, 4)]
+    assert _median_after_warmup(records) == {"128 px x 8": 2.0, "256 px x 4": 5.0}
+
+
+def test_the_estimate_counts_the_real_runs_steps():
+    """train-gen: every phase's epochs x batches of the real dataset at the measured rate, plus validation."""
+    from srgan.rehearse import Data
+    from srgan.train_gen import TrainGenConfig
+
+    class Timer:
+        records = [("64 px x 16", 5.0, 0.0, 16), ("64 px x 16", 0.5, 0.0, 16)]
+        valid = [(2.0, 10)]  # 0.2 s an item
+
+    cfg = TrainGenConfig(data="d", out="o", arch="unet-small", pretrained=False, size=64, bs=16, epochs=3)
+    data = Data("src", photos=100, real_photos=10_000, what="")
+    built = {"train": 80, "valid": 10, "test": 10, "pairs": 100}  # every photo kept: 8,000 / 1,000 / 1,000 real
+    eta = _eta("train-gen", cfg, Timer(), 60.0, data, built, {})
+    assert eta == pytest.approx(3 * (8000 // 16 * 0.5 + 1000 * 0.2))
+    assert _eta("build-dataset", None, Timer(), 20.0, data, built, {}) == pytest.approx(20.0 / 100 * 10_000)
+
+
+def test_the_table_names_every_stage_and_the_total():
+    rep = StageReport("train-gen", 12.0, steps=3, step_seconds=2.0, images_per_second=8.0, loader_wait=0.1,
+                      peak_rss_mib=900.0, eta_seconds=7200.0)
+    text = table({"pipeline": "x", "device": "CPU", "steps": 3, "data": "d", "eta_seconds": 7200.0,
+                  "stages": [rep.__dict__]})
+    assert "| train-gen | 12.0 s | 2 | 8 | 10% | 900 MiB | - | 2.0 h |" in text and "**2.0 h**" in text
