@@ -26,6 +26,7 @@ from torch import nn
 from crappify.errors import CrappifyError, brief
 from crappify.imageio import replacing
 from srgan.normalize import IMAGENET_STATS  # also its old import path (re-export)
+from srgan.runtime import is_oom
 
 FORMAT = "crappify-generator/1"
 
@@ -88,10 +89,13 @@ MAX_DATA_SCALE = 16
 MAX_IMG_SIZE = 2048
 MAX_INT_OPTION = 1024
 MAX_LIST_OPTION = 16
-# A ResNet U-Net's layers are the same for every img_size >= 32; only fastai's dummy forward pass at build time grows
-# with it (its self-attention over (img_size/8)^2 positions: 16 GiB at 2048 px), so they are rebuilt at most this
-# big (and `_rebuild` checks the result against the file's tensors).
+# A U-Net's layers are the same for every img_size at which its encoder runs with the same strides; only fastai's
+# dummy forward pass at build time grows with it (its self-attention over (img_size/8)^2 positions: 16 GiB at 2048
+# px), so U-Nets are rebuilt at most this big (and `_rebuild` checks the result against the file's tensors). A timm
+# encoder that will not run at that size (some only run at the size they were trained at) is rebuilt at its own
+# img_size, which may then be at most MAX_BUILD_IMG_SIZE (64 MiB of attention; the encoder's activations besides).
 BUILD_IMG_SIZE = 256
+MAX_BUILD_IMG_SIZE = 512
 
 
 def _bad(path: Path, what: str) -> CrappifyError:
@@ -230,7 +234,15 @@ def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
             f"{wrong[0]} is {list(have[wrong[0]])}, the spec's model has {list(want[wrong[0]])}" if wrong else "")
             if part)
         raise CrappifyError(f"{path}: its weights do not match the model its metadata describes ({detail})")
-    model = build() if model is None else model
+    if model is None:
+        try:
+            model = build()
+        except CrappifyError as exc:  # e.g. timm's encoder check, which may have run out of memory
+            raise _bad(path, str(exc)) from None
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            raise _bad(path, f"rebuilding its model ran out of memory ({_first_line(exc)})") from None
     model.load_state_dict(load_file(str(path)))
     return model
 
@@ -267,15 +279,26 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> nn.M
     """Rebuild a generator from its file alone (no pretrained downloads, no loss network), in eval mode."""
     from srgan.generators import build_generator
 
-    meta = read_generator_meta(path)
-    spec = meta["spec"]
-    # ResNet U-Nets are rebuilt at most BUILD_IMG_SIZE px (see there); not timm ones: some (attention windows)
-    # only run at the size they were built for
-    small = spec["arch"].startswith("unet") and not spec["arch"].startswith("unet-timm:")
-    size = min(spec["img_size"], BUILD_IMG_SIZE) if small else spec["img_size"]
-    model = _rebuild(Path(path), lambda: build_generator(spec["arch"], scale=spec["scale"], img_size=size,
-                                                         pretrained=False, **spec["options"]))
-    model.crappify_spec = {**model.crappify_spec, "img_size": spec["img_size"]}
+    path = Path(path)
+    spec = read_generator_meta(path)["spec"]
+    arch, img_size = spec["arch"], spec["img_size"]
+
+    def rebuild(size: int) -> nn.Module:
+        return _rebuild(path, lambda: build_generator(arch, scale=spec["scale"], img_size=size, pretrained=False,
+                                                      **spec["options"]))
+
+    # U-Nets are rebuilt at most BUILD_IMG_SIZE px (see there); the other generators do not use img_size
+    size = min(img_size, BUILD_IMG_SIZE) if arch.startswith("unet") else img_size
+    try:
+        model = rebuild(size)
+    except CrappifyError:
+        if not (arch.startswith("unet-timm:") and size < img_size):
+            raise
+        if img_size > MAX_BUILD_IMG_SIZE:  # its own size then decides the memory the build takes
+            raise _bad(path, f"img_size {img_size}: this timm U-Net does not rebuild at {size} px, and at its own "
+                             f"size it may be at most {MAX_BUILD_IMG_SIZE}") from None
+        model = rebuild(img_size)
+    model.crappify_spec = {**model.crappify_spec, "img_size": img_size}
     return model.to(device).eval()
 
 

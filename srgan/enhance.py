@@ -5,16 +5,22 @@ palette expanded, CMYK converted), except that transparency is kept apart instea
 RGB channels are enhanced and the alpha channel is resized (bicubic) to the output size and put back.
 Greyscale photos come out greyscale. Outputs keep their names and sub-folders (formats that cannot be
 written, e.g. GIF, become PNG), are written under a temporary name and renamed, and an existing output
-is left alone unless `overwrite`. A file that cannot be read is reported and skipped; the batch goes on.
+is left alone unless `overwrite`. A file that cannot be read is reported and skipped; the batch goes on. So is
+one whose output cannot be written under its name (longer than a file name may be, a folder in the way, or larger
+than JPEG or WebP can hold); a write error that every later write would hit too (a full disk, a read-only or
+forbidden OUTDIR, an I/O error) stops the batch with one line naming the file, keeping what was written.
 
 Memory: a photo whose output would have more than `max_pixels` pixels is skipped before anything is upscaled
 (default `crappify.imageio.DEFAULT_MAX_PIXELS`, the same cap as decoding: ~89.5 Mpx, 268 MB of RGB output); U-Net
-inputs are upscaled tile by tile inside the engine (and alpha in bands of rows), never as one whole photo;
-running out of memory on one photo (numpy's MemoryError as torch's) skips that photo with one line.
+inputs are upscaled tile by tile inside the engine (and alpha in blocks of rows and columns), never as one whole
+photo, and the engine's working memory is bounded by its tile however long a side is (`srgan.inference`);
+running out of memory on one photo (numpy's MemoryError as torch's, or even at the engine's smallest tile) skips
+that photo with one line, and the next one starts with the tile asked for.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Callable, Iterable
@@ -28,11 +34,17 @@ from PIL import Image
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, Photo, is_temp_name, write_atomic
 from srgan.generators import takes_upscaled_input
-from srgan.inference import TiledInference, Upscaled, is_oom
+from srgan.inference import OutOfMemory, TiledInference, Upscaled, is_oom
 
 WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
             ".tiff": "TIFF"}
 ALPHA_WRITABLE = {".png", ".webp", ".tif", ".tiff"}
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383}  # the longest side libjpeg and libwebp can write
+NAME_MAX = 255  # bytes in a file name, on every common file system
+# Write errors that are the machine's or OUTDIR's, not one photo's: every later write would fail the same way.
+STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                         errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+ALPHA_BLOCK = 16384  # output columns of alpha resized at a time (wider planes only: narrower ones in one piece)
 
 
 @dataclass
@@ -139,14 +151,45 @@ def enhance_image(engine: TiledInference, loaded: Loaded, scale: int,
     return out, alpha
 
 
-def upscale_plane(plane: np.ndarray, scale: int, band: int = 256) -> np.ndarray:
-    """A uint8 (H, W) plane resized ×`scale` (bicubic, as `srgan.upsample.resize_image`), `band` output rows at
-    a time, so the float intermediates stay the size of a band rather than of the whole output."""
+def upscale_plane(plane: np.ndarray, scale: int, band: int = 256, block: int = ALPHA_BLOCK) -> np.ndarray:
+    """A uint8 (H, W) plane resized ×`scale` (bicubic, as `srgan.upsample.resize_image`), `band` output rows by
+    `block` columns at a time, so the float intermediates stay the size of a block rather than of the whole output
+    (nor of a row, however wide the photo)."""
     src = Upscaled(plane, scale)
     out = np.empty((src.height, src.width), np.uint8)
     for y in range(0, src.height, band):
-        out[y:y + band] = src.rows(y, min(y + band, src.height))
+        y1 = min(y + band, src.height)
+        for x in range(0, src.width, block):
+            out[y:y1, x:x + block] = src.region(y, y1, x, min(x + block, src.width))
     return out
+
+
+def unwritable(dst: Path, width: int, height: int) -> str | None:
+    """Why an output `width`×`height` cannot be written at `dst`, known before any work: a name longer than a
+    file name may be, or a side longer than its format can hold. None when nothing is known against it."""
+    size = len(os.fsencode(dst.name))
+    if size > NAME_MAX:
+        return f"its output name {dst.name[:40]}... is {size} bytes, longer than a file name may be ({NAME_MAX})"
+    fmt = WRITABLE.get(dst.suffix.lower())
+    if fmt in MAX_SIDE and max(width, height) > MAX_SIDE[fmt]:
+        return (f"the output would be {width}x{height}, larger than {fmt} can hold ({MAX_SIDE[fmt]} px a side); "
+                "convert the photo to PNG first")
+    return None
+
+
+def write_output(dst: Path, data: bytes) -> str | None:
+    """Write one output (its folder made if needed): None when written, else why it could not be, for a skip.
+    CrappifyError, one line naming the file, for an error every later write would hit too (`STOP_ERRNOS`)."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(dst, data)
+    except OSError as exc:
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        if exc.errno in STOP_ERRNOS:
+            raise CrappifyError(f"cannot write {dst}: {cause}; the images written before it are kept (run the "
+                                "same command again to go on)") from None
+        return f"cannot write {dst}: {cause}"
+    return None
 
 
 def resolve_scale(engine: TiledInference, scale: int | None) -> int:
@@ -193,8 +236,8 @@ def enhance(inputs: Iterable[str | Path], model: str | Path, out: str | Path, *,
                         report=report, max_pixels=max_pixels)
     res.scale = factor
     if not res.written and not res.skipped and res.failed:
-        raise CrappifyError(f"no image could be enhanced: {len(res.failed)} file(s) skipped (could not be read, "
-                            f"too large for --max-pixels {max_pixels}, or out of memory)")
+        raise CrappifyError(f"no image could be enhanced: {len(res.failed)} file(s) skipped (could not be read or "
+                            f"written, too large for --max-pixels {max_pixels}, or out of memory)")
     return res
 
 
@@ -227,47 +270,69 @@ def _enhance_files(engine: TiledInference, items: list[tuple[Path, Path]], out_d
                    max_pixels: int) -> EnhanceResult:
     from tqdm.auto import tqdm
 
-    result = EnhanceResult()
-    seen: dict[Path, Path] = {}
-    say = report or (lambda _msg: None)
+    batch = _Batch(engine, out_dir, scale, overwrite, jpeg_quality, max_pixels, report or (lambda _msg: None))
     bar = tqdm(items, unit="img", disable=not progress, dynamic_ncols=True)
-    for src, rel in bar:
-        bar.set_postfix_str(rel.as_posix()[-40:])
+    try:
+        for src, rel in bar:
+            bar.set_postfix_str(rel.as_posix()[-40:])
+            batch.enhance(src, rel, bar)
+    finally:
+        bar.close()
+    return batch.result
+
+
+@dataclass
+class _Batch:
+    """One `enhance_files` run: its settings, what it wrote and skipped, and the outputs it has claimed."""
+
+    engine: TiledInference
+    out_dir: Path
+    scale: int
+    overwrite: bool
+    quality: int
+    max_pixels: int
+    say: Callable[[str], None]
+    result: EnhanceResult = field(default_factory=EnhanceResult)
+    seen: dict[Path, Path] = field(default_factory=dict)
+
+    def skip(self, src: Path, reason: str) -> None:
+        self.result.failed.append((src, reason))
+        self.say(f"skipped {src}: {reason}")
+
+    def enhance(self, src: Path, rel: Path, bar) -> None:
+        """One photo: written, found already there, or skipped with a reason."""
         try:
-            loaded = read_input(src, max_pixels, scale)
+            loaded = read_input(src, self.max_pixels, self.scale)
         except (ImageError, MemoryError) as exc:
-            reason = str(exc) if isinstance(exc, ImageError) else "out of memory decoding it (lower --max-pixels)"
-            result.failed.append((src, reason))
-            say(f"skipped {src}: {reason}")
-            continue
-        dst = out_dir / output_path(rel, loaded.alpha is not None)
-        if dst in seen:
-            reason = f"same output {dst} as {seen[dst]}"
-            result.failed.append((src, reason))
-            say(f"skipped {src}: {reason}")
-            continue
-        seen[dst] = src
-        if dst.exists() and not overwrite:
-            result.skipped.append(dst)
-            continue
+            return self.skip(src, str(exc) if isinstance(exc, ImageError)
+                             else "out of memory decoding it (lower --max-pixels)")
+        dst = self.out_dir / output_path(rel, loaded.alpha is not None)
+        if dst in self.seen:
+            return self.skip(src, f"same output {dst} as {self.seen[dst]}")
+        self.seen[dst] = src
+        height, width = loaded.rgb.shape[:2]
+        problem = unwritable(dst, width * self.scale, height * self.scale)
+        if problem:
+            return self.skip(src, problem)
+        if os.path.exists(dst) and not self.overwrite:  # (False, not an error, for a path the system refuses)
+            return self.result.skipped.append(dst)
 
-        def tiles(done: int, total: int, _bar=bar, _rel=rel) -> None:
+        def tiles(done: int, total: int) -> None:
             if total > 1:
-                _bar.set_postfix_str(f"{_rel.as_posix()[-30:]} tile {done}/{total}")
+                bar.set_postfix_str(f"{rel.as_posix()[-30:]} tile {done}/{total}")
 
         try:
-            out, alpha = enhance_image(engine, loaded, scale, tiles)
-            data = encode_output(out, alpha, loaded.grey, dst.suffix, jpeg_quality)
+            out, alpha = enhance_image(self.engine, loaded, self.scale, tiles)
+            data = encode_output(out, alpha, loaded.grey, dst.suffix, self.quality)
+        except OutOfMemory as exc:  # even at the engine's smallest tile: not on this device
+            return self.skip(src, str(exc))
         except Exception as exc:
             if not is_oom(exc):
                 raise
             # what the engine could not get around by shrinking tiles (the output array, the alpha, encoding)
-            reason = f"out of memory enhancing it x{scale} (lower --max-pixels, or free memory)"
-            result.failed.append((src, reason))
-            say(f"skipped {src}: {reason}")
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(dst, data)
-        result.written.append(dst)
-    bar.close()
-    return result
+            return self.skip(src, f"out of memory enhancing it x{self.scale} (lower --max-pixels, or free memory)")
+        del out, alpha
+        problem = write_output(dst, data)
+        if problem:
+            return self.skip(src, problem)
+        self.result.written.append(dst)

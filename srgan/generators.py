@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crappify.errors import ConfigError
+from crappify.errors import ConfigError, brief
 from crappify.registry import Registry
 from srgan.upsample import BicubicUpsample, resize_image
 from srgan.weights import WeightsError, read_state_dict, timm_pretrained_file, torchvision_state_dict
@@ -64,6 +64,11 @@ NORM_TYPES = ("weight", "spectral", "batch", None)
 # Generators with no ImageNet weights anywhere: for them `pretrained` can only mean a --weights file.
 NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small", "rrdb")
 UNET_MULTIPLE = 32  # a U-Net's encoder downsamples 32x: its input's sides must be multiples of this
+# The most each option that sizes a network may ask for: far beyond the papers' models (SRResNet 16 blocks of 64,
+# ESRGAN 23 of 64 with growth 32, ResNet-152's deepest stage 36 blocks), and small enough that a model file's spec
+# is built (on the meta device, to be checked against its tensors) in a second or two, not minutes.
+OPTION_MAX = {"n_blocks": 128, "n_feats": 512, "growth": 256, "width": 256}
+MAX_STAGE_DEPTH = 64
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -180,15 +185,15 @@ def _canonical_options(options: dict[str, Any]) -> dict[str, Any]:
     for key in ("blur", "blur_final", "self_attention", "last_cross", "bottle", "residual", "stem_pool"):
         if key in out and not isinstance(out[key], bool):
             raise ConfigError(f"U-Net option {key} must be true or false, got {out[key]!r}")
-    for key in ("n_blocks", "n_feats", "width", "growth"):
-        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
-            raise ConfigError(f"generator option {key} must be a positive integer, got {out[key]!r}")
+    for key, most in OPTION_MAX.items():
+        if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or not 1 <= out[key] <= most):
+            raise ConfigError(f"generator option {key} must be an integer in 1..{most}, got {brief(out[key])}")
     if "depths" in out:
         value = out["depths"]
         if (not isinstance(value, (list, tuple)) or len(value) != 4
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
-            raise ConfigError(f"unet-small option depths must be four positive integers (blocks per stage), "
-                              f"got {value!r}")
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_STAGE_DEPTH for v in value)):
+            raise ConfigError(f"unet-small option depths must be four integers in 1..{MAX_STAGE_DEPTH} (blocks per "
+                              f"stage), got {brief(value)}")
         out["depths"] = [int(v) for v in value]
     if "norm_type" in out:
         value = out["norm_type"]

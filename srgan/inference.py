@@ -277,11 +277,12 @@ class TiledInference:
         grid = _Grid(h, w, hp, wp, th, tw, s, tile_origins(hp, th, max(th - ov, m)),
                      tile_origins(wp, tw, max(tw - ov, m)))
         wy = _Weights([y * s for y in grid.ys], th * s, ov * s, self.device)
-        parts = bands(grid.xs, tw)
+        xs_out = [x * s for x in grid.xs]
+        parts = bands(grid.xs, tw, BAND_TILES)
         total = len(grid.ys) * sum(b - lo for lo, _a, b in parts)
         done = 0
         for lo, a, b in parts:
-            wx = _Weights([x * s for x in grid.xs], tw * s, ov * s, self.device, keep=b - lo)
+            wx = _Weights(xs_out, tw * s, ov * s, self.device, keep=b - lo)
             done = self._band(src, out, grid, lo, a, b, wy, wx, fixed, (done, total), progress)
         return out
 

@@ -49,7 +49,7 @@ def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None
     if res.skipped:
         text += f"; {len(res.skipped)} already there (--overwrite to redo)"
     if res.failed:
-        text += f"; {len(res.failed)} skipped (could not be read, too large or out of memory)"
+        text += f"; {len(res.failed)} skipped (could not be read or written, too large or out of memory)"
     click.echo(text)
 
 

@@ -196,3 +196,43 @@ def test_unet_upscales_tile_by_tile_like_resizing_the_whole_photo_first(small_un
     whole = whole.to(torch.uint8).permute(1, 2, 0).numpy()
     for y0, y1, x0, x1 in [(0, 7, 0, 9), (5, 40, 11, 60), (h * factor - 13, h * factor, 3, w * factor)]:
         assert np.abs(up.region(y0, y1, x0, x1).astype(int) - whole[y0:y1, x0:x1].astype(int)).max() <= 1
+
+
+def test_bands_of_tile_columns_give_the_same_bytes(srnet, small_unet, photo_maker, monkeypatch):
+    """A photo wider than BAND_TILES tiles is done in vertical bands (a strip never wider than a band): the tiles on
+    a band's edge run once per band and every pixel sums the same tiles in the same order, so the bytes are those
+    of one band over the whole width."""
+    import srgan.inference
+
+    img = photo_maker(2, 100)
+    cases = [(srnet, {"tile": 24, "overlap": 8}, 1), (srnet, {"tile": 16, "overlap": 12, "batch": 3}, 1),
+             (small_unet, {"tile": 64, "overlap": 16}, 2)]
+    whole = [TiledInference(model, **kw)(img, upscale=up) for model, kw, up in cases]
+    for per_band in (1, 2):
+        monkeypatch.setattr(srgan.inference, "BAND_TILES", per_band)
+        for (model, kw, up), want in zip(cases, whole, strict=True):
+            assert np.array_equal(TiledInference(model, **kw)(img, upscale=up), want), (per_band, kw, up)
+
+
+def test_bands_and_weights_stay_the_size_of_a_few_tiles():
+    """However long the axis, a band needs only its own tiles and those reaching into it, and one tile's blending
+    weights are computed from its neighbours alone (the same numbers as over the whole axis)."""
+    from srgan.inference import axis_weight, bands
+
+    origins = tile_origins(1_000_000, 512, 448)
+    parts = bands(origins, 512, 16)
+    assert parts[0] == (0, 0, 16) and parts[-1][2] == len(origins)
+    assert all(b - lo <= 17 and lo == a - 1 for lo, a, b in parts[1:])
+    short = tile_origins(3000, 512, 448)
+    for i, w in enumerate(axis_weights(short, 512, 3000, 64)):
+        assert torch.equal(axis_weight(short, i, 512, 64), w)
+    assert axis_weight(origins, len(origins) // 2, 512, 64).shape == (512,)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_padding_indices_are_numpys_reflection_for_any_range(n):
+    from srgan.inference import _pad_index
+
+    whole = np.pad(np.arange(n), (0, 40), mode="reflect" if n > 1 else "edge")
+    for start, stop in [(0, n + 40), (0, 1), (n - 1, n + 5), (5, 33), (n + 10, n + 40)]:
+        assert np.array_equal(_pad_index(n, start, stop), whole[start:stop]), (start, stop)
