@@ -49,6 +49,7 @@ PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM")
 GREY_MODES = frozenset({"L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "LA", "La"})
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _EXIF_ORIENTATION = 0x0112
+_LIBPNG_MAX_SIDE = 1_000_000
 
 
 class ImageError(CrappifyError):
@@ -370,9 +371,12 @@ class Photo:
         # OpenCV's libjpeg-turbo/libpng path decodes 1.3-2.5x faster than Pillow's here; it is used
         # for plain 8-bit RGB/grey JPEG and PNG. A JPEG without its end marker goes to Pillow, which
         # reports truncation (OpenCV would fill the missing rows with grey and carry on).
-        self._deep_png = deep and self.format == "PNG" and mode in ("RGB", "RGBA") and self.orientation == 1
+        # libpng refuses a side over 1,000,000 px (its default user limit), printing two warnings of its own on
+        # stderr before OpenCV gives up: such a PNG goes to Pillow at once
+        png_ok = self.format == "PNG" and max(self._stored) <= _LIBPNG_MAX_SIDE
+        self._deep_png = deep and png_ok and mode in ("RGB", "RGBA") and self.orientation == 1
         self._fast = plain and mode in ("RGB", "L") and (
-            self.format == "PNG" or (self.format == "JPEG" and self.data[-64:].rstrip(b"\0").endswith(b"\xff\xd9")))
+            png_ok or (self.format == "JPEG" and self.data[-64:].rstrip(b"\0").endswith(b"\xff\xd9")))
 
     def _pil(self) -> Image.Image:
         """The Pillow image (header parsed, pixels not decoded), opened on first use."""

@@ -383,3 +383,24 @@ def test_sixteen_bit_rgba_png_alpha_is_scaled_not_clipped(tmp_path):
         rgb, alpha = photo.pixels_and_alpha()
     assert tuple(rgb[0, 0]) == (255, 0, 0)
     assert alpha[0].tolist() == [0, 128, 255, 255, 255, 255]
+
+
+def test_a_png_wider_than_libpngs_limit_decodes_without_its_warnings(tmp_path):
+    """libpng refuses a side over 1,000,000 px after printing two warnings on stderr: Pillow decodes it instead."""
+    import struct
+    import subprocess
+    import sys
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    width = 1_200_000
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, 1, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" + bytes(range(256)) * (width // 256) + bytes(width % 256)))
+           + chunk(b"IEND", b""))
+    path = tmp_path / "wide.png"
+    path.write_bytes(png)
+    script = f"from crappify.imageio import decode; print(decode({str(path)!r}).shape)"
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == f"(1, {width}, 3)" and res.stderr == "", res.stderr
