@@ -70,7 +70,9 @@ def _step_timer(limit: int | None) -> Any:
     from fastai.callback.core import Callback, CancelTrainException
 
     class StepTimer(Callback):
-        order = 54  # sees each batch's end before train-gan's Progress (55) may end the fit there
+        # before fastai's MixedPrecision (10) enters autocast in before_batch, so a cancelled batch leaves none
+        # entered; and it sees each batch's end before train-gan's Progress (55) may end the fit there
+        order = 5
 
         def __init__(self) -> None:
             self.records: list[tuple[str, float, float, int]] = []  # (shape, seconds, loader wait, images)

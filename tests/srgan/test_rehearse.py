@@ -46,6 +46,9 @@ def test_the_demo_rehearses_every_stage_at_its_real_size(tmp_path, monkeypatch):
     assert (tmp_path / "r" / "run" / "generator.safetensors").is_file()
     assert (tmp_path / "r" / "run" / "checkpoints" / "last.pt").is_file()  # a checkpoint was written
     assert "| **pipeline** |" in lines[-1] and "full stage" in lines[-1]
+    import torch
+
+    assert not torch.is_autocast_enabled("cpu")  # a phase cut short leaves no autocast entered (precision auto)
 
 
 @pytest.mark.slow

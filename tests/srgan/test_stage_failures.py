@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_standins import _photo, _write
 
 from crappify.errors import CrappifyError
+from crappify.standins import photo, write
 from srgan.pipeline import load_pipeline, paths_of, plan, read_state, run_pipeline
 
 
 def celeba(root: Path, partition: list[int]) -> Path:
     """A CelebA folder of 178x218 JPEGs, the i-th in split partition[i] (0 train, 1 valid, 2 test)."""
     for i in range(len(partition)):
-        _write(root / "img_align_celeba" / f"{i + 1:06d}.jpg", _photo(i, 178, 218))
+        write(root / "img_align_celeba" / f"{i + 1:06d}.jpg", photo(i, 178, 218))
     (root / "list_eval_partition.txt").write_text("".join(f"{i + 1:06d}.jpg {p}\n" for i, p in enumerate(partition)))
     return root
 
