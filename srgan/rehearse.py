@@ -10,11 +10,12 @@ the real dataset's layout and geometry (`crappify.standins`). Missing pretrained
 stage rehearse with random weights, with one note. Everything is written under the rehearsal's own output
 (default: the recipe's `out` + `-rehearse`), never into the recipe's output or dataset folders.
 
-Per stage it reports the median seconds per step after the first (warm-up) step of each shape, images per
-second, the share of time spent waiting for the data loader, the peak memory (the process's resident set; on
-CUDA also `max_memory_allocated`), and the estimated wall time of the full stage on this device: its steps at
-the measured rates (counted from the real dataset's size: the source's photos, or the real dataset's
-published count for a stand-in), plus its validation passes. `OUT/rehearsal.json` keeps it all.
+Per stage it reports the median seconds per step (the wait for its batch included) after the first (warm-up)
+step of each shape, images per second, the share of time spent waiting for the data loader, the peak memory
+(the process's resident set; on CUDA also `max_memory_allocated`), and the estimated wall time of the full stage
+on this device: its steps at the measured rates (counted from the real dataset's size: the source's photos, or
+the real dataset's published count for a stand-in), plus its validation passes; evaluate runs twice (1 pair, then
+4) so that its start-up is counted once and only the per-pair time scales. `OUT/rehearsal.json` keeps it all.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from crappify.imageio import write_atomic
 from srgan.pipeline import Pipeline, Step, _run_stage, paths_of, stage_configs
 from srgan.smoke import GAN_ITERS
 
-DEFAULT_STEPS = 3
+DEFAULT_STEPS = 5  # 4 timed after the warm-up step: 2 gave estimates 40 % apart from run to run on a CPU
 EVAL_PAIRS = 4
 LAYOUT_OF_SOURCE = {"celeba": "celeba", "flickr30k": "flickr30k", "celeba-hq": "celeba-hq"}
 CELEBA_TRAIN_SHARE = 162_770 / 202_599  # the official partition's train share (list_eval_partition.txt)
@@ -50,7 +51,7 @@ class StageReport:
     stage: str
     seconds: float  # the rehearsal's wall time for the stage
     steps: int = 0  # training steps timed
-    step_seconds: float | None = None  # median seconds per step after warm-up (the slowest shape's)
+    step_seconds: float | None = None  # median s/step after warm-up, its batch's wait included (slowest shape)
     images_per_second: float | None = None
     loader_wait: float | None = None  # share of the training time spent waiting for batches
     peak_rss_mib: float | None = None
@@ -257,10 +258,11 @@ def _shortened(stage: str, cfg: BaseModel, steps: int) -> BaseModel:
 
 
 def _median_after_warmup(records: list[tuple[str, float, float, int]]) -> dict[str, float]:
-    """Median seconds per step of each shape, leaving out each shape's first step when there are more."""
+    """Median seconds per step of each shape, the wait for its batch included (a step of the real run waits
+    too), leaving out each shape's first step when there are more."""
     by_shape: dict[str, list[float]] = {}
-    for shape, seconds, _wait, _n in records:
-        by_shape.setdefault(shape, []).append(seconds)
+    for shape, seconds, wait, _n in records:
+        by_shape.setdefault(shape, []).append(seconds + wait)
     return {shape: statistics.median(times[1:] if len(times) > 1 else times) for shape, times in by_shape.items()}
 
 
@@ -275,8 +277,13 @@ def _eta(stage: str, cfg: BaseModel, timer: Any, wall: float, data: Data, built:
     if stage == "build-dataset":
         return wall / max(1, data.photos) * data.real_photos
     if stage == "evaluate":
-        scored = max(1, min(getattr(cfg, "limit", None) or EVAL_PAIRS, built.get("test") or built.get("valid", 1)))
-        return wall / scored * (real["test"] or real["valid"])
+        scored = max(1, min(EVAL_PAIRS, built.get("test") or built.get("valid", 1)))
+        one = extra.get("eval_one_pair")
+        per_pair = (wall - one) / (scored - 1) if one is not None and scored > 1 and wall > one else wall / scored
+        start = max(0.0, wall - per_pair * scored)
+        limit = getattr(cfg, "limit", None)
+        pairs = real["test"] or real["valid"]
+        return start + per_pair * (min(pairs, limit) if limit else pairs)
     medians = _median_after_warmup(timer.records)
     valid_per_item = (sum(s for s, _ in timer.valid) / max(1, sum(n for _, n in timer.valid))) if timer.valid else 0.0
     if stage == "train-gen":
@@ -295,7 +302,7 @@ def _eta(stage: str, cfg: BaseModel, timer: Any, wall: float, data: Data, built:
         epoch = max(1, int(2 * real["train"] // cfg.bs)) * per_step + 2 * real["valid"] * valid_per_item
         return per_pred * (real["train"] + real["valid"]) + cfg.epochs * epoch
     if stage == "train-gan":
-        steps = [s for _shape, s, _w, _n in timer.records[2:]] or [s for _shape, s, _w, _n in timer.records]
+        steps = [s + w for _shape, s, w, _n in timer.records[2:]] or [s + w for _shape, s, w, _n in timer.records]
         per_step = statistics.median(steps) if steps else 0.0
         iters = cfg.iters or math.ceil(cfg.epochs * max(1, int(real["train"] // cfg.bs)))
         return iters * per_step
@@ -351,6 +358,12 @@ def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: 
             try:
                 if stage == "train-critic":
                     extra.update(_time_preds(short, device))
+                if stage == "evaluate":  # once with 1 pair: the start-up apart from the time per pair
+                    one = type(short).model_validate({**short.model_dump(), "limit": 1})
+                    t1 = time.perf_counter()
+                    _run_stage(Step(stage, one, "", "rerun", "rehearsal"), paths, progress, (), None)
+                    extra["eval_one_pair"] = time.perf_counter() - t1
+                    t0 = time.perf_counter()
                 _run_stage(Step(stage, short, "", "rerun", "rehearsal"), paths, progress, (), [timer])
                 break
             except WeightsError as exc:

@@ -33,7 +33,7 @@ def _print_plan(steps) -> None:
               help="Every stage at its real settings for a few steps on this device, on the recipe's first photos "
                    "(or a stand-in of its dataset's layout when they are not here), into OUT-rehearse (or -o): time "
                    "per step, memory, and the estimated time of every stage and of the whole run.")
-@click.option("--rehearse-steps", type=click.IntRange(1, 100), default=3, show_default=True,
+@click.option("--rehearse-steps", type=click.IntRange(1, 100), default=5, show_default=True,
               help="Training steps timed per phase with --rehearse.")
 @offline_option
 @quiet_option

@@ -80,9 +80,9 @@ def test_every_shipped_recipe_has_its_data_or_a_stand_in():
 
 
 def test_medians_leave_out_each_shapes_first_step():
-    records = [("128 px x 8", 9.0, 0.1, 8), ("128 px x 8", 1.0, 0.1, 8), ("128 px x 8", 3.0, 0.1, 8),
-               ("256 px x 4", 5.0, 0.0, 4)]
-    assert _median_after_warmup(records) == {"128 px x 8": 2.0, "256 px x 4": 5.0}
+    records = [("128 px x 8", 9.0, 0.5, 8), ("128 px x 8", 1.0, 0.5, 8), ("128 px x 8", 3.0, 0.5, 8),
+               ("256 px x 4", 5.0, 0.0, 4)]  # (shape, seconds, wait for the batch, images)
+    assert _median_after_warmup(records) == {"128 px x 8": 2.5, "256 px x 4": 5.0}
 
 
 def test_the_estimate_counts_the_real_runs_steps():
@@ -91,7 +91,7 @@ def test_the_estimate_counts_the_real_runs_steps():
     from srgan.train_gen import TrainGenConfig
 
     class Timer:
-        records = [("64 px x 16", 5.0, 0.0, 16), ("64 px x 16", 0.5, 0.0, 16)]
+        records = [("64 px x 16", 5.0, 0.0, 16), ("64 px x 16", 0.4, 0.1, 16)]
         valid = [(2.0, 10)]  # 0.2 s an item
 
     cfg = TrainGenConfig(data="d", out="o", arch="unet-small", pretrained=False, size=64, bs=16, epochs=3)
@@ -100,6 +100,11 @@ def test_the_estimate_counts_the_real_runs_steps():
     eta = _eta("train-gen", cfg, Timer(), 60.0, data, built, {})
     assert eta == pytest.approx(3 * (8000 // 16 * 0.5 + 1000 * 0.2))
     assert _eta("build-dataset", None, Timer(), 20.0, data, built, {}) == pytest.approx(20.0 / 100 * 10_000)
+    # evaluate: 4 pairs in 10 s, 1 pair in 4 s -> 2 s a pair after 2 s of start-up, counted once
+    from srgan.evaluate import EvaluateConfig
+
+    ev = EvaluateConfig(data="d", models=["m"], out="o")
+    assert _eta("evaluate", ev, Timer(), 10.0, data, built, {"eval_one_pair": 4.0}) == pytest.approx(2 + 2 * 1000)
 
 
 def test_the_table_names_every_stage_and_the_total():
