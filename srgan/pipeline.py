@@ -85,6 +85,7 @@ class Pipeline(BaseModel):
     train_critic: dict[str, Any] | None = Field(None, alias="train-critic")
     train_gan: dict[str, Any] | None = Field(None, alias="train-gan")
     evaluate: dict[str, Any] | None = None
+    seed: int = Field(0, ge=0, description="the seed of every stage that does not set its own (`--seed`)")
     smoke: bool = Field(False, description="run every stage at toy size on the sample photos (srgan.smoke)")
     rehearse: bool = Field(False, description="a rehearsal (srgan.rehearse): its dataset goes inside its own out")
     standin: str | None = Field(None, description="the real source's layout, for a rehearsal without it "
@@ -131,10 +132,12 @@ def find_pipeline(name: str | Path) -> Path:
     raise ConfigError(f"pipeline not found: {name} (a YAML file, or one of: {', '.join(names) or 'none shipped'})")
 
 
-def load_pipeline(path: str | Path, out: str | None = None, smoke: bool = False) -> Pipeline:
-    """Read and validate a pipeline file (unknown keys are errors); `out` overrides its output root.
-    `smoke`: the toy-size run of it (srgan.smoke), into `out` when given, else into the file's out + '-smoke'."""
+def load_pipeline(path: str | Path, out: str | None = None, smoke: bool = False, seed: int | None = None) -> Pipeline:
+    """Read and validate a pipeline file (unknown keys are errors); `out` overrides its output root, `seed` its
+    seed. `smoke`: the toy-size run of it (srgan.smoke), into `out` when given, else into the file's out + '-smoke'."""
     raw = dict(read_mapping(Path(path), "pipeline file"))
+    if seed is not None:
+        raw["seed"] = seed
     if smoke:
         raw["smoke"] = True
         if out is None and isinstance(raw.get("out"), str):
@@ -181,9 +184,9 @@ def _reject(stage: str, section: dict[str, Any], keys: tuple[str, ...]) -> None:
 
 
 def stage_configs(p: Pipeline, overrides: dict[str, Any] | None = None) -> dict[str, BaseModel]:
-    """Each present stage's validated config, in order. `overrides` (e.g. device) apply to every stage
-    that has the key. A smoke pipeline's configs are shrunk by `srgan.smoke.smoke_overrides` (overrides
-    still win)."""
+    """Each present stage's validated config, in order. A stage that does not set its own `seed` takes the
+    pipeline's. `overrides` (e.g. device) apply to every stage that has the key. A smoke pipeline's configs are
+    shrunk by `srgan.smoke.smoke_overrides` (overrides still win)."""
     from crappify.builder import BuildConfig
     from srgan.evaluate import EvaluateConfig
     from srgan.train_critic import TrainCriticConfig
@@ -194,11 +197,12 @@ def stage_configs(p: Pipeline, overrides: dict[str, Any] | None = None) -> dict[
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
 
     def section(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
-        return {**values, **{k: v for k, v in overrides.items() if k in cls.model_fields}}
+        seeded = {"seed": p.seed} if "seed" in cls.model_fields and "seed" not in values else {}
+        return {**seeded, **values, **{k: v for k, v in overrides.items() if k in cls.model_fields}}
 
     cfgs: dict[str, BaseModel] = {}
     if p.sample_crops is not None:
-        cfgs["sample-crops"] = _validate("sample-crops", SampleCrops, p.sample_crops)
+        cfgs["sample-crops"] = _validate("sample-crops", SampleCrops, section(SampleCrops, p.sample_crops))
     build = dict(p.build_dataset)
     if p.sample_crops is not None:
         _reject("build-dataset", build, ("src",))

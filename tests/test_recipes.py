@@ -32,7 +32,7 @@ PAPER = ((0.9, 0.999), 1e-8, 0.0)  # SRGAN paper: beta1 0.9 (beta2, eps: Adam's 
 # recipe -> stage -> {config key: value}; "stages" lists which stages the recipe has; "adam": stage -> the
 # source's (betas, eps, wd); "content": the GAN stage's content loss, which its YAML must state
 RECIPES: dict[str, dict[str, Any]] = {
-    # SRGAN paper (seed 000; REFERENCE "SRGAN"): SRResNet pretrained with MSE, VGG19 phi5,4 / 12.75, 1e-3 adversarial,
+    # SRGAN paper (doc 000; REFERENCE "SRGAN"): SRResNet pretrained with MSE, VGG19 phi5,4 / 12.75, 1e-3 adversarial,
     # the paper's discriminator, Adam (0.9, 0.999) 1e-4, batch 16, 96 px HR crops, x4 bicubic
     "celeba-hq-srgan-x4": {
         "stages": ["build-dataset", "train-gen", "train-critic", "train-gan", "evaluate"],
@@ -45,7 +45,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "content": {"vgg19": (1.0, "vgg19", [VGG19["relu5_4"]], None, "mse", 1 / 12.75)},
         "adam": {"train-gen": PAPER, "train-critic": PAPER, "train-gan": PAPER},
     },
-    # PyTorch-GAN's SRGAN (seed 001): joint from scratch, per batch G then D on the same fakes, LSGAN, patch D,
+    # PyTorch-GAN's SRGAN (source doc 001): joint from scratch, per batch G then D on the same fakes, LSGAN, patch D,
     # VGG19 features[:18] L1, content + 1e-3 adversarial, Adam 2e-4 (0.5, 0.999), HR 256 / LR 64, batch 4
     "celeba-pytorch-gan": {
         "stages": ["build-dataset", "train-gan", "evaluate"],
@@ -57,7 +57,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "content": {"vgg": (1.0, "vgg19", [VGG19["relu3_4"]], None, "l1", 1.0)},
         "adam": {"train-gan": ((0.5, 0.999), 1e-8, 0.0)},  # torch.optim.Adam(lr=2e-4, betas=(0.5, 0.999))
     },
-    # SR-GAN with WGAN-GP (seed 002): x2, RRDB, SRGAN discriminator 64 -> 512, L1 + VGG + adversarial 1:1:1,
+    # SR-GAN with WGAN-GP (source doc 002): x2, RRDB, SRGAN discriminator 64 -> 512, L1 + VGG + adversarial 1:1:1,
     # Wasserstein + gradient penalty (no BCE pretraining), mixed precision, batch 16
     "celeba-wgan-gp": {
         "stages": ["build-dataset", "train-gen", "train-gan", "evaluate"],
@@ -67,10 +67,10 @@ RECIPES: dict[str, dict[str, Any]] = {
                       "gp_weight": 10.0, "w_content": 1.0, "w_adv": 1.0, "bs": 16, "precision": "auto"},
         "generator": ("rrdb", {"n_blocks": 23, "n_feats": 64, "growth": 32}),
         "content": {"l1": 1.0, "vgg19": (1.0, "vgg19", [VGG19["relu5_4"]], None, "mse", 1.0)},
-        # the seed gives no optimiser: torch's defaults for the L1 warm-up, the WGAN-GP paper's Adam (0, 0.9)
+        # the source doc gives no optimiser: torch's defaults for the L1 warm-up, the WGAN-GP paper's Adam (0, 0.9)
         "adam": {"train-gen": ((0.9, 0.999), 1e-8, 0.0), "train-gan": ((0.0, 0.9), 1e-8, 0.0)},
     },
-    # seed 003: Flickr30k crappified by OpenCV + blank rectangles (flickr30k-restore, no quality text), ResNet-34
+    # source doc 003: Flickr30k crappified by OpenCV + blank rectangles (flickr30k-restore, no quality text), ResNet-34
     # U-Net with MSE, BCE critic, each pretrained a little, then adaptive switching; the rest from the course
     "flickr30k-unet-mse": {
         "stages": ["build-dataset", "train-gen", "train-critic", "train-gan", "evaluate"],
@@ -78,7 +78,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "train-gen": {"arch": "unet-resnet34", "loss": "mse"},
         "train-critic": {"arch": "gan-critic"},
         "train-gan": {"adv_loss": "bce", "switching": "adaptive", "weighting": "course"},
-        "content": {"mse": 1.0},  # the seed's generator loss
+        "content": {"mse": 1.0},  # the source doc's generator loss
         "adam": {"train-gen": COURSE, "train-critic": COURSE, "train-gan": COURSE_GAN},
     },
     # fastai course lesson 7 (REFERENCE): ResNet-34 U-Net, feature loss, 128 px bs 32 then 256 px bs 12,
@@ -95,7 +95,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "content": {"mse": 1.0},
         "adam": {"train-gen": COURSE, "train-critic": COURSE, "train-gan": COURSE_GAN},
     },
-    # Keras SRGAN (seed 004): SRResNet with sub-pixel x4; pretraining VGG16 conv2_2 (after its ReLU) + TV only;
+    # Keras SRGAN (source doc 004): SRResNet with sub-pixel x4; pretraining VGG16 conv2_2 (after its ReLU) + TV only;
     # then VGG16 conv5_3 + TV + adversarial; Adam 1e-4 (0.9, 0.999), batch 16
     "srgan-keras-vgg16-tv": {
         "stages": ["build-dataset", "train-gen", "train-critic", "train-gan", "evaluate"],
@@ -199,7 +199,7 @@ def test_pipeline_matches_its_recipe(name):
 
 
 def test_sub_pixel_upsampling_in_the_keras_recipe():
-    """Seed 004 moved from transposed convolutions (grids at x4) to sub-pixel convolution."""
+    """Source document 004 moved from transposed convolutions (grids at x4) to sub-pixel convolution."""
     gen = _configs("srgan-keras-vgg16-tv")["train-gen"]
     model = build_generator(gen.arch, scale=4, **gen.resolved().options)
     kinds = {type(m) for m in model.modules()}
@@ -242,9 +242,10 @@ def test_flickr30k_lesson7_gan_phase_uses_the_course_gan_notebooks_mse():
     assert cfgs["train-gan"].content_adv_weights() == (50.0, 1.0)
 
 
-def test_seed_003s_crappifier_is_one_preset_and_flickr30k_unet_mse_builds_with_it():
-    """Seed 003 (the design card): an OpenCV crappifier plus blank rectangles, no lesson-7 quality text. Exactly one
-    preset says it is that one, and the seed's pipeline uses it; the lesson-7 + rectangles preset does not claim it."""
+def test_document_003s_crappifier_is_one_preset_and_flickr30k_unet_mse_builds_with_it():
+    """Source document 003 (the design card): an OpenCV crappifier plus blank rectangles, no lesson-7 quality text.
+    Exactly one preset says it is that one, and that document's pipeline uses it; the lesson-7 + rectangles preset
+    does not claim it."""
     chains = [load_preset(name) for name in PRESETS]
     chains += [load_preset(path) for path in sorted((PIPELINES_DIR / "presets").glob("*.yaml"))]
     claims = [c.name for c in chains if "design card" in c.description.replace("-", " ") or "003" in c.description]

@@ -29,6 +29,8 @@ def _print_plan(steps) -> None:
               help="Every stage at toy size on the sample photos installed packages ship (same architectures, "
                    "losses and options; no pretrained weights; fp32 unless --precision), into OUT-smoke "
                    "(or -o): checks that the recipe runs end to end.")
+@click.option("--seed", type=click.IntRange(min=0),
+              help="The pipeline's seed: every stage that does not set its own takes it (default: the file's, else 0).")
 @click.option("--rehearse", is_flag=True,
               help="Every stage at its real settings for a few steps on this device, on the recipe's first photos "
                    "(or a stand-in of its dataset's layout when they are not here), into OUT-rehearse (or -o): time "
@@ -38,8 +40,8 @@ def _print_plan(steps) -> None:
 @offline_option
 @quiet_option
 def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None, dry_run: bool,
-            device: str | None, precision: str | None, no_pretrained: bool, smoke: bool, rehearse: bool,
-            rehearse_steps: int, quiet: bool) -> None:
+            device: str | None, precision: str | None, no_pretrained: bool, smoke: bool, seed: int | None,
+            rehearse: bool, rehearse_steps: int, quiet: bool) -> None:
     """Run PIPELINE (a YAML file, or a shipped name such as 'demo'): build-dataset → train-gen →
     train-critic → train-gan → evaluate, skipping stages already done with the same config and resuming
     an interrupted one. Run the same command again after an interruption."""
@@ -56,10 +58,10 @@ def run_cmd(pipeline: str, out: str | None, start: str | None, stop: str | None,
         if smoke or dry_run or start or stop:
             raise CrappifyError("--rehearse runs every stage of the recipe: not with --smoke, --dry-run, --from or "
                                 "--to")
-        rehearse_pipeline(load_pipeline(path), out, overrides, steps=rehearse_steps, progress=not quiet,
+        rehearse_pipeline(load_pipeline(path, seed=seed), out, overrides, steps=rehearse_steps, progress=not quiet,
                           report=lambda text: click.echo(text, err=True))
         return
-    p = load_pipeline(path, out, smoke=smoke)
+    p = load_pipeline(path, out, smoke=smoke, seed=seed)
     main = is_main()  # under torchrun rank 0 alone reports
     if main:
         click.echo(f"pipeline {p.name}{' (smoke)' if p.smoke else ''} ({path}) -> {p.out}")

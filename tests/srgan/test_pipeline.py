@@ -380,3 +380,22 @@ def test_stage_hash_leaves_out_options_at_their_defaults():
     assert stage_hash("train-gen", plain, "up") == stage_hash("train-gen", explicit, "up")
     assert stage_hash("train-gen", plain, "up") != stage_hash("train-gen", other, "up")
     assert stage_hash("train-gen", plain, "up") != stage_hash("train-gen", plain, "other upstream")
+
+
+def test_the_pipeline_seed_seeds_every_stage_that_sets_none(tmp_path):
+    from srgan.pipeline import PIPELINES_DIR, stage_configs
+
+    path = PIPELINES_DIR / "demo.yaml"
+    base = load_pipeline(path, out=str(tmp_path / "o"))
+    assert base.seed == 0
+    assert all(getattr(c, "seed", 0) == 0 for c in stage_configs(base).values())
+    same = load_pipeline(path, out=str(tmp_path / "o"), seed=0)  # the default changes no stage's hash
+    assert [s.hash for s in plan(base)] == [s.hash for s in plan(same)]
+    seeded = load_pipeline(path, out=str(tmp_path / "o"), seed=7)
+    cfgs = stage_configs(seeded)
+    seeds = {stage: cfg.seed for stage, cfg in cfgs.items() if "seed" in type(cfg).model_fields}
+    assert set(seeds) == {"sample-crops", "build-dataset", "train-gen", "train-critic", "train-gan"}
+    assert set(seeds.values()) == {7}
+    assert all(a.hash != b.hash for a, b in zip(plan(base), plan(seeded), strict=True))
+    seeded.train_gen["seed"] = 3  # a stage's own seed wins
+    assert stage_configs(seeded)["train-gen"].seed == 3 and stage_configs(seeded)["train-critic"].seed == 7
