@@ -103,8 +103,9 @@ def _step_timer(limit: int | None) -> Any:
 
         def _shape(self, target: torch.Tensor) -> str:
             gan = getattr(self.learn, "gan_trainer", None)
-            if gan is not None:
-                return "generator" if gan.gen_mode else "critic"
+            if gan is not None:  # per-batch switching: the critic steps inside the generator's batch
+                both = any(type(cb).__name__ == "PerBatchCritic" for cb in self.learn.cbs)
+                return "generator + critic" if both else "generator" if gan.gen_mode else "critic"
             phase = getattr(self.learn, "crappify_phase", None)
             side = self.xb[0].shape[-1] if target.ndim < 4 else target.shape[-1]
             frozen = " frozen" if phase is not None and phase.frozen else ""

@@ -53,11 +53,13 @@ def test_the_demo_rehearses_every_stage_at_its_real_size(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_recipe_without_its_data_rehearses_on_a_stand_in_of_its_layout(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # data/celeba_hq (the recipe's source) is not here
-    p = load_pipeline(PIPELINES_DIR / "celeba-hq-srgan-x4.yaml")
+    monkeypatch.chdir(tmp_path)  # data/celeba (the recipe's source) is not here
+    p = load_pipeline(PIPELINES_DIR / "celeba-pytorch-gan.yaml")  # a joint GAN at 256 px: its real settings
     result = rehearse(p, str(tmp_path / "r"), {"pretrained": False}, steps=1)
-    _check(result, tmp_path / "r", ["build-dataset", "train-gen", "train-critic", "train-gan", "evaluate"])
-    assert "stand-in of CelebA-HQ" in result["data"] and result["real_photos"] == 30_000
+    by_stage = _check(result, tmp_path / "r", ["build-dataset", "train-gan", "evaluate"])
+    assert set(by_stage["train-gan"]["shapes"]) == {"generator + critic"}  # per-batch: both in every step
+    assert "stand-in of CelebA aligned" in result["data"] and result["real_photos"] == 202_599
+    assert (tmp_path / "r" / "standin" / "list_eval_partition.txt").is_file()
     assert not (tmp_path / "data").exists()  # neither the recipe's source nor its dataset folder was made
 
 
