@@ -105,6 +105,20 @@ def big_photo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def sr_file(tmp_path_factory) -> Path:
+    """A tiny x2 SRResNet generator file (seeded), for tests that load, enhance or craft model files."""
+    import torch
+
+    from srgan.checkpoint import save_generator
+    from srgan.generators import build_generator
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "sr.safetensors"
+    save_generator(build_generator("srresnet", scale=2, n_blocks=1, n_feats=8), path, data_scale=2)
+    return path
+
+
+@pytest.fixture(scope="module")
 def gan_base(tmp_path_factory) -> Path:
     """A run folder as train-gen and train-critic leave it: a tiny SRResNet (x4, l1) and a tiny patch critic."""
     import torch

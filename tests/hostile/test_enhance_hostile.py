@@ -65,14 +65,6 @@ def limited(script: str, *args, margin_mb: int) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def sr_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "sr.safetensors"
-    save_generator(build_generator("srresnet", scale=2, n_blocks=1, n_feats=8), path, data_scale=2)
-    return path
-
-
 # --------------------------------------------------------------------------------------------------------
 # item 6: a photo 2,000,000 px wide; a photo that cannot be done
 

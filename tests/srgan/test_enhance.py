@@ -17,14 +17,6 @@ from srgan.inference import TiledInference, load_inference
 
 
 @pytest.fixture(scope="module")
-def sr_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "sr.safetensors"
-    save_generator(build_generator("srresnet", scale=2, pretrained=False, n_blocks=1, n_feats=8), path, data_scale=2)
-    return path
-
-
-@pytest.fixture(scope="module")
 def engine(sr_file) -> TiledInference:
     return load_inference(sr_file, tile=0)
 

@@ -172,14 +172,6 @@ def test_cli_refuses_a_weights_file_with_pickled_code_in_one_line(tmp_path, sr_d
 # model files: metadata checked, spec checked against the tensors, one line naming the file
 
 
-@pytest.fixture(scope="module")
-def sr_file(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("models") / "sr.safetensors"
-    save_generator(build_generator("srresnet", scale=2, n_blocks=1, n_feats=8), path, data_scale=2)
-    return path
-
-
 def crafted(src: Path, dst: Path, edit) -> Path:
     """`src`'s tensors with its metadata (a dict of strings) changed by `edit` (which may also return None)."""
     from safetensors import safe_open
