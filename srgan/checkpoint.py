@@ -408,7 +408,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (dict,), "generator": (dict,), "critic": (dict,), "ema": (dict, _NONE), "opt": (dict,),
     "epoch": (int,), "step": (int,), "batch": (int, _NONE), "history": (list,), "counts": (dict,),
     "switcher": (dict,), "gen_mode": (bool,), "config_key": (str,), "penalty_rng": (torch.Tensor,),
-    "epoch_loss": (float, int, _NONE), "epoch_seconds": (float, int, _NONE)}
+    "epoch_loss": (list, _NONE), "epoch_seconds": (float, int, _NONE)}
 
 
 def checkpoint_problem(state: Any, required: tuple[str, ...]) -> str | None:
@@ -427,6 +427,9 @@ def checkpoint_problem(state: Any, required: tuple[str, ...]) -> str | None:
             return f"{key} is a {type(value).__name__}"
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             return f"{key} is negative"
+        if key == "epoch_loss" and value is not None and not (  # [total, count] of the epoch so far (mid-epoch)
+                len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            return "epoch_loss is not [total, count]"
         if key == "history" and not all(isinstance(row, dict) for row in value):
             return "history is not a list of rows"
         if key in _WEIGHTS and value is not None and not all(

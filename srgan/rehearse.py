@@ -4,7 +4,9 @@ with the time each step takes, the memory it needs and an estimate of the whole 
 What runs is the recipe's own configuration (crop sizes and batches of every progressive stage, networks, losses,
 precision, loader workers, frozen then unfrozen phases, EMA), changed only in length: each training phase stops
 after `steps` batches (a fastai callback, `StepTimer`, which also times them), train-gan runs enough steps for
-both networks to train (as `--smoke` picks them), evaluate scores a few pairs. The data is the recipe's real
+both networks to train (as `--smoke` picks them), evaluate scores a few pairs. Each training stage is stopped
+after its first step the way SIGTERM stops it (a checkpoint written there) and resumed from that checkpoint, so a
+checkpoint the real run cannot read back shows up now, not after a preemption. The data is the recipe's real
 source when it is there (its first photos, through the real listing, split and size filter), else a stand-in in
 the real dataset's layout and geometry (`crappify.standins`). Missing pretrained weights (offline, say) make a
 stage rehearse with random weights, with one note. Everything is written under the rehearsal's own output
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import statistics
 import sys
 import time
@@ -33,9 +36,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from crappify.errors import ConfigError, CrappifyError
+from crappify.errors import ConfigError, CrappifyError, Interrupted
 from crappify.imageio import write_atomic
-from srgan.pipeline import Pipeline, Step, _run_stage, paths_of, stage_configs
+from srgan.pipeline import STAGE_TABLE, Pipeline, Step, _run_stage, paths_of, stage_configs
 from srgan.smoke import GAN_ITERS
 
 DEFAULT_STEPS = 5  # 4 timed after the warm-up step: 2 gave estimates 40 % apart from run to run on a CPU
@@ -57,18 +60,23 @@ class StageReport:
     peak_rss_mib: float | None = None
     peak_gpu_mib: float | None = None
     eta_seconds: float | None = None  # the full stage on this device
+    resumed: bool | None = None  # a training stage: stopped after its first step, resumed from its checkpoint
     shapes: dict[str, float] = field(default_factory=dict)  # "size x bs (phase)" -> median s/step
     warmup_only: bool = False  # some shape was timed once only: its time includes warm-up (more --rehearse-steps)
     note: str = ""
 
 
-def _step_timer(limit: int | None) -> Any:
+def _step_timer(limit: int | None, resume: bool = False) -> Any:
     """A fastai callback timing every training batch (and the loader's wait before it) and every validation pass;
     with `limit`, each fit's training stops after that many batches (`CancelTrainException` at the next batch's
     start, so every callback has seen the last one: validation, the epoch's end and its checkpoint still run).
-    train-gan counts its own steps (and ends the fit after its last one, at order 55): its steps are not cut."""
+    train-gan counts its own steps (and ends the fit after its last one, at order 55): its steps are not cut.
+    With `resume`, the stage is stopped after its first step as SIGTERM stops it (a checkpoint written there),
+    to be resumed from that checkpoint by the rehearsal (`part` 1); the resumed fit counts its steps afresh."""
     import torch
     from fastai.callback.core import Callback, CancelTrainException
+
+    from srgan.runtime import StopRequest
 
     class StepTimer(Callback):
         # before fastai's MixedPrecision (10) enters autocast in before_batch, so a cancelled batch leaves none
@@ -76,9 +84,13 @@ def _step_timer(limit: int | None) -> Any:
         order = 5
 
         def __init__(self) -> None:
-            self.records: list[tuple[str, float, float, int]] = []  # (shape, seconds, loader wait, images)
+            # (shape, seconds, loader wait, images, part): part 1 is the resumed run (its first step warms up again)
+            self.records: list[tuple[str, float, float, int, int]] = []
             self.valid: list[tuple[float, int]] = []  # (seconds, items)
             self._n, self._last, self._t0, self._wait, self._v0 = 0, 0.0, 0.0, 0.0, None
+            self.part = 0  # 1: the resumed run (not `run`: fastai reads that to switch a callback off)
+            self.stop_after = 1 if resume else 0  # ask the stage to stop (as SIGTERM does) after this many steps
+            self.stopped = False  # the stage was asked to stop by this timer (so its `Interrupted` is ours)
 
         def before_train(self) -> None:
             self._n, self._last = 0, time.perf_counter()
@@ -98,8 +110,17 @@ def _step_timer(limit: int | None) -> Any:
             if target.is_cuda:
                 torch.cuda.synchronize(target.device)
             now = time.perf_counter()
-            self.records.append((self._shape(target), now - self._t0, self._wait, len(target)))
+            self.records.append((self._shape(target), now - self._t0, self._wait, len(target), self.part))
             self._last, self._n = now, self._n + 1
+            if self.part == 0 and self.stop_after and len(self.records) == self.stop_after:
+                self._request_stop()
+
+        def _request_stop(self) -> None:
+            """What SIGTERM does (the stage's handler is a `StopRequest`): at this batch's end the stage writes a
+            checkpoint where it is and stops with `Interrupted`; the rehearsal then resumes it from that file."""
+            handler = signal.getsignal(signal.SIGTERM)
+            if isinstance(handler, StopRequest):  # not installed outside the main thread: no resume rehearsed
+                handler.requested, self.stopped = True, True
 
         def _shape(self, target: torch.Tensor) -> str:
             gan = getattr(self.learn, "gan_trainer", None)
@@ -245,7 +266,7 @@ def _shortened(stage: str, cfg: BaseModel, steps: int) -> BaseModel:
         switching = values.get("switching")
         iters = (values.get("n_crit", 1) + values.get("n_gen", 1) if switching == "fixed"
                  else GAN_ITERS.get(switching, 2))
-        iters = max(iters, steps + 1)
+        iters = max(iters, steps + 2)  # resumed after step 1, each network's first step then warms up again
         changes.update(iters=iters, checkpoint_every=iters)
         if switching == "adaptive":
             changes["gen_first"] = True  # a critic at chance may never hand over to the generator in a few steps
@@ -258,13 +279,28 @@ def _shortened(stage: str, cfg: BaseModel, steps: int) -> BaseModel:
 # estimates
 
 
-def _median_after_warmup(records: list[tuple[str, float, float, int]]) -> dict[str, float]:
+def _median_after_warmup(records: list[tuple[str, float, float, int, int]]) -> dict[str, float]:
     """Median seconds per step of each shape, the wait for its batch included (a step of the real run waits
-    too), leaving out each shape's first step when there are more."""
-    by_shape: dict[str, list[float]] = {}
-    for shape, seconds, wait, _n in records:
-        by_shape.setdefault(shape, []).append(seconds + wait)
-    return {shape: statistics.median(times[1:] if len(times) > 1 else times) for shape, times in by_shape.items()}
+    too), leaving out each shape's first step in each run (the resumed run warms up again) when there are more."""
+    firsts: dict[str, list[float]] = {}
+    timed: dict[str, list[float]] = {}
+    seen: set[tuple[str, int]] = set()
+    for shape, seconds, wait, _n, run in records:
+        if (shape, run) in seen:
+            timed.setdefault(shape, []).append(seconds + wait)
+        else:
+            seen.add((shape, run))
+            firsts.setdefault(shape, []).append(seconds + wait)
+    return {shape: statistics.median(timed.get(shape) or times) for shape, times in firsts.items()}
+
+
+def _gan_steps(records: list[tuple[str, float, float, int, int]]) -> list[float]:
+    """train-gan's step times after each run's first two (each network's first step warms up)."""
+    runs: dict[int, list[float]] = {}
+    for _shape, seconds, wait, _n, run in records:
+        runs.setdefault(run, []).append(seconds + wait)
+    timed = [t for times in runs.values() for t in times[2:]]
+    return timed or [t for times in runs.values() for t in times]
 
 
 def _eta(stage: str, cfg: BaseModel, timer: Any, wall: float, data: Data, built: dict[str, int],
@@ -303,7 +339,7 @@ def _eta(stage: str, cfg: BaseModel, timer: Any, wall: float, data: Data, built:
         epoch = max(1, int(2 * real["train"] // cfg.bs)) * per_step + 2 * real["valid"] * valid_per_item
         return per_pred * (real["train"] + real["valid"]) + cfg.epochs * epoch
     if stage == "train-gan":
-        steps = [s + w for _shape, s, w, _n in timer.records[2:]] or [s + w for _shape, s, w, _n in timer.records]
+        steps = _gan_steps(timer.records)
         per_step = statistics.median(steps) if steps else 0.0
         iters = cfg.iters or math.ceil(cfg.epochs * max(1, int(real["train"] // cfg.bs)))
         return iters * per_step
@@ -351,8 +387,9 @@ def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: 
     extra: dict[str, float] = {}
     for stage, cfg in cfgs.items():
         short = _shortened(stage, cfg, steps)
-        timer = _step_timer(steps)
-        note = ""
+        checkpointed = STAGE_TABLE[stage].checkpoint is not None  # the training stages: rehearse their resume
+        timer = _step_timer(steps, checkpointed)
+        note, resumed = "", None
         _reset_peaks(device)
         t0 = time.perf_counter()
         for attempt in (0, 1):
@@ -365,7 +402,7 @@ def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: 
                     _run_stage(Step(stage, one, "", "rerun", "rehearsal"), paths, progress, (), None)
                     extra["eval_one_pair"] = time.perf_counter() - t1
                     t0 = time.perf_counter()
-                _run_stage(Step(stage, short, "", "rerun", "rehearsal"), paths, progress, (), [timer])
+                resumed = _run_and_resume(stage, short, paths, progress, timer)
                 break
             except WeightsError as exc:
                 if attempt or not _has_pretrained(short):
@@ -374,25 +411,27 @@ def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: 
                 report(f"rehearse: note: stage {stage}: pretrained weights unavailable; rehearsing it with random "
                        "weights (the time per step is the same; the results are not)")
                 short = type(short).model_validate({**short.model_dump(), **_random_weights(short)})
-                timer = _step_timer(steps)
+                timer = _step_timer(steps, checkpointed)
                 t0 = time.perf_counter()
         wall = time.perf_counter() - t0
         if stage == "build-dataset":
             built = _split_counts(paths.dataset)
         rss, gpu = _peaks(device)
-        rep = StageReport(stage, round(wall, 2), note=note, peak_rss_mib=_round(rss), peak_gpu_mib=_round(gpu))
+        rep = StageReport(stage, round(wall, 2), note=note, peak_rss_mib=_round(rss), peak_gpu_mib=_round(gpu),
+                          resumed=resumed)
         if timer.records:
             medians = _median_after_warmup(timer.records)
-            waits = sum(w for _s, _t, w, _n in timer.records)
-            busy = sum(t for _s, t, _w, _n in timer.records)
+            waits = sum(r[2] for r in timer.records)
+            busy = sum(r[1] for r in timer.records)
             slowest = max(medians, key=medians.get)
-            images = statistics.median(n for s, _t, _w, n in timer.records if s == slowest)
+            images = statistics.median(r[3] for r in timer.records if r[0] == slowest)
             rep.steps, rep.step_seconds = len(timer.records), round(medians[slowest], 4)
             rep.images_per_second = round(images / medians[slowest], 2) if medians[slowest] > 0 else None
             rep.loader_wait = round(waits / (waits + busy), 3) if waits + busy > 0 else None
             rep.shapes = {k: round(v, 4) for k, v in medians.items()}
-            counts = [sum(1 for r in timer.records if r[0] == k) for k in medians]
-            rep.warmup_only = min(counts) < 2
+            firsts = {(r[0], r[4]) for r in timer.records}  # each shape's first step of each run: warm-up
+            counts = [sum(1 for r in timer.records if r[0] == k) - sum(1 for f in firsts if f[0] == k) for k in medians]
+            rep.warmup_only = min(counts) < 1
         rep.eta_seconds = _round(_eta(stage, cfg, timer, wall, data, built, extra) if built or stage == "sample-crops"
                                  else None)
         reports.append(rep)
@@ -404,6 +443,29 @@ def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: 
     write_atomic(root / "rehearsal.json", json.dumps(result, indent=1) + "\n")
     report(table(result))
     return result
+
+
+def _run_and_resume(stage: str, cfg: BaseModel, paths: Any, progress: bool, timer: Any) -> bool | None:
+    """Run a stage; a training stage is stopped by `timer` after its first step as SIGTERM stops it, and is then
+    resumed from the checkpoint it wrote there (the path a preempted real run takes). Returns whether it was
+    resumed (None: a stage that does not checkpoint)."""
+    try:
+        _run_stage(Step(stage, cfg, "", "rerun", "rehearsal"), paths, progress, (), [timer])
+    except Interrupted:
+        if not timer.stopped:  # a real SIGTERM: the rehearsal stops
+            raise
+    else:
+        return None if STAGE_TABLE[stage].checkpoint is None else timer.stopped
+    checkpoint = STAGE_TABLE[stage].checkpoint(paths)
+    if not checkpoint.is_file():
+        raise CrappifyError(f"rehearse: {stage} stopped after its first step but wrote no checkpoint {checkpoint}")
+    timer.part = 1
+    before = set(checkpoint.parent.glob("stale-*.pt"))
+    _run_stage(Step(stage, cfg, "", "resume", "rehearsal"), paths, progress, (), [timer])
+    if set(checkpoint.parent.glob("stale-*.pt")) - before:  # `resume_state` set it aside and started over
+        raise CrappifyError(f"rehearse: {stage} could not resume from the checkpoint it wrote ({checkpoint}): a "
+                            "preempted real run would start over; see the note above")
+    return True
 
 
 def _time_preds(cfg: BaseModel, device: Any) -> dict[str, float]:
@@ -476,7 +538,9 @@ def _duration(seconds: float | None) -> str:
 def _line(rep: StageReport) -> str:
     warm = ", with warm-up: an over-estimate" if rep.warmup_only else ""
     step = f", {rep.step_seconds:.3g} s/step ({rep.steps} timed{warm})" if rep.step_seconds is not None else ""
-    return (f"rehearse: {rep.stage}: {rep.seconds:.1f} s{step}; full stage ~{_duration(rep.eta_seconds)}"
+    resumed = {True: "; stopped after its first step and resumed from its checkpoint",
+               False: "; its resume was not rehearsed (not in the main thread)"}.get(rep.resumed, "")
+    return (f"rehearse: {rep.stage}: {rep.seconds:.1f} s{step}{resumed}; full stage ~{_duration(rep.eta_seconds)}"
             + (f" ({rep.note})" if rep.note else ""))
 
 

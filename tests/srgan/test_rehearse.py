@@ -24,6 +24,7 @@ def _check(result: dict, root: Path, stages: list[str]) -> dict[str, dict]:
         assert rep["seconds"] > 0 and rep["eta_seconds"] is not None and rep["eta_seconds"] > 0, rep
         assert rep["peak_rss_mib"] is None or rep["peak_rss_mib"] > 50
         if stage in TRAINING:
+            assert rep["resumed"] is True, rep  # stopped after its first step as SIGTERM stops it, then resumed
             assert rep["steps"] >= 1 and rep["step_seconds"] > 0 and rep["images_per_second"] > 0, rep
             assert 0 <= rep["loader_wait"] <= 1
     assert result["eta_seconds"] == pytest.approx(sum(s["eta_seconds"] for s in result["stages"]), abs=0.2)
@@ -38,8 +39,8 @@ def test_the_demo_rehearses_every_stage_at_its_real_size(tmp_path, monkeypatch):
     result = rehearse(p, str(tmp_path / "r"), steps=2, report=lines.append)
     by_stage = _check(result, tmp_path / "r", list(STAGES))
     gen = by_stage["train-gen"]
-    assert gen["steps"] == 2 and list(gen["shapes"]) == ["64 px x 16"] and not gen["warmup_only"]
-    assert by_stage["train-critic"]["steps"] == 2
+    assert gen["steps"] == 1 + 2 and list(gen["shapes"]) == ["64 px x 16"] and not gen["warmup_only"]
+    assert by_stage["train-critic"]["steps"] == 1 + 2
     gan = by_stage["train-gan"]
     assert gan["steps"] >= 2 and set(gan["shapes"]) == {"critic", "generator"}  # both networks trained
     assert not (tmp_path / "runs").exists()
@@ -82,9 +83,13 @@ def test_every_shipped_recipe_has_its_data_or_a_stand_in():
 
 
 def test_medians_leave_out_each_shapes_first_step():
-    records = [("128 px x 8", 9.0, 0.5, 8), ("128 px x 8", 1.0, 0.5, 8), ("128 px x 8", 3.0, 0.5, 8),
-               ("256 px x 4", 5.0, 0.0, 4)]  # (shape, seconds, wait for the batch, images)
+    records = [("128 px x 8", 9.0, 0.5, 8, 0), ("128 px x 8", 1.0, 0.5, 8, 0), ("128 px x 8", 3.0, 0.5, 8, 0),
+               ("256 px x 4", 5.0, 0.0, 4, 0)]  # (shape, seconds, wait for the batch, images, run)
     assert _median_after_warmup(records) == {"128 px x 8": 2.5, "256 px x 4": 5.0}
+    # the resumed run (1) warms up again: its first step of each shape is left out too
+    records = [("64 px x 16", 9.0, 0.0, 16, 0), ("64 px x 16", 8.0, 0.0, 16, 1), ("64 px x 16", 2.0, 0.0, 16, 1),
+               ("64 px x 16", 4.0, 0.0, 16, 1)]
+    assert _median_after_warmup(records) == {"64 px x 16": 3.0}
 
 
 def test_the_estimate_counts_the_real_runs_steps():
@@ -93,7 +98,7 @@ def test_the_estimate_counts_the_real_runs_steps():
     from srgan.train_gen import TrainGenConfig
 
     class Timer:
-        records = [("64 px x 16", 5.0, 0.0, 16), ("64 px x 16", 0.4, 0.1, 16)]
+        records = [("64 px x 16", 5.0, 0.0, 16, 0), ("64 px x 16", 0.4, 0.1, 16, 0)]
         valid = [(2.0, 10)]  # 0.2 s an item
 
     cfg = TrainGenConfig(data="d", out="o", arch="unet-small", pretrained=False, size=64, bs=16, epochs=3)
@@ -115,3 +120,17 @@ def test_the_table_names_every_stage_and_the_total():
     text = table({"pipeline": "x", "device": "CPU", "steps": 3, "data": "d", "eta_seconds": 7200.0,
                   "stages": [rep.__dict__]})
     assert "| train-gen | 12.0 s | 2 | 8 | 10% | 900 MiB | - | 2.0 h |" in text and "**2.0 h**" in text
+
+
+def test_a_checkpoint_that_cannot_be_resumed_fails_the_rehearsal(tmp_path, monkeypatch):
+    """The rehearsal resumes each training stage from the checkpoint it wrote after its first step; one the
+    stage cannot read back (here: every checkpoint judged unusable) ends it with one line, not a silent restart."""
+    import srgan.checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(srgan.checkpoint, "checkpoint_problem", lambda state, required: "judged unusable")
+    p = load_pipeline(PIPELINES_DIR / "demo.yaml")
+    p.sample_crops.update(train=24, valid=8, test=8)
+    with pytest.raises(CrappifyError, match="train-gen could not resume from the checkpoint it wrote") as err:
+        rehearse(p, str(tmp_path / "r"), steps=1, report=lambda text: None)
+    assert "\n" not in str(err.value)

@@ -477,7 +477,22 @@ CRAFTED_CHECKPOINTS = {
     "history of numbers": {"model": {}, "epoch": 1, "history": [1], "config_key": "k"},
     "key leading elsewhere": {"model": {}, "epoch": "x", "history": [], "config_key": "../../x"},
     "not a torch file": b"PK\x03\x04 certainly not a checkpoint",
+    "epoch_loss not a pair": {"model": {}, "epoch": 1, "history": [], "config_key": "k", "epoch_loss": [1.0]},
+    "epoch_loss of strings": {"model": {}, "epoch": 1, "history": [], "config_key": "k",
+                              "epoch_loss": ["1", "2"]},
 }
+
+
+def test_a_checkpoint_written_inside_an_epoch_is_taken_up(tmp_path):
+    """A mid-epoch checkpoint keeps the epoch's loss so far as [total, count]: a resume takes it up (it was set
+    aside as 'not usable' once, so every mid-epoch resume started over)."""
+    from srgan.checkpoint import resume_state
+
+    path = tmp_path / "last.pt"
+    state = {"model": {"w": torch.zeros(1)}, "epoch": 1, "batch": 3, "history": [{"epoch": 1}], "config_key": "k",
+             "epoch_loss": [2.5, 12], "epoch_seconds": 4.0}
+    torch.save(state, path)
+    assert resume_state(path, "k", True, "train-gen", required=("model", "epoch", "history"))["epoch_loss"] == [2.5, 12]
 
 
 @pytest.mark.parametrize("case", sorted(CRAFTED_CHECKPOINTS))

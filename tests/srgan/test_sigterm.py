@@ -61,6 +61,13 @@ def sigterm_at(epoch: int, batch: int, training: bool = True):
     return SendSigterm()
 
 
+def resume_quietly(capfd: pytest.CaptureFixture, folder: Path) -> None:
+    """The resume just run took up its checkpoint: no 'starting from the beginning' note, nothing set aside
+    (a restart from scratch ends at the same weights under a seed, so the weights alone cannot tell)."""
+    assert "starting from the beginning" not in capfd.readouterr().err
+    assert not list(folder.glob("stale-*.pt"))
+
+
 def assert_one_line_naming_resume(exc: pytest.ExceptionInfo) -> None:
     text = str(exc.value)
     assert "\n" not in text and "SIGTERM" in text and "--resume" in text
@@ -83,7 +90,7 @@ def gen_reference(sr_dataset, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("training", [True, False], ids=["mid-epoch", "during-validation"])
 def test_gen_sigterm_checkpoints_where_it_is_and_resume_loses_nothing(training, sr_dataset, gen_reference,
-                                                                     tmp_path):
+                                                                     tmp_path, capfd):
     run = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted) as exc:
@@ -95,12 +102,14 @@ def test_gen_sigterm_checkpoints_where_it_is_and_resume_loses_nothing(training, 
     assert len(state["epoch_loss"]) == 2 and state["epoch_loss"][1] == (4 if training else 6)
     assert [r["epoch"] for r in rows(run / "history.csv")] == ["1"]
     assert not (run / "generator.safetensors").exists()
+    capfd.readouterr()
     Trainer(gen_cfg(sr_dataset, run), resume=True, progress=False).fit()
+    resume_quietly(capfd, run / "checkpoints")
     assert_same_gen(run, gen_reference)
 
 
 def test_gen_checkpoint_every_n_batches_then_killed_resumes_from_inside_the_epoch(sr_dataset, gen_reference,
-                                                                                  tmp_path, monkeypatch):
+                                                                                  tmp_path, monkeypatch, capfd):
     import srgan.train_gen
 
     run = tmp_path / "run"
@@ -110,7 +119,9 @@ def test_gen_checkpoint_every_n_batches_then_killed_resumes_from_inside_the_epoc
             Trainer(gen_cfg(sr_dataset, run, checkpoint_every=2), progress=False).fit()
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (state["epoch"], state["batch"]) == (1, 2)
+    capfd.readouterr()
     Trainer(gen_cfg(sr_dataset, run), resume=True, progress=False).fit()  # checkpoint_every: how to run only
+    resume_quietly(capfd, run / "checkpoints")
     assert_same_gen(run, gen_reference)
 
 
@@ -134,19 +145,22 @@ def test_sigterm_after_the_last_batch_finishes_the_stage_then_stops(sr_dataset, 
 crit_base, crit_cfg, crit_reference = critic_setup(CRIT)
 
 
-def test_critic_sigterm_mid_epoch_then_resume_loses_nothing(sr_dataset, crit_base, crit_reference, tmp_path):
+def test_critic_sigterm_mid_epoch_then_resume_loses_nothing(sr_dataset, crit_base, crit_reference, tmp_path,
+                                                            capfd):
     run = shutil.copytree(crit_base, tmp_path / "run")
     with pytest.raises(Interrupted) as exc:
         train_critic(crit_cfg(sr_dataset, run), progress=False, cbs=[sigterm_at(1, 0)])
     assert_one_line_naming_resume(exc)
     state = load_checkpoint(run / "critic-checkpoints" / "last.pt")
     assert (state["epoch"], state["batch"]) == (1, 1)
+    capfd.readouterr()
     train_critic(crit_cfg(sr_dataset, run), resume=True, progress=False)
+    resume_quietly(capfd, run / "critic-checkpoints")
     assert_same_critic(run, crit_reference)
 
 
 def test_critic_checkpoint_every_then_killed_resumes_from_inside_the_epoch(sr_dataset, crit_base, crit_reference,
-                                                                           tmp_path, monkeypatch):
+                                                                           tmp_path, monkeypatch, capfd):
     import srgan.train_critic
 
     run = shutil.copytree(crit_base, tmp_path / "run")
@@ -156,7 +170,9 @@ def test_critic_checkpoint_every_then_killed_resumes_from_inside_the_epoch(sr_da
             train_critic(crit_cfg(sr_dataset, run, checkpoint_every=1), progress=False)
     state = load_checkpoint(run / "critic-checkpoints" / "last.pt")
     assert (state["epoch"], state["batch"]) == (1, 1)
+    capfd.readouterr()
     train_critic(crit_cfg(sr_dataset, run, checkpoint_every=1), resume=True, progress=False)
+    resume_quietly(capfd, run / "critic-checkpoints")
     assert_same_critic(run, crit_reference)
 
 
@@ -164,7 +180,7 @@ def test_critic_checkpoint_every_then_killed_resumes_from_inside_the_epoch(sr_da
 # train-gan
 
 
-def test_gan_sigterm_mid_epoch_saves_the_step_and_resume_loses_nothing(sr_dataset, gan_base, tmp_path):
+def test_gan_sigterm_mid_epoch_saves_the_step_and_resume_loses_nothing(sr_dataset, gan_base, tmp_path, capfd):
     run, ref = shutil.copytree(gan_base, tmp_path / "run"), shutil.copytree(gan_base, tmp_path / "ref")
     cfg = TrainGanConfig(data=str(sr_dataset), out=str(run), **GAN)
     with pytest.raises(Interrupted) as exc:  # epoch 2 (steps 4-6), after its second step
@@ -172,7 +188,9 @@ def test_gan_sigterm_mid_epoch_saves_the_step_and_resume_loses_nothing(sr_datase
     assert_one_line_naming_resume(exc)
     assert load_checkpoint(run / "gan" / "checkpoints" / "last.pt")["step"] == 5
     assert len(rows(run / "gan" / "history.csv")) == 5
+    capfd.readouterr()
     train_gan(cfg, resume=True, progress=False)
+    resume_quietly(capfd, run / "gan" / "checkpoints")
     train_gan(TrainGanConfig(data=str(sr_dataset), out=str(ref), **GAN), progress=False)
     assert_same_gan(run, ref)
 
