@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from crappify.chain import follow_record
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, save_image_atomic, write_atomic, write_csv_atomic
+from crappify.precision import Precision
 from srgan.checkpoint import model_file  # also its old import path (re-export)
 from srgan.runtime import MAX_BATCH, resolve_device
 
@@ -67,7 +68,7 @@ class EvaluateConfig(BaseModel):
     overlap: int | None = Field(None, ge=0)
     batch: int | None = Field(None, ge=1, le=MAX_BATCH)
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     lpips: bool = True
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
 

@@ -45,7 +45,7 @@ from torch import nn
 from crappify.errors import ConfigError, CrappifyError
 from srgan.generators import UNET_MULTIPLE, model_multiple, model_scale  # noqa: F401  (UNET_MULTIPLE: re-export)
 from srgan.normalize import Normalizer
-from srgan.runtime import PRECISIONS, compile_module, is_oom, resolve_inference_precision  # noqa: F401  (re-exports)
+from srgan.runtime import compile_module, is_oom, resolve_inference_precision
 from srgan.upsample import resize_image
 
 DEFAULT_TILE = 512  # output pixels per tile side; SR models take tile // scale input pixels

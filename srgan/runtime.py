@@ -19,16 +19,14 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from crappify.errors import ConfigError, Interrupted
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
+from crappify.precision import PRECISIONS, Precision
 
 # Adam's settings in a training stage's config (train-gen, train-critic, train-gan): each of `betas` in [0, 1);
 # `eps` defaults to fastai's Adam's, which every stage ran before it was an option (torch's and Keras 1's: 1e-8).
@@ -60,7 +58,7 @@ class RunOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     channels_last: bool = True
     num_workers: int | None = Field(None, ge=0, le=MAX_WORKERS,
                                     description="data-loading processes; None: 8 on CUDA, 0 on CPU")

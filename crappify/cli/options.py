@@ -16,10 +16,8 @@ from typing import Any
 import click
 
 from crappify.errors import ConfigError
+from crappify.precision import PRECISION_ENV, PRECISIONS, precision_override
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-"""`srgan.train_gen.TrainGenConfig.precision`'s values (and every other stage's, and `srgan.inference.PRECISIONS`)."""
-PRECISION_ENV = "CRAPPIFY_PRECISION"
 OFFLINE_ENV = "CRAPPIFY_OFFLINE"
 """Set (to 1) by `--offline`: `srgan.weights` then never touches the network (its `OFFLINE_ENV`)."""
 ADV_LOSSES = ("bce", "lsgan", "hinge", "wgan-gp")
@@ -118,9 +116,20 @@ def workers_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="Data-loading processes (default: 8 on CUDA, 0 on CPU).")(fn)
 
 
+def _precision_or_env(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A stage's `--precision` when given, else $CRAPPIFY_PRECISION when set (as `run` and `demo` read it),
+    else the option's default."""
+    if ctx.get_parameter_source(param.name) in (click.core.ParameterSource.COMMANDLINE,
+                                                 click.core.ParameterSource.ENVIRONMENT):
+        return value
+    return precision_override(None) or value  # a bad value: ConfigError, the app's one line (exit 2)
+
+
 def stage_precision_option(text: str = "Mixed precision (default auto).", **kwargs: Any) -> Decorator:
-    """`--precision` of one stage (train-gen, train-critic, train-gan, evaluate, enhance)."""
-    return click.option("--precision", type=PRECISION_CHOICE, help=text, **kwargs)
+    """`--precision` of one stage (train-gen, train-critic, train-gan, evaluate, enhance); unset, it is
+    $CRAPPIFY_PRECISION's value, which then wins over a --config file's as it does over a pipeline's."""
+    return click.option("--precision", type=PRECISION_CHOICE, callback=_precision_or_env,
+                        help=f"{text} Unset: ${PRECISION_ENV} if set.", **kwargs)
 
 
 def precision_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,19 +137,6 @@ def precision_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--precision", type=PRECISION_CHOICE,
                         help=f"Precision of every training/evaluation stage (default: "
                              f"${PRECISION_ENV} if set, else each stage's own).")(fn)
-
-
-def precision_override(flag: str | None) -> str | None:
-    """The precision override: the flag, else $CRAPPIFY_PRECISION (checked here, so a typo in it is one line
-    before anything runs), else None — each stage keeps its own default."""
-    if flag is not None:
-        return flag
-    value = os.environ.get(PRECISION_ENV, "").strip()
-    if not value:
-        return None
-    if value not in PRECISIONS:
-        raise ConfigError(f"{PRECISION_ENV}={value!r} is not a precision; valid: {', '.join(PRECISIONS)}")
-    return value
 
 
 def degrade_options(fn: Callable[..., Any]) -> Callable[..., Any]:

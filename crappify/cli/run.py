@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import click
 
-from crappify.cli.options import device_option, offline_option, precision_option, precision_override, quiet_option
+from crappify.cli.options import device_option, offline_option, precision_option, quiet_option
+from crappify.precision import precision_override
 
 DEMO_OUT = "runs/demo"  # srgan.demo.DEMO_OUT, written out so `--help` needs no srgan import
 

@@ -336,13 +336,13 @@ def test_choice_lists_match_their_registries_and_config_types():
     from crappify.builder import BuildConfig
     from crappify.cli import options
     from crappify.cli import run as cli_run
+    from crappify.precision import PRECISIONS
     from crappify.sources import SOURCES
     from srgan.adversarial import ADVERSARIAL
     from srgan.critics import CRITICS
     from srgan.data import DEGRADE_MODES
     from srgan.demo import DEMO_OUT
     from srgan.evaluate import EvaluateConfig
-    from srgan.inference import PRECISIONS
     from srgan.train_critic import TrainCriticConfig
     from srgan.train_gan import TrainGanConfig
     from srgan.train_gen import TrainGenConfig
@@ -400,3 +400,41 @@ def test_importing_the_app_warns_about_nothing():
     proc = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", "import crappify.cli"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_stage_command_reads_the_precision_from_the_environment_unless_given(monkeypatch):
+    """One rule for every command: --precision, else $CRAPPIFY_PRECISION, else the option's (or config's) default;
+    `run` and `demo` read it the same way (tests/srgan/test_pipeline.py)."""
+    import click
+    from click.testing import CliRunner
+
+    from crappify.cli.options import stage_precision_option
+    from crappify.errors import ConfigError
+
+    @click.command()
+    @stage_precision_option(default="auto")
+    def show(precision):
+        click.echo(precision)
+
+    runner = CliRunner()
+    monkeypatch.delenv("CRAPPIFY_PRECISION", raising=False)
+    assert runner.invoke(show, []).output.strip() == "auto"
+    monkeypatch.setenv("CRAPPIFY_PRECISION", "bf16")
+    assert runner.invoke(show, []).output.strip() == "bf16"
+    assert runner.invoke(show, ["--precision", "fp32"]).output.strip() == "fp32"  # the flag wins
+    monkeypatch.setenv("CRAPPIFY_PRECISION", "bogus")
+    res = runner.invoke(show, [])  # the app prints a ConfigError as one line and exits 2 (the next test)
+    assert isinstance(res.exception, ConfigError) and "CRAPPIFY_PRECISION='bogus'" in str(res.exception)
+
+
+@pytest.mark.parametrize("command", ["enhance", "evaluate", "train-gen"])
+def test_a_bad_precision_in_the_environment_stops_a_stage_command_in_one_line(command, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRAPPIFY_PRECISION", "bogus")
+    args = {"enhance": ["enhance", tmp_path, "-m", tmp_path / "g.safetensors", "-o", tmp_path / "out"],
+            "evaluate": ["evaluate", tmp_path, "-m", tmp_path / "g.safetensors", "-o", tmp_path / "r.md"],
+            "train-gen": ["train-gen", tmp_path, "-o", tmp_path / "out"]}[command]
+    res = cli(*args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert [line for line in res.stderr.splitlines() if "CRAPPIFY_PRECISION" in line] == [
+        "crappify: error: CRAPPIFY_PRECISION='bogus' is not a precision; valid: auto, fp32, bf16, fp16"], res.stderr
+    assert not (tmp_path / "out").exists()

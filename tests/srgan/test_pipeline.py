@@ -301,7 +301,7 @@ def test_a_bad_precision_in_the_environment_is_a_one_line_error(command, tmp_pat
 
 
 def test_precision_override_prefers_the_flag_then_the_environment(monkeypatch):
-    from crappify.cli.options import precision_override
+    from crappify.precision import precision_override
 
     monkeypatch.delenv("CRAPPIFY_PRECISION", raising=False)
     assert precision_override(None) is None and precision_override("fp16") == "fp16"
