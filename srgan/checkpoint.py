@@ -277,7 +277,7 @@ def read_generator_meta(path: str | Path) -> dict[str, Any]:
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a generator from its file alone (no pretrained downloads, no loss network), in eval mode."""
-    from srgan.generators import build_generator
+    from srgan.generators import build_generator, is_unet_arch
 
     path = Path(path)
     spec = read_generator_meta(path)["spec"]
@@ -288,7 +288,7 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> nn.M
                                                       **spec["options"]))
 
     # U-Nets are rebuilt at most BUILD_IMG_SIZE px (see there); the other generators do not use img_size
-    size = min(img_size, BUILD_IMG_SIZE) if arch.startswith("unet") else img_size
+    size = min(img_size, BUILD_IMG_SIZE) if is_unet_arch(arch) else img_size
     try:
         model = rebuild(size)
     except CrappifyError:

@@ -33,7 +33,7 @@ from PIL import Image
 
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, Photo, is_temp_name, write_atomic
-from srgan.generators import takes_upscaled_input
+from srgan.generators import is_unet
 from srgan.inference import OutOfMemory, TiledInference, Upscaled, is_oom
 
 WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
@@ -144,7 +144,7 @@ def enhance_image(engine: TiledInference, loaded: Loaded, scale: int,
     A U-Net (scale 1 inside the model) gets the image resized by `scale` (bicubic), as in training — by the
     engine, tile by tile, not as one whole upscaled photo; an SR model's own scale must be `scale`.
     """
-    out = engine(loaded.rgb, progress, upscale=scale if takes_upscaled_input(engine.model) else 1)
+    out = engine(loaded.rgb, progress, input_scale=scale if is_unet(engine.model) else 1)
     alpha = loaded.alpha
     if alpha is not None and scale != 1:
         alpha = upscale_plane(alpha, scale)
@@ -196,10 +196,10 @@ def resolve_scale(engine: TiledInference, scale: int | None) -> int:
     """The output/input ratio: an SR model's own scale; for U-Nets `scale`, by default the scale of the data
     the model was trained on (`engine.data_scale`, from the generator file): a U-Net trained on LR photos
     shrunk 4x and resized back learned to sharpen that much blur, so a photo is upscaled 4x for it."""
-    if engine.scale != 1:
-        if scale not in (None, engine.scale):
-            raise ConfigError(f"this model upsamples by {engine.scale}; --scale {scale} cannot be used with it")
-        return engine.scale
+    if engine.model_scale != 1:
+        if scale not in (None, engine.model_scale):
+            raise ConfigError(f"this model upsamples by {engine.model_scale}; --scale {scale} cannot be used with it")
+        return engine.model_scale
     scale = engine.data_scale if scale is None else scale
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ConfigError(f"--scale must be a positive integer, got {scale!r}")
@@ -228,13 +228,13 @@ def enhance(inputs: Iterable[str | Path], model: str | Path, out: str | Path, *,
         raise CrappifyError(f"no image files found in {', '.join(inputs)}")
     engine = load_inference(path, resolve_device(device), precision=precision, tile=tile, overlap=overlap,
                             batch=batch, on_note=note, compile=compile)
-    factor = resolve_scale(engine, scale)
-    if scale is None and engine.scale == 1 and factor != 1 and note is not None:
-        note(f"upscaling x{factor} before the U-Net, the scale of the data it was trained on "
+    out_scale = resolve_scale(engine, scale)
+    if scale is None and engine.model_scale == 1 and out_scale != 1 and note is not None:
+        note(f"upscaling x{out_scale} before the U-Net, the scale of the data it was trained on "
              "(--scale 1 keeps the size)")
-    res = enhance_files(engine, items, out, factor, overwrite=overwrite, progress=progress, jpeg_quality=quality,
+    res = enhance_files(engine, items, out, out_scale, overwrite=overwrite, progress=progress, jpeg_quality=quality,
                         report=report, max_pixels=max_pixels)
-    res.scale = factor
+    res.scale = out_scale
     if not res.written and not res.skipped and res.failed:
         raise CrappifyError(f"no image could be enhanced: {len(res.failed)} file(s) skipped (could not be read or "
                             f"written, too large for --max-pixels {max_pixels}, or out of memory)")

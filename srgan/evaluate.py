@@ -348,7 +348,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
             pred = engine(model_input(lr, (w, h), engine.model))
             if pred.shape != hr.shape:
                 raise CrappifyError(f"{path}: output {pred.shape[1]}x{pred.shape[0]} for {pair.id} does not match the "
-                                    f"HR {w}x{h} (the model upsamples by {engine.scale}; is it for this dataset?)")
+                                    f"HR {w}x{h} (the model upsamples by {engine.model_scale}; is it for this "
+                                    "dataset?)")
             results.append((name, pred))
         if len(engines) > 1:
             first = results[1][1].astype(np.int16)
@@ -472,7 +473,7 @@ def _report_md(cfg: EvaluateConfig, split: str, pairs: list, names: list[str], p
     lines.append("")
     for name, path, engine in zip(names, paths, engines, strict=True):
         spec = getattr(engine.model, "crappify_spec", {})
-        lines.append(f"- `{name}`: {path} ({spec.get('arch', '?')}, model scale ×{engine.scale}, "
+        lines.append(f"- `{name}`: {path} ({spec.get('arch', '?')}, model scale ×{engine.model_scale}, "
                      f"tile {engine.tile or 'none'}, {engine.precision})"
                      + (" — **the recipe's result**" if name == cfg.result else ""))
     header = "| method | " + " | ".join(LABELS[k] for k in METRICS) + " |"

@@ -115,9 +115,17 @@ def clone_generator(model: nn.Module) -> nn.Module:
     return clone.train(model.training)
 
 
+def is_unet_arch(arch: str) -> bool:
+    """Whether the generator named `arch` is a U-Net: the one test of it, by name (`is_unet` asks a model)."""
+    return str(arch).startswith("unet")
+
+
 def is_unet(model: nn.Module) -> bool:
-    """Whether a generator built here is a U-Net (input and output the same size; LR resized to HR first)."""
-    return str(getattr(model, "crappify_spec", {}).get("arch", "")).startswith("unet")
+    """Whether a generator built here is a U-Net, the input contract with it: it keeps the size (`model_scale`
+    1), so it takes the LR resized up to the output size, bicubic (`srgan.upsample`, the evaluation's baseline),
+    where a generator that upsamples takes the LR as it is. `model_input` applies it to a whole image;
+    `srgan.inference.TiledInference` tile by tile (`input_scale`)."""
+    return is_unet_arch(getattr(model, "crappify_spec", {}).get("arch", ""))
 
 
 def model_scale(model: nn.Module) -> int:
@@ -130,19 +138,12 @@ def model_multiple(model: nn.Module) -> int:
     return UNET_MULTIPLE if is_unet(model) else 1
 
 
-def takes_upscaled_input(model: nn.Module) -> bool:
-    """The input contract: a generator that keeps the size (a U-Net; `model_scale` 1) takes the LR resized up to
-    the output size, bicubic (`srgan.upsample`, the evaluation's baseline); one that upsamples takes the LR as it
-    is. `model_input` applies it to a whole image; `srgan.inference.TiledInference` tile by tile (`upscale`)."""
-    return model_scale(model) == 1
-
-
 def model_input(lr: np.ndarray, out_size: tuple[int, int] | None, model: nn.Module | bool) -> np.ndarray:
     """The input a generator gets for the HWC uint8 image `lr` when its output is to be `out_size` (width,
     height): `lr` resized to `out_size` by `srgan.upsample.resize_image` when the model takes an upscaled input
-    (`takes_upscaled_input`), else `lr` itself. `model`: the generator, or that answer already known (the data
+    (a U-Net: `is_unet`), else `lr` itself. `model`: the generator, or that answer already known (the data
     layer knows only whether it feeds a U-Net). `out_size` None: `lr` as it is."""
-    upscaled = model if isinstance(model, bool) else takes_upscaled_input(model)
+    upscaled = model if isinstance(model, bool) else is_unet(model)
     if upscaled and out_size is not None and (lr.shape[1], lr.shape[0]) != tuple(out_size):
         return resize_image(lr, tuple(out_size))
     return lr

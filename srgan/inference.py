@@ -12,7 +12,7 @@ the model on one batch of tiles plus a strip bounded by the tile in both directi
 1×20,000,000 px photo once asked for a 7.7 GB strip), nor its pixel count squared, which is what the U-Net's
 self-attention layer would need on a whole large photo. Only the uint8 output is the size of the image.
 
-A U-Net's input is the photo upscaled (bicubic, `srgan.upsample`) to the output size. With `upscale` the engine
+A U-Net's input is the photo upscaled (bicubic, `srgan.upsample`) to the output size. With `input_scale` the engine
 does that itself, tile by tile, each tile from just the photo pixels its bicubic taps reach: the same pixels as
 resizing the whole photo first (to rounding: within 1 grey level), without ever holding the upscaled photo.
 
@@ -185,14 +185,14 @@ class TiledInference:
         self.model = self.model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.scale = model_scale(self.model)
+        self.model_scale = model_scale(self.model)
         self.multiple = model_multiple(self.model)
         self.precision, note = resolve_inference_precision(self.precision, self.device)
         if note:
             self._note(note)
         if self.tile is None:
             default = DEFAULT_TILE_CUDA if self.device.type == "cuda" else DEFAULT_TILE
-            self.tile = max(MIN_TILE, default // self.scale)
+            self.tile = max(MIN_TILE, default // self.model_scale)
         if self.tile < 0 or (self.overlap is not None and self.overlap < 0):
             raise ConfigError(f"tile and overlap must be >= 0, got {self.tile} and {self.overlap}")
         if self.tile:
@@ -220,18 +220,20 @@ class TiledInference:
         ov = _round_up(ov, self.multiple)
         return min(ov, tile - self.multiple) if tile > self.multiple else 0
 
-    def __call__(self, img: np.ndarray, progress: Progress | None = None, upscale: int = 1) -> np.ndarray:
-        """HWC uint8 RGB → HWC uint8 RGB, `upscale` × `scale` times larger; retries with smaller batches/tiles on OOM.
+    def __call__(self, img: np.ndarray, progress: Progress | None = None, input_scale: int = 1) -> np.ndarray:
+        """HWC uint8 RGB → HWC uint8 RGB, `input_scale` × `model_scale` times larger; retries with smaller
+        batches/tiles on OOM.
 
-        `upscale`: the model's input is `img` resized by this integer factor (bicubic, as `srgan.upsample.resize_image`
-        would), computed tile by tile. The output array is allocated first: a MemoryError there is not retried.
+        `input_scale`: the model's input is `img` resized by this integer factor (bicubic, as
+        `srgan.upsample.resize_image` would), computed tile by tile. The output array is allocated first: a
+        MemoryError there is not retried.
         """
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"expected an HWC uint8 RGB array, got shape {img.shape} dtype {img.dtype}")
-        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
-            raise ConfigError(f"upscale must be a positive integer, got {upscale!r}")
-        src = Upscaled(img, upscale)
-        out = np.empty((src.height * self.scale, src.width * self.scale, 3), np.uint8)
+        if isinstance(input_scale, bool) or not isinstance(input_scale, int) or input_scale < 1:
+            raise ConfigError(f"input_scale must be a positive integer, got {input_scale!r}")
+        src = Upscaled(img, input_scale)
+        out = np.empty((src.height * self.model_scale, src.width * self.model_scale, 3), np.uint8)
         asked = self.tile, self.batch
         while True:
             try:
@@ -264,7 +266,7 @@ class TiledInference:
     @torch.inference_mode()
     def _run(self, src: Upscaled, out: np.ndarray, progress: Progress | None) -> np.ndarray:
         h, w = src.height, src.width
-        s, m = self.scale, self.multiple
+        s, m = self.model_scale, self.multiple
         hp, wp = _round_up(h, m), _round_up(w, m)
         fixed = bool(self.tile and self.fixed_tiles)
         if fixed:  # every tile `tile` px square (one shape to compile): a smaller photo is padded up to one tile

@@ -309,11 +309,11 @@ def _new_generator(cfg: TrainGanConfig) -> torch.nn.Module:
     """A generator of `generator_arch` with random weights (an ImageNet encoder for U-Nets when `pretrained`),
     at the dataset's scale (U-Nets: 1, their input is resized)."""
     from srgan.data import data_scale, read_dataset
-    from srgan.generators import NO_IMAGENET_WEIGHTS, build_generator
+    from srgan.generators import NO_IMAGENET_WEIGHTS, build_generator, is_unet_arch
 
     arch = cfg.generator_arch
     assert arch is not None
-    scale = 1 if arch.startswith("unet") else data_scale(read_dataset(cfg.data)[1])
+    scale = 1 if is_unet_arch(arch) else data_scale(read_dataset(cfg.data)[1])
     return build_generator(arch, scale=scale, img_size=cfg.size,
                            pretrained=cfg.pretrained and arch not in NO_IMAGENET_WEIGHTS, **cfg.generator_options)
 

@@ -45,7 +45,7 @@ from srgan.distributed import (
     unwrap,
     world_size,
 )
-from srgan.generators import NO_IMAGENET_WEIGHTS, is_unet  # NO_IMAGENET_WEIGHTS: also its old import path
+from srgan.generators import NO_IMAGENET_WEIGHTS, is_unet, is_unet_arch  # NO_IMAGENET_WEIGHTS: also its old import path
 from srgan.losses import LossSpec
 from srgan.normalize import Normalizer
 from srgan.runtime import (
@@ -128,7 +128,7 @@ class TrainGenConfig(RunOptions, AdamOptions):
 
     def encoder_pretrained(self) -> bool:
         """Whether training starts from ImageNet weights (a U-Net's encoder) rather than random weights."""
-        return self.pretrained and self.arch.startswith("unet") and self.arch not in NO_IMAGENET_WEIGHTS
+        return self.pretrained and is_unet_arch(self.arch) and self.arch not in NO_IMAGENET_WEIGHTS
 
     def resolved(self, device_type: str = "cpu") -> TrainGenConfig:
         """This config with every start-dependent default filled in (what runs, and what train-gen.yaml saves), for a
@@ -235,7 +235,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.normalizer = Normalizer()
         _, self.data_config = read_dataset(cfg.data)
-        self.scale = data_scale(self.data_config)
+        self.data_scale = data_scale(self.data_config)
         self.history: list[dict[str, Any]] = []
         self.batches = 0  # training batches this process ran (reported per rank under torchrun)
         self.stop: StopRequest | None = None  # set while `fit` runs
@@ -247,7 +247,7 @@ class Trainer:
 
         first = self.cfg.schedule()[0]
         arch = self.cfg.arch
-        model = build_generator(arch, scale=1 if arch.startswith("unet") else self.scale, img_size=first.size,
+        model = build_generator(arch, scale=1 if is_unet_arch(arch) else self.data_scale, img_size=first.size,
                                 pretrained=self.cfg.pretrained, weights=self.cfg.weights, **self.cfg.options)
         return model, is_unet(model)
 
@@ -287,7 +287,7 @@ class Trainer:
 
         cfg, device = self.cfg, self.device
         size = cfg.stages[0].size if cfg.stages else cfg.size
-        side = size if unet else size // self.scale
+        side = size if unet else size // self.data_scale
         loss = build_loss(cfg.loss, pretrained=cfg.pretrained, weights=cfg.loss_weight_files).to(device)
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.to(device).train()
@@ -373,7 +373,7 @@ class Trainer:
             if done + phase.epochs <= start:
                 done += phase.epochs
                 continue
-            dls = make_dataloaders(cfg.data, phase.size, phase.bs, resize_lr=unet, scale=self.scale,
+            dls = make_dataloaders(cfg.data, phase.size, phase.bs, resize_lr=unet, scale=self.data_scale,
                                    device=self.device, num_workers=cfg.num_workers, seed=cfg.seed,
                                    channels_last=cfg.channels_last, normalizer=self.normalizer,
                                    degrade=cfg.degrade, degrade_preset=cfg.degrade_preset, sharpen_gt=cfg.sharpen_gt)
@@ -405,12 +405,12 @@ class Trainer:
         if is_main():
             last = self.history[-1] if self.history else {}
             below = bool(last.get("below_bicubic"))
-            save_generator(learn.model if learn is not None else model, final, data_scale=self.scale,
+            save_generator(learn.model if learn is not None else model, final, data_scale=self.data_scale,
                            extra={"stage": "train-gen", "epochs": total, "dataset": str(Path(cfg.data).resolve()),
                                   "loss": cfg.loss, "valid_psnr": last.get("psnr"),
                                   "valid_bicubic_psnr": last.get("bicubic_psnr"), "below_bicubic": below})
             if self.ema is not None:
-                save_generator(self.ema, self.run / "generator-ema.safetensors", data_scale=self.scale,
+                save_generator(self.ema, self.run / "generator-ema.safetensors", data_scale=self.data_scale,
                                extra={"stage": "train-gen", "epochs": total, "dataset": str(Path(cfg.data).resolve()),
                                       "loss": cfg.loss, "ema_decay": cfg.ema_decay})
             if below:

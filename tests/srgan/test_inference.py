@@ -139,7 +139,7 @@ def test_load_inference_from_file(srnet, tmp_path):
     path = tmp_path / "g.safetensors"
     save_generator(srnet, path, data_scale=4)
     engine = load_inference(path, tile=16)
-    assert engine.scale == 4 and engine.multiple == 1
+    assert engine.model_scale == 4 and engine.multiple == 1
     img = np.zeros((10, 12, 3), np.uint8)
     assert engine(img).shape == (40, 48, 3)
 
@@ -187,7 +187,7 @@ def test_unet_upscales_tile_by_tile_like_resizing_the_whole_photo_first(small_un
         return real(x, size)
 
     monkeypatch.setattr(srgan.upsample, "resize_tensor", recording)
-    got = TiledInference(small_unet, tile=64, overlap=16)(img, upscale=factor)
+    got = TiledInference(small_unet, tile=64, overlap=16)(img, input_scale=factor)
     assert got.shape == want.shape == (h * factor, w * factor, 3)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     assert sizes and max(sizes) < h * factor * w * factor / 2  # tile-sized pieces only
@@ -207,11 +207,11 @@ def test_bands_of_tile_columns_give_the_same_bytes(srnet, small_unet, photo_make
     img = photo_maker(2, 100)
     cases = [(srnet, {"tile": 24, "overlap": 8}, 1), (srnet, {"tile": 16, "overlap": 12, "batch": 3}, 1),
              (small_unet, {"tile": 64, "overlap": 16}, 2)]
-    whole = [TiledInference(model, **kw)(img, upscale=up) for model, kw, up in cases]
+    whole = [TiledInference(model, **kw)(img, input_scale=up) for model, kw, up in cases]
     for per_band in (1, 2):
         monkeypatch.setattr(srgan.inference, "BAND_TILES", per_band)
         for (model, kw, up), want in zip(cases, whole, strict=True):
-            assert np.array_equal(TiledInference(model, **kw)(img, upscale=up), want), (per_band, kw, up)
+            assert np.array_equal(TiledInference(model, **kw)(img, input_scale=up), want), (per_band, kw, up)
 
 
 def test_bands_and_weights_stay_the_size_of_a_few_tiles():
