@@ -59,7 +59,7 @@ def child(args: argparse.Namespace) -> dict:
     tile = None if args.child_tile < 0 else args.child_tile
     engine = load_inference(args.model, device, precision=args.precision, tile=tile, batch=args.batch,
                             on_note=lambda t: print(f"note: {t}", file=sys.stderr))
-    scale = engine.scale
+    scale = engine.model_scale
     img = _photo(args.child_size // scale)
     enhance_image(engine, Loaded(_photo(max(64, 256 // scale))), 1)  # warm-up (allocator, kernels)
     if device.type == "cuda":
