@@ -207,7 +207,8 @@ class Data:
     what: str
 
 
-def _data(p: Pipeline, cfgs: dict[str, BaseModel], root: Path, steps: int, report: Callable[[str], None]) -> Data:
+def _data(p: Pipeline, cfgs: dict[str, BaseModel], root: Path, steps: int, report: Callable[[str], None],
+          max_batch: int | None = None) -> Data:
     """The rehearsal's source: the recipe's, limited to enough photos for `steps` batches of the largest batch
     (and a few for validation and evaluation), or a stand-in of the real layout with that many photos."""
     from crappify.sources import SOURCES, detect
@@ -219,7 +220,8 @@ def _data(p: Pipeline, cfgs: dict[str, BaseModel], root: Path, steps: int, repor
         return Data(None, crops.train + crops.valid + crops.test, crops.train + crops.valid + crops.test,
                     "the recipe's own sample crops")
     train_share = build.split[0] if build.source != "celeba" else CELEBA_TRAIN_SHARE
-    need = math.ceil(_largest_batch(cfgs) * steps / max(train_share, 0.5) * 1.1) + 6
+    # the first phase runs steps + 1 batches of one epoch (stopped after its first, then resumed)
+    need = math.ceil(_capped(_largest_batch(cfgs), max_batch) * (steps + 1) / max(train_share, 0.5) * 1.1) + 6
     src = Path(build.src)
     if build.src == "samples" or src.is_dir():
         kind = "samples" if build.src == "samples" else (detect(src) if build.source == "auto" else build.source)
@@ -250,14 +252,22 @@ def _data(p: Pipeline, cfgs: dict[str, BaseModel], root: Path, steps: int, repor
                 f"a stand-in of {STANDINS[layout].what} ({need} photos; the real one has {STANDINS[layout].photos})")
 
 
-def _shortened(stage: str, cfg: BaseModel, steps: int) -> BaseModel:
+def _capped(bs: Any, max_batch: int | None) -> Any:
+    return min(bs, max_batch) if max_batch and isinstance(bs, int) else bs
+
+
+def _shortened(stage: str, cfg: BaseModel, steps: int, max_batch: int | None = None) -> BaseModel:
     """`cfg` at its real settings, only shorter: one epoch per phase (the step timer cuts it), train-gan's steps as
-    `--smoke` picks them (both networks train) but at least `steps`, evaluate on a few pairs."""
+    `--smoke` picks them (both networks train) but at least `steps`, evaluate on a few pairs. `max_batch` caps
+    every batch (a structural check: crop sizes, networks, losses and phases stay the recipe's)."""
     values = cfg.model_dump()
     changes: dict[str, Any] = {}
+    if "bs" in values and stage != "evaluate":
+        changes["bs"] = _capped(values["bs"], max_batch)
     if stage == "train-gen":
         if values.get("stages"):
-            changes["stages"] = [{**st, "epochs": 1} for st in values["stages"]]
+            changes["stages"] = [{**st, "epochs": 1, "bs": _capped(st.get("bs"), max_batch)}
+                                 for st in values["stages"]]
         else:
             changes["epochs"] = 1
     elif stage == "train-critic":
@@ -322,6 +332,7 @@ def _eta(stage: str, cfg: BaseModel, timer: Any, wall: float, data: Data, built:
         pairs = real["test"] or real["valid"]
         return start + per_pair * (min(pairs, limit) if limit else pairs)
     medians = _median_after_warmup(timer.records)
+    cap = int(extra["max_batch"]) if extra.get("max_batch") else None
     valid_per_item = (sum(s for s, _ in timer.valid) / max(1, sum(n for _, n in timer.valid))) if timer.valid else 0.0
     if stage == "train-gen":
         from srgan.train_gen import plan_phases
@@ -329,18 +340,19 @@ def _eta(stage: str, cfg: BaseModel, timer: Any, wall: float, data: Data, built:
         resolved = cfg.resolved()
         total = 0.0
         for phase in plan_phases(resolved, encoder_pretrained=resolved.encoder_pretrained()):
-            shape = f"{phase.size} px x {phase.bs}{' frozen' if phase.frozen else ''}"
-            per_step = medians.get(shape) or max(medians.values(), default=0.0)
+            ran = _capped(phase.bs, cap)  # with a capped batch: its time per image, at the real batch
+            shape = f"{phase.size} px x {ran}{' frozen' if phase.frozen else ''}"
+            per_step = (medians.get(shape) or max(medians.values(), default=0.0)) * phase.bs / ran
             total += phase.epochs * (max(1, int(real["train"] // phase.bs)) * per_step + real["valid"] * valid_per_item)
         return total
     if stage == "train-critic":
-        per_step = max(medians.values(), default=0.0)
+        per_step = max(medians.values(), default=0.0) * cfg.bs / _capped(cfg.bs, cap)
         per_pred = extra.get("pred_seconds_per_image", 0.0)
         epoch = max(1, int(2 * real["train"] // cfg.bs)) * per_step + 2 * real["valid"] * valid_per_item
         return per_pred * (real["train"] + real["valid"]) + cfg.epochs * epoch
     if stage == "train-gan":
         steps = _gan_steps(timer.records)
-        per_step = statistics.median(steps) if steps else 0.0
+        per_step = (statistics.median(steps) if steps else 0.0) * cfg.bs / _capped(cfg.bs, cap)
         iters = cfg.iters or math.ceil(cfg.epochs * max(1, int(real["train"] // cfg.bs)))
         return iters * per_step
     return None
@@ -351,9 +363,14 @@ def _eta(stage: str, cfg: BaseModel, timer: Any, wall: float, data: Data, built:
 
 
 def rehearse(p: Pipeline, out: str | None = None, overrides: dict[str, Any] | None = None, *,
-             steps: int = DEFAULT_STEPS, progress: bool = False,
+             steps: int = DEFAULT_STEPS, progress: bool = False, max_batch: int | None = None,
              report: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> dict[str, Any]:
-    """Rehearse pipeline `p` (see the module docstring); returns what `OUT/rehearsal.json` records."""
+    """Rehearse pipeline `p` (see the module docstring); returns what `OUT/rehearsal.json` records.
+
+    `max_batch` caps every stage's batch: a structural check of the recipe (its data layout and geometry, crop
+    sizes, networks, losses, phases, checkpoints) that fits a small machine, as the test suite runs every shipped
+    recipe; the times per step and the memory are then not the real run's, and the estimates scale the time per
+    image to the real batches. The table says so."""
     if steps < 1:
         raise ConfigError(f"--rehearse needs at least 1 step per stage, got {steps}")
     if p.smoke:
@@ -362,11 +379,11 @@ def rehearse(p: Pipeline, out: str | None = None, overrides: dict[str, Any] | No
 
     root = Path(out or rehearsal_out(p.out))
     with folder_lock(root, "rehearsal"):  # a second rehearsal into the same folder fails with one line
-        return _rehearse(p, root, overrides, steps, progress, report)
+        return _rehearse(p, root, overrides, steps, progress, report, max_batch)
 
 
 def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: int, progress: bool,
-              report: Callable[[str], None]) -> dict[str, Any]:
+              report: Callable[[str], None], max_batch: int | None) -> dict[str, Any]:
     import torch
 
     from srgan.runtime import resolve_device
@@ -374,7 +391,7 @@ def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: 
 
     r = p.model_copy(update={"out": str(root), "rehearse": True, "build_dataset": dict(p.build_dataset)})
     real_cfgs = stage_configs(p, overrides)
-    data = _data(r, real_cfgs, root, steps, report)
+    data = _data(r, real_cfgs, root, steps, report, max_batch)
     if data.src is not None:
         r.build_dataset.update(src=data.src, limit=data.photos)
     cfgs = stage_configs(r, overrides)
@@ -384,9 +401,9 @@ def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: 
            f"phase; into {root}")
     reports: list[StageReport] = []
     built: dict[str, int] = {}
-    extra: dict[str, float] = {}
+    extra: dict[str, float] = {"max_batch": max_batch} if max_batch else {}
     for stage, cfg in cfgs.items():
-        short = _shortened(stage, cfg, steps)
+        short = _shortened(stage, cfg, steps, max_batch)
         checkpointed = STAGE_TABLE[stage].checkpoint is not None  # the training stages: rehearse their resume
         timer = _step_timer(steps, checkpointed)
         note, resumed = "", None
@@ -439,6 +456,7 @@ def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: 
     total = sum(r.eta_seconds or 0.0 for r in reports)
     result = {"pipeline": p.name, "device": _device_name(device), "torch": torch.__version__, "steps": steps,
               "data": data.what, "real_photos": data.real_photos, "eta_seconds": round(total, 1),
+              "max_batch": max_batch,
               "stages": [asdict(r) for r in reports]}
     write_atomic(root / "rehearsal.json", json.dumps(result, indent=1) + "\n")
     report(table(result))
@@ -559,4 +577,7 @@ def table(result: dict[str, Any]) -> str:
     rows.append(f"| **pipeline** | | | | | | | **{_duration(result['eta_seconds'])}** |")
     head = (f"{result['pipeline']} on {result['device']}, {result['steps']} step(s) per phase, data: "
             f"{result['data']}")
+    if result.get("max_batch"):
+        head += (f"; batches capped at {result['max_batch']}: the times and memory are not the real run's, the "
+                 "estimates scale the time per image")
     return head + "\n" + "\n".join(rows)

@@ -34,6 +34,17 @@ from crappify.sources import sample_photos  # noqa: E402
 os.environ["CRAPPIFY_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+# pytest-xdist runs the suite in parallel worker processes (`-n` in pyproject.toml): each worker, and every
+# command it starts in a subprocess, then computes on one thread, so that the workers share the cores instead of
+# fighting over them (torch would start as many threads as there are cores in each).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
 CRAPPIFY = [sys.executable, "-m", "crappify.cli"]  # the command line, as `crappify` runs it
 
 
@@ -311,3 +322,9 @@ def read_tree():
 def photo_maker():
     """`photo_maker(index, long_side=140, portrait=False)`: a small real photo as HWC uint8 RGB."""
     return small_photo
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `slow` tests first (a stable sort, each group in its usual order): with several xdist workers, a
+    minute-long test collected last would otherwise run alone while the other workers wait."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -15,7 +15,6 @@ from typing import Any
 
 import click
 
-from crappify.errors import ConfigError
 from crappify.precision import PRECISION_ENV, PRECISIONS, precision_override
 
 OFFLINE_ENV = "CRAPPIFY_OFFLINE"

@@ -179,6 +179,7 @@ def test_second_run_skips_everything_and_a_change_reruns_only_what_it_affects(fi
         "train-gan": "rerun", "evaluate": "rerun"}
 
 
+@pytest.mark.slow
 def test_kill_during_train_gen_then_run_again_resumes(tmp_path, cli_command):
     path = write_pipeline(tmp_path, {"train-gen": {"epochs": 3}}, "kill.yaml")
     out = tmp_path / "out"
@@ -240,6 +241,7 @@ def test_demo_results_table_and_grid(finished):
     assert grid.is_file() and grid.suffix == ".png"
 
 
+@pytest.mark.slow
 def test_demo_command_on_a_tiny_pipeline(tmp_path, cli):
     """`crappify demo` end to end (the CI-sized pipeline): table, preview and results grid; then all skipped."""
     from PIL import Image

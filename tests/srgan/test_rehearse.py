@@ -134,3 +134,38 @@ def test_a_checkpoint_that_cannot_be_resumed_fails_the_rehearsal(tmp_path, monke
     with pytest.raises(CrappifyError, match="train-gen could not resume from the checkpoint it wrote") as err:
         rehearse(p, str(tmp_path / "r"), steps=1, report=lambda text: None)
     assert "\n" not in str(err.value)
+
+
+# Every shipped recipe at its real geometry (stand-in layouts, crop sizes, networks, losses, phases, a checkpoint
+# resumed) with batches capped at 2 and one step per phase: the full-batch rehearsal of each takes 1-4 minutes on
+# a 2-core CPU (benchmarks/README.md has them); the demo and celeba-pytorch-gan run at their real batches above.
+CAPPED = ["celeba-hq-srgan-x4", "celeba-wgan-gp", "flickr30k-lesson7", "flickr30k-unet-mse", "realesrgan-x4",
+          "srgan-keras-vgg16-tv"]
+
+
+def test_every_shipped_recipe_is_rehearsed_in_the_suite():
+    assert sorted([*CAPPED, "demo", "celeba-pytorch-gan"]) == sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CAPPED)
+def test_each_recipe_rehearses_on_a_stand_in_of_its_layout_at_its_real_crop_sizes(name, tmp_path, monkeypatch):
+    from srgan.train_gen import plan_phases
+
+    monkeypatch.chdir(tmp_path)  # no data/ here: every recipe makes a stand-in of its dataset
+    p = load_pipeline(PIPELINES_DIR / f"{name}.yaml")
+    lines: list[str] = []
+    result = rehearse(p, str(tmp_path / "r"), steps=1, max_batch=2, report=lines.append)
+    stages = [s for s in STAGES if getattr(p, s.replace("-", "_"), None) is not None]
+    by_stage = _check(result, tmp_path / "r", stages)
+    assert (tmp_path / "r" / "standin").is_dir() and not (tmp_path / "data").exists()
+    assert result["max_batch"] == 2 and "batches capped at 2" in lines[-1]
+    if "train-gen" in by_stage:  # every phase ran, each at the recipe's own crop size
+        cfg = load_pipeline(PIPELINES_DIR / f"{name}.yaml")
+        from srgan.pipeline import stage_configs
+
+        gen = stage_configs(cfg, {"pretrained": False})["train-gen"].resolved()
+        sizes = {f"{ph.size} px x {min(ph.bs, 2)}" for ph in plan_phases(gen, encoder_pretrained=False)}
+        assert set(by_stage["train-gen"]["shapes"]) == sizes, by_stage["train-gen"]["shapes"]
+    gan = by_stage["train-gan"]["shapes"]
+    assert set(gan) in ({"generator", "critic"}, {"generator + critic"}), gan  # both networks trained

@@ -88,6 +88,7 @@ def test_run_command_takes_smoke(cli, tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.stem)
 def test_smoke_run_finishes_every_stage(path, tmp_path):
     out = tmp_path / "out"

@@ -174,6 +174,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeyp
     assert not (run / "generator.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_at_the_same_epoch_count(dataset, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "crappify", "train-gen", str(dataset), "-o", str(run), "--arch", "unet-resnet18",

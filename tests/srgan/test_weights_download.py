@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import io
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -194,3 +195,117 @@ def test_the_cli_and_the_library_read_one_variable():
     from srgan import weights
 
     assert OFFLINE_ENV == weights.OFFLINE_ENV == "CRAPPIFY_OFFLINE"
+
+
+class HubMirror:
+    """A Hugging Face hub mirror on 127.0.0.1 (what HF_ENDPOINT names): `files` maps 'repo/filename' to bytes,
+    served at /{repo}/resolve/{revision}/{filename} with the headers huggingface_hub reads (commit, ETag, size);
+    `cut` names files whose transfer stops half-way; `requests` records (method, path)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.cut: set[str] = set()
+        self.requests: list[tuple[str, str]] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _file(self) -> tuple[str, bytes | None]:
+                hub.requests.append((self.command, self.path))
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) < 5 or parts[2] != "resolve":
+                    return "", None
+                key = f"{parts[0]}/{parts[1]}/{'/'.join(parts[4:])}"
+                return key, hub.files.get(key)
+
+            def _headers(self, data: bytes) -> None:
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "a" * 40)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+
+            def do_HEAD(self) -> None:
+                _key, data = self._file()
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self._headers(data)
+
+            def do_GET(self) -> None:
+                key, data = self._file()
+                if data is None:
+                    self.send_error(404)
+                    return
+                self._headers(data)
+                self.wfile.write(data[:len(data) // 2] if key in hub.cut else data)
+                if key in hub.cut:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+TIMM_MODEL = "resnet18.a1_in1k"  # its pretrained weights live in the hub repo timm/resnet18.a1_in1k
+
+
+def _timm_file_in_a_fresh_process(hub_url: str, cache: Path) -> subprocess.CompletedProcess:
+    """`timm_pretrained_file` in a new interpreter: huggingface_hub reads HF_ENDPOINT and its cache when imported."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "CRAPPIFY_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=hub_url, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_TELEMETRY="1")
+    code = ("import sys\nfrom crappify.errors import CrappifyError\nfrom srgan.weights import timm_pretrained_file\n"
+            f"try:\n    print(timm_pretrained_file({TIMM_MODEL!r}))\n"
+            "except CrappifyError as exc:\n    print(exc, file=sys.stderr)\n    sys.exit(1)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.slow  # three fresh interpreters importing timm
+def test_timm_weights_come_from_the_hub_mirror_once_and_a_cut_transfer_is_not_used(tmp_path):
+    """timm's weights through the Hugging Face hub as HF_ENDPOINT names it (an air-gapped cluster's mirror):
+    fetched into the hub's cache on first use and read from there afterwards without a request; a transfer cut
+    half-way is one line and leaves no usable file behind."""
+    from safetensors.torch import load_file, save
+
+    state = {"conv1.weight": torch.arange(27, dtype=torch.float32).reshape(1, 3, 3, 3)}
+    data = save(state)
+    hub = HubMirror()
+    try:
+        key = f"timm/{TIMM_MODEL}/model.safetensors"
+        hub.cut.add(key)
+        hub.files[key] = data
+        cut = _timm_file_in_a_fresh_process(hub.url, tmp_path / "hf")
+        assert cut.returncode == 1 and "Traceback" not in cut.stderr, cut.stderr
+        line = cut.stderr.strip().splitlines()[-1]
+        assert "could not download pretrained weights for timm model" in line and "--no-pretrained" in line, line
+        assert not [p for p in (tmp_path / "hf").rglob("model.safetensors")]  # nothing usable in the cache
+
+        hub.cut.clear()
+        first = _timm_file_in_a_fresh_process(hub.url, tmp_path / "hf")
+        assert first.returncode == 0, first.stderr
+        path = Path(first.stdout.strip().splitlines()[-1])
+        assert path.is_file() and str(path).startswith(str(tmp_path / "hf"))
+        assert torch.equal(load_file(path)["conv1.weight"], state["conv1.weight"])
+        assert any(method == "GET" for method, _ in hub.requests)
+
+        hub.requests.clear()
+        again = _timm_file_in_a_fresh_process(hub.url, tmp_path / "hf")
+        assert again.returncode == 0 and Path(again.stdout.strip().splitlines()[-1]) == path
+        assert hub.requests == []  # read from the cache: not a single request
+    finally:
+        hub.close()
