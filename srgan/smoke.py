@@ -24,7 +24,7 @@ CROPS = {"train": 4, "valid": 1, "test": 2}  # sample-crops per split (a pipelin
 EVAL_ITEMS = 2      # evaluate scores at most this many pairs
 GAN_ITERS = {"adaptive": 4, "per-batch": 2}  # train-gan steps by switching (fixed: n_crit + n_gen; other: 2)
 
-# Every key smoke_overrides may change, by the stages that have it (README.md, "crappify run", lists them).
+# Every key smoke_overrides may change, by the stages that have it (docs/pipelines.md, "Smoke runs", lists them).
 SMOKE_KEYS: dict[str, tuple[str, ...]] = {
     "sample-crops": ("size", "train", "valid", "test"),
     "build-dataset": ("src", "source", "size", "square", "limit", "workers"),  # and out: OUT/dataset (srgan.pipeline)
