@@ -78,7 +78,7 @@ def _acquire(path: Path, folder: Path, what: str) -> int:
     removes it when it is done, so a lock taken on a file that was meanwhile unlinked is dropped and retried)."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock (documented in the README)
+    except ImportError:  # not POSIX: no lock (docs/datasets.md says so)
         return _open_lock_file(path, folder)
     for _ in range(100):
         fd = _open_lock_file(path, folder)
