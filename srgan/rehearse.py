@@ -375,6 +375,12 @@ def rehearse(p: Pipeline, out: str | None = None, overrides: dict[str, Any] | No
         raise ConfigError(f"--rehearse needs at least 1 step per stage, got {steps}")
     if p.smoke:
         raise ConfigError("--rehearse and --smoke are two different runs: choose one")
+    from srgan.distributed import world_size
+
+    if world_size() > 1:  # every rank would rehearse alone into one folder; the estimate is per device anyway
+        raise ConfigError(f"--rehearse runs in one process ({world_size()} were started by torchrun): run it "
+                          "without torchrun on one of the devices; the real run's data-parallel stages then take "
+                          "about the estimate divided by the number of devices")
     from crappify.runlock import folder_lock
 
     root = Path(out or rehearsal_out(p.out))

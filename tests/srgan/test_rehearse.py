@@ -169,3 +169,11 @@ def test_each_recipe_rehearses_on_a_stand_in_of_its_layout_at_its_real_crop_size
         assert set(by_stage["train-gen"]["shapes"]) == sizes, by_stage["train-gen"]["shapes"]
     gan = by_stage["train-gan"]["shapes"]
     assert set(gan) in ({"generator", "critic"}, {"generator + critic"}), gan  # both networks trained
+
+
+def test_under_torchrun_the_rehearsal_says_to_run_it_in_one_process(tmp_path, monkeypatch):
+    """Each rank would rehearse alone into one folder: refused in one line before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CrappifyError, match="runs in one process") as err:
+        rehearse(load_pipeline(PIPELINES_DIR / "demo.yaml"), str(tmp_path / "r"), steps=1)
+    assert "\n" not in str(err.value) and not (tmp_path / "r").exists()
