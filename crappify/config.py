@@ -30,6 +30,8 @@ def describe(exc: ValidationError, model: type[BaseModel]) -> str:
         valid = ", ".join(sorted(model.model_fields))
         return f"unknown option {where!r}; valid: {valid}"
     msg = err["msg"].removeprefix("Value error, ")  # a validator's own message says what is wrong already
+    if not err["loc"]:  # a check across several options (a model validator): its message names them
+        return msg
     if err["type"] == "missing":
         return f"option {where!r} is required"
     return f"option {where!r}: {msg} (got {brief(err.get('input'))})"

@@ -1,9 +1,11 @@
-"""`crappify evaluate`: PSNR / SSIM (and LPIPS when its weights are local) of generators on a built dataset.
+"""`crappify evaluate`: PSNR / SSIM (and LPIPS when its weights are local) of generators on a built dataset, or on
+a benchmark folder as BasicSR lays them out and scores them (`srgan.benchmarks`: `hr` with `scale` or `lr`).
 
 Stated the way super-resolution papers state them: on 8-bit images, on RGB (mean over channels) and on
 the Y channel (ITU-R BT.601, 16–235, MATLAB's `rgb2ycbcr`), with a border of `scale` pixels cropped on
-every side; SSIM with an 11×11 Gaussian window (σ 1.5), as in Wang et al. and torchmetrics; PSNR capped
-at 100 dB so identical images stay finite. Always beside a baseline: the bicubic upscale of the LR
+every side; SSIM with an 11×11 Gaussian window (σ 1.5), as in Wang et al. and torchmetrics (on a benchmark
+folder BasicSR's SSIM, whose map leaves out the edges the window does not fit); PSNR capped at 100 dB so
+identical images stay finite. Always beside a baseline: the bicubic upscale of the LR
 (`srgan.upsample`: MATLAB `imresize`'s bicubic, Keys a = −0.5, symmetric edges), or the LR itself when LR
 and HR have the same size. Several models compare side by side.
 
@@ -30,12 +32,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from crappify.chain import follow_record
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, save_image_atomic, write_atomic, write_csv_atomic
 from crappify.precision import Precision
+from srgan.benchmarks import Item, TestSet, benchmark_test_set, ssim_valid
 from srgan.checkpoint import model_file  # also its old import path (re-export)
 from srgan.runtime import MAX_BATCH, resolve_device
 
@@ -52,7 +55,12 @@ class EvaluateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str
+    data: str | None = Field(None, description="a built dataset (manifest.csv); or give `hr` instead")
+    hr: str | None = Field(None, description="a benchmark's folder of HR images (e.g. Set5/GTmod12), instead of data")
+    lr: str | None = Field(None, description="its LR images, matched by stem (baby.png: baby.png or babyx4.png); "
+                                             "default: made from the HR by bicubic at `scale`")
+    scale: int | None = Field(None, ge=1, le=16, description="the benchmark's scale (with `lr`: inferred from the "
+                                                             "sizes, checked when given)")
     models: list[str] = Field(min_length=1, description="generator.safetensors files (or run folders holding one)")
     out: str
     names: list[str] | None = Field(None, description="labels for the models (default: run folder or file name)")
@@ -71,6 +79,26 @@ class EvaluateConfig(BaseModel):
     precision: Precision = "fp32"
     lpips: bool = True
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+
+    @model_validator(mode="after")
+    def _one_test_set(self) -> EvaluateConfig:
+        """A built dataset or a benchmark folder, never both; the benchmark options only with `hr`."""
+        if self.data is None and self.hr is None:
+            raise ValueError("nothing to evaluate on: give a built dataset (DATA, `data:`) or a benchmark folder "
+                             "(--hr DIR, `hr:`)")
+        if self.data is not None and self.hr is not None:
+            raise ValueError(f"give a built dataset ({self.data}) or a benchmark folder (--hr {self.hr}), not both")
+        if self.hr is None:
+            for key, value in (("lr", self.lr), ("scale", self.scale)):
+                if value is not None:
+                    raise ValueError(f"--{key} goes with a benchmark folder (--hr DIR); a built dataset has its own")
+        else:
+            if self.lr is None and self.scale is None:
+                raise ValueError(f"--hr {self.hr} needs --scale S (its LR made by bicubic) or --lr DIR (its LR "
+                                 "images)")
+            if self.split is not None:
+                raise ValueError("--split picks a split of a built dataset; a benchmark folder (--hr) has none")
+        return self
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -97,7 +125,8 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
-    """SSIM (torchmetrics: Gaussian 11×11, σ 1.5, K1 0.01, K2 0.03), mean over channels."""
+    """SSIM (torchmetrics: Gaussian 11×11, σ 1.5, K1 0.01, K2 0.03; the image reflect-padded and the whole map
+    averaged, edges included, unlike BasicSR's `srgan.benchmarks.ssim_valid`), mean over channels."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     return float(structural_similarity_index_measure(_tensor(a), _tensor(b), data_range=data_range))
@@ -107,13 +136,18 @@ def crop_border(img: np.ndarray, border: int) -> np.ndarray:
     return img[border:-border, border:-border] if border > 0 else img
 
 
-def image_metrics(pred: np.ndarray, hr: np.ndarray, border: int) -> dict[str, float]:
-    """PSNR and SSIM on RGB and on Y, `border` px cropped from every side, of two 8-bit RGB images."""
+def image_metrics(pred: np.ndarray, hr: np.ndarray, border: int,
+                  convention: Literal["torchmetrics", "basicsr"] = "torchmetrics") -> dict[str, float]:
+    """PSNR and SSIM on RGB and on Y, `border` px cropped from every side, of two 8-bit RGB images.
+
+    SSIM by torchmetrics (edges reflect-padded, the whole map averaged), or by BasicSR's convention (`basicsr`:
+    the map only where the window fits, `srgan.benchmarks.ssim_valid`), as benchmark tables report it."""
     if pred.shape != hr.shape:
         raise ValueError(f"prediction {pred.shape} and target {hr.shape} differ in size")
     p, t = crop_border(pred, border), crop_border(hr, border)
     py, ty = rgb_to_y(p), rgb_to_y(t)
-    return {"psnr_rgb": psnr(p, t), "ssim_rgb": ssim(p, t), "psnr_y": psnr(py, ty), "ssim_y": ssim(py, ty)}
+    ssim_of = ssim_valid if convention == "basicsr" else ssim
+    return {"psnr_rgb": psnr(p, t), "ssim_rgb": ssim_of(p, t), "psnr_y": psnr(py, ty), "ssim_y": ssim_of(py, ty)}
 
 
 def masked_psnr(pred: np.ndarray, hr: np.ndarray, mask: np.ndarray) -> float:
@@ -287,22 +321,69 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
-    """Run the evaluation `cfg` describes; returns the path of REPORT/report.md."""
-    from tqdm.auto import tqdm
+def dataset_test_set(cfg: EvaluateConfig) -> TestSet:
+    """The pairs of `cfg.data`'s split (test, else valid), the first `limit` of them."""
+    from srgan.data import describe, read_dataset, read_image
 
-    from crappify.preview import grid
-    from srgan.data import describe, read_dataset, read_image, warn
-    from srgan.generators import model_input
-    from srgan.inference import load_inference
-
-    device = resolve_device(cfg.device)
+    assert cfg.data is not None
     pairs_by_split, data_cfg = read_dataset(cfg.data)
     split = cfg.split or ("test" if pairs_by_split.get("test") else "valid")
     pairs = pairs_by_split.get(split, [])
     if not pairs:
         raise CrappifyError(f"{cfg.data} has no pairs in split {split!r} (has: {', '.join(sorted(pairs_by_split))})")
     pairs = pairs[: cfg.limit] if cfg.limit else pairs
+
+    def item(pair: Any) -> Item:
+        return Item(pair.id, lambda: (read_image(pair.lr, describe(pair)), read_image(pair.hr, describe(pair))))
+
+    scale = data_cfg.get("scale")
+    return TestSet(cfg.data, split, [item(p) for p in pairs], int(scale) if scale else None,
+                   manifest_params(cfg.data, split))
+
+
+def score(engine: Any, ts: TestSet) -> dict[str, float]:
+    """Mean PSNR-Y and SSIM-Y of a generator (a `TiledInference`) over a test set, as `evaluate` reports them
+    (BasicSR's convention on a benchmark folder); what `train-gen --val-hr` records each epoch. Unreadable pairs
+    are left out, each with one line; NaN when none could be read."""
+    from srgan.data import warn
+    from srgan.generators import model_input
+
+    psnrs, ssims = [], []
+    convention = "basicsr" if ts.benchmark else "torchmetrics"
+    for item in ts.items:
+        try:
+            lr, hr = item.load()
+        except ImageError as exc:
+            warn(f"validation: {exc}: skipped")
+            continue
+        h, w = hr.shape[:2]
+        pred = engine(model_input(lr, (w, h), engine.model))
+        if pred.shape != hr.shape:
+            raise CrappifyError(f"output {pred.shape[1]}x{pred.shape[0]} for {item.id} does not match the HR {w}x{h} "
+                                f"of {ts.name}")
+        m = image_metrics(pred, hr, ts.scale or max(1, round(w / lr.shape[1])), convention)
+        psnrs.append(m["psnr_y"])
+        ssims.append(m["ssim_y"])
+    return {"psnr_y": _mean(psnrs), "ssim_y": _mean(ssims)}
+
+
+def _mean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
+    """Run the evaluation `cfg` describes; returns the path of REPORT/report.md."""
+    from tqdm.auto import tqdm
+
+    from crappify.preview import grid
+    from srgan.data import warn
+    from srgan.generators import model_input
+    from srgan.inference import load_inference
+
+    device = resolve_device(cfg.device)
+    ts = (benchmark_test_set(cfg.hr, cfg.lr, cfg.scale, cfg.limit) if cfg.hr is not None
+          else dataset_test_set(cfg))
     paths = [model_file(m) for m in cfg.models]
     names = model_names(paths, cfg.names)
     if cfg.result is not None and cfg.result not in names:
@@ -313,11 +394,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
                                else (None, "switched off (--no-lpips)"))
     out = Path(cfg.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    # the config that ran, its split resolved, as every stage leaves it beside its results
-    write_atomic(out / "evaluate.yaml", yaml.safe_dump(cfg.model_copy(update={"split": split}).model_dump(mode="json"),
+    # the config that ran, its split (or a benchmark's scale) resolved, as every stage leaves it beside its results
+    resolved = {"scale": ts.scale} if ts.benchmark else {"split": ts.split}
+    write_atomic(out / "evaluate.yaml", yaml.safe_dump(cfg.model_copy(update=resolved).model_dump(mode="json"),
                                                        sort_keys=False))
-    data_scale = data_cfg.get("scale")
-    params = manifest_params(cfg.data, split)
+    convention = "basicsr" if ts.benchmark else "torchmetrics"
     rows: list[dict[str, Any]] = []
     borders: set[int] = set()
     baseline_names: set[str] = set()
@@ -326,20 +407,24 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
     abs_diff = dict.fromkeys(names[1:], 0.0)  # sum of |output - first model's output| per later model
     n_values = 0
     skipped: list[str] = []  # ids of pairs that could not be read
-    for pair in tqdm(pairs, unit="img", disable=not progress, dynamic_ncols=True):
+    for item in tqdm(ts.items, unit="img", disable=not progress, dynamic_ncols=True):
         try:
-            lr, hr = read_image(pair.lr, describe(pair)), read_image(pair.hr, describe(pair))
+            lr, hr = item.load()
         except ImageError as exc:
             warn(f"evaluate: {exc}: skipped")
-            skipped.append(pair.id)
+            skipped.append(item.id)
             continue
         h, w = hr.shape[:2]
-        rects = occlusion_rects(params[pair.id], (w, h), (lr.shape[1], lr.shape[0])) if pair.id in params else None
-        mask = _rects_mask(rects, (w, h))
-        occluded += mask is not None
-        unknown += rects is None
+        if not ts.benchmark:
+            rects = (occlusion_rects(ts.params[item.id], (w, h), (lr.shape[1], lr.shape[0]))
+                     if item.id in ts.params else None)
+            mask = _rects_mask(rects, (w, h))
+            occluded += mask is not None
+            unknown += rects is None
+        else:
+            mask = None
         same = lr.shape[:2] == hr.shape[:2]
-        border = int(data_scale) if data_scale else max(1, round(w / lr.shape[1]))
+        border = ts.scale or max(1, round(w / lr.shape[1]))
         borders.add(border)
         base_name = "input" if same else "bicubic"
         baseline_names.add(base_name)
@@ -347,9 +432,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
         for name, engine, path in zip(names, engines, paths, strict=True):
             pred = engine(model_input(lr, (w, h), engine.model))
             if pred.shape != hr.shape:
-                raise CrappifyError(f"{path}: output {pred.shape[1]}x{pred.shape[0]} for {pair.id} does not match the "
+                raise CrappifyError(f"{path}: output {pred.shape[1]}x{pred.shape[0]} for {item.id} does not match the "
                                     f"HR {w}x{h} (the model upsamples by {engine.model_scale}; is it for this "
-                                    "dataset?)")
+                                    + ("scale?)" if ts.benchmark else "dataset?)"))
             results.append((name, pred))
         if len(engines) > 1:
             first = results[1][1].astype(np.int16)
@@ -357,28 +442,29 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
                 abs_diff[name] += float(np.abs(pred.astype(np.int16) - first).sum())
             n_values += first.size
         for name, pred in results:
-            row: dict[str, Any] = {"id": pair.id, "method": name, **image_metrics(pred, hr, border)}
+            row: dict[str, Any] = {"id": item.id, "method": name, **image_metrics(pred, hr, border, convention)}
             row["psnr_occ"] = masked_psnr(pred, hr, mask) if mask is not None else float("nan")
             row["lpips"] = lpips_distance(lpips_net, pred, hr, device) if lpips_net is not None else float("nan")
             rows.append(row)
         if len(grid_files) < cfg.grids:
             tiles = [(f"LR {lr.shape[1]}x{lr.shape[0]}", lr), *results, (f"HR {w}x{h}", hr)]
-            name = pair.id.replace("/", "__") + ".png"  # ids of nested source folders hold '/'; grids stay flat
+            name = item.id.replace("/", "__") + ".png"  # ids of nested source folders hold '/'; grids stay flat
             save_image_atomic(out / "grids" / name, grid(tiles, height=cfg.grid_height or min(256, max(64, h)),
                                                              columns=len(tiles)))
             grid_files.append(name)
     if not rows:
-        raise CrappifyError(f"none of the {len(pairs)} pairs of split {split!r} in {cfg.data} could be read")
+        where = f"benchmark {cfg.hr}" if ts.benchmark else f"split {ts.split!r} in {cfg.data}"
+        raise CrappifyError(f"none of the {len(ts.items)} pairs of {where} could be read")
     _write_csv(out / "metrics.csv", rows)
     baseline = "bicubic" if "bicubic" in baseline_names else sorted(baseline_names)[0]
     differences = {name: total / n_values for name, total in abs_diff.items()} if n_values else {}
     occlusions = {"images": occluded, "unknown": unknown}
-    write_atomic(out / "summary.json", summary_json(rows, baseline, split, names, differences, occlusions, skipped,
-                                                    cfg.result))
+    extra = {"benchmark": ts.name, "scale": ts.scale, "ssim": "basicsr"} if ts.benchmark else {}
+    write_atomic(out / "summary.json", summary_json(rows, baseline, ts.split, names, differences, occlusions, skipped,
+                                                    cfg.result, extra))
     report = out / "report.md"
-    unread = set(skipped)
-    evaluated = [p for p in pairs if p.id not in unread]
-    write_atomic(report, _report_md(cfg, split, evaluated, names, paths, engines, rows, sorted(borders),
+    evaluated = len(ts.items) - len(skipped)
+    write_atomic(report, _report_md(cfg, ts, evaluated, names, paths, engines, rows, sorted(borders),
                                     sorted(baseline_names), lpips_reason, grid_files, differences, occlusions,
                                     skipped))
     return report
@@ -386,16 +472,17 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
 
 def summary_json(rows: list[dict[str, Any]], baseline: str, split: str, names: list[str],
                  differences: dict[str, float], occlusions: dict[str, int], skipped: list[str] | None = None,
-                 result: str | None = None) -> str:
+                 result: str | None = None, extra: dict[str, Any] | None = None) -> str:
     """REPORT/summary.json: per method the mean of each metric (NaN ones left out), the occlusion counts, the
-    pairs skipped as unreadable, the recipe's result (`result`, when a pipeline names it) and, with several
+    pairs skipped as unreadable, the recipe's result (`result`, when a pipeline names it), `extra` keys (a
+    benchmark's name, scale and SSIM convention) and, with several
     models, each later model's mean |output − first model's output| in grey levels (0-255)."""
     summary, _ = summarise(rows, baseline)
     data: dict[str, Any] = {
         "split": split, "images": len({r["id"] for r in rows}), "baseline": baseline, "models": names,
         "means": {m: {k: round(v[0], 6) for k, v in stats.items()} for m, stats in summary.items()},
         "occluded_images": occlusions["images"], "occlusions_unknown": occlusions["unknown"],
-        "skipped": len(skipped or []), "skipped_ids": list(skipped or [])}
+        "skipped": len(skipped or []), "skipped_ids": list(skipped or []), **(extra or {})}
     if result is not None:
         data["result"] = result
     if differences:
@@ -442,31 +529,47 @@ def _fmt(k: str, v: tuple[float, float] | None, signed: bool = False) -> str:
     return f"{v[0]:{sign}.{digits}f} ± {v[1]:.{digits}f}"
 
 
-def _report_md(cfg: EvaluateConfig, split: str, pairs: list, names: list[str], paths: list[Path], engines: list,
+def _test_set_lines(cfg: EvaluateConfig, ts: TestSet, n: int, crop: str) -> list[str]:
+    """The report's lines on what was measured, and by which convention."""
+    if not ts.benchmark:
+        return [f"- split: `{ts.split}`, {n} image pairs",
+                f"- metrics on 8-bit images, border of **{crop} px** (the scale) cropped on every side; "
+                "**Y** = ITU-R BT.601 luma (16–235, MATLAB `rgb2ycbcr`), **RGB** = mean over the 3 channels; "
+                "SSIM with an 11×11 Gaussian window (σ 1.5), torchmetrics' (edges reflect-padded); "
+                f"PSNR capped at {PSNR_CAP:.0f} dB"]
+    lr = (f"LR from `{cfg.lr}` (matched by stem)" if cfg.lr else
+          f"LR made from each HR, cropped to a multiple of {ts.scale} (`mod_crop`), by MATLAB `imresize`'s bicubic")
+    return [f"- benchmark **{ts.name}**: {n} images, ×{ts.scale}; HR from `{cfg.hr}`, {lr}",
+            f"- metrics as BasicSR's `calculate_psnr` / `calculate_ssim` (`test_y_channel=True`, "
+            f"`crop_border={ts.scale}`): 8-bit images, border of **{crop} px** cropped; **Y** = ITU-R BT.601 luma "
+            "(16–235, `rgb2ycbcr`, float64), **RGB** = all 3 channels; SSIM with an 11×11 Gaussian window (σ 1.5) "
+            f"only where it fits inside the image (BasicSR's convention), the mean of its map; PSNR capped at "
+            f"{PSNR_CAP:.0f} dB (BasicSR: inf)"]
+
+
+def _report_md(cfg: EvaluateConfig, ts: TestSet, n_pairs: int, names: list[str], paths: list[Path], engines: list,
                rows: list[dict[str, Any]], borders: list[int], baselines: list[str], lpips_reason: str | None,
                grids: list[str], differences: dict[str, float] | None = None,
                occlusions: dict[str, int] | None = None, skipped: list[str] | None = None) -> str:
     baseline = "bicubic" if "bicubic" in baselines else baselines[0]
     summary, gains = summarise(rows, baseline)
     crop = ", ".join(str(b) for b in borders)
-    lines = [f"# Evaluation of {', '.join(names)} on {cfg.data}", "",
-             f"- split: `{split}`, {len(pairs)} image pairs"
-             + (f"; **{len(skipped)} skipped**, could not be read: {', '.join(skipped[:5])}"
-                + (", …" if len(skipped) > 5 else "") if skipped else ""),
-             f"- metrics on 8-bit images, border of **{crop} px** (the scale) cropped on every side; "
-             "**Y** = ITU-R BT.601 luma (16–235, MATLAB `rgb2ycbcr`), **RGB** = mean over the 3 channels; "
-             f"SSIM with an 11×11 Gaussian window (σ 1.5); PSNR capped at {PSNR_CAP:.0f} dB",
-             "- baseline: " + ("bicubic upscale of the LR (MATLAB `imresize` bicubic: a = −0.5, symmetric edges)"
-                               if "bicubic" in baselines else "") +
-             (" / " if len(baselines) > 1 else "") +
-             ("the LR itself (same size as the HR)" if "input" in baselines else ""),
-             "- LPIPS: " + (f"{cfg.lpips_net} backbone, lower is better" if lpips_reason is None
-                            else f"n/a — {lpips_reason}")]
+    lines = [f"# Evaluation of {', '.join(names)} on {ts.name}", "", *_test_set_lines(cfg, ts, n_pairs, crop)]
+    if skipped:
+        lines[2] += (f"; **{len(skipped)} skipped**, could not be read: {', '.join(skipped[:5])}"
+                     + (", …" if len(skipped) > 5 else ""))
+    lines += ["- baseline: " + ("bicubic upscale of the LR (MATLAB `imresize` bicubic: a = −0.5, symmetric edges)"
+                                if "bicubic" in baselines else "") +
+              (" / " if len(baselines) > 1 else "") +
+              ("the LR itself (same size as the HR)" if "input" in baselines else ""),
+              "- LPIPS: " + (f"{cfg.lpips_net} backbone, lower is better" if lpips_reason is None
+                             else f"n/a — {lpips_reason}")]
     occ = occlusions or {"images": 0, "unknown": 0}
-    lines.append(f"- occlusions: **{occ['images']} of {len(pairs)} images** have occluding rectangles; "
-                 "**PSNR-occ** = PSNR on RGB over the union of their pixels (scaled to HR coordinates, no border "
-                 "crop), mean over those images only" if occ["images"] else
-                 f"- occlusions: none in these {len(pairs)} images (PSNR-occ n/a)")
+    if not ts.benchmark:
+        lines.append(f"- occlusions: **{occ['images']} of {n_pairs} images** have occluding rectangles; "
+                     "**PSNR-occ** = PSNR on RGB over the union of their pixels (scaled to HR coordinates, no border "
+                     "crop), mean over those images only" if occ["images"] else
+                     f"- occlusions: none in these {n_pairs} images (PSNR-occ n/a)")
     if occ["unknown"]:
         lines.append(f"- {occ['unknown']} images left out of PSNR-occ: no readable params in manifest.csv, or "
                      "rectangles that cannot be mapped to HR coordinates")

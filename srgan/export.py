@@ -1,29 +1,39 @@
 """`crappify export`: a trained generator as ONNX (dynamic height and width) or TorchScript.
 
-The exported graph is self-contained for use outside this project: it takes float32 RGB in [0, 1]
-(N×3×H×W), applies the generator's normalisation, pads to what the model needs (a multiple of 32 for
-U-Nets, by reflection, cropped back afterwards) and returns float32 RGB in [0, 1], N×3×(H·s)×(W·s)
-where s is the model's scale (1 for U-Nets, which expect the image already resized to the output size).
-Files are written under a temporary name and renamed.
+The exported graph is self-contained for use outside this project: it takes RGB in [0, 1] (N×3×H×W), applies the
+generator's normalisation, pads to what the model needs (a multiple of 32 for U-Nets, by reflection, cropped back
+afterwards) and returns RGB in [0, 1], N×3×(H·s)×(W·s) where s is the model's scale (1 for U-Nets, which expect the
+image already resized to the output size). `dtype` fp32: float32 in, weights and out; fp16: float16 in, weights and
+out (what chaiNNer and onnxruntime users take an fp16 model to be: chaiNNer feeds float16 when the input is), the
+bicubic skip of residual generators still computed in float32 inside. Files are written under a temporary name,
+checked there when asked (`verify`), then renamed; an existing file is replaced only with `overwrite`.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crappify.errors import CrappifyError
+from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import replacing
 from crappify.runlock import clean_stale_temps
 from srgan.checkpoint import load_generator, read_generator_meta
 from srgan.generators import model_multiple, model_scale
 
 ONNX_OPSET = 18
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# --verify: the largest |exported − PyTorch fp32| allowed on [0, 1] outputs (1/255 is one 8-bit level). fp32 engines
+# differ in summation order only (measured ~1e-6); fp16 rounds every activation to 11 significant bits.
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+VERIFY_SIZE = (45, 70)  # height, width: not square, not a multiple of 32 (a U-Net's padding) nor of 2, 4 or 8
+
+Note = Callable[[str], None]
 
 
 class Exportable(nn.Module):
@@ -44,15 +54,22 @@ class Exportable(nn.Module):
             m = self.multiple
             x = F.pad(x, (0, (m - w % m) % m, 0, (m - h % m) % m), mode="reflect")
         y = self.model(x)[..., : h * self.scale, : w * self.scale]
-        return (y * self.std + self.mean).clamp(0.0, 1.0)
+        # a residual generator's bicubic skip is float32 whatever the weights: the output is the input's type
+        return (y * self.std + self.mean).clamp(0.0, 1.0).to(self.mean.dtype)
 
 
-def exportable(path: str | Path) -> Exportable:
-    """The generator in `path` wrapped for export, on the CPU, in eval mode, weight norm folded in."""
+def exportable(path: str | Path, dtype: str = "fp32") -> Exportable:
+    """The generator in `path` wrapped for export, on the CPU, in eval mode, weight norm folded in, in `dtype`."""
     meta = read_generator_meta(path)
     model = load_generator(path, "cpu")
     _remove_weight_norm(model)
-    return Exportable(model, tuple(meta["normalization"])).eval()
+    return Exportable(model, tuple(meta["normalization"])).eval().to(_dtype(dtype))
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def _remove_weight_norm(model: nn.Module) -> None:
@@ -66,46 +83,144 @@ def _remove_weight_norm(model: nn.Module) -> None:
 
 
 def _sample(wrapper: Exportable) -> torch.Tensor:
+    """The input the graph is traced with: small, and neither square nor a multiple of what the model needs."""
     m = max(wrapper.multiple, 1)
-    return torch.rand(1, 3, 2 * m + 3 if m > 1 else 48, 3 * m + 5 if m > 1 else 40)
+    size = (2 * m + 3, 3 * m + 5) if m > 1 else (48, 40)
+    return torch.rand(2, 3, *size).to(wrapper.mean.dtype)  # batch 2: torch.export specialises a batch of 1
 
 
-def export_onnx(path: str | Path, out: str | Path, opset: int = ONNX_OPSET) -> Path:
-    """Write ONNX with dynamic batch, height and width; metadata records arch, scale and the I/O contract."""
+def check_target(out: str | Path, overwrite: bool, model: str | Path | None = None) -> Path:
+    """`out` as a Path, after refusing a folder, the model file itself, or an existing file without `overwrite`."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder; give the file to write")
+    if model is not None and out.exists() and out.resolve() == Path(model).resolve():
+        raise ConfigError(f"{out} is the model file being exported; write the export to another file")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists (--overwrite to replace it)")
+    return out
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def export_onnx(path: str | Path, out: str | Path, opset: int = ONNX_OPSET, *, dtype: str = "fp32",
+                verify: bool = False, tolerance: float | None = None, overwrite: bool = True,
+                note: Note | None = None, report: Note | None = None) -> Path:
+    """Write ONNX with dynamic batch, height and width; metadata records arch, scale and the I/O contract.
+
+    `verify`: before the file takes its name, run it with onnxruntime against PyTorch (fp32) on a random
+    VERIFY_SIZE image and fail if the largest difference is over `tolerance` (default TOLERANCE[dtype]).
+    `note` gets a line per phase (tracing a ResNet-34 U-Net takes tens of seconds on a small CPU), `report` the
+    verification's result."""
+    note = note or _quiet
     try:
         import onnx
     except ImportError:
         raise CrappifyError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript") from None
-    wrapper = exportable(path)
-    out = Path(out)
+    if verify:
+        _need_onnxruntime()
+    out = check_target(out, overwrite, path)
+    note(f"export: loading {path}")
+    wrapper = exportable(path, dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sample = _sample(wrapper)
-    batch, height, width = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
     clean_stale_temps(out.parent, [out.name])  # left by a killed export
-    with replacing(out) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, (sample,), input_names=["image"], output_names=["output"],
-                                    dynamic_shapes={"x": {0: batch, 2: height, 3: width}}, opset_version=opset,
-                                    dynamo=True, external_data=False, verbose=False)
-        proto = program.model_proto
-        spec = read_generator_meta(path)["spec"]
-        for key, value in {"crappify.spec": json.dumps(spec), "crappify.scale": str(wrapper.scale),
-                           "crappify.io": "float32 RGB NCHW in [0,1] -> float32 RGB NCHW in [0,1], H,W x scale"
-                           }.items():
+    meta = read_generator_meta(path)
+    kind = "float16" if dtype == "fp16" else "float32"
+    props = {"crappify.spec": json.dumps(meta["spec"]), "crappify.scale": str(wrapper.scale),
+             # the HR/LR ratio of the training data: a U-Net (scale 1) takes the photo resized by it, bicubic
+             "crappify.data_scale": str(int(meta["extra"].get("data_scale") or 1)), "crappify.dtype": dtype,
+             "crappify.io": f"{kind} RGB NCHW in [0,1] -> {kind} RGB NCHW in [0,1], H,W x scale"}
+    with replacing(out) as tmp:
+        proto = _onnx_proto(wrapper, _sample(wrapper), opset, note)
+        for key, value in props.items():
             proto.metadata_props.add(key=key, value=value)
+        note(f"export: writing {out}")
         onnx.save_model(proto, tmp)
+        del proto
+        if verify:
+            _verify(path, lambda x: _run_onnx(tmp, x), dtype, tolerance, "onnxruntime", report or _quiet)
     return out
 
 
-def export_torchscript(path: str | Path, out: str | Path) -> Path:
-    """Write a traced TorchScript module (`torch.jit.load` it; same I/O contract as the ONNX file)."""
+def _onnx_proto(wrapper: Exportable, sample: torch.Tensor, opset: int, note: Note):
+    """The ONNX ModelProto of `wrapper`, dynamic in batch, height and width (torch.export, then translation)."""
+    # Where the time went: torch.onnx.export(model) first tries torch.export's strict mode (TorchDynamo bytecode
+    # tracing of every fastai layer), the ~6 minutes a ResNet-34 U-Net took on 2 cores. The non-strict trace
+    # (Python runs the model once on fake tensors) gives the same graph in about a fifth of that (measured in
+    # benchmarks/README.md). Dim.DYNAMIC with size-oblivious 0/1 reasoning and deferred runtime asserts keeps
+    # batch, height and width symbolic through the U-Net's pad-to-32 and the sub-pixel shapes, where named Dims
+    # fail torch.export's constraint check; the asserts become checks in the graph, not specialisations.
+    import torch.fx.experimental._config
+
+    dynamic = {"x": {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
+    with warnings.catch_warnings(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        warnings.simplefilter("ignore")
+        note("export: tracing the network (torch.export, non-strict)")
+        program = torch.export.export(wrapper, (sample,), dynamic_shapes=dynamic, strict=False,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+        note("export: translating to ONNX")
+        onnx_program = torch.onnx.export(program, (sample,), input_names=["image"], output_names=["output"],
+                                         opset_version=opset, dynamo=True, external_data=False, optimize=False,
+                                         verbose=False)
+        note("export: optimising the graph")
+        onnx_program.optimize()
+    return onnx_program.model_proto
+
+
+def _need_onnxruntime() -> None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise CrappifyError("--verify runs the file with onnxruntime: pip install onnxruntime") from None
+
+
+def _run_onnx(file: str | Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+
+
+def _verify(path: str | Path, run: Callable[[torch.Tensor], torch.Tensor], dtype: str, tolerance: float | None,
+            engine: str, report: Note) -> float:
+    """The largest |run(x) − PyTorch fp32(x)| on a random VERIFY_SIZE image; a one-line error over `tolerance`."""
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
+    x = torch.rand(1, 3, *VERIFY_SIZE, generator=torch.Generator().manual_seed(0)).to(DTYPES[dtype])
+    with torch.no_grad():
+        want = exportable(path, "fp32")(x.float())
+        got = run(x)
+    shape = f"{VERIFY_SIZE[0]}x{VERIFY_SIZE[1]}"
+    if got.shape != want.shape:
+        raise CrappifyError(f"--verify: {engine} returned {list(got.shape)} for a {shape} image where PyTorch returns "
+                            f"{list(want.shape)}")
+    diff = float((got.float() - want).abs().max())
+    report(f"verify: {engine} on a {shape} image: largest difference from PyTorch fp32 {diff:.2e} "
+           f"(tolerance {tolerance:g})")
+    if not diff <= tolerance:  # NaN fails too
+        raise CrappifyError(f"--verify: {engine}'s output differs from PyTorch's by up to {diff:.2e} on a {shape} "
+                            f"image (tolerance {tolerance:g}); the file was not written")
+    return diff
+
+
+def export_torchscript(path: str | Path, out: str | Path, *, verify: bool = False, tolerance: float | None = None,
+                       overwrite: bool = True, note: Note | None = None, report: Note | None = None) -> Path:
+    """Write a traced TorchScript module (`torch.jit.load` it; same I/O contract as the ONNX file, float32)."""
+    note = note or _quiet
+    out = check_target(out, overwrite, path)
+    note(f"export: loading {path}")
     wrapper = exportable(path)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    note("export: tracing the network (torch.jit.trace)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, _sample(wrapper), check_trace=False)
     clean_stale_temps(out.parent, [out.name])  # left by a killed export
     with replacing(out) as tmp:
+        note(f"export: writing {out}")
         traced.save(tmp, _extra_files={"crappify.json": json.dumps(read_generator_meta(path))})
+        if verify:
+            loaded = torch.jit.load(tmp)
+            _verify(path, loaded, "fp32", tolerance, "TorchScript", report or _quiet)
     return out

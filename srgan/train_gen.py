@@ -8,11 +8,14 @@ from the config; by default fastai's (beta1 following the one-cycle schedule, ep
 checkpoint (model + optimiser + position in the schedule), a row in `history.csv` and a preview grid;
 `checkpoint_every` N adds one every N batches of an epoch, and SIGTERM writes one at the next batch boundary and
 stops (`Interrupted`). `resume` continues from the checkpoint's position, an epoch end or inside an epoch, and
-stops at the same total. The finished generator is `RUN/generator.safetensors`.
+stops at the same total. The finished generator is `RUN/generator.safetensors`. `val_hr` also scores each epoch on
+a benchmark folder as `evaluate --hr` does (val_psnr_y, val_ssim_y); `keep_best` keeps the best epoch's generator
+as `RUN/generator-best.safetensors`.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from crappify.imageio import save_image_atomic, write_atomic, write_csv_atomic
 from crappify.preview import grid
@@ -65,6 +68,7 @@ from srgan.runtime import (
 
 HISTORY_COLUMNS = ["epoch", "stage", "phase", "size", "bs", "train_loss", "valid_loss", "psnr", "bicubic_psnr",
                    "ssim", "below_bicubic", "seconds", "data_wait"]
+VAL_COLUMNS = ["val_psnr_y", "val_ssim_y"]  # with val_hr: the whole validation folder, BasicSR's PSNR/SSIM-Y
 PERCEPTUAL_LOSSES = ("feature", "vgg19", "vgg")
 
 # Defaults that depend on where training starts. A pretrained encoder: the fastai course's settings. From random
@@ -76,7 +80,7 @@ SCRATCH_DEFAULTS: dict[str, Any] = {"size": 64, "bs": 16, "lr": 2e-3}
 # Options that say how to run, or how long (a resume may extend a run), not what is trained: a checkpoint
 # written under other values of these is still this config's (`srgan.checkpoint.config_key`).
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs", "preview_items",
-                      "checkpoint_every", "compile"})
+                      "checkpoint_every", "compile", "val_hr", "val_lr", "keep_best"})
 
 
 class Stage(BaseModel):
@@ -123,6 +127,23 @@ class TrainGenConfig(RunOptions, AdamOptions):
     ema: bool = Field(False, description="also keep an exponential moving average of the weights, written as "
                                          "RUN/generator-ema.safetensors (Real-ESRNet's net_g_ema)")
     ema_decay: float = Field(0.999, gt=0, lt=1)
+    val_hr: str | None = Field(None, description="also validate every epoch on a benchmark folder of HR images "
+                               "(Set5/GTmod12), whole images scored as `evaluate --hr` scores them: val_psnr_y and "
+                               "val_ssim_y in history.csv")
+    val_lr: str | None = Field(None, description="val_hr's LR images, matched by stem (baby.png: baby.png or "
+                               "babyx4.png); default: made from each HR by bicubic at the dataset's scale")
+    keep_best: Literal["psnr", "ssim", "val_psnr_y", "val_ssim_y"] | None = Field(
+        None, description="also write RUN/generator-best.safetensors after each epoch whose value of this history "
+                          "column beats every earlier epoch's (val_*: needs val_hr)")
+
+    @model_validator(mode="after")
+    def _validation_folder(self) -> TrainGenConfig:
+        """The val_* options only with a validation folder."""
+        if self.val_hr is None and self.val_lr is not None:
+            raise ValueError("--val-lr goes with --val-hr (the HR folder it pairs with)")
+        if self.val_hr is None and self.keep_best in ("val_psnr_y", "val_ssim_y"):
+            raise ValueError(f"--keep-best {self.keep_best} needs --val-hr DIR (the folder it is measured on)")
+        return self
 
 
 
@@ -240,8 +261,20 @@ class Trainer:
         self.batches = 0  # training batches this process ran (reported per rank under torchrun)
         self.stop: StopRequest | None = None  # set while `fit` runs
         self.ema: torch.nn.Module | None = None  # the EMA copy of the weights, with `ema`
+        self.val_set = self._val_set() if cfg.val_hr is not None and is_main() else None
 
     # -- building blocks -------------------------------------------------------------------------------
+    def _val_set(self):
+        """`val_hr` as `evaluate --hr` reads it, at the dataset's scale (checked before any training)."""
+        from crappify.errors import ConfigError
+        from srgan.benchmarks import benchmark_test_set
+
+        cfg = self.cfg
+        if cfg.val_lr is None and self.data_scale == 1:
+            raise ConfigError(f"--val-hr {cfg.val_hr}: the dataset {cfg.data} has no scale to make the LR with (its "
+                              "LR size is fixed); give the LR images too (--val-lr DIR)")
+        return benchmark_test_set(cfg.val_hr, cfg.val_lr, self.data_scale)
+
     def _model(self):
         from srgan.generators import build_generator
 
@@ -445,8 +478,40 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image_atomic(path, grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=3))
 
+    def validate_hr(self, learn) -> dict[str, float | str]:
+        """This epoch's generator on the whole images of `val_hr` (BasicSR's PSNR/SSIM-Y): the history's val_*."""
+        from srgan.callbacks import history_value
+        from srgan.evaluate import score
+        from srgan.inference import TiledInference
+
+        model = unwrap(learn.model)
+        was_training = model.training
+        try:
+            engine = TiledInference(model, device=self.device, normalizer=self.normalizer, data_scale=self.data_scale,
+                                    channels_last=self.cfg.channels_last)
+            means = score(engine, self.val_set)
+        finally:
+            model.train(was_training)
+        return {f"val_{k}": history_value(v) for k, v in means.items()}
+
+    def keep_best(self, learn, epoch: int) -> None:
+        """RUN/generator-best.safetensors from this epoch's generator when its `keep_best` value beats every earlier
+        epoch's in the history (which the checkpoint carries, so a resumed run keeps comparing with the same)."""
+        metric = self.cfg.keep_best
+        if metric is None or not self.history:
+            return
+        value = self.history[-1].get(metric)
+        earlier = [r.get(metric) for r in self.history[:-1]]
+        earlier = [v for v in earlier if isinstance(v, float) and math.isfinite(v)]
+        if not (isinstance(value, float) and math.isfinite(value)) or (earlier and value <= max(earlier)):
+            return
+        save_generator(unwrap(learn.model), self.run / "generator-best.safetensors", data_scale=self.data_scale,
+                       extra={"stage": "train-gen", "epoch": epoch, "best": metric, metric: value,
+                              "dataset": str(Path(self.cfg.data).resolve()), "loss": self.cfg.loss})
+
     def write_history(self) -> None:
-        write_csv_atomic(self.run / "history.csv", HISTORY_COLUMNS, self.history)
+        columns = HISTORY_COLUMNS + (VAL_COLUMNS if self.cfg.val_hr is not None else [])
+        write_csv_atomic(self.run / "history.csv", columns, self.history)
 
 
 def _epoch_end_callback(trainer: Trainer, write: bool = True, state: dict[str, Any] | None = None):
@@ -469,10 +534,12 @@ def _epoch_end_callback(trainer: Trainer, write: bool = True, state: dict[str, A
                     "size": phase.size, "bs": phase.bs, "train_loss": history_value(self._loss.mean),
                     "valid_loss": history_value(values.get("valid_loss")), "psnr": psnr, "bicubic_psnr": base,
                     "ssim": history_value(values.get("ssim")), "below_bicubic": below,
-                    "seconds": round(time.perf_counter() - self._t0, 3), "data_wait": self.data_wait()}
+                    "seconds": round(time.perf_counter() - self._t0, 3), "data_wait": self.data_wait(),
+                    **(trainer.validate_hr(self.learn) if trainer.val_set is not None else {})}
 
         def outputs(self, epoch: int) -> None:
             trainer.previews(self.learn, epoch)
+            trainer.keep_best(self.learn, epoch)
 
         def checkpoint(self, position: dict[str, Any]) -> None:  # the EMA copy resumes with the model
             ema = {"ema": trainer.ema.state_dict()} if trainer.ema is not None else {}

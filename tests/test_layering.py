@@ -30,7 +30,8 @@ SRGAN_LAYERS: list[tuple[str, frozenset[str]]] = [
     ("models", frozenset({"generators", "critics", "losses", "adversarial", "checkpoint"})),
     ("data", frozenset({"data"})),  # paired crops from a built dataset
     ("inference", frozenset({"inference"})),  # tiled inference of a generator file
-    ("running", frozenset({"predict", "enhance", "evaluate", "export"})),  # what runs a trained generator
+    # what runs a trained generator (and blends two)
+    ("running", frozenset({"predict", "enhance", "evaluate", "benchmarks", "export", "interpolate"})),
     ("training", frozenset({"train_gen", "train_critic", "train_gan", "gan_loop"})),  # the training stages
     # the chain from one YAML, its smoke run and rehearsal, and the demo
     ("pipeline", frozenset({"pipeline", "smoke", "rehearse", "inspection", "demo"})),

@@ -2,7 +2,8 @@
 
 One module per stage group, each a list of thin click commands over one function each (`COMMANDS`):
 `data` (build-dataset, merge-datasets, preview, presets, ops), `train` (train-gen, train-critic, train-gan), `infer`
-(enhance, evaluate, export, save-preds) and `run` (run, demo); `options` holds the options they share.
+(enhance, evaluate, export, save-preds), `blend` (interpolate) and `run` (run, demo); `options` holds the options
+they share.
 torch, fastai and `srgan` are imported inside the command bodies, so `crappify --help` stays fast.
 
 User errors (bad paths, bad config, unusable data) end with one line on stderr and a non-zero exit;
@@ -18,15 +19,16 @@ import warnings
 
 import click
 
-from crappify.cli import data, infer, run, train
+from crappify.cli import blend, data, infer, run, train
+from crappify.cli.blend import interpolate_cmd
 from crappify.cli.data import build_dataset_cmd, merge_datasets_cmd, ops_cmd, presets_cmd, preview_cmd
 from crappify.cli.infer import enhance_cmd, evaluate_cmd, export_cmd, save_preds_cmd
 from crappify.cli.run import demo_cmd, run_cmd
 from crappify.cli.train import train_critic_cmd, train_gan_cmd, train_gen_cmd
 from crappify.errors import ConfigError, CrappifyError, Interrupted
 
-__all__ = ["app", "build_dataset_cmd", "demo_cmd", "enhance_cmd", "evaluate_cmd", "export_cmd", "main",
-           "merge_datasets_cmd", "ops_cmd", "presets_cmd", "preview_cmd", "run_cmd", "save_preds_cmd",
+__all__ = ["app", "build_dataset_cmd", "demo_cmd", "enhance_cmd", "evaluate_cmd", "export_cmd", "interpolate_cmd",
+           "main", "merge_datasets_cmd", "ops_cmd", "presets_cmd", "preview_cmd", "run_cmd", "save_preds_cmd",
            "train_critic_cmd", "train_gan_cmd", "train_gen_cmd"]
 
 
@@ -36,7 +38,7 @@ def app() -> None:
     """crappify: degrade clean photos into paired LR/HR training data, and learn to undo it."""
 
 
-for _module in (data, train, infer, run):
+for _module in (data, train, infer, blend, run):
     for _command in _module.COMMANDS:
         app.add_command(_command)
 

@@ -54,9 +54,15 @@ def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None
 
 
 @click.command("evaluate")
-@click.argument("data")
+@click.argument("data", required=False)
 @click.option("-m", "--model", "models", multiple=True, help="Generator file or run folder; repeat to compare.")
 @click.option("-o", "--out", "out", help="Report folder (metrics.csv, report.md, grids/).")
+@click.option("--hr", help="Instead of DATA: a benchmark's folder of HR images (e.g. Set5/GTmod12), measured "
+                           "as BasicSR measures it (Y channel, border of the scale cropped).")
+@click.option("--lr", help="With --hr: its LR images, matched by name (baby.png: baby.png or babyx4.png); the "
+                           "scale comes from their sizes.")
+@click.option("--scale", type=int, help="With --hr: the scale; without --lr each HR is cropped to a multiple of it "
+                                        "and its LR made by MATLAB bicubic.")
 @config_option
 @offline_option
 @click.option("--name", "names", multiple=True, help="Label for each -m, in order (default: run folder name).")
@@ -70,9 +76,10 @@ def enhance_cmd(inputs: tuple[str, ...], model: str, out: str, scale: int | None
 @stage_precision_option("Default fp32 (metrics should not depend on the GPU).")
 @click.option("--no-lpips", "no_lpips", is_flag=True, default=None, help="Skip LPIPS even if its weights are there.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate_cmd(data: str, models: tuple[str, ...], out: str | None, config_file: str | None,
+def evaluate_cmd(data: str | None, models: tuple[str, ...], out: str | None, config_file: str | None,
                  names: tuple[str, ...], no_lpips: bool | None, quiet: bool, **flags: Any) -> None:
-    """PSNR/SSIM (RGB and Y) and LPIPS of generators on a built dataset, beside the bicubic baseline."""
+    """PSNR/SSIM (RGB and Y) and LPIPS of generators beside the bicubic baseline, on DATA (a built dataset) or
+    on a benchmark folder (--hr DIR with --scale S or --lr DIR)."""
     from crappify.config import read_yaml, resolve
     from srgan.evaluate import EvaluateConfig, evaluate
 
@@ -106,18 +113,36 @@ def _summary_table(report: Path) -> str:
 @click.option("--onnx", "onnx_out", type=click.Path(dir_okay=False), help="Write ONNX (dynamic H and W) here.")
 @click.option("--torchscript", "ts_out", type=click.Path(dir_okay=False), help="Write TorchScript (traced) here.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
-def export_cmd(model: str, onnx_out: str | None, ts_out: str | None, opset: int) -> None:
-    """Export a generator for use elsewhere: float32 RGB in [0, 1] in, RGB in [0, 1] out (×scale)."""
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="ONNX: float32, or float16 input, weights and output (for GPUs; chaiNNer feeds float16 to such a "
+                   "file). TorchScript is float32.")
+@click.option("--verify", is_flag=True,
+              help="Before the file takes its name, run it (onnxruntime / TorchScript) against PyTorch on a random "
+                   "45x70 image, print the largest difference, and fail if it is over --tolerance.")
+@click.option("--tolerance", type=click.FloatRange(min=0), help="Largest difference --verify accepts, on [0, 1] "
+                                                                 "outputs (default 1e-3, 2e-2 with fp16).")
+@click.option("--overwrite", is_flag=True, help="Replace output files that already exist.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def export_cmd(model: str, onnx_out: str | None, ts_out: str | None, opset: int, dtype: str, verify: bool,
+               tolerance: float | None, overwrite: bool, quiet: bool) -> None:
+    """Export a generator for use elsewhere: RGB in [0, 1] in, RGB in [0, 1] out (×scale)."""
     from srgan.checkpoint import model_file
-    from srgan.export import export_onnx, export_torchscript
+    from srgan.export import check_target, export_onnx, export_torchscript
 
     if not onnx_out and not ts_out:
         raise ConfigError("nothing to export: give --onnx OUT.onnx and/or --torchscript OUT.pt")
+    if dtype != "fp32" and not onnx_out:
+        raise ConfigError("--dtype applies to the ONNX file; give --onnx OUT.onnx (TorchScript is float32)")
     path = model_file(model)
+    for out in (onnx_out, ts_out):
+        if out:
+            check_target(out, overwrite, path)  # both refused before either is made
+    note = None if quiet else (lambda text: click.echo(f"crappify: {text}", err=True))
+    options = {"verify": verify, "tolerance": tolerance, "overwrite": overwrite, "note": note, "report": click.echo}
     if onnx_out:
-        click.echo(f"onnx: {export_onnx(path, onnx_out, opset=opset)}")
+        click.echo(f"onnx: {export_onnx(path, onnx_out, opset=opset, dtype=dtype, **options)}")
     if ts_out:
-        click.echo(f"torchscript: {export_torchscript(path, ts_out)}")
+        click.echo(f"torchscript: {export_torchscript(path, ts_out, **options)}")
 
 
 @click.command("save-preds")

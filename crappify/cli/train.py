@@ -54,6 +54,11 @@ _CRITICS = ", ".join(f"{name} (default, fastai's)" if name == "gan-critic" else 
 @click.option("--ema/--no-ema", default=None,
               help="Also keep an EMA of the weights (decay 0.999): RUN/generator-ema.safetensors.")
 @degrade_options
+@click.option("--val-hr", help="Also validate every epoch on a benchmark folder of HR images (Set5/GTmod12), whole "
+                               "images scored as `evaluate --hr` does: val_psnr_y, val_ssim_y in history.csv.")
+@click.option("--val-lr", help="--val-hr's LR images, matched by name (default: made by bicubic at the data's scale).")
+@click.option("--keep-best", type=click.Choice(["psnr", "ssim", "val_psnr_y", "val_ssim_y"]),
+              help="Also keep the epoch with the best value of this history column: RUN/generator-best.safetensors.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--save-preds", is_flag=True, help="Then write the generator's outputs to RUN/preds/<split>/.")
 @offline_option
@@ -74,6 +79,9 @@ def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
     click.echo(f"generator: {final}")
     if trainer.cfg.ema:
         click.echo(f"generator (EMA): {final.with_name('generator-ema.safetensors')}")
+    best = final.with_name("generator-best.safetensors")
+    if trainer.cfg.keep_best and best.is_file():
+        click.echo(f"generator (best {trainer.cfg.keep_best}): {best}")
     if save_preds:
         from srgan.predict import save_preds as write_preds
 
