@@ -224,3 +224,64 @@ def export_torchscript(path: str | Path, out: str | Path, *, verify: bool = Fals
             loaded = torch.jit.load(tmp)
             _verify(path, loaded, "fp32", tolerance, "TorchScript", report or _quiet)
     return out
+
+
+def export_basicsr(path: str | Path, out: str | Path, *, verify: bool = False, tolerance: float | None = None,
+                   overwrite: bool = True, note: Note | None = None, report: Note | None = None) -> Path:
+    """Write the generator in BasicSR's state-dict layout (`srgan.basicsr`): `.pth` ({"params": ...}) or
+    `.safetensors` (flat), what spandrel, chaiNNer and Real-ESRGAN's scripts load. A model without that layout is
+    refused in one line pointing to ONNX. `verify`: spandrel loads the written file and runs it against ours."""
+    from srgan.basicsr import basicsr_state, write_basicsr
+
+    note = note or _quiet
+    out = check_target(out, overwrite, path)
+    if out.suffix not in (".pth", ".safetensors"):
+        raise ConfigError(f"{out}: a BasicSR-layout file is .pth or .safetensors")
+    check_basicsr(path)
+    if verify:
+        _need_spandrel()
+    note(f"export: loading {path}")
+    model = load_generator(path, "cpu").eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out.parent, [out.name])  # left by a killed export
+    with replacing(out) as tmp:
+        note(f"export: writing {out} (BasicSR layout)")
+        write_basicsr(basicsr_state(model), Path(tmp), out.suffix)
+        if verify:
+            run = lambda x: _run_spandrel(tmp, out.suffix, x)  # noqa: E731
+            _verify(path, run, "fp32", tolerance, "spandrel", report or _quiet)
+    return out
+
+
+def check_basicsr(path: str | Path) -> None:
+    """One line when the generator in `path` has no BasicSR layout (before anything is written)."""
+    from srgan.basicsr import basicsr_problem
+
+    problem = basicsr_problem(read_generator_meta(path)["spec"])
+    if problem:
+        raise CrappifyError(f"{path} cannot be written in BasicSR's layout: {problem}; export it as ONNX instead "
+                            "(--onnx), which chaiNNer also runs")
+
+
+def _need_spandrel() -> None:
+    try:
+        import spandrel  # noqa: F401
+    except ImportError:
+        raise CrappifyError("--verify of a BasicSR-layout file loads it with spandrel: pip install spandrel") from None
+
+
+def _run_spandrel(file: str | Path, suffix: str, x: torch.Tensor) -> torch.Tensor:
+    """The file as spandrel (chaiNNer's loader) reads and builds it, on [0, 1] RGB, clamped as our graph is.
+    spandrel picks its reader by the file's extension, which the temporary name lacks: it reads a link to it."""
+    import os
+    import tempfile
+
+    import spandrel
+
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        named = Path(folder) / f"model{suffix}"
+        os.symlink(Path(file).resolve(), named)
+        descriptor = spandrel.ModelLoader().load_from_file(str(named))
+    with torch.no_grad():
+        return descriptor.model.eval()(x).clamp(0.0, 1.0)

@@ -1,5 +1,5 @@
-"""Generator models by name: fastai U-Nets on torchvision or timm encoders, the SRGAN paper's SRResNet and
-ESRGAN's RRDBNet.
+"""Generator models by name: fastai U-Nets on torchvision or timm encoders, the SRGAN paper's SRResNet,
+ESRGAN's RRDBNet and Real-ESRGAN's compact SRVGGNet.
 
 `build_generator(arch, ...)` is the one entry point. Every model it returns carries `crappify_spec`, a
 JSON-serialisable dict (arch, scale, img_size, resolved options) from which `build_generator` rebuilds the
@@ -26,6 +26,7 @@ from torch import nn
 
 from crappify.errors import ConfigError, brief
 from crappify.registry import Registry
+from srgan.normalize import IMAGENET_STATS
 from srgan.upsample import BicubicUpsample, resize_image
 from srgan.weights import WeightsError, read_state_dict, timm_pretrained_file, torchvision_state_dict
 
@@ -53,7 +54,18 @@ UNET_DEFAULTS: dict[str, Any] = {"blur": True, "blur_final": True, "self_attenti
                                  "gain_scale": 1.0}
 SRRESNET_DEFAULTS: dict[str, Any] = {"n_blocks": 16, "n_feats": 64, "residual": False}
 # RRDBNet (ESRGAN, Wang et al. 2018; Real-ESRGAN's generator): 23 blocks, 64 features, growth 32 (16.7 M at x4).
-RRDB_DEFAULTS: dict[str, Any] = {"n_blocks": 23, "n_feats": 64, "growth": 32, "residual": False}
+# `normalize` (rrdb, compact): what the network's own layers see. "imagenet": the ImageNet-normalised tensors every
+# stage passes (the default for files written before the option). "none": RGB in [0, 1] in and out, BasicSR's pixel
+# convention; the model converts at its boundary (`PixelSpace`), so training, losses and inference are unchanged,
+# while its state dict is exactly what BasicSR, Real-ESRGAN, spandrel and chaiNNer run on [0, 1] images
+# (`srgan.basicsr`).
+RRDB_DEFAULTS: dict[str, Any] = {"n_blocks": 23, "n_feats": 64, "growth": 32, "residual": False,
+                                 "normalize": "imagenet"}
+# compact: Real-ESRGAN's SRVGGNetCompact (realesr-animevideov3's size: 64 features, 16 convs, 0.6 M parameters at
+# x4): every conv at LR resolution, PReLU, one pixel-shuffle, the nearest-upsampled input added. In BasicSR's pixel
+# convention by default, so a compact model trained here loads in spandrel/chaiNNer as it is.
+COMPACT_DEFAULTS: dict[str, Any] = {"n_feats": 64, "n_conv": 16, "normalize": "none"}
+NORMALIZE_CHOICES = ("imagenet", "none")
 # unet-small: a narrow ResNet encoder (timm's ResNet class, BasicBlocks) whose widths the fastai decoder follows,
 # sized to train on a laptop CPU (benchmarks/README.md has its step time beside the ResNet U-Nets').
 # Measured on the demo's data (x2 restore, 600 steps, MSE): its half-resolution first stage (no stem max-pool)
@@ -62,12 +74,12 @@ SMALL_DEFAULTS: dict[str, Any] = {**UNET_DEFAULTS, "width": 16, "depths": (1, 1,
                                   "last_cross": False}
 NORM_TYPES = ("weight", "spectral", "batch", None)
 # Generators with no ImageNet weights anywhere: for them `pretrained` can only mean a --weights file.
-NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small", "rrdb")
+NO_IMAGENET_WEIGHTS = ("srresnet", "unet-small", "rrdb", "compact")
 UNET_MULTIPLE = 32  # a U-Net's encoder downsamples 32x: its input's sides must be multiples of this
 # The most each option that sizes a network may ask for: far beyond the papers' models (SRResNet 16 blocks of 64,
 # ESRGAN 23 of 64 with growth 32, ResNet-152's deepest stage 36 blocks), and small enough that a model file's spec
 # is built (on the meta device, to be checked against its tensors) in a second or two, not minutes.
-OPTION_MAX = {"n_blocks": 128, "n_feats": 512, "growth": 256, "width": 256}
+OPTION_MAX = {"n_blocks": 128, "n_feats": 512, "growth": 256, "width": 256, "n_conv": 128}
 MAX_STAGE_DEPTH = 64
 
 
@@ -113,6 +125,13 @@ def clone_generator(model: nn.Module) -> nn.Module:
     if param is not None:
         clone.to(device=param.device, dtype=param.dtype)
     return clone.train(model.training)
+
+
+def has_option(arch: str, key: str) -> bool:
+    """Whether generator `arch` takes option `key` (every U-Net takes the U-Nets' options)."""
+    if str(arch).startswith(TIMM_PREFIX):
+        return key in UNET_DEFAULTS
+    return arch in GENERATORS and key in GENERATORS.options(arch)
 
 
 def is_unet_arch(arch: str) -> bool:
@@ -203,6 +222,11 @@ def _canonical_options(options: dict[str, Any]) -> dict[str, Any]:
         if key not in NORM_TYPES:
             raise ConfigError(f"norm_type must be one of weight, spectral, batch or none; got {value!r}")
         out["norm_type"] = key
+    if "normalize" in out:
+        value = out["normalize"]
+        if value not in NORMALIZE_CHOICES:
+            raise ConfigError(f"generator option normalize must be imagenet or none (RGB in [0, 1], BasicSR's "
+                              f"convention), got {brief(value)}")
     if "gain_scale" in out:
         value = out["gain_scale"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1000:
@@ -512,6 +536,33 @@ def _build_srresnet(*, scale: int, img_size: int, pretrained: bool, weights: str
 
 
 # --------------------------------------------------------------------------------------------------------
+# BasicSR's pixel convention
+
+
+class PixelSpace(nn.Module):
+    """A generator whose layers may work on RGB in [0, 1] (`normalize` "none") while it takes and returns the
+    ImageNet-normalised tensors of every stage: `forward` converts at the boundary around `core`. The statistics
+    are non-persistent buffers, so the state dict holds the layers' weights only (BasicSR's keys, `srgan.basicsr`).
+    Not clamped: the pixel values are the network's, as in BasicSR, until the stage's denormalisation."""
+
+    def _pixel_space(self, normalize: str) -> None:
+        self.normalize = normalize
+        if normalize == "none":
+            mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in IMAGENET_STATS)
+            self.register_buffer("io_mean", mean, persistent=False)
+            self.register_buffer("io_std", std, persistent=False)
+
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize != "none":
+            return self.core(x)
+        mean, std = self.io_mean.to(x.dtype), self.io_std.to(x.dtype)
+        return (self.core(x * std + mean) - mean) / std
+
+
+# --------------------------------------------------------------------------------------------------------
 # RRDBNet (ESRGAN, Wang et al. 2018), written from the paper's description
 
 
@@ -547,13 +598,14 @@ class _RRDB(nn.Module):
         return x + 0.2 * self.blocks(x)
 
 
-class RRDBNet(nn.Module):
+class RRDBNet(PixelSpace):
     """ESRGAN's generator: conv, a trunk of RRDBs with a long skip, x2 stages of nearest-neighbour upsampling +
     conv + LeakyReLU, then two convs to RGB. Linear output (targets are ImageNet-normalised), no BatchNorm."""
 
     def __init__(self, scale: int = 4, n_blocks: int = 23, n_feats: int = 64, growth: int = 32,
-                 residual: bool = False) -> None:
+                 residual: bool = False, normalize: str = "imagenet") -> None:
         super().__init__()
+        self._pixel_space(normalize)
         if scale not in (2, 4):
             raise ConfigError(f"rrdb upsamples by 2 or 4 (x2 nearest-neighbour stages), got scale {scale}")
         self.head = nn.Conv2d(3, n_feats, 3, padding=1)
@@ -566,7 +618,7 @@ class RRDBNet(nn.Module):
         self.skip = BicubicUpsample(scale) if residual else None  # as SRResNet's: bicubic + gain · network
         self.gain = nn.Parameter(torch.zeros(1, 3, 1, 1)) if residual else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def core(self, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
 
         h = self.head(x)
@@ -579,9 +631,53 @@ class RRDBNet(nn.Module):
 
 @GENERATORS.register("rrdb", options=RRDB_DEFAULTS)
 def _build_rrdb(*, scale: int, img_size: int, pretrained: bool, weights: str | Path | None, n_blocks: int,
-                n_feats: int, growth: int, residual: bool) -> nn.Module:
+                n_feats: int, growth: int, residual: bool, normalize: str) -> nn.Module:
     """RRDBNet upsampling by `scale`; no ImageNet weights exist for it, `weights` may hold a trained RRDBNet."""
-    model = RRDBNet(scale=scale, n_blocks=n_blocks, n_feats=n_feats, growth=growth, residual=residual)
+    model = RRDBNet(scale=scale, n_blocks=n_blocks, n_feats=n_feats, growth=growth, residual=residual,
+                    normalize=normalize)
+    if pretrained and weights is not None:
+        _load_strict(model, read_state_dict(weights), str(weights))
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Compact (Real-ESRGAN's SRVGGNetCompact, Wang et al. 2021), written from its description
+
+
+class Compact(PixelSpace):
+    """A plain VGG-style body at LR resolution: conv + PReLU, `n_conv` × (conv + PReLU), a conv to 3·scale² channels,
+    one pixel-shuffle to the output size, plus the input upsampled by nearest neighbour (the network learns the
+    residual). The layers are numbered as Real-ESRGAN numbers them (`body.0` … `body.{2·n_conv+2}`), so the state
+    dict is its own."""
+
+    def __init__(self, scale: int = 4, n_feats: int = 64, n_conv: int = 16, normalize: str = "none") -> None:
+        super().__init__()
+        if scale not in (1, 2, 3, 4):
+            raise ConfigError(f"compact upsamples by 1, 2, 3 or 4 (one pixel-shuffle), got scale {scale}")
+        self._pixel_space(normalize)
+        self.scale = scale
+        layers: list[nn.Module] = [nn.Conv2d(3, n_feats, 3, padding=1), nn.PReLU(n_feats)]
+        for _ in range(n_conv):
+            layers += [nn.Conv2d(n_feats, n_feats, 3, padding=1), nn.PReLU(n_feats)]
+        layers.append(nn.Conv2d(n_feats, 3 * scale * scale, 3, padding=1))
+        self.body = nn.ModuleList(layers)
+        self.upsampler = nn.PixelShuffle(scale)
+
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        out = x
+        for layer in self.body:
+            out = layer(out)
+        base = x if self.scale == 1 else F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return self.upsampler(out) + base
+
+
+@GENERATORS.register("compact", options=COMPACT_DEFAULTS)
+def _build_compact(*, scale: int, img_size: int, pretrained: bool, weights: str | Path | None, n_feats: int,
+                   n_conv: int, normalize: str) -> nn.Module:
+    """Compact upsampling by `scale`; no ImageNet weights exist for it, `weights` may hold a trained one."""
+    model = Compact(scale=scale, n_feats=n_feats, n_conv=n_conv, normalize=normalize)
     if pretrained and weights is not None:
         _load_strict(model, read_state_dict(weights), str(weights))
     return model

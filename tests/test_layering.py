@@ -27,7 +27,7 @@ SRGAN_LAYERS: list[tuple[str, frozenset[str]]] = [
     # where and how things run, normalisation, the bicubic resize, the seeded loader, weight files, callbacks
     ("bottom", frozenset({"runtime", "normalize", "upsample", "loader", "weights", "distributed", "callbacks"})),
     # networks, losses and the files they are saved in (checkpoint rebuilds generators and critics)
-    ("models", frozenset({"generators", "critics", "losses", "adversarial", "checkpoint"})),
+    ("models", frozenset({"generators", "critics", "losses", "adversarial", "checkpoint", "basicsr"})),
     ("data", frozenset({"data"})),  # paired crops from a built dataset
     ("inference", frozenset({"inference"})),  # tiled inference of a generator file
     # what runs a trained generator (and blends two)

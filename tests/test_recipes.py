@@ -120,7 +120,8 @@ RECIPES: dict[str, dict[str, Any]] = {
                       "switching": "per-batch", "ema": True, "ema_decay": 0.999, "betas": [0.9, 0.99], "lr": 1e-4,
                       "critic_lr_mult": 1.0, "degrade": "online", "sharpen_gt": True, "size": 256, "bs": 12,
                       "wd": 0.0},
-        "generator": ("rrdb", {"n_blocks": 23, "n_feats": 64, "growth": 32}),
+        # BasicSR's pixel convention (RGB in [0, 1]), so the result exports to spandrel/chaiNNer as it is
+        "generator": ("rrdb", {"n_blocks": 23, "n_feats": 64, "growth": 32, "normalize": "none"}),
         "content": {"l1": 1.0, "vgg": (1.0, "vgg19", [VGG19[k] for k in ("conv1_2", "conv2_2", "conv3_4", "conv4_4",
                                                                          "conv5_4")],
                                        [0.1, 0.1, 1.0, 1.0, 1.0], "l1", 1.0)},

@@ -112,6 +112,11 @@ def _summary_table(report: Path) -> str:
 @click.option("-m", "--model", required=True, help="generator.safetensors, or a run folder holding one.")
 @click.option("--onnx", "onnx_out", type=click.Path(dir_okay=False), help="Write ONNX (dynamic H and W) here.")
 @click.option("--torchscript", "ts_out", type=click.Path(dir_okay=False), help="Write TorchScript (traced) here.")
+@click.option("--pth", "pth_out", type=click.Path(dir_okay=False),
+              help="Write the weights in BasicSR's layout as .pth (rrdb and compact trained with normalize: none): "
+                   "what spandrel, chaiNNer and Real-ESRGAN's scripts load.")
+@click.option("--safetensors", "st_out", type=click.Path(dir_okay=False),
+              help="The same BasicSR-layout weights as a flat .safetensors file.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="ONNX: float32, or float16 input, weights and output (for GPUs; chaiNNer feeds float16 to such a "
@@ -123,26 +128,37 @@ def _summary_table(report: Path) -> str:
                                                                  "outputs (default 1e-3, 2e-2 with fp16).")
 @click.option("--overwrite", is_flag=True, help="Replace output files that already exist.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def export_cmd(model: str, onnx_out: str | None, ts_out: str | None, opset: int, dtype: str, verify: bool,
-               tolerance: float | None, overwrite: bool, quiet: bool) -> None:
-    """Export a generator for use elsewhere: RGB in [0, 1] in, RGB in [0, 1] out (×scale)."""
+def export_cmd(model: str, onnx_out: str | None, ts_out: str | None, pth_out: str | None, st_out: str | None,
+               opset: int, dtype: str, verify: bool, tolerance: float | None, overwrite: bool, quiet: bool) -> None:
+    """Export a generator for use elsewhere: RGB in [0, 1] in, RGB in [0, 1] out (×scale); ONNX and TorchScript
+    graphs of any generator, or BasicSR-layout weights (spandrel/chaiNNer) of rrdb and compact."""
     from srgan.checkpoint import model_file
-    from srgan.export import check_target, export_onnx, export_torchscript
+    from srgan.export import check_basicsr, check_target, export_basicsr, export_onnx, export_torchscript
 
-    if not onnx_out and not ts_out:
-        raise ConfigError("nothing to export: give --onnx OUT.onnx and/or --torchscript OUT.pt")
+    if not (onnx_out or ts_out or pth_out or st_out):
+        raise ConfigError("nothing to export: give --onnx OUT.onnx, --torchscript OUT.pt, --pth OUT.pth and/or "
+                          "--safetensors OUT.safetensors")
+    if pth_out and not pth_out.endswith(".pth"):
+        raise ConfigError(f"--pth {pth_out}: give a file name ending in .pth")
+    if st_out and not st_out.endswith(".safetensors"):
+        raise ConfigError(f"--safetensors {st_out}: give a file name ending in .safetensors")
     if dtype != "fp32" and not onnx_out:
         raise ConfigError("--dtype applies to the ONNX file; give --onnx OUT.onnx (TorchScript is float32)")
     path = model_file(model)
-    for out in (onnx_out, ts_out):
+    for out in (onnx_out, ts_out, pth_out, st_out):
         if out:
-            check_target(out, overwrite, path)  # both refused before either is made
+            check_target(out, overwrite, path)  # every target refused before any is made
+    if pth_out or st_out:
+        check_basicsr(path)
     note = None if quiet else (lambda text: click.echo(f"crappify: {text}", err=True))
     options = {"verify": verify, "tolerance": tolerance, "overwrite": overwrite, "note": note, "report": click.echo}
     if onnx_out:
         click.echo(f"onnx: {export_onnx(path, onnx_out, opset=opset, dtype=dtype, **options)}")
     if ts_out:
         click.echo(f"torchscript: {export_torchscript(path, ts_out, **options)}")
+    for out in (pth_out, st_out):
+        if out:
+            click.echo(f"basicsr: {export_basicsr(path, out, **options)}")
 
 
 @click.command("save-preds")

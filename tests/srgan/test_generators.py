@@ -40,7 +40,7 @@ def unet18() -> nn.Module:
 
 
 def test_registry_names():
-    assert set(GENERATORS.names()) == {"rrdb", "srresnet", "unet-small",
+    assert set(GENERATORS.names()) == {"compact", "rrdb", "srresnet", "unet-small",
                                        *(f"unet-resnet{d}" for d in (18, 34, 50, 101, 152))}
 
 
@@ -50,7 +50,7 @@ def test_output_shape(arch, request):
     if arch in BIG_UNETS:
         pytest.skip("340M+ parameter U-Net, 10-30 s to build on CPU; the same code path as unet-resnet18/34, and "
                     "its encoder is checked in test_big_resnet_encoders")
-    if arch in ("srresnet", "rrdb"):
+    if arch in ("srresnet", "rrdb", "compact"):
         model = build_generator(arch, scale=4, img_size=64)
         x = torch.randn(1, 3, 12, 20)
         assert _out(model, x).shape == (1, 3, 48, 80)
@@ -110,7 +110,8 @@ def test_rrdb_layout():
     assert [c.out_channels for c in block.convs] == [8, 8, 8, 8, 16]
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.Tanh, nn.PixelShuffle)) for m in model.modules())
     assert _out(model, torch.randn(1, 3, 7, 5)).shape == (1, 3, 28, 20)
-    assert model.crappify_spec["options"] == {"n_blocks": 2, "n_feats": 16, "growth": 8, "residual": False}
+    assert model.crappify_spec["options"] == {"n_blocks": 2, "n_feats": 16, "growth": 8, "residual": False,
+                                              "normalize": "imagenet"}
 
 
 def _icnr_ok(weight: torch.Tensor) -> bool:
@@ -331,7 +332,7 @@ def test_srresnet_weights_file(tmp_path):
     ("unet-resnet34", {"scale": 4}, "scale must be 1"),
     ("unet-timm:test_resnet", {"scale": 2}, "scale must be 1"),
     ("unet-resnet34", {"img_size": 16}, "at least 32"),
-    ("resnet34", {}, "valid: rrdb, srresnet, unet-resnet101.*unet-resnet34.*unet-timm:"),
+    ("resnet34", {}, "valid: compact, rrdb, srresnet, unet-resnet101.*unet-resnet34.*unet-timm:"),
     ("unet-timm:not_a_timm_model", {}, "timm model name is expected"),
     ("unet-timm:resnt18", {}, "close matches: resnet18"),
     ("unet-timm:", {}, "timm model name"),
