@@ -107,8 +107,9 @@ def _quiet(_: str) -> None:
 
 def export_onnx(path: str | Path, out: str | Path, opset: int = ONNX_OPSET, *, dtype: str = "fp32",
                 verify: bool = False, tolerance: float | None = None, overwrite: bool = True,
-                note: Note | None = None, report: Note | None = None) -> Path:
+                note: Note | None = None, report: Note | None = None, exporter: str = "auto") -> Path:
     """Write ONNX with dynamic batch, height and width; metadata records arch, scale and the I/O contract.
+    `exporter`: "auto" (the trace exporter, else torch.export), "trace" or "dynamo" (`_onnx_proto`).
 
     `verify`: before the file takes its name, run it with onnxruntime against PyTorch (fp32) on a random
     VERIFY_SIZE image and fail if the largest difference is over `tolerance` (default TOLERANCE[dtype]).
@@ -133,7 +134,7 @@ def export_onnx(path: str | Path, out: str | Path, opset: int = ONNX_OPSET, *, d
              "crappify.data_scale": str(int(meta["extra"].get("data_scale") or 1)), "crappify.dtype": dtype,
              "crappify.io": f"{kind} RGB NCHW in [0,1] -> {kind} RGB NCHW in [0,1], H,W x scale"}
     with replacing(out) as tmp:
-        proto = _onnx_proto(wrapper, _sample(wrapper), opset, note)
+        proto = _onnx_proto(wrapper, _sample(wrapper), opset, note, exporter)
         for key, value in props.items():
             proto.metadata_props.add(key=key, value=value)
         note(f"export: writing {out}")
@@ -144,14 +145,46 @@ def export_onnx(path: str | Path, out: str | Path, opset: int = ONNX_OPSET, *, d
     return out
 
 
-def _onnx_proto(wrapper: Exportable, sample: torch.Tensor, opset: int, note: Note):
-    """The ONNX ModelProto of `wrapper`, dynamic in batch, height and width (torch.export, then translation)."""
-    # Where the time went: torch.onnx.export(model) first tries torch.export's strict mode (TorchDynamo bytecode
-    # tracing of every fastai layer), the ~6 minutes a ResNet-34 U-Net took on 2 cores. The non-strict trace
-    # (Python runs the model once on fake tensors) gives the same graph in about a fifth of that (measured in
-    # benchmarks/README.md). Dim.DYNAMIC with size-oblivious 0/1 reasoning and deferred runtime asserts keeps
-    # batch, height and width symbolic through the U-Net's pad-to-32 and the sub-pixel shapes, where named Dims
-    # fail torch.export's constraint check; the asserts become checks in the graph, not specialisations.
+def _onnx_proto(wrapper: Exportable, sample: torch.Tensor, opset: int, note: Note, exporter: str = "auto"):
+    """The ONNX ModelProto of `wrapper`, dynamic in batch, height and width.
+
+    Where the time went (a ResNet-34 U-Net, 2-core CPU, benchmarks/README.md): torch.onnx.export's default
+    (dynamo) exporter spends minutes in torch.export's symbolic-shape reasoning over every fastai layer, then
+    in translation; the TorchScript-trace exporter gives a graph that computes the same in about 5 s, its
+    shapes (the pad to 32, the crop back, the sub-pixel sizes) recorded as graph ops, so any size runs. It is
+    deprecated in torch, so `exporter` "auto" falls back to the dynamo path where it is gone or fails; --verify
+    checks whichever ran."""
+    if exporter in ("auto", "trace"):
+        try:
+            return _onnx_trace(wrapper, sample, opset, note)
+        except Exception as exc:  # no legacy exporter in this torch, or an op it cannot express
+            if exporter == "trace":
+                raise
+            note(f"export: the trace exporter failed ({type(exc).__name__}); using torch.export, which takes minutes")
+    return _onnx_dynamo(wrapper, sample, opset, note)
+
+
+def _onnx_trace(wrapper: Exportable, sample: torch.Tensor, opset: int, note: Note):
+    import io
+
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        note("export: tracing the network (TorchScript trace exporter)")
+        torch.onnx.export(wrapper, (sample,), buffer, input_names=["image"], output_names=["output"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                        "output": {0: "batch", 2: "out_height", 3: "out_width"}},
+                          opset_version=opset, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _onnx_dynamo(wrapper: Exportable, sample: torch.Tensor, opset: int, note: Note):
+    # Dim.DYNAMIC with size-oblivious 0/1 reasoning and deferred runtime asserts keeps batch, height and width
+    # symbolic through the U-Net's pad-to-32 and the sub-pixel shapes, where named Dims fail torch.export's
+    # constraint check; the asserts become checks in the graph, not specialisations. The non-strict trace skips
+    # the strict mode's bytecode tracing, which torch.onnx.export would try first.
     import torch.fx.experimental._config
 
     dynamic = {"x": {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}

@@ -38,6 +38,28 @@ def test_onnx_round_trip_matches_pytorch_on_non_square_inputs(sr_file, tmp_path)
     assert meta["crappify.scale"] == "4" and "srresnet" in meta["crappify.spec"]
 
 
+@pytest.mark.parametrize("exporter", ["trace", "dynamo"])
+def test_both_onnx_exporters_give_a_graph_of_any_size_for_each_generator_kind(sr_file, unet_file, tmp_path,
+                                                                              exporter):
+    """The trace exporter (the fast default) and torch.export (its fallback) both keep batch, height and width
+    dynamic through the U-Net's pad-to-32 and crop and the sub-pixel shapes."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    # torch.export of the U-Net takes about a minute on 2 cores (measured by hand, benchmarks/README.md): the
+    # fallback is checked on the SR generator only
+    for path, scale in ((sr_file, 4), (unet_file, 1))[: 2 if exporter == "trace" else 1]:
+        out = export_onnx(path, tmp_path / f"{path.stem}-{exporter}.onnx", exporter=exporter)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        wrapper = exportable(path)
+        for shape in [(1, 3, 45, 70), (2, 3, 33, 64)]:
+            x = torch.rand(*shape)
+            with torch.no_grad():
+                ref = wrapper(x).numpy()
+            got = session.run(None, {"image": x.numpy()})[0]
+            assert got.shape == (shape[0], 3, shape[2] * scale, shape[3] * scale)
+            assert np.abs(got - ref).max() < 1e-4
+
+
 def test_onnx_residual_generator_matches_pytorch(tmp_path):
     """The residual skip (bicubic inside the model) exports with dynamic H and W and gives the same pixels."""
     ort = pytest.importorskip("onnxruntime")
@@ -145,7 +167,7 @@ def test_cli_verify_prints_the_difference_and_phases(sr_file, tmp_path):
     assert len(lines) == 2 and "onnxruntime" in lines[0] and "TorchScript" in lines[1], out
     assert all("largest difference from PyTorch fp32" in ln and "45x70" in ln for ln in lines)
     assert float(lines[0].split("fp32 ")[1].split()[0]) < 1e-3
-    for phase in ("export: loading", "export: tracing", "export: translating to ONNX", "export: writing"):
+    for phase in ("export: loading", "export: tracing", "export: writing"):
         assert phase in err, err
     code, _, err = run_main("export", "-m", sr_file, "--torchscript", tmp_path / "q.pt", "--quiet")
     assert code == 0 and "export:" not in err
