@@ -6,9 +6,14 @@
   resume from there), and after each epoch a history row, the checkpoint, then the history file — train-gen's
   and train-critic's epoch callbacks are subclasses naming their row;
 - `WeightEMA` (and `ema_update`, which the GAN phase shares): an exponential moving average of the weights;
+- `BatchGradientAccumulation` and `gradient_callbacks`: fastai's GradientAccumulation (counted in batches, a group
+  never spanning an epoch end, its pending gradient in step checkpoints) and GradientClip, from a stage's
+  `grad_accum` and `grad_clip`;
 - `CountBatches`, `EpochLoss`, `quiet` (no progress bars or epoch lines), `history_value`;
 - `adam` and `one_cycle_moms`: a stage's Adam (`betas`, `eps`, `wd` from its config) and the momentum schedule
-  that goes with it.
+  that goes with it;
+- `TensorBoardLog`, `TensorBoardLosses` and `loss_terms`: `--log tensorboard`'s event files, which every training
+  stage (train-gan included) writes through.
 
 This module imports fastai (~2 s) at the top, as `srgan.loader` does: the stages import it inside the functions
 that train, so importing them (for their configs) stays light. Bottom layer: it imports no stage module.
@@ -24,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.training import GradientAccumulation, GradientClip
+from fastai.torch_core import find_bs
 
 from crappify.errors import CrappifyError, Interrupted
 from srgan.distributed import unwrap
@@ -64,10 +71,104 @@ class WeightEMA(Callback):
     order = 60  # after the step; independent of the other callbacks' order
 
     def __init__(self, ema: torch.nn.Module, decay: float) -> None:
-        self.ema, self.decay = ema, decay
+        self.ema, self.decay, self._cancelled = ema, decay, False
+
+    # Only real steps count. A batch that only adds to an accumulated gradient (`BatchGradientAccumulation`)
+    # never reaches `after_step`; a step fp16's GradScaler skips (inf/NaN gradients) does, after this.
+    def after_cancel_step(self):
+        self._cancelled = True
 
     def after_step(self):
+        if self._cancelled:
+            self._cancelled = False
+            return
         ema_update(self.ema, self.learn.model, self.decay)
+
+
+def _grad_scale(learn: Any) -> float:
+    """The factor fp16's GradScaler has multiplied the gradients by so far (1 without one, or with it disabled)."""
+    scaler = getattr(learn, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+class BatchGradientAccumulation(GradientAccumulation):
+    """fastai's GradientAccumulation, counted in batches: the gradients of `batches` training batches are summed,
+    each batch's loss weighted by its share of the group's samples, before one optimiser step (and zero_grad) —
+    the step of a `batches` times larger batch in the memory of one.
+
+    fastai's callback counts samples (its `n_acc`), so `n_acc` is set to `batches` x the training loader's batch
+    at each fit (a schedule's stages change the batch). Its groups also run on across epoch ends and fits; here a
+    group never spans an epoch end: the count restarts with each epoch, and when an epoch's batches do not divide
+    into whole groups its last batch steps with the short group, the gradient rescaled to the mean over that
+    group's samples (as a loader of larger batches that keeps its short last batch would). So nothing is pending at
+    an epoch's end (its checkpoint, validation, the next phase); a group open at a step checkpoint is saved in it
+    (`pending`) and taken up again on resume (`resume`). fastai's order (6) puts `before_step` ahead of
+    MixedPrecision's (10) and GradientClip's (11): a batch that only adds to the group skips the GradScaler, the
+    clipping and the step, and `after_step` callbacks (WeightEMA, the scaler's update) see real steps only."""
+
+    def __init__(self, batches: int) -> None:
+        super().__init__(n_acc=batches)
+        self.batches, self.seen = batches, 0
+
+    def before_fit(self):
+        self.count, self.n_acc = 0, self.batches * self.dls.train.bs
+
+    def before_epoch(self):
+        self.count, self.seen = 0, 0
+
+    def before_step(self):
+        self.count += find_bs(self.learn.yb)
+        if self.count < self.n_acc:
+            if self.seen + 1 < self.n_iter:  # not the epoch's last batch: no step, no zero_grad
+                raise CancelBatchException()
+            with torch.no_grad():  # the epoch's last, short group: the mean over its samples
+                for p in self.learn.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(self.n_acc / self.count)
+        self.count = 0
+
+    def after_batch(self):  # also after a batch that only accumulated (fastai calls it after the cancel)
+        if self.training:
+            self.seen += 1
+
+    def pending(self) -> dict[str, Any]:
+        """What a step checkpoint holds of an open group: its summed gradient so far (divided by fp16's loss scale,
+        which a resumed run starts afresh) and its sample count; nothing when no group is open."""
+        if not self.count:
+            return {}
+        scale = _grad_scale(self.learn)
+        grads = {name: (p.grad.detach().float() / scale).cpu()
+                 for name, p in unwrap(self.learn.model).named_parameters() if p.grad is not None}
+        return {"accum_grads": grads, "accum_count": self.count}
+
+    def resume(self, state: dict[str, Any], batches_done: int, path: Path) -> None:
+        """Go on inside an epoch after `batches_done` batches, with the open group `state` saved (`pending`)."""
+        self.seen = batches_done
+        grads, count = state.get("accum_grads"), state.get("accum_count")
+        if not grads or not count:
+            return
+        params = dict(unwrap(self.learn.model).named_parameters())
+        for name, g in grads.items():
+            p = params.get(name)
+            if p is None or p.shape != g.shape:
+                raise CrappifyError(f"checkpoint {path}: its accumulated gradient {name!r} does not fit the model; "
+                                    "move the file away to start from the beginning")
+        scale = _grad_scale(self.learn)
+        for name, g in grads.items():
+            params[name].grad = (g * scale).to(params[name].device, params[name].dtype)
+        self.count = int(count)
+
+
+def gradient_callbacks(grad_accum: int, grad_clip: float | None) -> list[Callback]:
+    """A stage's `grad_accum` and `grad_clip` as fastai callbacks: `BatchGradientAccumulation` when more than one
+    batch makes a step, fastai's GradientClip (the total L2 norm of the gradient, at most `grad_clip`, before each
+    step; with fp16 after MixedPrecision has unscaled it, by fastai's order) when given."""
+    cbs: list[Callback] = []
+    if grad_accum > 1:
+        cbs.append(BatchGradientAccumulation(grad_accum))
+    if grad_clip is not None:
+        cbs.append(GradientClip(max_norm=grad_clip))
+    return cbs
 
 
 class StopOnNonFinite(Callback):
@@ -159,10 +260,13 @@ class Positioned(Callback):
         self._what, self._path, self._every, self._stop, self._write = what, path, every, stop, write
         # the position a resume starts from: (completed epochs, batches of the next one done)
         self._saved = (int(state["epoch"]), int(state.get("batch") or 0)) if state is not None else None
-        self._resume_at = ({k: state.get(k) for k in ("epoch", "batch", "epoch_loss", "epoch_seconds")}
+        self._resume_at = ({k: state.get(k) for k in ("epoch", "batch", "epoch_loss", "epoch_seconds",
+                                                       "accum_grads", "accum_count")}
                            if state is not None and state.get("batch") else None)
         self._t0: float | None = None
         self._done = 0
+        # training batches of the whole run (every phase, across resumes): TensorBoard's global step
+        self.steps = int(state.get("steps") or 0) if state is not None else 0
 
     def global_epoch(self) -> int:
         return self.epoch
@@ -174,10 +278,13 @@ class Positioned(Callback):
     def save(self, epoch: int, batch: int = 0) -> None:
         """The checkpoint at (`epoch` completed epochs, `batch` batches of the next one done)."""
         if self._write:
-            position: dict[str, Any] = {"epoch": epoch}
+            position: dict[str, Any] = {"epoch": epoch, "steps": self.steps}
             if batch:
                 position.update(batch=batch, epoch_loss=[self._loss.total, self._loss.count],
                                 epoch_seconds=time.perf_counter() - self._t0)
+                acc = self._accumulation()
+                if acc is not None:  # a gradient group open at this batch boundary
+                    position.update(acc.pending())
             self.checkpoint(position)
         self._saved = (epoch, batch)
 
@@ -193,6 +300,12 @@ class Positioned(Callback):
             self._loss.total, self._loss.count = float(at["epoch_loss"][0]), int(at["epoch_loss"][1])
             self._t0 -= float(at.get("epoch_seconds") or 0.0)
             skip_samples(self.dls.train, self._done * self.dls.train.bs)
+            acc = self._accumulation()
+            if acc is not None:
+                acc.resume(at, self._done, self._path)
+
+    def _accumulation(self) -> BatchGradientAccumulation | None:
+        return next((cb for cb in self.learn.cbs if isinstance(cb, BatchGradientAccumulation)), None)
 
     def before_train(self):
         if self._done:  # the schedule goes on where the interrupted run was, added up as fastai adds it
@@ -208,6 +321,7 @@ class Positioned(Callback):
         if self.training and self._t0 is not None:
             self._loss.add(self.learn.loss, self.learn.yb)
             self._done += 1
+            self.steps += 1
             if self._every and self._done % self._every == 0 and self._done < len(self.dls.train):
                 self.save(self.global_epoch(), self._done)
         self._check_stop()
@@ -236,15 +350,19 @@ class EpochEnd(Positioned):
 
     The checkpoint at `path` holds the model (unwrapped from DDP), the optimiser state, the position, `history`
     and `key`, written by `save_checkpoint(path, state)`; `write_history()` writes the history file. Both are
-    given by the stage (whose module names them, so a test can replace them there)."""
+    given by the stage (whose module names them, so a test can replace them there). `board` (`--log tensorboard`,
+    rank 0): each row also goes there, at the run's global step, which this callback keeps it at."""
 
     def __init__(self, what: str, path: Path, every: int | None, stop: StopRequest | None, write: bool,
                  state: dict[str, Any] | None, *, history: list[dict[str, Any]], key: str,
                  save_checkpoint: Callable[[Path, dict[str, Any]], None],
-                 write_history: Callable[[], None]) -> None:
+                 write_history: Callable[[], None], board: TensorBoardLog | None = None) -> None:
         super().__init__(what, path, every, stop, write, state)
         self._history, self._key = history, key
         self._save_checkpoint, self._write_history = save_checkpoint, write_history
+        self.board = board
+        if board is not None:
+            board.step = self.steps
 
     def row(self, epoch: int, values: dict[str, Any]) -> dict[str, Any]:
         """The history row of `epoch` (counted from 1) from the Recorder's values of it (valid_loss, metrics)."""
@@ -272,6 +390,8 @@ class EpochEnd(Positioned):
             now = time.perf_counter()
             self._trained += now - self._mark
             self._mark = now
+            if self.board is not None:
+                self.board.step = self.steps
 
     def data_wait(self) -> float | str:
         """The share of this epoch's training time spent waiting for data ("" before any batch ran)."""
@@ -285,6 +405,8 @@ class EpochEnd(Positioned):
         self._save_checkpoint(self._path, {"model": unwrap(self.learn.model).state_dict(),
                                            "opt": self.learn.opt.state_dict(), **position,
                                            "history": self._history, "config_key": self._key})
+        if self.board is not None:  # the events up to a checkpoint are on disk with it
+            self.board.flush()
 
     def after_epoch(self):
         if self._t0 is None:  # an epoch fastai skipped on resume (nothing trained)
@@ -297,8 +419,124 @@ class EpochEnd(Positioned):
         names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
         values = dict(zip(names, self.recorder.log[1:-1], strict=False))
         self._history.append(self.row(epoch, values))
+        if self.board is not None:
+            self.board.row(self._history[-1])
         self.outputs(epoch)
         self.save(epoch)
         self._write_history()
         self._t0 = None
 
+
+
+# --------------------------------------------------------------------------------------------------------
+# --log tensorboard
+#
+# fastai's TensorBoardCallback is not used: its step is the Learner's `train_iter`, which restarts at 0 in every
+# `fit` call (train-gen's frozen and unfrozen phases, every resume), so phases and resumed runs would write over
+# each other's steps; it logs fastai's smoothed loss and the Recorder's values, not our history rows (the
+# epoch's mean loss, bicubic's PSNR, data_wait, ...) nor the terms of our losses; its `after_batch` writes during
+# validation too; it traces the model graph (slow for a U-Net, and refused under mixed precision) and logs
+# predictions through fastai's typed data, which ours is not. The writer below is torch's SummaryWriter, which
+# it also uses.
+
+
+def loss_terms(loss: Any, prefix: str = "loss") -> dict[str, float]:
+    """The latest call's terms of a stage's loss, for TensorBoard: each part of a `srgan.losses.CombinedLoss`
+    unweighted (`loss/feature`, `loss/tv`), and the weighted terms of a part that keeps them (FeatureLoss's
+    pixel, feat_i and gram_i: `loss/feature/pixel`). Empty for any other loss."""
+    out: dict[str, float] = {}
+    last = getattr(loss, "last", None)
+    if not isinstance(last, dict):
+        return out
+    for name, value in last.items():
+        out[f"{prefix}/{name}"] = float(value)
+        part = loss.parts[name] if hasattr(loss, "parts") else None
+        for term, v in (getattr(part, "terms", None) or {}).items():
+            out[f"{prefix}/{name}/{term}"] = float(v)
+    return out
+
+
+class TensorBoardLog:
+    """One stage's TensorBoard event files in `folder` (`--log tensorboard`; made on rank 0 only).
+
+    `step` is the run's global step — training batches (train-gen, train-critic) or GAN steps (train-gan) since
+    the run began, resumes included — which the stage keeps current and every write uses unless given another.
+    The writer is opened at the first write with `purge_step` the step after the one the run started from, so
+    TensorBoard hides what a killed run wrote past the checkpoint this one resumed (or, started afresh, all of an
+    earlier run's events in the folder) instead of drawing both. Nothing is written (no file made) before then."""
+
+    def __init__(self, folder: str | Path, step: int = 0) -> None:
+        self.folder, self.step = Path(folder), step
+        self._purge: int | None = step + 1  # only the first writer purges (one reopened after `close` does not)
+        self._writer: Any = None
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.folder), purge_step=self._purge)
+            self._purge = None
+        return self._writer
+
+    def scalars(self, values: dict[str, Any], step: int | None = None) -> None:
+        """`values` as scalars; None skipped. NaN and inf are written, then flushed at once: which term went NaN is
+        what one looks for, and the run is about to stop on it."""
+        step = self.step if step is None else step
+        finite = True
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, float(value), step)
+                finite = finite and math.isfinite(float(value))
+        if not finite:
+            self.flush()
+
+    def row(self, row: dict[str, Any], prefix: str = "history", step: int | None = None) -> None:
+        """Every column of a history row under `prefix/`: numbers (True/False as 1/0) as scalars, words (a phase,
+        the network trained) as text; empty cells (the loss of a network that did not train) skipped."""
+        step = self.step if step is None else step
+        for column, value in row.items():
+            if value is None or value == "":
+                continue
+            if isinstance(value, (bool, int, float)):
+                self.writer.add_scalar(f"{prefix}/{column}", float(value), step)
+            else:
+                self.writer.add_text(f"{prefix}/{column}", str(value), step)
+
+    def image(self, tag: str, image: Any, step: int | None = None) -> None:
+        """An H×W×3 uint8 image (a preview grid)."""
+        self.writer.add_image(tag, image, self.step if step is None else step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class TensorBoardLosses(Callback):
+    """`--log tensorboard` per training batch of a Learner (train-gen, train-critic): the batch's loss, each of its
+    terms (`loss_terms`) and every parameter group's learning rate (`lr`, or `lr/<group>` with discriminative
+    rates), at the global step the batch makes.
+
+    Order 12: after MixedPrecision's after_loss (10), before StopOnNonFinite's (15), so the batch whose loss is
+    NaN is written (and flushed) before that stops the run."""
+
+    order = 12
+
+    def __init__(self, board: TensorBoardLog, groups: tuple[str, ...] = ()) -> None:
+        self.board, self.groups = board, groups
+
+    def after_loss(self):
+        if not self.training:
+            return
+        step = self.board.step + 1
+        values = {"loss/total": float(self.learn.loss.detach()), **loss_terms(self.learn.loss_func)}
+        hypers = self.learn.opt.hypers
+        for i, h in enumerate(hypers):
+            name = "lr" if len(hypers) == 1 else f"lr/{self.groups[i] if i < len(self.groups) else i}"
+            values[name] = h["lr"]
+        self.board.scalars(values, step)

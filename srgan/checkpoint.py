@@ -403,10 +403,11 @@ def resume_state(path: str | Path, key: str, resume: bool, what: str, move: bool
 # What each entry of a checkpoint must be, whichever stage wrote it (`save_checkpoint` callers); weights are
 # mappings of names to tensors. Checked before a stage reads any of it, since the file may be anyone's.
 _NONE = type(None)
-_WEIGHTS = ("model", "generator", "critic", "ema")
+_WEIGHTS = ("model", "generator", "critic", "ema", "accum_grads")
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (dict,), "generator": (dict,), "critic": (dict,), "ema": (dict, _NONE), "opt": (dict,),
-    "epoch": (int,), "step": (int,), "batch": (int, _NONE), "history": (list,), "counts": (dict,),
+    "accum_grads": (dict, _NONE), "accum_count": (int, _NONE),  # a gradient group open at a step checkpoint
+    "epoch": (int,), "step": (int,), "steps": (int,), "batch": (int, _NONE), "history": (list,), "counts": (dict,),
     "switcher": (dict,), "gen_mode": (bool,), "config_key": (str,), "penalty_rng": (torch.Tensor,),
     "epoch_loss": (list, _NONE), "epoch_seconds": (float, int, _NONE)}
 

@@ -17,7 +17,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.vision.gan import FixedGANSwitcher, GANLoss
 
 from crappify.errors import CrappifyError, Interrupted
-from srgan.callbacks import ema_update
+from srgan.callbacks import ema_update, loss_terms
 from srgan.callbacks import history_value as _num
 from srgan.distributed import any_rank, average_gradients, broadcast_tensors, joined, rank_mean
 from srgan.loader import skip_samples
@@ -43,6 +43,7 @@ class CrappifyGANLoss(GANLoss):
     generator: w_content × content(output, target) + w_adv × adversarial.generator(critic(output)).
     critic: adversarial.critic(critic(real), critic(generator(input))) (+ the gradient penalty for wgan-gp,
     on the real batch the GANTrainer fed the critic, stored in `real` by the guard callback).
+    Each term of the latest step is kept (`*_loss`, `crit_adv`, `gp`) for the history and TensorBoard.
     """
 
     def __init__(self, content, adversarial, w_content, w_adv, gan_model, seed=0):
@@ -50,7 +51,7 @@ class CrappifyGANLoss(GANLoss):
         self.content, self.adversarial, self.w_content, self.w_adv = content, adversarial, w_content, w_adv
         self.rng = torch.Generator().manual_seed(seed)  # the penalty's ε, not the global random state
         self.real = None
-        self.gen_loss = self.crit_loss = self.content_loss = self.adv_loss = None
+        self.gen_loss = self.crit_loss = self.content_loss = self.adv_loss = self.crit_adv = self.gp = None
 
     def generator(self, output, target):
         fake_pred = self.gan_model.critic(output)
@@ -62,11 +63,27 @@ class CrappifyGANLoss(GANLoss):
     def critic(self, real_pred, input):
         with torch.no_grad():  # the generator is not trained here: no graph needed (fastai keeps one)
             fake = self.gan_model.generator(input)
-        loss = self.adversarial.critic(real_pred, self.gan_model.critic(fake))
+        loss = self.crit_adv = self.adversarial.critic(real_pred, self.gan_model.critic(fake))
         if self.adversarial.needs_images:
-            loss = loss + penalty(self.adversarial, self.gan_model.critic, self.real, fake, self.rng)
+            self.gp = penalty(self.adversarial, self.gan_model.critic, self.real, fake, self.rng)
+            loss = loss + self.gp
         self.crit_loss = loss
         return loss
+
+
+def _value(t: Any) -> float | None:
+    return None if t is None else float(t.detach()) if isinstance(t, torch.Tensor) else float(t)
+
+
+def term_scalars(lf: CrappifyGANLoss, generator: bool) -> dict[str, float | None]:
+    """TensorBoard's scalars of one step's loss terms: the generator's weighted sum, content loss (unweighted, and
+    its parts: `srgan.callbacks.loss_terms`) and adversarial term (unweighted); or the critic's sum, adversarial
+    term and weighted gradient penalty (wgan-gp)."""
+    if generator:
+        return {"loss/generator": _value(lf.gen_loss), "loss/content": _value(lf.content_loss),
+                "loss/adversarial": _value(lf.adv_loss), **loss_terms(lf.content, "loss/content")}
+    return {"loss/critic": _value(lf.crit_loss), "loss/critic/adversarial": _value(lf.crit_adv),
+            "loss/critic/gradient_penalty": _value(lf.gp)}
 
 
 class ResumableFixedSwitcher(FixedGANSwitcher):
@@ -110,13 +127,16 @@ class PerBatchCritic(Callback):
         try:
             mp = next((cb for cb in learn.cbs if isinstance(cb, MixedPrecision)), None)
             with mp.autocast if mp is not None else contextlib.nullcontext():
-                loss = lf.adversarial.critic(critic(real), critic(fake))
+                loss = lf.crit_adv = lf.adversarial.critic(critic(real), critic(fake))
             if lf.adversarial.needs_images:
-                loss = loss + penalty(lf.adversarial, critic, real, fake, lf.rng)
+                lf.gp = penalty(lf.adversarial, critic, real, fake, lf.rng)
+                loss = loss + lf.gp
             mean = rank_mean(loss)  # data-parallel: every rank checks (and records) the same value
+            lf.crit_loss = mean.detach()
+            if self.gan.board is not None:  # this critic step's terms, written before a NaN among them stops it
+                self.gan.board.scalars(term_scalars(lf, generator=False), self.gan.step + 1)
             if not torch.isfinite(mean).all():
                 raise non_finite(self.gan, "critic", mean)
-            lf.crit_loss = mean.detach()
             scaler = getattr(learn, "scaler", None) if mp is not None else None
             (scaler.scale(loss) if scaler is not None else loss).backward()
             average_gradients(critic.parameters())
@@ -204,6 +224,22 @@ class StopOnNonFinite(Callback):
             raise non_finite(self.gan, "generator" if self.learn.gan_trainer.gen_mode else "critic", self.loss)
 
 
+class TensorBoardTerms(Callback):
+    """`--log tensorboard`: each term of the step's loss (`term_scalars`) at the step it makes. Order 12: after
+    MixedPrecision's after_loss (10), before StopOnNonFinite's (15), so the terms of a step whose loss is NaN are
+    written before that stops the phase. The per-batch critic's step writes its own (`PerBatchCritic`)."""
+
+    order = 12
+
+    def __init__(self, gan):
+        self.gan = gan
+
+    def after_loss(self):
+        if self.training and self.gan.board is not None:
+            gen = bool(self.learn.gan_trainer.gen_mode)
+            self.gan.board.scalars(term_scalars(self.learn.loss_func, gen), self.gan.step + 1)
+
+
 class Progress(Callback):
     """Per step: counts, EMA update, history row; checkpoints every N steps (with `save_state`, which train-gan
     hands in, as train-gen hands `save_checkpoint` to its epoch callback); stop after `total` steps."""
@@ -239,7 +275,7 @@ class Progress(Callback):
         # the wait for this step's batch (loader, transfer, batch transforms), since the last step ended
         self.data_seconds = self.t0 - self.mark
         lf = self.learn.loss_func  # a row shows this step's losses only, never an earlier step's
-        lf.gen_loss = lf.crit_loss = lf.content_loss = lf.adv_loss = None
+        lf.gen_loss = lf.crit_loss = lf.content_loss = lf.adv_loss = lf.crit_adv = lf.gp = None
 
     def before_step(self):
         self.step_lr = self.opt.hypers[0]["lr"]
@@ -276,8 +312,20 @@ class Progress(Callback):
             "content_loss": _num(lf.content_loss), "adv_loss": _num(lf.adv_loss),
             "lr": getattr(self, "step_lr", ""), **gan.counts, "seconds": round(time.perf_counter() - self.t0, 4),
             "data_seconds": round(self.data_seconds, 4)})
+        if gan.board is not None:  # the row, and each network's learning rate at the steps it trained
+            lr = getattr(self, "step_lr", None)  # the rate of the network that trained (the critic's x mult in it)
+            rates = {}
+            if lr is not None and self.was_gen:
+                rates["lr/generator"] = lr
+            if lr is not None and (both or not self.was_gen):  # per-batch: the critic's step multiplies it itself
+                rates["lr/critic"] = lr * gan.cfg.critic_lr_mult if both else lr
+            gan.board.step = gan.step
+            gan.board.row(gan.rows[-1])
+            gan.board.scalars(rates)
         if gan.step % gan.cfg.checkpoint_every == 0 or gan.step >= gan.total:
             self.save_state(self.learn, gan)
+            if gan.board is not None:  # the events up to a checkpoint are on disk with it
+                gan.board.flush()
         if gan.step >= gan.total:
             raise CancelFitException()
         self.check_stop()

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from crappify.builder import Needs
 
 # how to run, not what to compute (a checkpoint's frequency: a resume from any checkpoint ends the same)
-RUN_ONLY_KEYS = frozenset({"workers", "num_workers", "device", "batch", "checkpoint_every", "compile"})
+RUN_ONLY_KEYS = frozenset({"workers", "num_workers", "device", "batch", "checkpoint_every", "compile", "log"})
 
 
 def _shipped_pipelines() -> Path:

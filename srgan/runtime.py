@@ -19,10 +19,10 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from crappify.errors import ConfigError, Interrupted
@@ -52,6 +52,21 @@ class AdamOptions(BaseModel):
     eps: float = Field(FASTAI_EPS, gt=0, description="Adam's epsilon; default fastai's 1e-5 (torch's is 1e-8)")
 
 
+MAX_ACCUM = 1024  # batches per optimiser step
+
+
+class StepOptions(BaseModel):
+    """Gradient clipping and accumulation (fastai's GradientClip and GradientAccumulation), the keys train-gen and
+    train-critic share. Both change what is trained: a checkpoint of other values is another config's."""
+
+    grad_clip: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="clip the gradient's total L2 norm to at most this before each "
+        "optimiser step (fastai's GradientClip; under fp16 after the loss scale is taken out); default: no clipping")
+    grad_accum: int = Field(
+        1, ge=1, le=MAX_ACCUM, description="batches whose gradients are summed into one optimiser step: the step of "
+        "a grad_accum times larger batch (bs x grad_accum samples per process) in the memory of one batch")
+
+
 class RunOptions(BaseModel):
     """Where and how a training stage runs: the keys train-gen, train-critic and train-gan share."""
 
@@ -65,6 +80,27 @@ class RunOptions(BaseModel):
     seed: int = Field(0, ge=0)
     compile: bool = Field(False, description="torch.compile the networks of the training step (the model and "
                           "its loss network); the first steps include compilation")
+    log: Literal["csv", "tensorboard"] = Field(
+        "csv", description="csv: the history files only; tensorboard: also TensorBoard event files (every history "
+                           "column, each loss term, learning rates, preview grids) in the stage's tensorboard/ folder")
+
+    @field_validator("log")
+    @classmethod
+    def _log_writer(cls, value: str) -> str:
+        """`tensorboard` only where the package is installed: checked when the config is read, before any stage."""
+        if value == "tensorboard":
+            require_tensorboard()
+        return value
+
+
+def require_tensorboard() -> None:
+    """ConfigError (one line) when the tensorboard package, an optional extra that `--log tensorboard` writes
+    through (torch.utils.tensorboard), is not installed."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError("--log tensorboard needs the tensorboard package: pip install 'crappify[tensorboard]' "
+                          "(or pip install tensorboard), or log to csv only") from None
 
 
 def resolve_device(name: str) -> torch.device:

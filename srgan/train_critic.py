@@ -9,6 +9,7 @@ cells on the right side of 0.5. Every epoch ends with a row in `RUN/critic-histo
 a checkpoint `RUN/critic-checkpoints/last.pt` (model + optimiser + position); `checkpoint_every` N adds one every
 N batches of an epoch, and SIGTERM writes one at the next batch boundary and stops. `resume` continues from the
 checkpoint's position. The result is `RUN/critic.safetensors` (self-describing, like the generator file).
+`grad_clip` and `grad_accum` add fastai's GradientClip and GradientAccumulation, as in train-gen.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from srgan.runtime import (
     MAX_CROP,
     AdamOptions,
     RunOptions,
+    StepOptions,
     StopRequest,
     compile_module,
     resolve_device,
@@ -51,10 +53,10 @@ from srgan.runtime import (
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "valid_loss", "accuracy", "seconds", "data_wait"]
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs",  # see srgan.train_gen
-                      "checkpoint_every", "compile"})
+                      "checkpoint_every", "compile", "log"})
 
 
-class TrainCriticConfig(RunOptions, AdamOptions):
+class TrainCriticConfig(RunOptions, AdamOptions, StepOptions):
     """Options of `crappify train-critic` (also the keys of its `--config` YAML file)."""
 
     data: str
@@ -201,7 +203,7 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
     from fastai.learner import Learner
     from fastai.metrics import AvgMetric
 
-    from srgan.callbacks import DeviceMixedPrecision, StopOnNonFinite, adam, one_cycle_moms, quiet
+    from srgan.callbacks import DeviceMixedPrecision, StopOnNonFinite, adam, gradient_callbacks, one_cycle_moms, quiet
     from srgan.critics import build_critic, min_input_size
     from srgan.distributed import barrier, distributed_callback, finish, is_distributed, is_main, local_device
 
@@ -240,8 +242,15 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
         # --compile: the critic's training forward, in place (critic.safetensors and the checkpoints keep their
         # keys); validation runs eagerly (`srgan.runtime.compile_module`). No graph breaks in any critic.
         model = compile_module(model, cfg.compile, device, grad_only=True)
+        board = None
+        if cfg.log == "tensorboard" and is_main():  # RUN/critic-tensorboard/, its steps going on from the checkpoint's
+            from srgan.callbacks import TensorBoardLog, TensorBoardLosses
+
+            board = TensorBoardLog(run / "critic-tensorboard", int(state.get("steps") or 0) if state else 0)
+            extra_cbs = [TensorBoardLosses(board), *(extra_cbs or [])]
         cbs = [StopOnNonFinite(), _critic_epoch_end(run, history, key, write=is_main(), state=state,
-                                                    every=cfg.checkpoint_every, stop=stop), *(extra_cbs or [])]
+                                                    every=cfg.checkpoint_every, stop=stop, board=board),
+               *gradient_callbacks(cfg.grad_accum, cfg.grad_clip), *(extra_cbs or [])]
         if ddp is not None:
             cbs.append(ddp)
         if precision in ("bf16", "fp16"):
@@ -254,8 +263,12 @@ def _train_critic(cfg: TrainCriticConfig, resume: bool, progress: bool, stop: St
         learn.create_opt()
         if state is not None:
             load_optimizer_state(learn.opt, state["opt"], last)
-        learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start, moms=one_cycle_moms(cfg.betas),
-                            start_epoch=start)
+        try:
+            learn.fit_one_cycle(cfg.epochs, cfg.lr, pct_start=cfg.pct_start, moms=one_cycle_moms(cfg.betas),
+                                start_epoch=start)
+        finally:  # whatever stopped the run (a NaN loss, SIGTERM), its events so far are on disk
+            if board is not None:
+                board.close()
         model = learn.model
     final = run / "critic.safetensors"
     if is_main():
@@ -271,11 +284,11 @@ def _write_history(run: Path, history: list[dict[str, Any]]) -> None:
 
 def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write: bool = True,
                       state: dict[str, Any] | None = None, every: int | None = None,
-                      stop: StopRequest | None = None):
+                      stop: StopRequest | None = None, board: Any = None):
     """train-critic's `srgan.callbacks.EpochEnd` (fastai imported on use): after each epoch the checkpoint (with
     the history), then critic-history.csv from it; checkpoints inside an epoch, SIGTERM and a resume from one as
     `srgan.callbacks.Positioned` does. `write` False on the ranks other than 0, which only set the epoch's crops;
-    `state`: the checkpoint resumed."""
+    `state`: the checkpoint resumed; `board`: with log tensorboard, where each row also goes."""
     from srgan.callbacks import EpochEnd, history_value
 
     class CriticEpochEnd(EpochEnd):
@@ -287,4 +300,4 @@ def _critic_epoch_end(run: Path, history: list[dict[str, Any]], key: str, write:
 
     return CriticEpochEnd("train-critic", run / "critic-checkpoints" / "last.pt", every, stop, write, state,
                           history=history, key=key, save_checkpoint=save_checkpoint,
-                          write_history=lambda: _write_history(run, history))
+                          write_history=lambda: _write_history(run, history), board=board)

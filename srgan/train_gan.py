@@ -63,7 +63,7 @@ from srgan.runtime import (
 WEIGHTINGS: dict[str, tuple[float, float]] = {"course": (50.0, 1.0), "srgan": (1.0, 1e-3)}
 # how to run and how long, not what is trained (see srgan.train_gen.RUN_KEYS)
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "iters", "epochs", "checkpoint_every",
-                      "preview_items", "compile"})
+                      "preview_items", "compile", "log"})
 HISTORY_COLUMNS = ["step", "epoch", "trained", "loss", "gen_loss", "crit_loss", "content_loss", "adv_loss", "lr",
                    "gen_steps", "crit_steps", "to_gen", "to_crit", "seconds", "data_seconds"]
 
@@ -73,7 +73,8 @@ class TrainGanConfig(RunOptions, AdamOptions):
 
     data: str
     out: str
-    generator: str | None = Field(None, description="start generator; default RUN/generator.safetensors")
+    generator: str | None = Field(None, description="start generator; default RUN/generator.safetensors; also a "
+                                  "BasicSR / Real-ESRGAN .pth or .safetensors of an rrdb or compact model")
     critic: str | None = Field(None, description="start critic; default RUN/critic.safetensors")
     generator_arch: str | None = Field(None, description="start from a new generator of this arch (random "
                                                          "weights) instead of a file: a joint GAN from scratch")
@@ -146,6 +147,7 @@ class GanRun:
         self.content_loss: Any = None  # the content loss in use, recorded beside it
         self.saved_step: int | None = None  # the step of the checkpoint on disk (None: none of this run's yet)
         self.stop: StopRequest | None = None  # set by SIGTERM
+        self.board: Any = None  # RUN/gan/tensorboard/'s writer (srgan.callbacks.TensorBoardLog), with log tensorboard
 
     @property
     def last(self) -> Path:
@@ -180,8 +182,9 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
 
     from srgan import gan_loop as loop
     from srgan.adversarial import build_adversarial
+    from srgan.basicsr import is_crappify_file, load_start_generator
     from srgan.callbacks import DeviceMixedPrecision, adam, quiet
-    from srgan.checkpoint import load_critic, load_generator, read_critic_meta, read_generator_meta
+    from srgan.checkpoint import load_critic, read_critic_meta, read_generator_meta
     from srgan.critics import min_input_size
     from srgan.data import data_scale, make_dataloaders, read_dataset
     from srgan.distributed import broadcast_tensors, is_main, join, joined, local_device
@@ -198,7 +201,9 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     crit_path = Path(cfg.critic) if cfg.critic else run / "critic.safetensors"
     if (cfg.generator_arch and cfg.generator) or (cfg.critic_arch and cfg.critic):
         raise ConfigError("give a start file (generator/critic) or an arch to build a new one, not both")
-    gen_meta = {"extra": {}} if cfg.generator_arch else read_generator_meta(gen_path)
+    # a released model (BasicSR / Real-ESRGAN / OpenModelDB layout) starts a GAN as a file of ours does
+    foreign = not cfg.generator_arch and gen_path.is_file() and not is_crappify_file(gen_path)
+    gen_meta = {"extra": {}} if cfg.generator_arch or foreign else read_generator_meta(gen_path)
     crit_spec = ({"arch": cfg.critic_arch, "options": cfg.critic_options} if cfg.critic_arch
                  else read_critic_meta(crit_path)["spec"])
     if cfg.size < min_input_size(crit_spec["arch"], **crit_spec["options"]):
@@ -210,14 +215,15 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     state = resume_state(last, key, resume, "train-gan", move=is_main(),
                          required=("generator", "critic", "step", "counts", "gen_mode", "switcher", "history"))
     torch.manual_seed(cfg.seed)  # new networks' weights, dropout in the critic (data order and ε: seeded apart)
-    generator = (_new_generator(cfg) if cfg.generator_arch else load_generator(gen_path, device)).to(device).train()
+    generator = (_new_generator(cfg) if cfg.generator_arch else load_start_generator(gen_path, device)).to(device)
+    generator.train()
     critic = (_new_critic(cfg) if cfg.critic_arch else load_critic(crit_path, device)).to(device).train()
     if state is not None:
         restore(generator, state["generator"], last, "generator")
         restore(critic, state["critic"], last, "critic")
     # data-parallel: every rank starts from rank 0's weights (the same files or seed give the same already)
     broadcast_tensors([*generator.state_dict().values(), *critic.state_dict().values()])
-    default_loss = "l1" if cfg.generator_arch else "feature"  # a new generator has no train-gen loss to reuse
+    default_loss = "l1" if cfg.generator_arch or foreign else "feature"  # no train-gen loss to reuse
     content_spec = cfg.loss or gen_meta["extra"].get("loss") or default_loss
     content = build_loss(content_spec, pretrained=cfg.pretrained,
                          weights=cfg.loss_weight_files).to(device)
@@ -264,6 +270,10 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
         gan.write_history()  # in step with the checkpoint: rows past it (a kill between the two) are dropped
     if gan.step >= total:  # the checkpoint is at the end: only the final files are missing
         return _save_final(cfg, gan, generator)
+    if cfg.log == "tensorboard" and is_main():  # its steps go on from the checkpoint's
+        from srgan.callbacks import TensorBoardLog
+
+        gan.board = TensorBoardLog(gan.dir / "tensorboard", gan.step)
 
     per_batch = cfg.switching == "per-batch"
     if per_batch:  # fastai's switchers give each batch to one network: the critic's step is ours (PerBatchCritic)
@@ -275,7 +285,8 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     # Callbacks passed here sit before GANTrainer and the switcher among equal `order`s: GANDiscriminativeLR's
     # after_batch must divide the rate back before the switcher leaves critic mode, or the × 5 would stick.
     cbs = [GANDiscriminativeLR(mult_lr=cfg.critic_lr_mult), loop.Guard(), loop.StopOnNonFinite(gan),
-           loop.Progress(gan, save_state), *([loop.SyncRanks()] if joined() else []), *(cbs or [])]
+           loop.Progress(gan, save_state), *([loop.SyncRanks()] if joined() else []),
+           *([loop.TensorBoardTerms(gan)] if gan.board is not None else []), *(cbs or [])]
     if precision in ("bf16", "fp16"):
         cbs.append(DeviceMixedPrecision(amp_mode=precision))
     gen_learn = Learner(dls, generator, loss_func=content)
@@ -299,7 +310,11 @@ def _train_gan(cfg: TrainGanConfig, resume: bool, progress: bool, cbs: list | No
     with warnings.catch_warnings():  # fastai's own GANTrainer attributes, and its CUDA-only autocast notice
         warnings.filterwarnings("ignore", message=r"You are shadowing an attribute")
         warnings.filterwarnings("ignore", message=r"CUDA is not available")
-        learn.fit(math.ceil((total - gan.step) / n_batches) + 1, lr=cfg.lr)
+        try:
+            learn.fit(math.ceil((total - gan.step) / n_batches) + 1, lr=cfg.lr)
+        finally:  # whatever stopped the phase (a NaN loss, SIGTERM), its events so far are on disk
+            if gan.board is not None:
+                gan.board.close()
     if gan.step < total:  # fit ended early without an error (should not happen): leave no misleading result
         raise CrappifyError(f"the GAN phase stopped at step {gan.step} of {total}")
     return _save_final(cfg, gan, learn.model.generator)
@@ -403,4 +418,7 @@ def preview(learn: Any, gan: GanRun) -> None:
         tiles.append(("HR", hr[i].permute(1, 2, 0).numpy()))
     path = gan.dir / "previews" / f"step_{gan.step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image_atomic(path, grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=len(models) + 2))
+    image = grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=len(models) + 2)
+    save_image_atomic(path, image)
+    if gan.board is not None:
+        gan.board.image("preview", image, gan.step)

@@ -10,7 +10,9 @@ checkpoint (model + optimiser + position in the schedule), a row in `history.csv
 stops (`Interrupted`). `resume` continues from the checkpoint's position, an epoch end or inside an epoch, and
 stops at the same total. The finished generator is `RUN/generator.safetensors`. `val_hr` also scores each epoch on
 a benchmark folder as `evaluate --hr` does (val_psnr_y, val_ssim_y); `keep_best` keeps the best epoch's generator
-as `RUN/generator-best.safetensors`.
+as `RUN/generator-best.safetensors`. `grad_clip` and `grad_accum` add fastai's GradientClip and GradientAccumulation
+(`srgan.callbacks.gradient_callbacks`); `Trainer.lr_find` runs fastai's lr_find on the first phase's learner and
+writes only RUN/lr_find.png and RUN/lr_find.json.
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ from srgan.distributed import (
     unwrap,
     world_size,
 )
-from srgan.generators import NO_IMAGENET_WEIGHTS, is_unet, is_unet_arch  # NO_IMAGENET_WEIGHTS: also its old import path
+from srgan.generators import (  # NO_IMAGENET_WEIGHTS: also its old import path
+    NO_IMAGENET_WEIGHTS,
+    has_option,
+    is_unet,
+    is_unet_arch,
+)
 from srgan.losses import LossSpec
 from srgan.normalize import Normalizer
 from srgan.runtime import (
@@ -57,6 +64,7 @@ from srgan.runtime import (
     MAX_PREVIEW,
     AdamOptions,
     RunOptions,
+    StepOptions,
     StopRequest,
     compile_module,
     course_batch,
@@ -77,10 +85,12 @@ PERCEPTUAL_LOSSES = ("feature", "vgg19", "vgg")
 # demo converges with on a 2-core CPU (benchmarks/README.md).
 PRETRAINED_DEFAULTS: dict[str, Any] = {"size": 128, "bs": 8, "lr": 1e-3}
 SCRATCH_DEFAULTS: dict[str, Any] = {"size": 64, "bs": 16, "lr": 2e-3}
+# From a trained model (`init`): fine-tuning, at Real-ESRGAN's fine-tuning rate (finetune_realesrgan_x4plus: 1e-4).
+INIT_DEFAULTS: dict[str, Any] = {"size": 64, "bs": 16, "lr": 1e-4}
 # Options that say how to run, or how long (a resume may extend a run), not what is trained: a checkpoint
 # written under other values of these is still this config's (`srgan.checkpoint.config_key`).
 RUN_KEYS = frozenset({"device", "precision", "channels_last", "num_workers", "epochs", "preview_items",
-                      "checkpoint_every", "compile", "val_hr", "val_lr", "keep_best"})
+                      "checkpoint_every", "compile", "val_hr", "val_lr", "keep_best", "log"})
 
 
 class Stage(BaseModel):
@@ -91,7 +101,7 @@ class Stage(BaseModel):
     lr: float | None = Field(None, gt=0, description="default: the run's lr")
 
 
-class TrainGenConfig(RunOptions, AdamOptions):
+class TrainGenConfig(RunOptions, AdamOptions, StepOptions):
     """Options of `crappify train-gen` (also the keys of its `--config` YAML file)."""
 
     data: str
@@ -111,6 +121,9 @@ class TrainGenConfig(RunOptions, AdamOptions):
     pct_start: float = Field(0.3, gt=0, lt=1)
     pretrained: bool = True
     weights: str | None = None
+    init: str | None = Field(None, description="start from this trained generator: a crappify generator file, or a "
+                             "BasicSR / Real-ESRGAN / OpenModelDB .pth or .safetensors of an rrdb or compact model; "
+                             "its architecture and options are the run's")
     loss_weight_files: dict[str, str] | None = Field(
         None, description="local weight files for the loss networks, keyed by loss (feature), network "
                           "(vgg16_bn) or torchvision weights name; default: torchvision's cache")
@@ -149,19 +162,44 @@ class TrainGenConfig(RunOptions, AdamOptions):
 
     def encoder_pretrained(self) -> bool:
         """Whether training starts from ImageNet weights (a U-Net's encoder) rather than random weights."""
-        return self.pretrained and is_unet_arch(self.arch) and self.arch not in NO_IMAGENET_WEIGHTS
+        return (self.pretrained and self.init is None and is_unet_arch(self.arch)
+                and self.arch not in NO_IMAGENET_WEIGHTS)
+
+    def _from_init(self) -> dict[str, Any]:
+        """With `init`: the arch and options of the model in that file (one line where the config says otherwise)."""
+        from crappify.errors import ConfigError
+        from srgan.basicsr import start_spec
+
+        if self.weights is not None:
+            raise ConfigError("give --init (a trained generator) or --weights (an encoder's ImageNet weights), not "
+                              "both")
+        arch, _, options = start_spec(self.init)
+        if "arch" in self.model_fields_set and self.arch != arch:
+            raise ConfigError(f"--init {self.init} holds a {arch} generator, not the configured {self.arch}")
+        for key, value in self.options.items():
+            if options.get(key) != value:
+                raise ConfigError(f"--init {self.init}: its generator option {key} is {options.get(key)!r}, not the "
+                                  f"configured {value!r}")
+        return {"arch": arch, "options": options}
 
     def resolved(self, device_type: str = "cpu") -> TrainGenConfig:
         """This config with every start-dependent default filled in (what runs, and what train-gen.yaml saves), for a
         device of `device_type`: on CUDA the batch defaults to the course's for the crop size, and `bs: auto` stays
         for the trainer to probe; elsewhere `auto` is the course's batch."""
-        defaults = PRETRAINED_DEFAULTS if self.encoder_pretrained() else SCRATCH_DEFAULTS
+        if self.init is not None:
+            return self.model_copy(update=self._from_init())._resolved(device_type, INIT_DEFAULTS)
+        return self._resolved(device_type, PRETRAINED_DEFAULTS if self.encoder_pretrained() else SCRATCH_DEFAULTS)
+
+    def _resolved(self, device_type: str, defaults: dict[str, Any]) -> TrainGenConfig:
         values = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in defaults.items()}
         if (self.bs is None and device_type == "cuda") or (self.bs == "auto" and device_type != "cuda"):
             values["bs"] = course_batch(values["size"])
         # the loss follows the loss network's weights (`pretrained`), not the encoder's
         values["loss"] = self.loss if self.loss is not None else ("feature" if self.pretrained else "l1")
-        options = {"residual": not self.encoder_pretrained(), **self.options}
+        # residual where the arch has it (compact has its own nearest-neighbour skip)
+        options = ({"residual": not self.encoder_pretrained()}
+                   if has_option(self.arch, "residual") and self.init is None else {})
+        options = {**options, **self.options}
         stages = None
         if self.stages:
             stages = [st.model_copy(update={"lr": st.lr if st.lr is not None else values["lr"]}) for st in self.stages]
@@ -261,6 +299,7 @@ class Trainer:
         self.batches = 0  # training batches this process ran (reported per rank under torchrun)
         self.stop: StopRequest | None = None  # set while `fit` runs
         self.ema: torch.nn.Module | None = None  # the EMA copy of the weights, with `ema`
+        self.board: Any = None  # RUN/tensorboard/'s writer (srgan.callbacks.TensorBoardLog), with log tensorboard
         self.val_set = self._val_set() if cfg.val_hr is not None and is_main() else None
 
     # -- building blocks -------------------------------------------------------------------------------
@@ -280,8 +319,23 @@ class Trainer:
 
         first = self.cfg.schedule()[0]
         arch = self.cfg.arch
-        model = build_generator(arch, scale=1 if is_unet_arch(arch) else self.data_scale, img_size=first.size,
+        scale = 1 if is_unet_arch(arch) else self.data_scale
+        if self.cfg.init is not None:
+            return self._init_model(scale)
+        model = build_generator(arch, scale=scale, img_size=first.size,
                                 pretrained=self.cfg.pretrained, weights=self.cfg.weights, **self.cfg.options)
+        return model, is_unet(model)
+
+    def _init_model(self, scale: int):
+        """The generator in `init`, checked to upsample as this dataset needs."""
+        from crappify.errors import ConfigError
+        from srgan.basicsr import load_start_generator
+
+        model = load_start_generator(self.cfg.init).train()
+        have = model.crappify_spec["scale"]
+        if have != scale:
+            raise ConfigError(f"--init {self.cfg.init} upsamples x{have}; the dataset {self.cfg.data} needs x{scale}"
+                              f"{' (LR resized to the HR size first)' if scale == 1 else ''}")
         return model, is_unet(model)
 
     def _learner(self, model, loss, dls):
@@ -290,25 +344,32 @@ class Trainer:
         from fastai.learner import Learner
         from fastai.torch_core import params
 
-        from srgan.callbacks import CountBatches, DeviceMixedPrecision, StopOnNonFinite, adam, quiet
+        from srgan.callbacks import CountBatches, DeviceMixedPrecision, StopOnNonFinite, adam, gradient_callbacks, quiet
 
         def splitter(m):  # encoder / decoder parameter groups, for freezing and discriminative rates
             return [params(m[0]), [p for mod in list(m)[1:] for p in mod.parameters()]] if is_unet(m) \
                 else [params(m)]
 
-        cbs = [StopOnNonFinite(), *self.extra_cbs]
+        cfg = self.cfg
+        cbs = [StopOnNonFinite(), *gradient_callbacks(cfg.grad_accum, cfg.grad_clip), *self.extra_cbs]
         if self.precision in ("bf16", "fp16"):
             cbs.append(DeviceMixedPrecision(amp_mode=self.precision))
         if is_distributed():  # DDP through fastai + Accelerate; each rank trains on its share of a batch list
             cbs.append(distributed_callback(self.device))
             cbs.append(CountBatches(self))
-        cfg = self.cfg
         learn = Learner(dls, model, loss_func=loss, opt_func=adam(cfg.betas, cfg.eps, cfg.wd), wd=cfg.wd,
                         splitter=splitter, metrics=_metrics(self.normalizer), cbs=cbs, path=self.run,
                         model_dir="checkpoints")
         if not self.progress or not is_main():
             quiet(learn)
         return learn
+
+    def _dataloaders(self, phase: Phase, unet: bool):
+        cfg = self.cfg
+        return make_dataloaders(cfg.data, phase.size, phase.bs, resize_lr=unet, scale=self.data_scale,
+                                device=self.device, num_workers=cfg.num_workers, seed=cfg.seed,
+                                channels_last=cfg.channels_last, normalizer=self.normalizer,
+                                degrade=cfg.degrade, degrade_preset=cfg.degrade_preset, sharpen_gt=cfg.sharpen_gt)
 
     def _probe_batch(self, model, unet: bool) -> int:
         """`bs: auto` on CUDA: the largest batch of this run's crops for which a training step of the generator and
@@ -355,7 +416,81 @@ class Trainer:
         SIGTERM: a checkpoint at the next batch boundary, then `Interrupted`."""
         writes = ("", "checkpoints", "previews")
         with run_folder(self.run, "train-gen run", writes), sigterm_stops("train-gen") as self.stop:
-            return self._fit()
+            try:
+                return self._fit()
+            finally:  # whatever stopped the run (a NaN loss, SIGTERM), its events so far are on disk
+                if self.board is not None:
+                    self.board.close()
+
+    def lr_find(self, num_it: int = 100) -> dict[str, Any]:
+        """fastai's `Learner.lr_find` on the learner `fit` builds, in its first phase (the frozen encoder when it is
+        pretrained, as the course runs it): up to `num_it` batches at learning rates growing exponentially from 1e-7
+        to 10, ended when the loss diverges. fastai's suggestions: valley (its default), minimum (a tenth of the
+        rate at the loss's minimum) and steep (the steepest descent); none when the loss diverged too soon.
+
+        Writes RUN/lr_find.png (the smoothed loss against the rate, suggestions marked) and RUN/lr_find.json (the
+        same values) atomically, and nothing else — no generator, checkpoint, history or train-gen.yaml — so an
+        existing run in RUN is left as it was. Returns what lr_find.json holds."""
+        from crappify.errors import ConfigError
+
+        if is_distributed():
+            raise ConfigError("--lr-find runs in one process (each rank would sweep alone); run it without torchrun")
+        with run_folder(self.run, "train-gen lr-find"):
+            return self._lr_find(num_it)
+
+    def _lr_find(self, num_it: int) -> dict[str, Any]:
+        import json
+        import tempfile
+
+        from fastai.callback.core import Callback, CancelFitException
+        from fastai.callback.schedule import minimum, steep, valley
+
+        from srgan.callbacks import StopOnNonFinite
+        from srgan.losses import build_loss
+
+        class EndOnNonFinite(Callback):
+            """A non-finite loss is where the sweep diverged: it ends there (not with StopOnNonFinite's error)."""
+
+            order = StopOnNonFinite.order
+
+            def after_loss(self):
+                if self.training and not torch.isfinite(self.loss).all():
+                    raise CancelFitException()
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.run.mkdir(parents=True, exist_ok=True)
+        model, unet = self._model()
+        if cfg.bs == "auto":
+            cfg = self.cfg = cfg.model_copy(update={"bs": self._probe_batch(model, unet)})
+        phase = plan_phases(cfg, encoder_pretrained=unet and cfg.encoder_pretrained())[0]
+        loss = build_loss(cfg.loss, pretrained=cfg.pretrained, weights=cfg.loss_weight_files)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = compile_module(model, cfg.compile, self.device, grad_only=True)
+        loss = compile_module(loss, cfg.compile, self.device, grad_only=True)
+        learn = self._learner(model, loss.to(self.device), self._dataloaders(phase, unet))
+        learn.model.to(self.device)
+        learn.remove_cb(StopOnNonFinite)
+        learn.add_cb(EndOnNonFinite())
+        learn.create_opt()
+        learn.freeze() if phase.frozen else learn.unfreeze()
+        funcs = (valley, minimum, steep)
+        with tempfile.TemporaryDirectory(prefix="crappify-lr-find-") as tmp:
+            learn.path = Path(tmp)  # fastai's LRFinder keeps the starting weights there, not in RUN
+            try:
+                found = dict(zip([f.__name__ for f in funcs],
+                                 learn.lr_find(num_it=num_it, show_plot=False, suggest_funcs=funcs), strict=True))
+            except (IndexError, RuntimeError, ValueError):  # too few steps before the loss diverged
+                found = {}
+        lrs = [float(v) for v in learn.recorder.lrs]
+        losses = [float(v) for v in learn.recorder.losses]
+        result = {"phase": "frozen" if phase.frozen else "unfrozen", "size": phase.size, "bs": phase.bs,
+                  "grad_accum": cfg.grad_accum, "steps": len(lrs),
+                  "suggestions": {k: float(v) for k, v in found.items()}, "lrs": lrs, "losses": losses}
+        write_atomic(self.run / "lr_find.png", _lr_find_plot(lrs, losses, result["suggestions"]))
+        write_atomic(self.run / "lr_find.json", json.dumps(result, indent=1) + "\n")
+        return result
 
     def _fit(self) -> Path:
         from srgan.callbacks import one_cycle_moms
@@ -387,6 +522,10 @@ class Trainer:
         if state is not None:
             restore(model, state["model"], last)
             start, self.history = int(state["epoch"]), list(state["history"])
+        if cfg.log == "tensorboard" and is_main():  # its steps go on from the checkpoint's
+            from srgan.callbacks import TensorBoardLog
+
+            self.board = TensorBoardLog(self.run / "tensorboard", int(state.get("steps") or 0) if state else 0)
         if cfg.ema:  # an eager copy, built from the spec (before --compile wraps the model)
             from srgan.generators import clone_generator
 
@@ -406,16 +545,17 @@ class Trainer:
             if done + phase.epochs <= start:
                 done += phase.epochs
                 continue
-            dls = make_dataloaders(cfg.data, phase.size, phase.bs, resize_lr=unet, scale=self.data_scale,
-                                   device=self.device, num_workers=cfg.num_workers, seed=cfg.seed,
-                                   channels_last=cfg.channels_last, normalizer=self.normalizer,
-                                   degrade=cfg.degrade, degrade_preset=cfg.degrade_preset, sharpen_gt=cfg.sharpen_gt)
+            dls = self._dataloaders(phase, unet)
             if learn is None:
                 learn = self._learner(model, loss.to(self.device), dls)
                 learn.model.to(self.device)
                 learn.create_opt()
                 # every rank seeds its epoch's crops; only rank 0 writes history, previews and checkpoints
                 learn.add_cb(_epoch_end_callback(self, write=is_main(), state=state))
+                if self.board is not None:  # a U-Net's parameter groups: encoder, decoder (discriminative rates)
+                    from srgan.callbacks import TensorBoardLosses
+
+                    learn.add_cb(TensorBoardLosses(self.board, ("encoder", "decoder") if unet else ()))
                 if self.ema is not None:
                     from srgan.callbacks import WeightEMA
 
@@ -476,7 +616,10 @@ class Trainer:
                 tiles.append((label, t.permute(1, 2, 0).numpy()))
         path = self.run / "previews" / f"epoch_{epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image_atomic(path, grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=3))
+        image = grid(tiles, height=max(64, min(256, hr.shape[-2])), columns=3)
+        save_image_atomic(path, image)
+        if self.board is not None:
+            self.board.image("preview", image)
 
     def validate_hr(self, learn) -> dict[str, float | str]:
         """This epoch's generator on the whole images of `val_hr` (BasicSR's PSNR/SSIM-Y): the history's val_*."""
@@ -514,6 +657,30 @@ class Trainer:
         write_csv_atomic(self.run / "history.csv", columns, self.history)
 
 
+def _lr_find_plot(lrs: list[float], losses: list[float], suggestions: dict[str, float]) -> bytes:
+    """`lr_find`'s plot as PNG bytes: the smoothed loss against the learning rate (log scale; the last 5 points left
+    out when there are more than 10, as fastai's own plot does), each suggestion a vertical line. Drawn on a bare
+    matplotlib Figure (Agg, no pyplot), so no display or global backend is involved."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    n = len(lrs) - 5 if len(lrs) > 10 else len(lrs)
+    fig = Figure(figsize=(6, 4), dpi=100, layout="tight")
+    ax = fig.add_subplot()
+    ax.plot(lrs[:n], losses[:n])
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss (smoothed)")
+    for (name, lr), color in zip(suggestions.items(), ("tab:red", "tab:green", "tab:orange"), strict=False):
+        ax.axvline(lr, color=color, linestyle="--", label=f"{name}: {lr:.2e}")
+    if suggestions:
+        ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def _epoch_end_callback(trainer: Trainer, write: bool = True, state: dict[str, Any] | None = None):
     """train-gen's `srgan.callbacks.EpochEnd` (fastai imported on use): a history row per epoch and a preview grid,
     epochs numbered across the schedule's phases; `state` is the checkpoint the run resumed from, if any."""
@@ -547,5 +714,6 @@ def _epoch_end_callback(trainer: Trainer, write: bool = True, state: dict[str, A
 
     return GenEpochEnd("train-gen", trainer.run / "checkpoints" / "last.pt", trainer.cfg.checkpoint_every,
                        trainer.stop, write, state, history=trainer.history, key=trainer.key,
-                       save_checkpoint=save_checkpoint, write_history=trainer.write_history)
+                       save_checkpoint=save_checkpoint, write_history=trainer.write_history,
+                       board=trainer.board)
 

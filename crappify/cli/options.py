@@ -29,6 +29,8 @@ DEGRADE_MODES = ("offline", "online")
 """`TrainGenConfig.degrade`'s and `TrainGanConfig.degrade`'s values."""
 CRITIC_ARCHS = ("gan-critic", "patch", "srgan", "unet-sn")
 """`srgan.critics.CRITICS`'s names. `--arch` stays free text: an unknown name is the config's one-line error."""
+LOG_FORMATS = ("csv", "tensorboard")
+"""`srgan.runtime.RunOptions.log`'s values."""
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -108,6 +110,24 @@ def compile_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--compile", "compile", is_flag=True, default=None,
                         help="torch.compile the networks of the training step (pays on long runs; the first "
                              "steps include compilation).")(fn)
+
+
+def gradient_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """train-gen's and train-critic's `--grad-clip` and `--grad-accum` (`srgan.runtime.StepOptions`; its ranges are
+    checked with the config, one line and exit 2)."""
+    fn = click.option("--grad-accum", type=int,
+                      help="Sum the gradients of N batches into each optimiser step: the step of an N times larger "
+                           "batch in one batch's memory (default 1).")(fn)
+    return click.option("--grad-clip", type=float,
+                        help="Clip the gradient's total L2 norm to at most this before each step (default: none).")(fn)
+
+
+def log_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--log` of a training stage (train-gen, train-critic, train-gan): `RunOptions.log`."""
+    return click.option("--log", type=click.Choice(LOG_FORMATS),
+                        help="csv (default): the history files; tensorboard: also TensorBoard event files (each "
+                             "loss term, learning rates, previews) in the stage's tensorboard folder; needs "
+                             "pip install 'crappify[tensorboard]'.")(fn)
 
 
 def workers_option(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -20,6 +20,8 @@ from crappify.cli.options import (
     config_option,
     degrade_options,
     device_option,
+    gradient_options,
+    log_option,
     offline_option,
     quiet_option,
     stage_precision_option,
@@ -44,27 +46,36 @@ _CRITICS = ", ".join(f"{name} (default, fastai's)" if name == "gan-critic" else 
 @click.option("--no-pretrained", "no_pretrained", is_flag=True, default=None,
               help="Random encoder and loss-network weights (no ImageNet weights needed).")
 @click.option("--weights", help="Local file with the encoder's ImageNet weights.")
+@click.option("--init", help="Start from a trained generator: a crappify generator file, or a BasicSR / Real-ESRGAN / "
+                             "OpenModelDB .pth or .safetensors of an RRDBNet or compact model (its arch is the run's).")
 @device_option()
 @stage_precision_option()
 @workers_option
 @compile_option
+@log_option
 @click.option("--seed", type=int, help="Seed for weights init and data order (default 0).")
 @click.option("--checkpoint-every", type=int,
               help="Also checkpoint every N batches of an epoch (default: at epoch ends only).")
 @click.option("--ema/--no-ema", default=None,
               help="Also keep an EMA of the weights (decay 0.999): RUN/generator-ema.safetensors.")
+@gradient_options
 @degrade_options
 @click.option("--val-hr", help="Also validate every epoch on a benchmark folder of HR images (Set5/GTmod12), whole "
                                "images scored as `evaluate --hr` does: val_psnr_y, val_ssim_y in history.csv.")
 @click.option("--val-lr", help="--val-hr's LR images, matched by name (default: made by bicubic at the data's scale).")
 @click.option("--keep-best", type=click.Choice(["psnr", "ssim", "val_psnr_y", "val_ssim_y"]),
               help="Also keep the epoch with the best value of this history column: RUN/generator-best.safetensors.")
+@click.option("--lr-find", "lr_find", is_flag=True,
+              help="Train nothing: run fastai's lr_find on the first phase as configured, print its suggested "
+                   "learning rates and write RUN/lr_find.png and RUN/lr_find.json.")
+@click.option("--lr-find-steps", "lr_find_steps", type=click.IntRange(6, 10_000), default=100, show_default=True,
+              help="Batches --lr-find sweeps at most (fastai's num_it).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--save-preds", is_flag=True, help="Then write the generator's outputs to RUN/preds/<split>/.")
 @offline_option
 @quiet_option
 def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: bool | None, resume: bool,
-                  save_preds: bool, quiet: bool, **flags: Any) -> None:
+                  save_preds: bool, lr_find: bool, lr_find_steps: int, quiet: bool, **flags: Any) -> None:
     """Pretrain the generator on a built dataset DATA with a feature loss (fastai Learner)."""
     from crappify.config import resolve
     from srgan.distributed import is_main
@@ -72,7 +83,18 @@ def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
 
     cfg = resolve(TrainGenConfig, config_file, data=data, out=out,
                   pretrained=False if no_pretrained else None, **flags)
+    if lr_find and (resume or save_preds):
+        from crappify.errors import ConfigError
+
+        raise ConfigError("--lr-find trains nothing: it goes without --resume and --save-preds")
     trainer = Trainer(cfg, resume=resume, progress=not quiet)
+    if lr_find:
+        found = trainer.lr_find(lr_find_steps)
+        names = ", ".join(f"{k} {v:.2e}" for k, v in found["suggestions"].items())
+        click.echo(f"lr_find ({found['phase']} phase, {found['steps']} batches): "
+                   f"{'suggested lr: ' + names if names else 'no suggestion (the loss diverged at once)'}; "
+                   f"plot {Path(cfg.out) / 'lr_find.png'}, values {Path(cfg.out) / 'lr_find.json'}")
+        return
     final = trainer.fit()
     if not is_main():  # under torchrun, rank 0 alone writes the files and reports
         return
@@ -102,9 +124,11 @@ def train_gen_cmd(data: str, out: str, config_file: str | None, no_pretrained: b
 @stage_precision_option()
 @workers_option
 @compile_option
+@log_option
 @click.option("--seed", type=int, help="Seed for weights init and crops (default 0).")
 @click.option("--checkpoint-every", type=int,
               help="Also checkpoint every N batches of an epoch (default: at epoch ends only).")
+@gradient_options
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @offline_option
 @quiet_option
@@ -156,6 +180,7 @@ def train_critic_cmd(data: str, out: str, config_file: str | None, resume: bool,
 @stage_precision_option()
 @workers_option
 @compile_option
+@log_option
 @click.option("--seed", type=int, help="Seed (default 0).")
 @click.option("--resume", is_flag=True, help="Continue from RUN/gan/checkpoints/last.pt.")
 @offline_option

@@ -360,6 +360,8 @@ def test_choice_lists_match_their_registries_and_config_types():
     assert options.PRECISIONS == PRECISIONS
     for config in (TrainGenConfig, TrainCriticConfig, TrainGanConfig, EvaluateConfig):
         assert _literal(config, "precision") == options.PRECISIONS, config
+    for config in (TrainGenConfig, TrainCriticConfig, TrainGanConfig):
+        assert _literal(config, "log") == options.LOG_FORMATS, config
     assert Path(cli_run.DEMO_OUT) == DEMO_OUT
     # sources come from the registry itself: the CLI's choices lazily, the build config's check when it is read
     assert options.SOURCE_CHOICE.choices == ("auto", *SOURCES)
