@@ -237,3 +237,24 @@ def test_enhance_runs_a_compact_file_and_a_compact_run_trains(sr_dataset, tmp_pa
     code, _, err = run_main("export", "-m", run, "--pth", tmp_path / "c.pth", "--quiet")
     assert code == 0 and spandrel_load(tmp_path / "c.pth").scale == 4, err
     assert read_basicsr(tmp_path / "c.pth")[:3] == ("compact", 4, {"n_feats": 8, "n_conv": 2, "normalize": "none"})
+    # enhance (and evaluate, through the same loader) run a BasicSR-layout file as they run ours: the same pixels
+    code, _, err = run_main("enhance", tmp_path / "in.png", "-m", tmp_path / "c.pth", "-o", tmp_path / "big2",
+                            "--quiet")
+    assert code == 0, err
+    with Image.open(tmp_path / "big" / "in.png") as a, Image.open(tmp_path / "big2" / "in.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_released_x4_file_is_evaluated_on_a_benchmark_folder(tmp_path, photo_maker):
+    from srgan.evaluate import EvaluateConfig, evaluate
+
+    _, state = _spandrel_state("compact", 4)
+    released = tmp_path / "realesr-tiny.pth"
+    torch.save({"params": state}, released)
+    hr = tmp_path / "Set2" / "HR"
+    hr.mkdir(parents=True)
+    for k, side in enumerate((66, 71)):
+        Image.fromarray(photo_maker(k, side)).save(hr / f"img{k}.png")
+    evaluate(EvaluateConfig(hr=str(hr), scale=4, models=[str(released)], names=["released"], out=str(tmp_path / "r"),
+                            device="cpu", lpips=False, grids=0), progress=False)
+    assert "released" in (tmp_path / "r" / "report.md").read_text()
