@@ -16,6 +16,7 @@ network; see its docstring for what is compiled and what stays eager.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -116,11 +117,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which its convolutions still have native bf16 kernels
+ONEDNN_BF16_ISAS = frozenset({"ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512",
+                              "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16"})
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively: a CUDA GPU that reports it, a CPU with AVX512-BF16 or AMX."""
+    """Whether `device` computes bf16 natively: a CUDA GPU that reports it, a CPU with AVX512-BF16 or AMX whose
+    kernels may use it. The CPU flags alone are not enough: ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA may cap
+    torch below AVX-512 (how an AVX2-only CPU is approximated on a newer one), and bf16 then runs on slow
+    emulated kernels, where fp32 is what that CPU would get."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+            return False
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+        if isa and isa not in ONEDNN_BF16_ISAS:
+            return False
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
 

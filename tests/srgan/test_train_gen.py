@@ -112,6 +112,23 @@ def test_precision_auto_and_refusals():
         resolve_precision("fp16", cpu)
 
 
+@pytest.mark.parametrize("env", [{"ATEN_CPU_CAPABILITY": "avx2"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+                                 {"ONEDNN_MAX_CPU_ISA": "avx512_core"}])
+def test_auto_is_fp32_when_torch_is_capped_below_native_bf16(env):
+    """On a CPU with AVX512-BF16, torch capped to AVX2 (how an AVX2-only CPU is approximated) or oneDNN capped below
+    its bf16 ISA runs bf16 on emulated kernels: auto means fp32 there, as on the CPU being approximated. Checked in
+    a fresh process, since ATen reads its cap at start."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from srgan.train_gen import resolve_precision; "
+            "print(resolve_precision('auto', torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env}, check=True)
+    assert out.stdout.strip() == "fp32", out.stderr
+
+
 def test_one_epoch_writes_outputs_and_the_file_alone_rebuilds_the_model(dataset, tmp_path):
     run = tmp_path / "run"
     final = Trainer(TrainGenConfig(data=str(dataset), out=str(run), epochs=1, **TINY), progress=False).fit()
