@@ -31,6 +31,11 @@ from crappify.errors import ConfigError, CrappifyError
 from srgan.generators import OPTION_MAX, build_generator
 
 FORMATS = (".pth", ".safetensors")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # names under which trainers save torch files
+
+
+class ForeignFile(CrappifyError):
+    """A file that is neither ours nor a BasicSR-layout state dict of an architecture we train."""
 WRAPPERS = ("params_ema", "params", "state_dict", "model", "net_g")  # where trainers nest the weights, in order
 SPANDREL_GROWTH = 32  # spandrel (so chaiNNer) builds ESRGAN's RRDBNet with growth 32 only
 
@@ -104,7 +109,7 @@ def unwrap(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
         state = {k[len("module."):]: v for k, v in state.items()}
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad or not state:
-        raise CrappifyError(f"{path}: not a state dict of tensors" + (f" ({bad[0]!r} is not a tensor)" if bad else ""))
+        raise ForeignFile(f"{path}: not a state dict of tensors" + (f" ({bad[0]!r} is not a tensor)" if bad else ""))
     return state
 
 
@@ -193,8 +198,8 @@ def detect(state: dict[str, torch.Tensor], path: Path) -> tuple[str, int, dict[s
         options = {"n_feats": _bounded(path, "features", first[0], "n_feats"),
                    "n_conv": _bounded(path, "convs", n_conv, "n_conv"), "normalize": "none"}
         return "compact", squares[last[0]], options, state
-    raise CrappifyError(f"{path}: not an architecture crappify trains (BasicSR/Real-ESRGAN RRDBNet or compact "
-                        "SRVGGNet): its keys start " + ", ".join(list(state)[:3]))
+    raise ForeignFile(f"{path}: not an architecture crappify trains (BasicSR/Real-ESRGAN RRDBNet or compact "
+                      "SRVGGNet): its keys start " + ", ".join(list(state)[:3]))
 
 
 def is_crappify_file(path: Path) -> bool:
@@ -220,7 +225,7 @@ def read_basicsr(path: str | Path) -> tuple[str, int, dict[str, Any], dict[str, 
     try:
         raw = read_state_dict(path)
     except WeightsError as exc:
-        raise CrappifyError(str(exc)) from None
+        raise ForeignFile(str(exc)) from None
     return detect(unwrap(raw, path), path)
 
 
@@ -251,7 +256,13 @@ def start_spec(path: str | Path) -> tuple[str, int, dict[str, Any]]:
         return spec["arch"], spec["scale"], spec["options"]
     key = (str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size)
     if key not in _SPECS:  # a config resolves itself several times; a released .pth is tens of MB
-        arch, scale, options, _ = read_basicsr(path)
+        try:
+            arch, scale, options, _ = read_basicsr(path)
+        except ForeignFile:
+            if path.suffix.lower() in TORCH_SUFFIXES:
+                raise
+            read_generator_meta(path)  # raises why it is not a generator file of ours
+            raise
         _SPECS[key] = (arch, scale, options)
     arch, scale, options = _SPECS[key]
     return arch, scale, dict(options)
@@ -267,4 +278,9 @@ def load_start_generator(path: str | Path, device: torch.device | str = "cpu") -
     path = Path(path)
     if not path.is_file() or is_crappify_file(path):
         return load_generator(path, device)
-    return load_basicsr(path, device)
+    try:
+        return load_basicsr(path, device)
+    except ForeignFile:
+        if path.suffix.lower() in TORCH_SUFFIXES:
+            raise  # a torch file: what is wrong with it as a BasicSR one
+        return load_generator(path, device)  # anything else: why it is not a generator file of ours

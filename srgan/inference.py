@@ -365,11 +365,11 @@ def load_inference(path: str | Path, device: torch.device | str = "cpu", *, comp
     """A TiledInference for a `generator.safetensors` file (no loss networks, no pretrained downloads), or for a
     BasicSR / Real-ESRGAN / OpenModelDB file of an rrdb or compact model (`srgan.basicsr`: upscaled by its own
     scale); `compile`: torch.compile the generator, tiles of one shape (see the module docstring)."""
-    from srgan.basicsr import is_crappify_file, load_basicsr
+    from srgan.basicsr import is_crappify_file, load_start_generator
     from srgan.checkpoint import load_generator, read_generator_meta
 
     if Path(path).is_file() and not is_crappify_file(Path(path)):
-        model = load_basicsr(path, device).eval()
+        model = load_start_generator(path, device).eval()  # or the reason it is neither kind of file
         options.setdefault("data_scale", model.crappify_spec["scale"])
         return TiledInference(model, device=device, normalizer=Normalizer(), compile=compile, **options)
     meta = read_generator_meta(path)

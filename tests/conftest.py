@@ -324,7 +324,31 @@ def photo_maker():
     return small_photo
 
 
+def spread_slow_first(flags: list[bool], workers: int) -> list[int]:
+    """An order of test indices (`flags[i]`: test i is slow) in which each of `workers` xdist workers starts with its
+    share of the slow tests. xdist's worksteal scheduler hands worker k the next len(pending) // (workers - k)
+    tests in order, then lets an idle worker steal from the end of another's queue; so with every slow test first
+    in the list, worker 0 alone would run all of them while the others, their fast tests done, could steal only
+    fast ones. Here the slow tests are dealt round-robin to the front of each worker's block; within each group the
+    collection order stays."""
+    slow = [i for i, f in enumerate(flags) if f]
+    fast = [i for i, f in enumerate(flags) if not f]
+    if workers <= 1:
+        return slow + fast
+    order, left, rest = [], len(flags), iter(fast)
+    for k in range(workers):
+        size = left // (workers - k)
+        mine = slow[k::workers][:size]
+        order += mine + [next(rest, None) for _ in range(size - len(mine))]
+        left -= size
+    order = [i for i in order if i is not None]
+    placed = set(order)
+    return order + [i for i in slow if i not in placed] + list(rest)
+
+
 def pytest_collection_modifyitems(config, items):
-    """The `slow` tests first (a stable sort, each group in its usual order): with several xdist workers, a
-    minute-long test collected last would otherwise run alone while the other workers wait."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The `slow` tests first, spread over the xdist workers (`spread_slow_first`): a minute-long test collected
+    last, or all of them on one worker, would otherwise run alone while the other workers wait."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    order = spread_slow_first([item.get_closest_marker("slow") is not None for item in items], workers)
+    items[:] = [items[i] for i in order]
