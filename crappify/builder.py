@@ -634,7 +634,7 @@ def _build_dataset(cfg: BuildConfig, overwrite: bool, progress: bool) -> BuildRe
     if not resuming:
         write_atomic(out / "config.yaml", config_text({**identity, "versions": versions()}))
     else:
-        clean_stale_temps(out, recursive=True)  # a killed build's (the lock says no other build is writing here)
+        clean_stale_temps(out, recursive=True, locked=True)  # a killed build's: the lock says none is writing here
     done = _load_done(out, listing.items) if resuming else {}
     todo = [it for it in listing.items if it.id not in done]
     job = Job(out, chain, cfg.size, scale, cfg.seed, cfg.max_pixels, cfg.hr_format, cfg.link_hr, cfg.max_bytes,

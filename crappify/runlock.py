@@ -124,13 +124,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
-def clean_stale_temps(folder: str | Path, names: Iterable[str] | None = None, recursive: bool = False) -> int:
+def clean_stale_temps(folder: str | Path, names: Iterable[str] | None = None, recursive: bool = False,
+                      locked: bool = False) -> int:
     """Remove the temporary files in `folder` that a killed run of this tool left; returns how many.
 
     Only names carrying this tool's tag (`crappify.imageio.TEMP_TAG`) whose writing process is gone are
     candidates, never a user's `.notes.tmp-123`. `names`: only the temporaries of these target file names
     (for a folder the tool does not own, e.g. enhance's `-o`: the outputs this run is about to write).
-    `recursive`: the sub-folders too (only for a folder the tool owns and marked, a dataset)."""
+    `recursive`: the sub-folders too (only for a folder the tool owns and marked, a dataset). `locked`: the caller
+    holds the folder's lock before starting any worker, so no live run of this tool writes there and every tagged
+    name but this process's own is stale whatever its pid says: pids are reused (pid_max is 32768 on many
+    systems), and a killed run's temporary whose pid now belongs to another process would otherwise stay."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
@@ -140,7 +144,7 @@ def clean_stale_temps(folder: str | Path, names: Iterable[str] | None = None, re
     for root, _dirs, files in walker:
         for name in files:
             pid = temp_pid(name)
-            if pid is None or pid == os.getpid() or _pid_alive(pid):
+            if pid is None or pid == os.getpid() or (not locked and _pid_alive(pid)):
                 continue
             if prefixes is not None and name[:-len(str(pid))] not in prefixes:
                 continue

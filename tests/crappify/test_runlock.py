@@ -25,6 +25,33 @@ def test_only_our_tagged_temporaries_of_dead_processes_go(tmp_path):
     assert clean_stale_temps(tmp_path, recursive=True) == 1 and not nested.exists()
 
 
+def test_under_the_folders_lock_a_killed_runs_temporary_goes_even_when_its_pid_was_reused(tmp_path):
+    """pid_max is 32768 on many systems: a killed build's worker pid may belong to another process by the time
+    the build resumes. Holding the dataset's lock, the builder knows no run of ours writes there."""
+    reused = tmp_path / "hr" / f".img040.png{TEMP_TAG}{os.getppid()}"  # the pid of a live, unrelated process
+    own = tmp_path / f".x.png{TEMP_TAG}{os.getpid()}"
+    user = tmp_path / f".notes.tmp-{os.getppid()}"
+    reused.parent.mkdir()
+    for path in (reused, own, user):
+        path.write_bytes(b"x")
+    assert clean_stale_temps(tmp_path, recursive=True) == 0 and reused.exists()
+    assert clean_stale_temps(tmp_path, recursive=True, locked=True) == 1
+    assert not reused.exists() and own.exists() and user.exists()
+
+
+def test_a_resumed_build_removes_a_killed_workers_temporary_whatever_its_pid(tmp_path):
+    from crappify.builder import BuildConfig, build_dataset
+
+    out = tmp_path / "ds"
+    cfg = BuildConfig(src="samples", out=str(out), preset="srgan-x4", size=64, split=(0.6, 0.2, 0.2), workers=1)
+    build_dataset(cfg, progress=False)
+    (out / "manifest.csv").unlink()  # as a killed build leaves it: no manifest yet
+    stale = next((out / "hr").rglob("*.png")).with_name(f".img.png{TEMP_TAG}{os.getppid()}")
+    stale.write_bytes(b"half a png")
+    build_dataset(cfg, progress=False)
+    assert not stale.exists() and (out / "manifest.csv").is_file()
+
+
 def test_names_limit_the_sweep_to_the_outputs_about_to_be_written(tmp_path):
     a, b = (tmp_path / f".{n}{TEMP_TAG}{DEAD_PID}" for n in ("a.png", "b.png"))
     for path in (a, b):
