@@ -54,6 +54,24 @@ def run_cli(*args: str | Path, timeout: float = 120, cwd: str | Path | None = No
                           cwd=cwd)
 
 
+def run_main(*args: str | Path) -> tuple[int, str, str]:
+    """`crappify ARGS` in this process (imports already paid for): (exit code, stdout, stderr). Test modules import
+    it (`from conftest import run_main`)."""
+    import contextlib
+    import io
+
+    from crappify.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
 def _real_rgb(index: int) -> Image.Image:
     """The index-th (cyclically) sample photo as an 8-bit RGB PIL image."""
     photos = sample_photos()

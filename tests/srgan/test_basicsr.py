@@ -4,14 +4,13 @@ what cannot be represented, and hostile files, are one line."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -24,20 +23,6 @@ from srgan.generators import build_generator
 spandrel = pytest.importorskip("spandrel")
 
 TINY = {"compact": {"n_feats": 8, "n_conv": 2}, "rrdb": {"n_blocks": 1, "n_feats": 8, "normalize": "none"}}
-
-
-def run_main(*args) -> tuple[int, str, str]:
-    """`crappify ARGS` in this process: (exit code, stdout, stderr)."""
-    from crappify.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def ours(path: Path, arch: str, scale: int, seed: int = 0, **options) -> Path:

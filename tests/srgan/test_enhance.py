@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from PIL import Image
 
 from srgan.checkpoint import save_generator
@@ -19,23 +20,6 @@ from srgan.inference import TiledInference, load_inference
 @pytest.fixture(scope="module")
 def engine(sr_file) -> TiledInference:
     return load_inference(sr_file, tile=0)
-
-
-def run_main(*args) -> tuple[int, str, str]:
-    """`crappify ARGS` in this process (imports already paid for): (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from crappify.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def opened(path: Path) -> Image.Image:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 
 from srgan.checkpoint import save_generator
 from srgan.export import export_onnx, export_torchscript, exportable
@@ -101,23 +102,6 @@ def test_cli_export_needs_a_target(tmp_path, sr_file):
     with pytest.raises(SystemExit) as exc:
         main(["export", "-m", str(sr_file)])
     assert exc.value.code == 2
-
-
-def run_main(*args) -> tuple[int, str, str]:
-    """`crappify ARGS` in this process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from crappify.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_main
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,20 +16,6 @@ from srgan.generators import build_generator
 from srgan.interpolate import interpolate
 
 TINY = {"n_blocks": 1, "n_feats": 8}
-
-
-def run_main(*args) -> tuple[int, str, str]:
-    """`crappify ARGS` in this process: (exit code, stdout, stderr)."""
-    from crappify.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def tiny_file(path: Path, seed: int, arch: str = "srresnet", scale: int = 2, data_scale: int = 2,
