@@ -30,7 +30,7 @@ from torch import nn
 from crappify.errors import ConfigError, CrappifyError
 from srgan.generators import OPTION_MAX, build_generator
 
-FORMATS = (".pth", ".safetensors")
+FORMATS = (".pth", ".safetensors")  # what `export` writes
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # names under which trainers save torch files
 
 
@@ -232,8 +232,12 @@ def read_basicsr(path: str | Path) -> tuple[str, int, dict[str, Any], dict[str, 
 def load_basicsr(path: str | Path, device: torch.device | str = "cpu", img_size: int = 64) -> nn.Module:
     """A generator of ours holding a BasicSR-layout file's weights: its keys and shapes are compared with the
     model they describe, built on the meta device, before the model is allocated."""
-    path = Path(path)
-    arch, scale, options, state = read_basicsr(path)
+    return _build(Path(path), read_basicsr(path), device, img_size)
+
+
+def _build(path: Path, read: tuple[str, int, dict[str, Any], dict[str, torch.Tensor]],
+           device: torch.device | str = "cpu", img_size: int = 64) -> nn.Module:
+    arch, scale, options, state = read
     with torch.device("meta"):
         probe = build_generator(arch, scale=scale, img_size=img_size, **options)
     want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
@@ -256,13 +260,7 @@ def start_spec(path: str | Path) -> tuple[str, int, dict[str, Any]]:
         return spec["arch"], spec["scale"], spec["options"]
     key = (str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size)
     if key not in _SPECS:  # a config resolves itself several times; a released .pth is tens of MB
-        try:
-            arch, scale, options, _ = read_basicsr(path)
-        except ForeignFile:
-            if path.suffix.lower() in TORCH_SUFFIXES:
-                raise
-            read_generator_meta(path)  # raises why it is not a generator file of ours
-            raise
+        arch, scale, options, _ = _read_foreign(path)
         _SPECS[key] = (arch, scale, options)
     arch, scale, options = _SPECS[key]
     return arch, scale, dict(options)
@@ -278,9 +276,18 @@ def load_start_generator(path: str | Path, device: torch.device | str = "cpu") -
     path = Path(path)
     if not path.is_file() or is_crappify_file(path):
         return load_generator(path, device)
+    return _build(path, _read_foreign(path), device)
+
+
+def _read_foreign(path: Path) -> tuple[str, int, dict[str, Any], dict[str, torch.Tensor]]:
+    """`read_basicsr` of a file that is not ours. When it is no BasicSR file either, a torch file (.pth ...) says
+    what is wrong with it as a BasicSR one, anything else why it is not a generator file of ours."""
+    from srgan.checkpoint import read_generator_meta
+
     try:
-        return load_basicsr(path, device)
+        return read_basicsr(path)
     except ForeignFile:
         if path.suffix.lower() in TORCH_SUFFIXES:
-            raise  # a torch file: what is wrong with it as a BasicSR one
-        return load_generator(path, device)  # anything else: why it is not a generator file of ours
+            raise
+        read_generator_meta(path)  # raises its one line (not a safetensors / not a crappify generator file)
+        raise

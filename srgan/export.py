@@ -264,11 +264,11 @@ def export_basicsr(path: str | Path, out: str | Path, *, verify: bool = False, t
     """Write the generator in BasicSR's state-dict layout (`srgan.basicsr`): `.pth` ({"params": ...}) or
     `.safetensors` (flat), what spandrel, chaiNNer and Real-ESRGAN's scripts load. A model without that layout is
     refused in one line pointing to ONNX. `verify`: spandrel loads the written file and runs it against ours."""
-    from srgan.basicsr import basicsr_state, write_basicsr
+    from srgan.basicsr import FORMATS, basicsr_state, write_basicsr
 
     note = note or _quiet
     out = check_target(out, overwrite, path)
-    if out.suffix not in (".pth", ".safetensors"):
+    if out.suffix not in FORMATS:
         raise ConfigError(f"{out}: a BasicSR-layout file is .pth or .safetensors")
     check_basicsr(path)
     if verify:
