@@ -313,6 +313,12 @@ def _gan_steps(records: list[tuple[str, float, float, int, int]]) -> list[float]
     return timed or [t for times in runs.values() for t in times]
 
 
+def _scored(built: dict[str, int]) -> int:
+    """The pairs the rehearsal's evaluate scores: the test split's (else the validation split's), at most
+    EVAL_PAIRS."""
+    return max(1, min(EVAL_PAIRS, built.get("test") or built.get("valid", 1)))
+
+
 def _eta(stage: str, cfg: BaseModel, timer: Any, wall: float, data: Data, built: dict[str, int],
          extra: dict[str, float]) -> float | None:
     """The full stage's estimated seconds on this device (see the module docstring)."""
@@ -324,7 +330,7 @@ def _eta(stage: str, cfg: BaseModel, timer: Any, wall: float, data: Data, built:
     if stage == "build-dataset":
         return wall / max(1, data.photos) * data.real_photos
     if stage == "evaluate":
-        scored = max(1, min(EVAL_PAIRS, built.get("test") or built.get("valid", 1)))
+        scored = _scored(built)
         one = extra.get("eval_one_pair")
         per_pair = (wall - one) / (scored - 1) if one is not None and scored > 1 and wall > one else wall / scored
         start = max(0.0, wall - per_pair * scored)
@@ -419,7 +425,8 @@ def _rehearse(p: Pipeline, root: Path, overrides: dict[str, Any] | None, steps: 
             try:
                 if stage == "train-critic":
                     extra.update(_time_preds(short, device))
-                if stage == "evaluate":  # once with 1 pair: the start-up apart from the time per pair
+                if stage == "evaluate" and _scored(built) > 1:  # once with 1 pair: the start-up apart from
+                    # the time per pair (with 1 pair to score the second run would be the same: not run twice)
                     one = type(short).model_validate({**short.model_dump(), "limit": 1})
                     t1 = time.perf_counter()
                     _run_stage(Step(stage, one, "", "rerun", "rehearsal"), paths, progress, (), None)

@@ -136,6 +136,29 @@ def test_a_checkpoint_that_cannot_be_resumed_fails_the_rehearsal(tmp_path, monke
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("test_pairs, runs", [(1, 1), (3, 2)])
+def test_evaluate_runs_once_more_with_one_pair_only_when_it_scores_more(test_pairs, runs, tmp_path, monkeypatch):
+    """The one-pair run separates evaluate's start-up from its time per pair; with a single pair to score it would
+    repeat the stage exactly (22 s of a 2-core CPU's time for realesrgan-x4's RRDB): then it is not run."""
+    import srgan.rehearse
+
+    monkeypatch.chdir(tmp_path)
+    limits: list[int | None] = []
+    real = srgan.rehearse._run_stage
+
+    def counting(step, *args):
+        if step.stage == "evaluate":
+            limits.append(step.config.limit)
+        return real(step, *args)
+
+    monkeypatch.setattr(srgan.rehearse, "_run_stage", counting)
+    p = load_pipeline(PIPELINES_DIR / "demo.yaml")
+    p.sample_crops.update(train=24, valid=4, test=test_pairs)
+    result = rehearse(p, str(tmp_path / "r"), steps=1, report=lambda text: None)
+    assert limits == ([1] if runs == 2 else []) + [srgan.rehearse.EVAL_PAIRS]
+    assert next(s for s in result["stages"] if s["stage"] == "evaluate")["eta_seconds"] > 0
+
+
 # Every shipped recipe at its real geometry (stand-in layouts, crop sizes, networks, losses, phases, a checkpoint
 # resumed) with batches capped at 2 and one step per phase: the full-batch rehearsal of each takes 1-4 minutes on
 # a 2-core CPU (benchmarks/README.md has them); the demo and celeba-pytorch-gan run at their real batches above.
