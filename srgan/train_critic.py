@@ -35,7 +35,7 @@ from srgan.checkpoint import (
     save_checkpoint,
     save_critic,
 )
-from srgan.data import Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
+from srgan.data import DecodeCache, Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
 from srgan.distributed import unwrap
 from srgan.normalize import NormalizeBatch, Normalizer
 from srgan.runtime import (
@@ -84,6 +84,7 @@ class RealFakeDataset(torch.utils.data.Dataset):
     def __init__(self, items: list[tuple[Path, float, str]], size: int, train: bool = True, seed: int = 0) -> None:
         self.items, self.size, self.train, self.seed, self.epoch = items, size, train, seed, 0
         self.unreadable = Unreadable(len(items), f"{'training' if train else 'validation'} critic images")
+        self.cache = DecodeCache()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -95,8 +96,11 @@ class RealFakeDataset(torch.utils.data.Dataset):
         path, label, where = self.items[j]
         return read_image(path, where), label
 
+    def _read_cached(self, j: int) -> tuple[np.ndarray, float]:
+        return self.cache.get(j, self._read)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        _, (img, label) = read_or_substitute(i, self._read, self.unreadable, self.seed, self.epoch)
+        _, (img, label) = read_or_substitute(i, self._read_cached, self.unreadable, self.seed, self.epoch)
         h, w = img.shape[:2]
         size = self.size
         if min(h, w) < size:  # reflect-pad small images up to the crop size
@@ -111,7 +115,7 @@ class RealFakeDataset(torch.utils.data.Dataset):
         crop = img[y:y + size, x:x + size]
         if flip:
             crop = crop[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1), torch.tensor(label)
+        return torch.from_numpy(np.array(crop, order="C", copy=True)).permute(2, 0, 1), torch.tensor(label)
 
 
 def real_fake_items(data: str | Path, run: str | Path, split: str) -> list[tuple[Path, float, str]]:

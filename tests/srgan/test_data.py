@@ -16,6 +16,7 @@ from PIL import Image
 from crappify.errors import CrappifyError
 from crappify.imageio import ImageError
 from srgan.data import (
+    DecodeCache,
     PairDataset,
     Unreadable,
     make_dataloaders,
@@ -279,3 +280,71 @@ def test_save_preds_skips_an_unreadable_pair_with_one_line(data, tmp_path, capfd
     assert len(err) == 2 and all(e.startswith("crappify: warning: save-preds: ") for e in err), err
     assert "lr/valid/p001.png" in err[1] and "manifest.csv line 9" in err[1] and "hr/train/p003.png" in err[0]
     assert not (run / "preds" / "valid" / "p001.png").exists() and (run / "preds" / "valid" / "p000.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------
+# decoded once: the pairs' pixels kept across epochs (DecodeCache)
+
+
+def _counting(ds: PairDataset) -> list[int]:
+    reads: list[int] = []
+    real = ds.read_pair
+
+    def read_pair(i):
+        reads.append(i)
+        return real(i)
+
+    ds.read_pair = read_pair
+    return reads
+
+
+@pytest.mark.parametrize("resize_lr", [True, False])
+def test_each_pair_is_decoded_once_and_the_crops_are_those_of_a_fresh_read(tmp_path, resize_lr):
+    root = tiny_dataset(tmp_path, n_train=6, size=32, scale=2)
+    pairs = read_dataset(root)[0]["train"]
+    ds = PairDataset(pairs, 16, 2, resize_lr=resize_lr, train=True, seed=3)
+    reads = _counting(ds)
+    items = {}
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        items[epoch] = [ds[i] for i in range(len(ds))]
+    assert sorted(reads) == list(range(len(pairs)))  # every pair read in the first epoch only
+    for epoch, got in items.items():  # the same crops as a dataset that keeps nothing
+        fresh = PairDataset(pairs, 16, 2, resize_lr=resize_lr, train=True, seed=3)
+        fresh.cache = DecodeCache(budget=0)
+        fresh.set_epoch(epoch)
+        for i, (lr, hr) in enumerate(got):
+            want_lr, want_hr = fresh[i]
+            assert torch.equal(lr, want_lr) and torch.equal(hr, want_hr)
+    lr, hr = ds.cache.items[0]
+    assert not lr.flags.writeable and not hr.flags.writeable  # a crop of a kept array cannot be written to
+    lr_t, _ = ds[0]
+    lr_t += 1  # the items handed out are the caller's own
+    assert torch.equal(ds[0][0], lr_t - 1)
+
+
+def test_the_cache_keeps_no_more_than_its_budget_and_stays_behind_when_pickled(tmp_path):
+    import pickle
+
+    root = tiny_dataset(tmp_path, n_train=6, size=32, scale=2)
+    pairs = read_dataset(root)[0]["train"]
+    ds = PairDataset(pairs, 16, 2, resize_lr=True, train=True)
+    one = sum(a.nbytes for a in ds.read_pair(0))
+    ds.cache = DecodeCache(budget=2 * one)
+    reads = _counting(ds)
+    for _ in range(2):
+        for i in range(len(ds)):
+            ds[i]
+    assert len(ds.cache.items) == 2 and ds.cache.used == 2 * one
+    assert len(reads) == 2 * len(pairs) - 2  # the two kept pairs read once, the others every pass
+    copy = pickle.loads(pickle.dumps(ds.cache))  # what a spawned loader worker gets: the budget, not the pixels
+    assert copy.items == {} and copy.used == 0 and copy.budget == 2 * one
+
+
+def test_loader_workers_keep_nothing(tmp_path, monkeypatch):
+    root = tiny_dataset(tmp_path, n_train=4, size=32, scale=2)
+    ds = PairDataset(read_dataset(root)[0]["train"], 16, 2, resize_lr=True, train=True)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a worker process
+    for i in range(len(ds)):
+        ds[i]
+    assert ds.cache.items == {} and ds.cache.used == 0
