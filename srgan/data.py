@@ -52,7 +52,7 @@ MAX_UNREADABLE_SHARE = 0.01
 # and of its substitute ([seed, epoch, i, 7]).
 DEGRADE_TAG = 0x64656772  # "degr"
 DEGRADE_MODES = ("offline", "online")
-# Decoded pixels a dataset keeps per process (`DecodeCache`): the demo's 640 pairs take 35 MB; a dataset larger
+# Decoded pixels a dataset keeps per process (`DecodeCache`): the demo's 1280 pairs take 71 MB; a dataset larger
 # than this is cached up to it, the rest decoded every epoch as before.
 DECODE_CACHE_BYTES = 1 << 30
 
