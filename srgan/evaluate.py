@@ -105,6 +105,12 @@ class EvaluateConfig(BaseModel):
 # metrics
 
 
+def grid_name(item_id: str) -> str:
+    """The file name of a pair's comparison grid in REPORT/grids/: ids of nested source folders hold '/', and the
+    grids stay flat."""
+    return item_id.replace("/", "__") + ".png"
+
+
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
     """ITU-R BT.601 luma of an 8-bit RGB image in 16..235 (float64), as MATLAB's rgb2ycbcr."""
     x = img.astype(np.float64) / 255.0
@@ -448,7 +454,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> Path:
             rows.append(row)
         if len(grid_files) < cfg.grids:
             tiles = [(f"LR {lr.shape[1]}x{lr.shape[0]}", lr), *results, (f"HR {w}x{h}", hr)]
-            name = item.id.replace("/", "__") + ".png"  # ids of nested source folders hold '/'; grids stay flat
+            name = grid_name(item.id)
             save_image_atomic(out / "grids" / name, grid(tiles, height=cfg.grid_height or min(256, max(64, h)),
                                                              columns=len(tiles)))
             grid_files.append(name)

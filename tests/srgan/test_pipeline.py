@@ -242,6 +242,15 @@ def test_demo_results_table_and_grid(finished):
 
 
 @pytest.mark.slow
+def cli_script(script: str, *args) -> subprocess.CompletedProcess:
+    """A script of the repository run as a user runs it, from the repository's root."""
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, str(root / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=root, timeout=120)
+
+
 def test_demo_command_on_a_tiny_pipeline(tmp_path, cli):
     """`crappify demo` end to end (the CI-sized pipeline): table, preview and results grid; then all skipped."""
     from PIL import Image
@@ -260,6 +269,12 @@ def test_demo_command_on_a_tiny_pipeline(tmp_path, cli):
         assert str(png) in res.stdout
     again = cli("demo", "-o", out, "--pipeline", path, "--quiet", timeout=120)
     assert again.returncode == 0 and again.stdout.count("] skip: finished earlier") == len(STAGES)
+    # the README's picture is made from such a run by docs/make_readme_figure.py
+    fig = cli_script("docs/make_readme_figure.py", "--run", out, "--out", tmp_path / "fig.png", "--height", "96")
+    assert fig.returncode == 0, fig.stderr[-2000:]
+    assert "median train-gen gain" in fig.stdout and "Over all" in fig.stdout
+    with Image.open(tmp_path / "fig.png") as img:
+        assert img.size[1] == 96 and img.size[0] > 2 * 96  # the row of LR, bicubic, generators and HR
     res = cli("demo", "--pipeline", "flickr30k-lesson7", "-o", tmp_path / "x")
     assert res.returncode == 2 and "no sample-crops stage" in res.stderr
 
