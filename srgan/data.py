@@ -344,10 +344,10 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         _, (lr, hr) = read_or_substitute(i, self.read_cached, self.unreadable, self.seed, self.epoch)
         hr, lr = self.crop(i, hr, lr)
-        return _chw(lr), _chw(sharpen(hr) if self.sharpen_gt else hr)
+        return chw_tensor(lr), chw_tensor(sharpen(hr) if self.sharpen_gt else hr)
 
 
-def _chw(img: np.ndarray) -> torch.Tensor:
+def chw_tensor(img: np.ndarray) -> torch.Tensor:
     """A CHW tensor of its own (never a view of a cached, read-only array)."""
     return torch.from_numpy(np.array(img, order="C", copy=True)).permute(2, 0, 1)
 
@@ -435,7 +435,7 @@ class OnlinePairDataset(PairDataset):
         if self.sharpen_gt:  # Real-ESRGAN degrades the sharpened crop too (RealESRGANModel.feed_data)
             hr = sharpen(hr)
         lr = self.degrade(hr, degrade_rng(self.seed, self.epoch, i), f"a crop of {describe(self.pairs[j])}")
-        return _chw(lr), _chw(hr)
+        return chw_tensor(lr), chw_tensor(hr)
 
 
 def default_workers(device: torch.device | str, num_workers: int | None = None) -> int:

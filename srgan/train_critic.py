@@ -35,7 +35,16 @@ from srgan.checkpoint import (
     save_checkpoint,
     save_critic,
 )
-from srgan.data import DecodeCache, Unreadable, default_workers, describe, read_dataset, read_image, read_or_substitute
+from srgan.data import (
+    DecodeCache,
+    Unreadable,
+    chw_tensor,
+    default_workers,
+    describe,
+    read_dataset,
+    read_image,
+    read_or_substitute,
+)
 from srgan.distributed import unwrap
 from srgan.normalize import NormalizeBatch, Normalizer
 from srgan.runtime import (
@@ -115,7 +124,7 @@ class RealFakeDataset(torch.utils.data.Dataset):
         crop = img[y:y + size, x:x + size]
         if flip:
             crop = crop[:, ::-1]
-        return torch.from_numpy(np.array(crop, order="C", copy=True)).permute(2, 0, 1), torch.tensor(label)
+        return chw_tensor(crop), torch.tensor(label)
 
 
 def real_fake_items(data: str | Path, run: str | Path, split: str) -> list[tuple[Path, float, str]]:

@@ -313,3 +313,31 @@ def test_a_critic_records_its_registered_option_defaults(arch):
     assert model.crappify_spec == {"arch": arch, "options": CRITICS.options(arch)}
     with pytest.raises(ConfigError, match=f"unknown option\\(s\\) bogus for critic '{arch}'; valid: .*nf"):
         build_critic(arch, bogus=1)
+
+
+def test_critic_images_are_decoded_once_and_their_crops_are_the_callers_own(tmp_path):
+    """RealFakeDataset keeps each decoded image (srgan.data.DecodeCache): read in the first epoch only, and the
+    same crops as a dataset that keeps nothing."""
+    from srgan.data import DecodeCache
+    from srgan.train_critic import RealFakeDataset
+
+    rng = np.random.default_rng(0)
+    items = []
+    for k in range(4):
+        path = tmp_path / f"img{k}.png"
+        cv2.imwrite(str(path), rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+        items.append((path, float(k % 2), f"image {k}"))
+    ds, fresh = RealFakeDataset(items, 32, seed=5), RealFakeDataset(items, 32, seed=5)
+    fresh.cache = DecodeCache(budget=0)
+    reads: list[int] = []
+    real = ds._read
+    ds._read = lambda j: (reads.append(j), real(j))[1]
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        fresh.set_epoch(epoch)
+        for i in range(len(ds)):
+            (img, label), (want, want_label) = ds[i], fresh[i]
+            assert torch.equal(img, want) and torch.equal(label, want_label)
+            img += 1  # the caller's own copy: the kept pixels stay as read
+    assert sorted(reads) == list(range(len(items)))
+    assert all(not v[0].flags.writeable for v in ds.cache.items.values())

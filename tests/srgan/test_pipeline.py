@@ -241,7 +241,6 @@ def test_demo_results_table_and_grid(finished):
     assert grid.is_file() and grid.suffix == ".png"
 
 
-@pytest.mark.slow
 def cli_script(script: str, *args) -> subprocess.CompletedProcess:
     """A script of the repository run as a user runs it, from the repository's root."""
     import sys
@@ -251,6 +250,7 @@ def cli_script(script: str, *args) -> subprocess.CompletedProcess:
                           cwd=root, timeout=120)
 
 
+@pytest.mark.slow
 def test_demo_command_on_a_tiny_pipeline(tmp_path, cli):
     """`crappify demo` end to end (the CI-sized pipeline): table, preview and results grid; then all skipped."""
     from PIL import Image
