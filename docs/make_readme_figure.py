@@ -44,8 +44,9 @@ def main() -> int:
     if not with_grid:
         print(f"make_readme_figure: {eval_dir / 'grids'} has no comparison grids", file=sys.stderr)
         return 1
-    pool = [i for i in with_grid if i in occluded] or with_grid
-    what = f"{len(pool)} {'occluded ' if set(pool) <= set(occluded) else ''}held-out crops with a grid"
+    occluded_with_grid = [i for i in with_grid if i in occluded]
+    pool = occluded_with_grid or with_grid
+    what = f"{len(pool)} {'occluded ' if occluded_with_grid else ''}held-out crops with a grid"
     gains = sorted((psnr[(i, "train-gen")] - psnr[(i, "bicubic")], i) for i in pool)
     _gain, crop = gains[(len(gains) - 1) // 2]
     grid = decode(eval_dir / "grids" / grid_name(crop))
