@@ -10,7 +10,8 @@ Two layouts:
   pair; an HR up to S-1 px larger than S × its LR is cropped to it, as BasicSR's paired test set does.
 
 Metrics on these follow BasicSR's `calculate_psnr` / `calculate_ssim` with `test_y_channel=True` and
-`crop_border=S`; `ssim_valid` is its SSIM (the window only where it fits), which torchmetrics' differs from.
+`crop_border=S`; `srgan.metrics.ssim_valid` is its SSIM (the window only where it fits), which torchmetrics'
+differs from.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from crappify.errors import ConfigError
 from crappify.imageio import IMAGE_EXTENSIONS, ImageError, Photo, is_temp_name
@@ -181,34 +181,3 @@ def benchmark_test_set(hr: str, lr: str | None, scale: int | None, limit: int | 
         pairs = [BenchPair(p.stem, p) for p in hr_files]
     items = [Item(p.id, functools.partial(load_pair, p, scale)) for p in pairs]
     return TestSet(benchmark_name(hr), "benchmark", items, scale, benchmark=True)
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x * x) / (2 * sigma * sigma))
-    g = g / g.sum()
-    return torch.outer(g, g)
-
-
-def ssim_valid(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
-    """SSIM as BasicSR's `calculate_ssim` computes it: float64, 11×11 Gaussian window (σ 1.5), K1 0.01, K2 0.03,
-    the SSIM map only where the window fits inside the image ('valid'), its mean; channels averaged; NaN for an
-    image under 11 px a side.
-
-    torchmetrics pads the image by reflection and averages over the whole map instead, edges included."""
-    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
-    y = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64))
-    x, y = (t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[:, None] for t in (x, y))  # channels as batch
-    if x.shape != y.shape:
-        raise ValueError(f"images differ in size: {tuple(a.shape)} and {tuple(b.shape)}")
-    if min(x.shape[-2:]) < 11:  # no place for the window: BasicSR's mean of an empty map
-        return float("nan")
-    window = _gaussian_window()[None, None]
-    conv = torch.nn.functional.conv2d
-    mu_x, mu_y = conv(x, window), conv(y, window)
-    var_x = conv(x * x, window) - mu_x**2
-    var_y = conv(y * y, window) - mu_y**2
-    cov = conv(x * y, window) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return float(ssim_map.mean(dim=(1, 2, 3)).mean())

@@ -38,8 +38,9 @@ from crappify.chain import follow_record
 from crappify.errors import ConfigError, CrappifyError
 from crappify.imageio import ImageError, save_image_atomic, write_atomic, write_csv_atomic
 from crappify.precision import Precision
-from srgan.benchmarks import Item, TestSet, benchmark_test_set, ssim_valid
-from srgan.checkpoint import model_file  # also its old import path (re-export)
+from srgan.benchmarks import Item, TestSet, benchmark_test_set
+from srgan.checkpoint import model_file
+from srgan.metrics import ssim_reflect, ssim_valid
 from srgan.runtime import MAX_BATCH, resolve_device
 
 PSNR_CAP = 100.0
@@ -131,11 +132,10 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
-    """SSIM (torchmetrics: Gaussian 11×11, σ 1.5, K1 0.01, K2 0.03; the image reflect-padded and the whole map
-    averaged, edges included, unlike BasicSR's `srgan.benchmarks.ssim_valid`), mean over channels."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    return float(structural_similarity_index_measure(_tensor(a), _tensor(b), data_range=data_range))
+    """SSIM as torchmetrics computes it (Gaussian 11×11, σ 1.5, K1 0.01, K2 0.03; the image reflect-padded and the
+    whole map averaged, edges included, unlike BasicSR's `srgan.metrics.ssim_valid`), mean over channels; a
+    separable filter makes it faster (`srgan.metrics`)."""
+    return ssim_reflect(a, b, data_range)
 
 
 def crop_border(img: np.ndarray, border: int) -> np.ndarray:
@@ -147,7 +147,7 @@ def image_metrics(pred: np.ndarray, hr: np.ndarray, border: int,
     """PSNR and SSIM on RGB and on Y, `border` px cropped from every side, of two 8-bit RGB images.
 
     SSIM by torchmetrics (edges reflect-padded, the whole map averaged), or by BasicSR's convention (`basicsr`:
-    the map only where the window fits, `srgan.benchmarks.ssim_valid`), as benchmark tables report it."""
+    the map only where the window fits, `srgan.metrics.ssim_valid`), as benchmark tables report it."""
     if pred.shape != hr.shape:
         raise ValueError(f"prediction {pred.shape} and target {hr.shape} differ in size")
     p, t = crop_border(pred, border), crop_border(hr, border)

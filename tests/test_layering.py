@@ -24,8 +24,9 @@ ENTRY_POINTS = {"crappify.__main__"}  # runs the app: imports crappify.cli, noth
 # srgan's layers, bottom first; the one definition of them. A new module must be placed in one
 # (test_every_srgan_module_has_a_layer).
 SRGAN_LAYERS: list[tuple[str, frozenset[str]]] = [
-    # where and how things run, normalisation, the bicubic resize, the seeded loader, weight files, callbacks
-    ("bottom", frozenset({"runtime", "normalize", "upsample", "loader", "weights", "distributed", "callbacks"})),
+    # where and how things run, normalisation, the bicubic resize, the seeded loader, weight files, callbacks, SSIM
+    ("bottom", frozenset({"runtime", "normalize", "upsample", "loader", "weights", "distributed", "callbacks",
+                         "metrics"})),
     # networks, losses and the files they are saved in (checkpoint rebuilds generators and critics)
     ("models", frozenset({"generators", "critics", "losses", "adversarial", "checkpoint", "basicsr"})),
     ("data", frozenset({"data"})),  # paired crops from a built dataset

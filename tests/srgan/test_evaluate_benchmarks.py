@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from crappify.errors import ConfigError, CrappifyError
-from srgan.benchmarks import benchmark_name, mod_crop, pair_scale, ssim_valid
+from srgan.benchmarks import benchmark_name, mod_crop, pair_scale
 from srgan.evaluate import EvaluateConfig, evaluate, ssim
+from srgan.metrics import ssim_valid
 from srgan.upsample import resize_image
 
 # odd sizes on purpose: none is a multiple of 2 or 4, so mod_crop has something to take off
