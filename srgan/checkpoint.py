@@ -26,7 +26,7 @@ from torch import nn
 from crappify.errors import CrappifyError, brief
 from crappify.imageio import replacing
 from srgan.normalize import IMAGENET_STATS  # also its old import path (re-export)
-from srgan.runtime import is_oom
+from srgan.runtime import holding, is_oom
 
 FORMAT = "crappify-generator/1"
 
@@ -193,8 +193,10 @@ def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
 
     The spec is first built on the meta device (no memory, no compute) and its tensors' names and shapes compared
     with the file's header, so a spec that asks for another or a far larger model than the file holds is refused
-    before anything is allocated. A builder that cannot run on the meta device is built for real and checked by
-    the strict load instead (its options are bounded by `_check_meta`).
+    before anything is allocated. That meta model is then made real holding the file's weights
+    (`runtime.holding`), with no time spent on a random initialisation the file would replace. A builder that
+    cannot run on the meta device, or a model holding tensors the file cannot give, is built for real and loaded
+    (strictly) instead (its options are bounded by `_check_meta`).
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -206,7 +208,7 @@ def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
         raise CrappifyError(f"{path} is not a safetensors file: {_first_line(exc)}") from None
     probe = None
     py_state, np_state = random.getstate(), np.random.get_state()
-    try:  # random states kept as they were, so loading draws exactly what the real build alone draws
+    try:  # random states kept as they were: a load draws no random numbers, whichever way it builds
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             probe = build()
     except CrappifyError as exc:
@@ -219,7 +221,8 @@ def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
     model = None
     if probe is None:
         try:
-            model = build()
+            with torch.random.fork_rng(devices=[]):
+                model = build()
         except CrappifyError as exc:
             raise _bad(path, str(exc)) from None
         except Exception as exc:  # e.g. an option the builder does not take: the file's fault, not a bug here
@@ -234,16 +237,26 @@ def _rebuild(path: Path, build: Callable[[], nn.Module]) -> nn.Module:
             f"{wrong[0]} is {list(have[wrong[0]])}, the spec's model has {list(want[wrong[0]])}" if wrong else "")
             if part)
         raise CrappifyError(f"{path}: its weights do not match the model its metadata describes ({detail})")
+    state = load_file(str(path))
+    try:
+        held = holding(probe, state) if probe is not None else None
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        raise _bad(path, f"rebuilding its model ran out of memory ({_first_line(exc)})") from None
+    if held is not None:
+        return held  # no random initialisation spent on weights the file replaces
     if model is None:
         try:
-            model = build()
+            with torch.random.fork_rng(devices=[]):
+                model = build()
         except CrappifyError as exc:  # e.g. timm's encoder check, which may have run out of memory
             raise _bad(path, str(exc)) from None
         except Exception as exc:
             if not is_oom(exc):
                 raise
             raise _bad(path, f"rebuilding its model ran out of memory ({_first_line(exc)})") from None
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(state)
     return model
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from crappify.errors import ConfigError, brief
 from crappify.registry import Registry
 from srgan.normalize import IMAGENET_STATS
+from srgan.runtime import holding
 from srgan.upsample import BicubicUpsample, resize_image
 from srgan.weights import WeightsError, read_state_dict, timm_pretrained_file, torchvision_state_dict
 
@@ -119,8 +120,17 @@ def clone_generator(model: nn.Module) -> nn.Module:
     non-leaf tensors once the model has run; rebuilding from `crappify_spec` and loading the state does not.
     """
     spec = model.crappify_spec
-    clone = build_generator(spec["arch"], scale=spec["scale"], img_size=spec["img_size"], **spec["options"])
-    clone.load_state_dict(model.state_dict())
+    state = model.state_dict()
+
+    def build() -> nn.Module:
+        return build_generator(spec["arch"], scale=spec["scale"], img_size=spec["img_size"], **spec["options"])
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # nothing allocated, no random state used
+        probe = build()
+    clone = holding(probe, {k: v.to("cpu") for k, v in state.items()})
+    if clone is None:  # a model only a real build makes whole (see runtime.holding)
+        clone = build()
+        clone.load_state_dict(state)
     param = next(model.parameters(), None)
     if param is not None:
         clone.to(device=param.device, dtype=param.dtype)

@@ -245,6 +245,38 @@ def compile_module(module: nn.Module, enabled: bool, device: torch.device | str,
     return module
 
 
+def holding(meta_model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """`meta_model` (built on the meta device) made real on the CPU holding `state`, without the random
+    initialisation a real build spends its time on (a ResNet-34 U-Net's takes longer than reading its file); None
+    where the model holds a tensor `state` cannot give (a non-persistent buffer, or a tensor attribute other than
+    the weight that weight norm or spectral norm compute before every forward): only a real build gives those.
+
+    torch's own pattern (`to_empty`, then a strict `load_state_dict`, which fails unless `state` gives every
+    parameter and persistent buffer), plus the two reparametrisations' attributes recomputed from what was loaded,
+    as a real build leaves them; spectral norm's without a power iteration, so `state` stays exactly the file's."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if any(name not in state for name, _ in meta_model.named_buffers()):
+        return None
+    computed: list[tuple[nn.Module, Any]] = []
+    for module in meta_model.modules():
+        norms = {h.name: h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))}
+        for key, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                if key not in norms:
+                    return None
+                computed.append((module, norms[key]))
+    model = meta_model.to_empty(device="cpu")
+    model.load_state_dict(state)
+    with torch.no_grad():
+        for module, norm in computed:
+            weight = (norm.compute_weight(module, do_power_iteration=False) if isinstance(norm, SpectralNorm)
+                      else norm.compute_weight(module))
+            setattr(module, norm.name, weight)
+    return model
+
+
 def is_oom(exc: BaseException) -> bool:
     """Whether an exception is an out-of-memory error (CUDA, CPU allocator, MPS, numpy's MemoryError)."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):

@@ -320,23 +320,35 @@ def test_a_timm_unet_that_rebuilds_only_at_its_own_size_is_bounded(timm_file, tm
     assert str(huge) in str(err.value) and "at most 512" in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("error", [
-    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 17179869184 bytes"),
-    ConfigError("timm model 'resnet18' does not work as a U-Net encoder at img_size 2048: [enforce fail at "
-                "alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")])
-def test_running_out_of_memory_rebuilding_a_model_names_the_file(sr_file, monkeypatch, error):
-    """However the builder reports it (torch's allocator, or timm's encoder check wrapping it), one line naming the
+OOM = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 17179869184 bytes")
+
+
+@pytest.mark.parametrize("where,error", [
+    ("allocating", OOM),  # the meta-built model made real (the usual way, srgan.runtime.holding)
+    ("building", OOM),  # a real build, where only one gives the model whole
+    ("building", ConfigError("timm model 'resnet18' does not work as a U-Net encoder at img_size 2048: [enforce fail "
+                             "at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"))])
+def test_running_out_of_memory_rebuilding_a_model_names_the_file(sr_file, monkeypatch, where, error):
+    """However the rebuild reports it (torch's allocator, or timm's encoder check wrapping it), one line naming the
     file."""
+    import srgan.checkpoint
     import srgan.generators
 
-    real = srgan.generators.build_generator
-
-    def starved(*args, **kwargs):
-        if torch.empty(0).device.type != "meta":  # the real build, not the shape probe
+    if where == "allocating":
+        def starved_to_empty(self, *args, **kwargs):
             raise error
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(srgan.generators, "build_generator", starved)
+        monkeypatch.setattr(torch.nn.Module, "to_empty", starved_to_empty)
+    else:
+        real = srgan.generators.build_generator
+
+        def starved(*args, **kwargs):
+            if torch.empty(0).device.type != "meta":  # the real build, not the shape probe
+                raise error
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(srgan.generators, "build_generator", starved)
+        monkeypatch.setattr(srgan.checkpoint, "holding", lambda model, state: None)
     code, err = run_main("export", "-m", sr_file, "--torchscript", sr_file.with_suffix(".pt"))
     lines = errors(err)
     assert code != 0 and "Traceback" not in err and len(lines) == 1, err
