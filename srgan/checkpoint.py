@@ -25,7 +25,7 @@ from torch import nn
 
 from crappify.errors import CrappifyError, brief
 from crappify.imageio import replacing
-from srgan.normalize import IMAGENET_STATS  # also its old import path (re-export)
+from srgan.normalize import IMAGENET_STATS
 from srgan.runtime import holding, is_oom
 
 FORMAT = "crappify-generator/1"

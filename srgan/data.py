@@ -38,7 +38,7 @@ from crappify.imageio import ImageError, ReadError, decode
 from crappify.sources import id_problem
 from crappify.yamlfile import safe_load
 from srgan.generators import model_input
-from srgan.normalize import IMAGENET_STATS, NormalizeBatch, Normalizer  # noqa: F401  (re-exports: old paths)
+from srgan.normalize import NormalizeBatch, Normalizer
 
 if TYPE_CHECKING:
     from crappify.chain import Chain

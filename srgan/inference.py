@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from crappify.errors import ConfigError, CrappifyError
-from srgan.generators import UNET_MULTIPLE, model_multiple, model_scale  # noqa: F401  (UNET_MULTIPLE: re-export)
+from srgan.generators import model_multiple, model_scale
 from srgan.normalize import Normalizer
 from srgan.runtime import compile_module, is_oom, resolve_inference_precision
 from srgan.upsample import resize_image

@@ -50,7 +50,7 @@ from srgan.distributed import (
     unwrap,
     world_size,
 )
-from srgan.generators import (  # NO_IMAGENET_WEIGHTS: also its old import path
+from srgan.generators import (
     NO_IMAGENET_WEIGHTS,
     has_option,
     is_unet,

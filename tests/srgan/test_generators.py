@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from crappify.errors import ConfigError
-from srgan.data import Normalizer
 from srgan.generators import GENERATORS, build_generator, clone_generator
+from srgan.normalize import Normalizer
 from srgan.upsample import resize_image
 from srgan.weights import WeightsError
 

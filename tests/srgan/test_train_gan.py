@@ -361,8 +361,9 @@ def test_per_batch_switching_matches_a_hand_written_loop(dataset, gan_base, tmp_
 
     from srgan.adversarial import build_adversarial
     from srgan.checkpoint import load_critic
-    from srgan.data import Normalizer, make_dataloaders
+    from srgan.data import make_dataloaders
     from srgan.losses import build_loss
+    from srgan.normalize import Normalizer
 
     run = tmp_path / "run"
     shutil.copytree(gan_base, run)

@@ -17,7 +17,8 @@ import torch
 from crappify.builder import BuildConfig, build_dataset
 from crappify.errors import CrappifyError
 from srgan.checkpoint import load_checkpoint, load_generator, read_generator_meta
-from srgan.data import Normalizer, PairDataset, make_dataloaders, read_dataset
+from srgan.data import PairDataset, make_dataloaders, read_dataset
+from srgan.normalize import Normalizer
 from srgan.train_gen import Trainer, TrainGenConfig, plan_phases, resolve_precision
 
 TINY = {"arch": "unet-resnet18", "pretrained": False, "size": 32, "bs": 2, "loss": "l1", "preview_items": 2}
