@@ -43,22 +43,26 @@ def _save_model(model: nn.Module, path: str | Path, fmt: str, builder: str,
             "extra": json.dumps(extra or {})}
     state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
              for k, v in model.state_dict().items()}
+    blob = save(state, metadata=meta)
+    head, data_start = canonical_header(blob)
     with replacing(Path(path), durable=True) as tmp, open(tmp, "wb") as fh:
-        fh.write(canonical_header(save(state, metadata=meta)))
+        fh.write(head)
+        fh.write(memoryview(blob)[data_start:])  # the tensors' bytes as they are: no copy of a large model
 
 
-def canonical_header(blob: bytes) -> bytes:
-    """A safetensors file's bytes with its metadata keys in sorted order: safetensors writes them in a hash
-    map's order, which changes from process to process, and later stages key their checkpoints on a model
-    file's bytes. The tensor entries keep their order (the data's), and their offsets stay valid because
-    they count from the end of the header, whose new length is padded to 8 bytes as the format asks."""
+def canonical_header(blob: bytes) -> tuple[bytes, int]:
+    """A safetensors file's header with its metadata keys in sorted order, and where the tensors' bytes start
+    in `blob`: safetensors writes the keys in a hash map's order, which changes from process to process, and
+    later stages key their checkpoints on a model file's bytes. The tensor entries keep their order (the
+    data's), and their offsets stay valid because they count from the end of the header, whose new length is
+    padded to 8 bytes as the format asks. The file is the header followed by `blob[data_start:]`."""
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + n])
     if isinstance(header.get("__metadata__"), dict):
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
+    return len(text).to_bytes(8, "little") + text, 8 + n
 
 
 def _read_meta(path: str | Path, fmt: str, kind: str, missing: str) -> dict[str, Any]:
