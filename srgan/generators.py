@@ -125,12 +125,13 @@ def clone_generator(model: nn.Module) -> nn.Module:
     def build() -> nn.Module:
         return build_generator(spec["arch"], scale=spec["scale"], img_size=spec["img_size"], **spec["options"])
 
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # nothing allocated, no random state used
-        probe = build()
-    clone = holding(probe, {k: v.to("cpu") for k, v in state.items()})
-    if clone is None:  # a model only a real build makes whole (see runtime.holding)
-        clone = build()
-        clone.load_state_dict(state)
+    with torch.random.fork_rng(devices=[]):  # a clone draws no random numbers, whichever way it is built
+        with torch.device("meta"):  # nothing allocated
+            probe = build()
+        clone = holding(probe, {k: v.to("cpu") for k, v in state.items()})
+        if clone is None:  # a model only a real build makes whole (see runtime.holding)
+            clone = build()
+            clone.load_state_dict(state)
     param = next(model.parameters(), None)
     if param is not None:
         clone.to(device=param.device, dtype=param.dtype)

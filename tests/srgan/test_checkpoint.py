@@ -45,7 +45,9 @@ def test_a_loaded_generator_is_the_saved_one_and_draws_no_random_numbers(arch, o
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+    rng = torch.get_rng_state()
     clone = clone_generator(model).eval()
+    assert torch.equal(torch.get_rng_state(), rng)
     with torch.no_grad():
         assert torch.equal(clone(x), model(x))
 
