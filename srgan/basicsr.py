@@ -29,6 +29,7 @@ from torch import nn
 
 from crappify.errors import ConfigError, CrappifyError
 from srgan.generators import OPTION_MAX, build_generator
+from srgan.runtime import holding
 
 FORMATS = (".pth", ".safetensors")  # what `export` writes
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # names under which trainers save torch files
@@ -231,7 +232,8 @@ def read_basicsr(path: str | Path) -> tuple[str, int, dict[str, Any], dict[str, 
 
 def load_basicsr(path: str | Path, device: torch.device | str = "cpu", img_size: int = 64) -> nn.Module:
     """A generator of ours holding a BasicSR-layout file's weights: its keys and shapes are compared with the
-    model they describe, built on the meta device, before the model is allocated."""
+    model they describe, built on the meta device, before the model is allocated; then that model is made real
+    holding them (`runtime.holding`, as `checkpoint.load_generator` does), drawing no random numbers."""
     return _build(Path(path), read_basicsr(path), device, img_size)
 
 
@@ -245,8 +247,11 @@ def _build(path: Path, read: tuple[str, int, dict[str, Any], dict[str, torch.Ten
     if want != have:
         odd = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
         raise CrappifyError(f"{path}: its tensors do not make a whole {arch} (first difference: {odd[0]})")
-    model = build_generator(arch, scale=scale, img_size=img_size, **options)
-    model.load_state_dict(state)
+    model = holding(probe, state)  # no random initialisation spent on weights the file replaces
+    if model is None:  # a model only a real build makes whole (a non-persistent buffer: compact)
+        with torch.random.fork_rng(devices=[]):
+            model = build_generator(arch, scale=scale, img_size=img_size, **options)
+        model.load_state_dict(state)
     return model.to(device)
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from srgan.basicsr import load_basicsr, read_basicsr
-from srgan.checkpoint import read_generator_meta, save_critic, save_generator
+from srgan.checkpoint import load_generator, read_generator_meta, save_critic, save_generator
 from srgan.critics import build_critic
 from srgan.export import exportable
 from srgan.generators import build_generator
@@ -72,9 +72,13 @@ def test_exported_file_loads_in_spandrel_as_the_same_model_with_the_same_outputs
 def test_a_spandrel_loaded_export_reads_back_as_the_same_generator(tmp_path):
     model_file = ours(tmp_path / "g.safetensors", "rrdb", 4, seed=3)
     run_main("export", "-m", model_file, "--pth", tmp_path / "g.pth", "--quiet")
+    rng = torch.get_rng_state()
     back = load_basicsr(tmp_path / "g.pth")
+    assert torch.equal(torch.get_rng_state(), rng)  # built on the meta device, made real holding the file's weights
     assert back.crappify_spec["options"] == read_generator_meta(model_file)["spec"]["options"]
     assert back.crappify_spec["arch"] == "rrdb" and back.crappify_spec["scale"] == 4
+    saved = load_generator(model_file).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in back.state_dict().items())
 
 
 @pytest.mark.parametrize("arch, options, why", [
