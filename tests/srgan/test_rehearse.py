@@ -163,6 +163,7 @@ def test_evaluate_runs_once_more_with_one_pair_only_when_it_scores_more(test_pai
 # resumed) with batches capped at 1 and one step per phase: the full-batch rehearsal of each takes 1-4 minutes on
 # a 2-core CPU (benchmarks/README.md has them), and a cap of 2 took a third longer than 1 for nothing more checked;
 # the demo and celeba-pytorch-gan run at their real batches above, the smoke runs at batches over 1.
+CAP = 1  # the batch every capped rehearsal runs at
 CAPPED = ["celeba-hq-srgan-x4", "celeba-wgan-gp", "flickr30k-lesson7", "flickr30k-unet-mse", "realesrgan-x4",
           "srgan-keras-vgg16-tv"]
 
@@ -179,17 +180,17 @@ def test_each_recipe_rehearses_on_a_stand_in_of_its_layout_at_its_real_crop_size
     monkeypatch.chdir(tmp_path)  # no data/ here: every recipe makes a stand-in of its dataset
     p = load_pipeline(PIPELINES_DIR / f"{name}.yaml")
     lines: list[str] = []
-    result = rehearse(p, str(tmp_path / "r"), steps=1, max_batch=1, report=lines.append)
+    result = rehearse(p, str(tmp_path / "r"), steps=1, max_batch=CAP, report=lines.append)
     stages = [s for s in STAGES if getattr(p, s.replace("-", "_"), None) is not None]
     by_stage = _check(result, tmp_path / "r", stages)
     assert (tmp_path / "r" / "standin").is_dir() and not (tmp_path / "data").exists()
-    assert result["max_batch"] == 1 and "batches capped at 1" in lines[-1]
+    assert result["max_batch"] == CAP and f"batches capped at {CAP}" in lines[-1]
     if "train-gen" in by_stage:  # every phase ran, each at the recipe's own crop size
         cfg = load_pipeline(PIPELINES_DIR / f"{name}.yaml")
         from srgan.pipeline import stage_configs
 
         gen = stage_configs(cfg, {"pretrained": False})["train-gen"].resolved()
-        sizes = {f"{ph.size} px x 1" for ph in plan_phases(gen, encoder_pretrained=False)}
+        sizes = {f"{ph.size} px x {min(ph.bs, CAP)}" for ph in plan_phases(gen, encoder_pretrained=False)}
         assert set(by_stage["train-gen"]["shapes"]) == sizes, by_stage["train-gen"]["shapes"]
     gan = by_stage["train-gan"]["shapes"]
     assert set(gan) in ({"generator", "critic"}, {"generator + critic"}), gan  # both networks trained
