@@ -32,10 +32,10 @@ def _channels(a: np.ndarray, b: np.ndarray) -> list[tuple[np.ndarray, np.ndarray
     """Two H×W or H×W×C images as float64 H×W planes, channel by channel."""
     if a.shape != b.shape:
         raise ValueError(f"images differ in size: {tuple(a.shape)} and {tuple(b.shape)}")
-    x, y = (np.asarray(t, dtype=np.float64) for t in (a, b))
-    if x.ndim == 2:
-        return [(x, y)]
-    return [(np.ascontiguousarray(x[..., c]), np.ascontiguousarray(y[..., c])) for c in range(x.shape[2])]
+    if a.ndim == 2:
+        return [(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))]
+    return [(np.ascontiguousarray(a[..., c], dtype=np.float64), np.ascontiguousarray(b[..., c], dtype=np.float64))
+            for c in range(a.shape[2])]  # each plane converted once, from the input itself
 
 
 def _filter(plane: np.ndarray) -> np.ndarray:
