@@ -29,6 +29,7 @@ from torch import nn
 
 from crappify.errors import ConfigError, brief
 from crappify.registry import Registry
+from srgan.runtime import keep_input_layout
 
 CriticBuilder = Callable[..., nn.Module]
 
@@ -73,11 +74,16 @@ def _gan_critic(*, nf: int = 128, n_blocks: int = 3, p: float = 0.15) -> nn.Modu
     """fastai's `gan_critic` as is, with its defaults (the course's critic)."""
     import warnings
 
+    from fastai.layers import SelfAttention
     from fastai.vision.gan import gan_critic
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        return _PlainOutput(gan_critic(n_channels=3, nf=nf, n_blocks=n_blocks, p=p))
+        critic = _PlainOutput(gan_critic(n_channels=3, nf=nf, n_blocks=n_blocks, p=p))
+    for module in critic.modules():
+        if isinstance(module, SelfAttention):  # the layers after it stay channels-last when its input is
+            keep_input_layout(module)
+    return critic
 
 
 class _PlainOutput(nn.Sequential):

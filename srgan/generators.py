@@ -27,7 +27,7 @@ from torch import nn
 from crappify.errors import ConfigError, brief
 from crappify.registry import Registry
 from srgan.normalize import IMAGENET_STATS
-from srgan.runtime import holding
+from srgan.runtime import holding, keep_input_layout
 from srgan.upsample import BicubicUpsample, resize_image
 from srgan.weights import WeightsError, read_state_dict, timm_pretrained_file, torchvision_state_dict
 
@@ -283,7 +283,7 @@ def _dynamic_unet(encoder: nn.Sequential, *, img_size: int, blur: bool, blur_fin
                   norm_type: str | None, y_range: list[float] | None, last_cross: bool, bottle: bool,
                   residual: bool = False, gain_scale: float = 1.0) -> nn.Module:
     """fastai's DynamicUnet on `encoder` with 3 output channels, tidied for use outside a fastai Learner."""
-    from fastai.layers import ConvLayer, PixelShuffle_ICNR, ToTensorBase, icnr_init
+    from fastai.layers import ConvLayer, PixelShuffle_ICNR, SelfAttention, ToTensorBase, icnr_init
     from fastai.vision.models.unet import DynamicUnet
 
     with warnings.catch_warnings():  # fastai's ConvLayer uses the deprecated torch.nn.utils.weight_norm
@@ -316,6 +316,8 @@ def _dynamic_unet(encoder: nn.Sequential, *, img_size: int, blur: bool, blur_fin
             for i, layer in enumerate(module):
                 if type(layer) is nn.ReplicationPad2d:
                     module[i] = BlurPad(layer.padding)
+        if isinstance(module, SelfAttention):  # the decoder after it stays channels-last when its input is
+            keep_input_layout(module)
     return unet
 
 

@@ -245,6 +245,28 @@ def compile_module(module: nn.Module, enabled: bool, device: torch.device | str,
     return module
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether `x` is a 4-D tensor laid out channels-last (and not also plain contiguous, as a tensor with one
+    channel or 1x1 pixels is)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _input_layout(module: nn.Module, args: tuple[Any, ...], out: Any) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor) and is_channels_last(args[0]) \
+            and not is_channels_last(out):
+        return out.contiguous(memory_format=torch.channels_last)
+    return None
+
+
+def keep_input_layout(module: nn.Module) -> nn.Module:
+    """`module` made to return a channels-last output for a channels-last input (a forward hook; no parameter,
+    key or value changes). For fastai's SelfAttention, which ends in `.contiguous()`: with `channels_last` on,
+    every layer after it (a U-Net's whole high-resolution decoder, most of its compute; the rest of a gan-critic)
+    otherwise ran in the plain layout, which oneDNN and cuDNN convolve more slowly (benchmarks/README.md)."""
+    module.register_forward_hook(_input_layout)
+    return module
+
+
 def holding(meta_model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module | None:
     """`meta_model` (built on the meta device) made real on the CPU holding `state`, without the random
     initialisation a real build spends its time on (a ResNet-34 U-Net's takes longer than reading its file); None

@@ -370,3 +370,24 @@ def pytest_collection_modifyitems(config, items):
     workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
     order = spread_slow_first([item.get_closest_marker("slow") is not None for item in items], workers)
     items[:] = [items[i] for i in order]
+
+
+def convs_without_channels_last(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """The 2-D convolutions of `model` (moved to channels-last) that see a plain-layout input when the model's input
+    is channels-last: each of them runs the slower, plain-layout kernel (test_generators, test_critics)."""
+    import torch
+    from torch import nn
+
+    def channels_last(x: torch.Tensor) -> bool:
+        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+    plain: list[str] = []
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: None if channels_last(args[0])
+                                     else plain.append(name))
+             for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    finally:
+        for h in hooks:
+            h.remove()
+    return plain

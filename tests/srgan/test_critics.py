@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import convs_without_channels_last
 
 from crappify.builder import BuildConfig, build_dataset
 from crappify.errors import ConfigError, CrappifyError
@@ -341,3 +342,11 @@ def test_critic_images_are_decoded_once_and_their_crops_are_the_callers_own(tmp_
             img += 1  # the caller's own copy: the kept pixels stay as read
     assert sorted(reads) == list(range(len(items)))
     assert all(not v[0].flags.writeable for v in ds.cache.items.values())
+
+
+@pytest.mark.parametrize("arch", CRITICS.names())
+def test_a_channels_last_input_stays_channels_last_through_every_conv(arch):
+    """gan-critic's fastai SelfAttention returned the plain layout: every conv after it ran the slower kernel."""
+    torch.manual_seed(0)
+    critic = build_critic(arch, **TINY_CRITICS[arch]).train()
+    assert convs_without_channels_last(critic, torch.randn(2, 3, 32, 32)) == []

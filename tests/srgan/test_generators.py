@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import convs_without_channels_last
 from torch import nn
 
 from crappify.errors import ConfigError
@@ -482,3 +483,28 @@ def test_gain_scale_keeps_the_bicubic_start_speeds_the_gain_and_round_trips(tmp_
     assert back.crappify_spec["options"]["gain_scale"] == 10.0 and torch.equal(_out(back, x), _out(model, x))
     with pytest.raises(ConfigError, match="gain_scale"):
         build_generator("unet-small", img_size=32, residual=True, gain_scale=0)
+
+
+
+@pytest.mark.parametrize("arch, kwargs", [
+    ("unet-small", {}), ("unet-small", {"residual": True, "norm_type": "spectral"}), ("unet-resnet18", {}),
+    ("srresnet", {"n_blocks": 1}), ("rrdb", {"n_blocks": 1, "n_feats": 8, "growth": 8}), ("compact", {})])
+def test_a_channels_last_input_stays_channels_last_through_every_conv(arch, kwargs, request):
+    """fastai's SelfAttention ends in `.contiguous()`: with channels_last on (the default), a U-Net's whole decoder
+    after it ran in the plain layout, most of the network's compute (benchmarks/README.md). The output is the
+    plain-layout network's, and the file's keys are unchanged (the fix is a forward hook, no module)."""
+    torch.manual_seed(0)
+    unet = arch.startswith("unet")
+    model = request.getfixturevalue("unet18") if arch == "unet-resnet18" else \
+        build_generator(arch, scale=1 if unet else 2, img_size=64, **kwargs)
+    x = torch.randn(2, 3, 64, 64)
+    assert convs_without_channels_last(model.train(), x) == []
+    with torch.no_grad():
+        plain = model.eval().to(memory_format=torch.contiguous_format)(x)
+        last = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    model.to(memory_format=torch.contiguous_format)
+    torch.testing.assert_close(last, plain, rtol=1e-4, atol=1e-5)
+    if unet:  # each has the attention layer that dropped the layout
+        from fastai.layers import SelfAttention
+
+        assert _count(model, SelfAttention) == 1
