@@ -48,6 +48,28 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 CRAPPIFY = [sys.executable, "-m", "crappify.cli"]  # the command line, as `crappify` runs it
 
 
+def memory_temproot(shm: Path = Path("/dev/shm"), environ: dict[str, str] = os.environ) -> str | None:
+    """Where tmp_path folders go: a memory filesystem (`shm`) on a machine with room for it, else None (pytest's
+    own choice, the system's temporary folder). The suite writes and reads back several GB of checkpoints and model
+    files (a ResNet-34 GAN checkpoint alone is 1.2 GB, fsynced); on a VM's disk that I/O took up to a tenth of the
+    slowest tests' time (benchmarks/README.md). Only with at least 16 GiB free there and 20 GiB of memory (two
+    workers each hold up to 4 GB of files and as much again in memory), and never over a choice already made
+    (PYTEST_DEBUG_TEMPROOT, pytest's setting; `--basetemp` wins over both). Passing tests' folders are removed as
+    they finish (tmp_path_retention_policy, pyproject.toml)."""
+    if "PYTEST_DEBUG_TEMPROOT" in environ or not shm.is_dir() or not os.access(shm, os.W_OK):
+        return None
+    try:
+        free = shutil.disk_usage(shm).free
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+    return str(shm) if free >= 16 << 30 and memory >= 20 << 30 else None
+
+
+if (_temproot := memory_temproot()) is not None:
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = _temproot
+
+
 def run_cli(*args: str | Path, timeout: float = 120, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
     """Run `crappify ARGS` in a subprocess; returns the completed process (text mode)."""
     return subprocess.run([*CRAPPIFY, *map(str, args)], capture_output=True, text=True, timeout=timeout,
