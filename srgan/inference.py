@@ -163,7 +163,9 @@ class TiledInference:
     memory is then set by the tile alone). `data_scale`: HR/LR ratio of the data a U-Net was trained on (its
     inputs were LR photos resized back up by that much), read from the generator file by `load_inference`.
     `compile`: torch.compile the generator (see the module docstring); `fixed_tiles` (default: as `compile`):
-    every forward pass the same shape — `batch` tiles of exactly `tile` px.
+    every forward pass the same shape — `batch` tiles of exactly `tile` px. `channels_last` (default on, as in
+    training): the model and its tiles in channels-last memory format, which the tiles already are (NHWC), and
+    which oneDNN convolves faster: a ResNet-34 U-Net or an RRDB x4 a quarter faster on a 2-core CPU.
     """
 
     model: nn.Module
@@ -173,7 +175,7 @@ class TiledInference:
     overlap: int | None = None
     batch: int | None = None
     normalizer: Normalizer = field(default_factory=Normalizer)
-    channels_last: bool = False
+    channels_last: bool = True
     data_scale: int = 1
     notes: list[str] = field(default_factory=list)
     on_note: Callable[[str], None] | None = None
