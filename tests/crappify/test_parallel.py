@@ -86,12 +86,22 @@ def _env_flag(_: int) -> tuple[int, str]:
 
 
 def test_children_start_before_the_caller_iterates_and_are_gone_after():
+    """The items wait for `go`, set only after the count: on a busy machine the children could otherwise do all
+    the work and exit before the test looked (it once saw 1 child of 2)."""
+    import functools
     import multiprocessing as mp
 
-    it = parallel_map(_slow_square, list(range(40)), 3, chunk=2)
+    go = mp.get_context("fork").Event()
+    it = parallel_map(functools.partial(_gated_square, go), list(range(40)), 3, chunk=2, start_method="fork")
     assert len(mp.active_children()) == 2  # forked now, before the caller can start threads of its own
+    go.set()
     assert sorted(x for x, *_ in it) == list(range(40))
     assert not mp.active_children()
+
+
+def _gated_square(go, x: int) -> tuple[int, int, int]:
+    assert go.wait(60), "the test never said go"
+    return _square(x)
 
 
 def test_spawned_children_work_too():
