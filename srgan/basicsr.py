@@ -29,7 +29,7 @@ from torch import nn
 
 from crappify.errors import ConfigError, CrappifyError
 from srgan.generators import OPTION_MAX, build_generator
-from srgan.runtime import holding
+from srgan.runtime import held_or_built
 
 FORMATS = (".pth", ".safetensors")  # what `export` writes
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")  # names under which trainers save torch files
@@ -247,12 +247,9 @@ def _build(path: Path, read: tuple[str, int, dict[str, Any], dict[str, torch.Ten
     if want != have:
         odd = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
         raise CrappifyError(f"{path}: its tensors do not make a whole {arch} (first difference: {odd[0]})")
-    model = holding(probe, state)  # no random initialisation spent on weights the file replaces
-    if model is None:  # a model only a real build makes whole (a non-persistent buffer: compact)
-        with torch.random.fork_rng(devices=[]):
-            model = build_generator(arch, scale=scale, img_size=img_size, **options)
-        model.load_state_dict(state)
-    return model.to(device)
+    # no random initialisation spent on weights the file replaces (compact, with a non-persistent buffer, is built)
+    return held_or_built(probe, state, lambda: build_generator(arch, scale=scale, img_size=img_size, **options)
+                         ).to(device)
 
 
 def start_spec(path: str | Path) -> tuple[str, int, dict[str, Any]]:

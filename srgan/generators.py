@@ -27,7 +27,7 @@ from torch import nn
 from crappify.errors import ConfigError, brief
 from crappify.registry import Registry
 from srgan.normalize import IMAGENET_STATS
-from srgan.runtime import holding, keep_input_layout
+from srgan.runtime import held_or_built, keep_input_layout
 from srgan.upsample import BicubicUpsample, resize_image
 from srgan.weights import WeightsError, read_state_dict, timm_pretrained_file, torchvision_state_dict
 
@@ -125,13 +125,9 @@ def clone_generator(model: nn.Module) -> nn.Module:
     def build() -> nn.Module:
         return build_generator(spec["arch"], scale=spec["scale"], img_size=spec["img_size"], **spec["options"])
 
-    with torch.random.fork_rng(devices=[]):  # a clone draws no random numbers, whichever way it is built
-        with torch.device("meta"):  # nothing allocated
-            probe = build()
-        clone = holding(probe, {k: v.to("cpu") for k, v in state.items()})
-        if clone is None:  # a model only a real build makes whole (see runtime.holding)
-            clone = build()
-            clone.load_state_dict(state)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # nothing allocated, no random numbers drawn
+        probe = build()
+    clone = held_or_built(probe, {k: v.to("cpu") for k, v in state.items()}, build)
     param = next(model.parameters(), None)
     if param is not None:
         clone.to(device=param.device, dtype=param.dtype)

@@ -299,6 +299,17 @@ def holding(meta_model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module 
     return model
 
 
+def held_or_built(probe: nn.Module, state: dict[str, torch.Tensor], build: Callable[[], nn.Module]) -> nn.Module:
+    """`probe` (built on the meta device) made real holding `state` (`holding`), or, for a model only a real build
+    makes whole, `build()` loaded strictly with `state`; either way no random numbers are drawn."""
+    model = holding(probe, state)
+    if model is None:
+        with torch.random.fork_rng(devices=[]):
+            model = build()
+        model.load_state_dict(state)
+    return model
+
+
 def is_oom(exc: BaseException) -> bool:
     """Whether an exception is an out-of-memory error (CUDA, CPU allocator, MPS, numpy's MemoryError)."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
