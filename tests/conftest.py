@@ -400,11 +400,10 @@ def convs_without_channels_last(model: torch.nn.Module, x: torch.Tensor) -> list
     import torch
     from torch import nn
 
-    def channels_last(x: torch.Tensor) -> bool:
-        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    from srgan.runtime import is_channels_last
 
     plain: list[str] = []
-    hooks = [m.register_forward_hook(lambda m, args, out, name=name: None if channels_last(args[0])
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: None if is_channels_last(args[0])
                                      else plain.append(name))
              for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     try:

@@ -12,6 +12,7 @@ from srgan.checkpoint import save_generator
 from srgan.generators import build_generator
 from srgan.inference import TiledInference, axis_weights, load_inference, resolve_inference_precision, tile_origins
 from srgan.predict import predict
+from srgan.runtime import is_channels_last
 from srgan.upsample import resize_image
 
 
@@ -244,9 +245,8 @@ def test_tiles_run_channels_last_by_default_with_the_plain_layouts_output(arch, 
     faster on a 2-core CPU, benchmarks/README.md); the output is the plain layout's, to rounding."""
     model = request.getfixturevalue(arch)
     seen: list[bool] = []
-    hooks = [m.register_forward_hook(lambda m, args, out: seen.append(
-        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
-        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append(is_channels_last(args[0])))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     img = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     try:
         engine = TiledInference(model, tile=32, overlap=8)
