@@ -13,6 +13,8 @@ line and exits with 143, as a process ended by SIGTERM does.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import signal
 import sys
 import warnings
@@ -45,6 +47,7 @@ for _module in (data, train, infer, blend, run):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and an exit status."""
+    _quick_exit()
     # fastai scripts a few activations with torch.jit at import time; torch 2.10+ warns about it every run.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     try:
@@ -67,6 +70,17 @@ def main(argv: list[str] | None = None) -> None:
         _fail("interrupted; run the same command again to resume", 130)
     except BrokenPipeError:
         sys.exit(1)
+
+
+def _quick_exit() -> None:
+    """Freeze the garbage collector's objects when the interpreter exits (registered once, first, so it runs
+    after every other exit handler). Tearing down the millions of objects torch and fastai create at import took
+    about 0.5 s of every command's exit on a 2-core CPU, a third of a one-line error's run time; frozen objects
+    are left to the operating system. Files, loggers and stdio are still flushed by their own exit handlers and
+    by the interpreter, and nothing this tool writes depends on a finaliser (writes are atomic, files closed)."""
+    if not getattr(_quick_exit, "registered", False):
+        atexit.register(gc.freeze)
+        _quick_exit.registered = True
 
 
 def _fail(message: str, code: int) -> None:
