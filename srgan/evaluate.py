@@ -40,7 +40,7 @@ from crappify.imageio import ImageError, save_image_atomic, write_atomic, write_
 from crappify.precision import Precision
 from srgan.benchmarks import Item, TestSet, benchmark_test_set
 from srgan.checkpoint import model_file
-from srgan.metrics import ssim_reflect, ssim_valid
+from srgan.metrics import WINDOW, ssim_reflect, ssim_valid
 from srgan.runtime import MAX_BATCH, resolve_device
 
 PSNR_CAP = 100.0
@@ -124,11 +124,13 @@ def _tensor(img: np.ndarray) -> torch.Tensor:
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
-    """PSNR in dB (torchmetrics), capped at PSNR_CAP for identical images."""
+    """PSNR in dB (torchmetrics), capped at PSNR_CAP for identical images; NaN for empty images (nothing measured:
+    an image no larger than twice the border), which the report leaves out instead of counting a perfect score."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    value = float(peak_signal_noise_ratio(_tensor(a), _tensor(b), data_range=data_range))
-    return min(value, PSNR_CAP) if not math.isnan(value) else PSNR_CAP
+    if a.size == 0:
+        return float("nan")
+    return min(float(peak_signal_noise_ratio(_tensor(a), _tensor(b), data_range=data_range)), PSNR_CAP)
 
 
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
@@ -152,8 +154,19 @@ def image_metrics(pred: np.ndarray, hr: np.ndarray, border: int,
         raise ValueError(f"prediction {pred.shape} and target {hr.shape} differ in size")
     p, t = crop_border(pred, border), crop_border(hr, border)
     py, ty = rgb_to_y(p), rgb_to_y(t)
-    ssim_of = ssim_valid if convention == "basicsr" else ssim
+    # BasicSR's SSIM is NaN under the window's size; torchmetrics' reflect padding needs over half the window a
+    # side, so a smaller image is unscored rather than an error
+    ssim_of = ssim_valid if convention == "basicsr" else ssim if min(p.shape[:2]) > WINDOW // 2 else _unscored
     return {"psnr_rgb": psnr(p, t), "ssim_rgb": ssim_of(p, t), "psnr_y": psnr(py, ty), "ssim_y": ssim_of(py, ty)}
+
+
+def _unscored(a: np.ndarray, b: np.ndarray) -> float:
+    return float("nan")
+
+
+def too_small_to_score(rows: list[dict[str, Any]]) -> list[str]:
+    """The images no metric could score (smaller than twice the border cropped), once each."""
+    return list(dict.fromkeys(r["id"] for r in rows if math.isnan(r.get("psnr_y", float("nan")))))
 
 
 def masked_psnr(pred: np.ndarray, hr: np.ndarray, mask: np.ndarray) -> float:
@@ -576,6 +589,11 @@ def _report_md(cfg: EvaluateConfig, ts: TestSet, n_pairs: int, names: list[str],
                      "**PSNR-occ** = PSNR on RGB over the union of their pixels (scaled to HR coordinates, no border "
                      "crop), mean over those images only" if occ["images"] else
                      f"- occlusions: none in these {n_pairs} images (PSNR-occ n/a)")
+    small = too_small_to_score(rows)
+    if small:
+        lines.append(f"- **{len(small)} of {n_pairs} images left out of every mean**: no larger than twice the "
+                     f"{crop} px border, so nothing was left to measure ({', '.join(small[:5])}"
+                     + (", …)" if len(small) > 5 else ")"))
     if occ["unknown"]:
         lines.append(f"- {occ['unknown']} images left out of PSNR-occ: no readable params in manifest.csv, or "
                      "rectangles that cannot be mapped to HR coordinates")

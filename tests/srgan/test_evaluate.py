@@ -35,6 +35,19 @@ def test_identical_images_give_capped_psnr_and_ssim_one(photo_maker):
     assert m["ssim_rgb"] == pytest.approx(1.0) and m["ssim_y"] == pytest.approx(1.0)
 
 
+def test_an_image_no_larger_than_twice_the_border_is_unscored_not_perfect(photo_maker):
+    """Nothing left after the border crop measured nothing: NaN (left out of the means), not the 100 dB cap; an
+    image too small for torchmetrics' SSIM padding gets a PSNR and no SSIM instead of an error."""
+    img = photo_maker(0, 80)
+    other = np.ascontiguousarray(img[::-1])
+    for convention in ("torchmetrics", "basicsr"):
+        empty = image_metrics(img[:4, :5], other[:4, :5], border=2, convention=convention)
+        assert all(math.isnan(v) for v in empty.values()), empty
+        small = image_metrics(img[:8, :8], other[:8, :8], border=2, convention=convention)  # 4x4 left
+        assert 0 < small["psnr_y"] < 100 and 0 < small["psnr_rgb"] < 100
+        assert math.isnan(small["ssim_y"]) and math.isnan(small["ssim_rgb"])
+
+
 def test_known_gaussian_noise_gives_the_expected_psnr():
     rng = np.random.default_rng(0)
     clean = np.full((256, 256, 3), 128.0)

@@ -165,6 +165,26 @@ def test_hr_and_scale_mod_crops_makes_lr_by_bicubic_and_scores_as_basicsr(set5, 
     assert len(list((out / "grids").glob("*.png"))) == 1
 
 
+def test_an_image_too_small_to_score_is_named_and_left_out_of_the_means(set5, sr_file, tmp_path):
+    """A 5x4 photo at x2 keeps nothing inside the 2 px border: the report says so and its means are the other
+    images' (before, its empty crop counted as a perfect 100 dB)."""
+    import shutil
+
+    hr = tmp_path / "hr"
+    shutil.copytree(set5, hr)
+    save_png(read_png(set5 / "baby.png")[:5, :4], hr / "speck.png")
+    cfgs = {name: EvaluateConfig(hr=str(folder), scale=2, models=[str(sr_file)], names=["net"],
+                                 out=str(tmp_path / name), device="cpu", lpips=False, grids=0)
+            for name, folder in (("with", hr), ("without", set5))}
+    reports = {name: evaluate(cfg, progress=False) for name, cfg in cfgs.items()}
+    rows = read_rows(reports["with"])
+    assert rows[("speck", "net")]["psnr_y"] == "" and rows[("speck", "bicubic")]["psnr_y"] == ""
+    text = reports["with"].read_text()
+    assert "1 of 4 images left out of every mean" in text and "(speck)" in text
+    means = {name: json.loads((tmp_path / name / "summary.json").read_text())["means"] for name in reports}
+    assert means["with"] == means["without"]
+
+
 # --- --hr DIR --lr DIR ----------------------------------------------------------------------------------------
 
 
