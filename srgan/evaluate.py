@@ -165,7 +165,7 @@ def _unscored(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def too_small_to_score(rows: list[dict[str, Any]]) -> list[str]:
-    """The images no metric could score (smaller than twice the border cropped), once each."""
+    """The images no metric could score (no larger than twice the border cropped: PSNR-Y is NaN), once each."""
     return list(dict.fromkeys(r["id"] for r in rows if math.isnan(r.get("psnr_y", float("nan")))))
 
 

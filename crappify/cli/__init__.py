@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _quick_exit() -> None:
-    """Freeze the garbage collector's objects when the interpreter exits (registered once, first, so it runs
-    after every other exit handler). Tearing down the millions of objects torch and fastai create at import took
-    about 0.5 s of every command's exit on a 2-core CPU, a third of a one-line error's run time; frozen objects
-    are left to the operating system. Files, loggers and stdio are still flushed by their own exit handlers and
-    by the interpreter, and nothing this tool writes depends on a finaliser (writes are atomic, files closed)."""
+    """Freeze the garbage collector's objects when the interpreter exits (registered once, when main() starts:
+    it runs after the exit handlers of everything the command imports later, torch and fastai included). Tearing
+    down the millions of objects torch and fastai create at import took about 0.5 s of every command's exit on a
+    2-core CPU, a third of a one-line error's run time; frozen objects are left to the operating system. Files,
+    loggers and stdio are still flushed by their own exit handlers and by the interpreter, and nothing this tool
+    writes depends on a finaliser (writes are atomic, files closed)."""
     if not getattr(_quick_exit, "registered", False):
         atexit.register(gc.freeze)
         _quick_exit.registered = True
