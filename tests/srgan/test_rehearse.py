@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import STOPS_BEFORE, recipe_structure, without_covered_stages
 
 from crappify.errors import CrappifyError
 from srgan.pipeline import PIPELINES_DIR, STAGES, load_pipeline
@@ -166,30 +167,12 @@ def test_evaluate_runs_once_more_with_one_pair_only_when_it_scores_more(test_pai
 CAP = 1  # the batch every capped rehearsal runs at
 CAPPED = ["celeba-hq-srgan-x4", "celeba-wgan-gp", "flickr30k-lesson7", "flickr30k-unet-mse", "realesrgan-x4",
           "srgan-keras-vgg16-tv"]
-# A recipe whose later stages another capped recipe rehearses with the same settings stops before them: recipe ->
-# (the other recipe, its first stage left out, keys that may differ besides the run's length, batch and paths).
-# flickr30k-unet-mse trains its own generator (MSE, one phase) but then the same critic and GAN as lesson 7 (EMA
-# off: the plain path every other recipe without `ema` runs); 55 s of a 2-core CPU's time when rehearsed twice.
-# test_a_recipe_stops_before_the_stages_another_rehearses fails as soon as the two recipes part.
-STOPS_BEFORE = {"flickr30k-unet-mse": ("flickr30k-lesson7", "train-critic", {"ema"})}
-RUN_LENGTH = {"epochs", "iters", "checkpoint_every", "bs", "preview_items", "grids", "data", "out", "generator",
-              "critic", "models", "names", "result"}
-
-
-def _structure(name: str) -> dict[str, dict]:
-    """Each stage's resolved settings, without the run's length, batch and paths."""
-    from srgan.pipeline import stage_configs
-
-    cfgs = stage_configs(load_pipeline(PIPELINES_DIR / f"{name}.yaml"), {"pretrained": False})
-    return {stage: {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_LENGTH}
-            for stage, cfg in cfgs.items()}
-
-
 @pytest.mark.parametrize("name", list(STOPS_BEFORE))
 def test_a_recipe_stops_before_the_stages_another_rehearses(name):
+    """See STOPS_BEFORE (conftest.py): the stages left out are the other recipe's, apart from the keys named."""
     other, first, may_differ = STOPS_BEFORE[name]
-    assert other in CAPPED and other not in STOPS_BEFORE  # the other is rehearsed whole
-    mine, theirs = _structure(name), _structure(other)
+    assert other in CAPPED and other not in STOPS_BEFORE  # the other is rehearsed (and smoke-run) whole
+    mine, theirs = recipe_structure(name), recipe_structure(other)
     later = list(STAGES)[list(STAGES).index(first):]
     assert [s for s in later if s in mine] == [s for s in later if s in theirs] != []
     for stage in later:
@@ -213,10 +196,7 @@ def test_each_recipe_rehearses_on_a_stand_in_of_its_layout_at_its_real_crop_size
     from srgan.train_gen import plan_phases
 
     monkeypatch.chdir(tmp_path)  # no data/ here: every recipe makes a stand-in of its dataset
-    p = load_pipeline(PIPELINES_DIR / f"{name}.yaml")
-    if name in STOPS_BEFORE:
-        first = list(STAGES).index(STOPS_BEFORE[name][1])
-        p = p.model_copy(update={s.replace("-", "_"): None for s in list(STAGES)[first:]})
+    p = without_covered_stages(load_pipeline(PIPELINES_DIR / f"{name}.yaml"))
     lines: list[str] = []
     result = rehearse(p, str(tmp_path / "r"), steps=1, max_batch=CAP, report=lines.append)
     stages = [s for s in STAGES if getattr(p, s.replace("-", "_"), None) is not None]
