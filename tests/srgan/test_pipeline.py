@@ -27,12 +27,14 @@ from srgan.pipeline import (
     stage_configs,
 )
 
+# unet-small: the ResNet-18 U-Net this used before (31 M parameters, 180 MB checkpoints) cost every test that runs
+# the pipeline 5-13 s more for nothing more checked; the ResNet U-Nets run in test_train_gen and the rehearsals
 TINY = {
     "name": "tiny",
     "out": "OUT",
     "sample-crops": {"size": 48, "train": 12, "valid": 4, "test": 4},
     "build-dataset": {"preset": "flickr30k-restore", "scale": 2, "workers": 1},
-    "train-gen": {"arch": "unet-resnet18", "pretrained": False, "loss": "l1", "size": 32, "bs": 4, "epochs": 1,
+    "train-gen": {"arch": "unet-small", "pretrained": False, "loss": "l1", "size": 32, "bs": 4, "epochs": 1,
                   "preview_items": 1, "precision": "fp32"},
     "train-critic": {"options": {"nf": 8, "n_blocks": 1}, "size": 32, "bs": 4, "epochs": 1, "precision": "fp32"},
     "train-gan": {"pretrained": False, "switching": "fixed", "size": 32, "bs": 4, "iters": 2,
@@ -181,7 +183,8 @@ def test_second_run_skips_everything_and_a_change_reruns_only_what_it_affects(fi
 
 @pytest.mark.slow
 def test_kill_during_train_gen_then_run_again_resumes(tmp_path, cli_command):
-    path = write_pipeline(tmp_path, {"train-gen": {"epochs": 3}}, "kill.yaml")
+    # a ResNet-18 U-Net: epochs long enough (seconds) that the kill lands before train-gen ends
+    path = write_pipeline(tmp_path, {"train-gen": {"epochs": 3, "arch": "unet-resnet18"}}, "kill.yaml")
     out = tmp_path / "out"
     proc = subprocess.Popen([*cli_command, "run", str(path), "--quiet", "--to", "train-gen"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
