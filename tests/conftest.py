@@ -418,9 +418,9 @@ def convs_without_channels_last(model: torch.nn.Module, x: torch.Tensor) -> list
 # rehearsals (test_rehearse) and the smoke runs (test_smoke_pipelines): recipe -> (the other recipe, the first
 # stage left out, keys that may differ besides the run's length, batch and paths). flickr30k-unet-mse trains its
 # own generator (MSE, one phase), then the same critic and GAN as flickr30k-lesson7 with EMA off (the plain path of
-# every recipe without `ema`): rehearsed twice, they took 60 s of a 2-core CPU and smoke-run twice 25 s, for
-# nothing more checked. test_rehearse.test_a_recipe_stops_before_the_stages_another_rehearses fails as soon as
-# the two recipes part.
+# every recipe without `ema`): rehearsed twice, they took about 60 s more of a 2-core CPU capped at AVX2, and
+# smoke-run twice about 30 s more, for nothing more checked.
+# test_rehearse.test_a_recipe_stops_before_the_stages_another_rehearses fails as soon as the two recipes part.
 STOPS_BEFORE = {"flickr30k-unet-mse": ("flickr30k-lesson7", "train-critic", {"ema"})}
 RUN_LENGTH = frozenset({"epochs", "iters", "checkpoint_every", "bs", "preview_items", "grids", "data", "out",
                         "generator", "critic", "models", "names", "result"})

@@ -167,6 +167,8 @@ def test_evaluate_runs_once_more_with_one_pair_only_when_it_scores_more(test_pai
 CAP = 1  # the batch every capped rehearsal runs at
 CAPPED = ["celeba-hq-srgan-x4", "celeba-wgan-gp", "flickr30k-lesson7", "flickr30k-unet-mse", "realesrgan-x4",
           "srgan-keras-vgg16-tv"]
+
+
 @pytest.mark.parametrize("name", list(STOPS_BEFORE))
 def test_a_recipe_stops_before_the_stages_another_rehearses(name):
     """See STOPS_BEFORE (conftest.py): the stages left out are the other recipe's, apart from the keys named."""
