@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The CPU figures issues 22 and 25 ask for, in one run, with the CPU named: the README's two commands from a fresh
+# clone, timed (about 20 minutes on a 2-core CPU). Made for a 2-core AVX2-only CPU, which no session has had:
+#   1. the CPU: model, family/model, AVX2 / AVX-512 / AVX512-BF16 / AMX flags, cores; torch's CPU capability and
+#      what `--precision auto` picks there.
+#   2. a fresh clone of this repository's HEAD in a fresh venv: the install half of the README's test command
+#      (timed), then its test half exactly as CI runs it (timed), with a cold torch.compile cache (issue 25 item 8:
+#      "about 10 minutes on an AVX2-only 2-core CPU").
+#   3. `crappify demo` with fp32 forced (timed, with its table and stage times; issue 22: train-gen >= +1.0 dB
+#      PSNR-Y over bicubic, the demo <= 10 minutes), then benchmarks/bench_demo_holdout.py on its generators.
+# Output: $OUT/cpu_check.md (or ./cpu_check.md), the full logs beside it.
+# Usage, from the repository root:  bash benchmarks/cpu_check.sh [--skip-suite] [--skip-demo]
+# To approximate an AVX2-only CPU on an AVX-512 one, export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 first
+# (the report records them): the same kernels, not the same speed.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+dest="$(mkdir -p "${OUT:-.}" && cd "${OUT:-.}" && pwd)"
+out="$dest/cpu_check.md"
+suite=1 demo=1
+for arg in "$@"; do
+  case "$arg" in
+    --skip-suite) suite=0 ;;
+    --skip-demo) demo=0 ;;
+    *) echo "cpu_check.sh: unknown argument $arg (valid: --skip-suite, --skip-demo)" >&2; exit 2 ;;
+  esac
+done
+work="$(mktemp -d "${TMPDIR:-/tmp}/cpu-check.XXXXXX")"
+now() { date +%s.%N; }
+since() { python3 -c "import sys; s = float(sys.argv[2]) - float(sys.argv[1]); print(f'{s:.0f} s ({int(s // 60)} min {s % 60:.0f} s)')" "$1" "$(now)"; }
+say() { printf '%s\n' "$*" | tee -a "$out"; }
+
+# The README's test command, split into its install and test halves (CI runs the whole line; tests/test_readme.py
+# keeps it identical to .ci/run).
+readme_test="$(python3 - "$root/README.md" <<'EOF'
+import re, sys
+section = open(sys.argv[1], encoding="utf-8").read().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+lines = [l for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) for l in b.splitlines()
+         if l and not l.startswith("#")]
+print(lines[1])
+EOF
+)"
+install_cmd="${readme_test%% && *}"
+test_cmd="${readme_test#* && }"
+if [ "$install_cmd && $test_cmd" != "$readme_test" ] || [[ "$test_cmd" == *"&&"* ]]; then
+  echo "cpu_check.sh: the README's test command is no longer 'INSTALL && TEST': $readme_test" >&2; exit 2
+fi
+
+: > "$out"
+say "# cpu_check.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$root" rev-parse --short HEAD)"
+say ""
+say "## The CPU"
+say '```'
+lscpu | grep -E '^(Model name|CPU family|Model|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|CPU\(s\)):' | tee -a "$out"
+flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
+for f in avx2 avx512f avx512_bf16 amx_bf16; do
+  case " $flags " in *" $f "*) say "$f: yes" ;; *) say "$f: no" ;; esac
+done
+say "nproc: $(nproc)"
+say "capped: ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-unset} ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-unset}"
+say '```'
+
+cd "$work"
+git clone -q "$root" crappify
+cd crappify
+python3 -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+t0="$(now)"
+eval "$install_cmd" > "$dest/cpu_check_install.log" 2>&1 || {
+  echo "cpu_check.sh: the install failed; see $dest/cpu_check_install.log" >&2; exit 1; }
+say ""
+say "## Fresh clone, fresh venv"
+say "- \`$install_cmd\`: $(since "$t0")"
+python - <<'EOF' | tee -a "$out"
+import torch
+from srgan.runtime import auto_precision
+print(f"- torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+      f"{torch.get_num_threads()} threads, `--precision auto` picks {auto_precision(torch.device('cpu'))}")
+EOF
+
+if [ "$suite" = 1 ]; then
+  export TORCHINDUCTOR_CACHE_DIR="$work/inductor-cache"  # cold, as on a fresh CI machine
+  t0="$(now)"
+  rc=0
+  eval "$test_cmd" > "$dest/cpu_check_suite.log" 2>&1 || rc=$?
+  say "- \`$test_cmd\` (cold torch.compile cache): $(since "$t0"), exit $rc: $(tail -1 "$dest/cpu_check_suite.log")"
+  unset TORCHINDUCTOR_CACHE_DIR
+fi
+
+if [ "$demo" = 1 ]; then
+  t0="$(now)"
+  CRAPPIFY_PRECISION=fp32 crappify demo -o "$work/demo" --quiet > "$dest/cpu_check_demo.log" 2>&1 || {
+    echo "cpu_check.sh: the demo failed; see $dest/cpu_check_demo.log" >&2; exit 1; }
+  say ""
+  say "## \`CRAPPIFY_PRECISION=fp32 crappify demo\`: $(since "$t0")"
+  say '```'
+  grep -E '^(method|bicubic|train-gen|train-gan|stage times|critic|train-gan vs)' "$dest/cpu_check_demo.log" | tee -a "$out"
+  say '```'
+  python benchmarks/bench_demo_holdout.py --run "$work/demo" > "$dest/cpu_check_holdout.log" 2>&1
+  say ""
+  say "## \`benchmarks/bench_demo_holdout.py\` (photos the demo never saw)"
+  say '```'
+  tail -8 "$dest/cpu_check_holdout.log" | tee -a "$out"
+  say '```'
+fi
+cd "$root"
+rm -rf "$work"
+echo "cpu_check.sh: wrote $out"
