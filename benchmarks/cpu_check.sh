@@ -9,22 +9,21 @@
 #   3. `crappify demo` with fp32 forced (timed, with its table and stage times; issue 22: train-gen >= +1.0 dB
 #      PSNR-Y over bicubic, the demo <= 10 minutes), then benchmarks/bench_demo_holdout.py on its generators.
 # Output: $OUT/cpu_check.md (or ./cpu_check.md), the full logs beside it.
-# Usage, from the repository root:  bash benchmarks/cpu_check.sh [--skip-suite] [--skip-demo]
+# Usage, from the repository root:  bash benchmarks/cpu_check.sh [--skip-suite] [--skip-demo] [--print-commands]
+# (`--print-commands`: the install and test halves of the README's test command it would run, one a line; no run)
 # To approximate an AVX2-only CPU on an AVX-512 one, export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 first
 # (the report records them): the same kernels, not the same speed.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-dest="$(mkdir -p "${OUT:-.}" && cd "${OUT:-.}" && pwd)"
-out="$dest/cpu_check.md"
-suite=1 demo=1
+suite=1 demo=1 print=0
 for arg in "$@"; do
   case "$arg" in
     --skip-suite) suite=0 ;;
     --skip-demo) demo=0 ;;
-    *) echo "cpu_check.sh: unknown argument $arg (valid: --skip-suite, --skip-demo)" >&2; exit 2 ;;
+    --print-commands) print=1 ;;
+    *) echo "cpu_check.sh: unknown argument $arg (valid: --skip-suite, --skip-demo, --print-commands)" >&2; exit 2 ;;
   esac
 done
-work="$(mktemp -d "${TMPDIR:-/tmp}/cpu-check.XXXXXX")"
 now() { date +%s.%N; }
 since() { python3 -c "import sys; s = float(sys.argv[2]) - float(sys.argv[1]); print(f'{s:.0f} s ({int(s // 60)} min {s % 60:.0f} s)')" "$1" "$(now)"; }
 say() { printf '%s\n' "$*" | tee -a "$out"; }
@@ -44,13 +43,19 @@ test_cmd="${readme_test#* && }"
 if [ "$install_cmd && $test_cmd" != "$readme_test" ] || [[ "$test_cmd" == *"&&"* ]]; then
   echo "cpu_check.sh: the README's test command is no longer 'INSTALL && TEST': $readme_test" >&2; exit 2
 fi
+if [ "$print" = 1 ]; then
+  printf '%s\n%s\n' "$install_cmd" "$test_cmd"; exit 0
+fi
+work="$(mktemp -d "${TMPDIR:-/tmp}/cpu-check.XXXXXX")"
 
+dest="$(mkdir -p "${OUT:-.}" && cd "${OUT:-.}" && pwd)"
+out="$dest/cpu_check.md"
 : > "$out"
 say "# cpu_check.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$root" rev-parse --short HEAD)"
 say ""
 say "## The CPU"
 say '```'
-lscpu | grep -E '^(Model name|CPU family|Model|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|CPU\(s\)):' | tee -a "$out"
+lscpu | grep -E '^(Model name|CPU family|Model|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|CPU\(s\)|CPU max MHz|BogoMIPS):' | tee -a "$out"
 flags="$(grep -m1 '^flags' /proc/cpuinfo || true)"
 for f in avx2 avx512f avx512_bf16 amx_bf16; do
   case " $flags " in *" $f "*) say "$f: yes" ;; *) say "$f: no" ;; esac
@@ -100,7 +105,7 @@ if [ "$demo" = 1 ]; then
   say ""
   say "## \`benchmarks/bench_demo_holdout.py\` (photos the demo never saw)"
   say '```'
-  tail -8 "$dest/cpu_check_holdout.log" | tee -a "$out"
+  grep -E '^([0-9]+ images|  [a-z-]+ +[0-9])' "$dest/cpu_check_holdout.log" | tee -a "$out"
   say '```'
 fi
 cd "$root"

@@ -25,3 +25,16 @@ def test_readme_has_exactly_two_quick_start_commands():
 def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert quick_start_commands()[1] in ci_lines
+
+
+def test_the_cpu_check_runs_the_readme_test_command_in_its_two_halves():
+    """benchmarks/cpu_check.sh times the install and the suite apart; together they are the README's line."""
+    import subprocess
+
+    script = ROOT / "benchmarks" / "cpu_check.sh"
+    done = subprocess.run(["bash", str(script), "--print-commands"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    install, test = done.stdout.splitlines()
+    assert f"{install} && {test}" == quick_start_commands()[1]
+    bad = subprocess.run(["bash", str(script), "--nope"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--nope" in bad.stderr
