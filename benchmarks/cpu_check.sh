@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CPU figures issues 22 and 25 ask for, in one run, with the CPU named: the README's two commands from a fresh
-# clone, timed (about 20 minutes on a 2-core CPU). Made for a 2-core AVX2-only CPU, which no session has had:
-#   1. the CPU: model, family/model, AVX2 / AVX-512 / AVX512-BF16 / AMX flags, cores; torch's CPU capability and
-#      what `--precision auto` picks there.
+# clone, timed (17 minutes on the 2-core Zen 4 VM of benchmarks/README.md; longer on a slower CPU). Made for a
+# 2-core AVX2-only CPU, which no session has had:
+#   1. the CPU: model, family/model, clock (BogoMIPS), AVX2 / AVX-512 / AVX512-BF16 / AMX flags, cores; torch's CPU
+#      capability and what `--precision auto` picks there.
 #   2. a fresh clone of this repository's HEAD in a fresh venv: the install half of the README's test command
 #      (timed), then its test half exactly as CI runs it (timed), with a cold torch.compile cache (issue 25 item 8:
 #      "about 10 minutes on an AVX2-only 2-core CPU").
@@ -47,6 +48,7 @@ if [ "$print" = 1 ]; then
   printf '%s\n%s\n' "$install_cmd" "$test_cmd"; exit 0
 fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/cpu-check.XXXXXX")"
+trap 'cd / && rm -rf "$work"' EXIT  # the clone and its venv (about 7 GB), whatever happens
 
 dest="$(mkdir -p "${OUT:-.}" && cd "${OUT:-.}" && pwd)"
 out="$dest/cpu_check.md"
@@ -108,6 +110,4 @@ if [ "$demo" = 1 ]; then
   grep -E '^([0-9]+ images|  [a-z-]+ +[0-9])' "$dest/cpu_check_holdout.log" | tee -a "$out"
   say '```'
 fi
-cd "$root"
-rm -rf "$work"
 echo "cpu_check.sh: wrote $out"
