@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +30,6 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_the_cpu_check_runs_the_readme_test_command_in_its_two_halves():
     """benchmarks/cpu_check.sh times the install and the suite apart; together they are the README's line."""
-    import subprocess
-
     script = ROOT / "benchmarks" / "cpu_check.sh"
     done = subprocess.run(["bash", str(script), "--print-commands"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
