@@ -29,16 +29,9 @@ now() { date +%s.%N; }
 since() { python3 -c "import sys; s = float(sys.argv[2]) - float(sys.argv[1]); print(f'{s:.0f} s ({int(s // 60)} min {s % 60:.0f} s)')" "$1" "$(now)"; }
 say() { printf '%s\n' "$*" | tee -a "$out"; }
 
-# The README's test command, split into its install and test halves (CI runs the whole line; tests/test_readme.py
-# keeps it identical to .ci/run).
-readme_test="$(python3 - "$root/README.md" <<'EOF'
-import re, sys
-section = open(sys.argv[1], encoding="utf-8").read().split("## Quick start", 1)[1].split("\n## ", 1)[0]
-lines = [l for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) for l in b.splitlines()
-         if l and not l.startswith("#")]
-print(lines[1])
-EOF
-)"
+# The README's test command (read by tests/test_readme.py, which keeps it identical to .ci/run), split into its
+# install and test halves (CI runs the whole line).
+readme_test="$(cd "$root/tests" && python3 -c 'from test_readme import quick_start_commands; print(quick_start_commands()[1])')"
 install_cmd="${readme_test%% && *}"
 test_cmd="${readme_test#* && }"
 if [ "$install_cmd && $test_cmd" != "$readme_test" ] || [[ "$test_cmd" == *"&&"* ]]; then
