@@ -9,7 +9,8 @@
 #      "about 10 minutes on an AVX2-only 2-core CPU").
 #   3. `crappify demo` with fp32 forced (timed, with its table and stage times; issue 22: train-gen >= +1.0 dB
 #      PSNR-Y over bicubic, the demo <= 10 minutes), then benchmarks/bench_demo_holdout.py on its generators.
-# Output: $OUT/cpu_check.md (or ./cpu_check.md), the full logs beside it.
+# Output: a new folder $OUT/cpu-check-YYYYmmdd-HHMMSS (OUT default .) holding cpu_check.md and the full logs; a
+# folder of that name already there stops it (nothing is overwritten).
 # Usage, from the repository root:  bash benchmarks/cpu_check.sh [--skip-suite] [--skip-demo] [--print-commands]
 # (`--print-commands`: the install and test halves of the README's test command it would run, one a line; no run)
 # To approximate an AVX2-only CPU on an AVX-512 one, export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 first
@@ -43,7 +44,10 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/cpu-check.XXXXXX")"
 trap 'cd / && rm -rf "$work"' EXIT  # the clone and its venv (about 7 GB), whatever happens
 
-dest="$(mkdir -p "${OUT:-.}" && cd "${OUT:-.}" && pwd)"
+mkdir -p "${OUT:-.}" 2>/dev/null || { echo "cpu_check.sh: cannot make the output folder ${OUT:-.}" >&2; exit 1; }
+dest="$(cd "${OUT:-.}" && pwd)/cpu-check-$(date -u +%Y%m%d-%H%M%S)"
+mkdir "$dest" 2>/dev/null || { echo "cpu_check.sh: $dest is already there (or cannot be made); nothing was changed" >&2
+  exit 1; }
 out="$dest/cpu_check.md"
 : > "$out"
 say "# cpu_check.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git -C "$root" rev-parse --short HEAD)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -37,3 +38,21 @@ def test_the_cpu_check_runs_the_readme_test_command_in_its_two_halves():
     assert f"{install} && {test}" == quick_start_commands()[1]
     bad = subprocess.run(["bash", str(script), "--nope"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--nope" in bad.stderr
+
+
+def test_the_cpu_check_never_writes_over_a_folder_already_there(tmp_path):
+    """Its report goes into a new folder named by the time; one already there (a user's) stops it in one line."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "date").write_text("#!/bin/sh\necho 20260101-000000\n")
+    (fake / "date").chmod(0o755)
+    mine = tmp_path / "out" / "cpu-check-20260101-000000"
+    mine.mkdir(parents=True)
+    (mine / "cpu_check.md").write_text("a user's notes\n")
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "cpu_check.sh")], capture_output=True, text=True,
+                          timeout=30, env=env)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "already there" in done.stderr
+    assert (mine / "cpu_check.md").read_text() == "a user's notes\n" and len(list(mine.iterdir())) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "out"]  # its work folder removed too
